@@ -1,0 +1,1 @@
+//! Admin HTTP endpoints (placeholder until the operations issue lands).

@@ -1,0 +1,1 @@
+//! Reading the claims of a JWT-shaped token (placeholder).

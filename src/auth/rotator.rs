@@ -1,0 +1,1 @@
+//! Refresh schedule and backoff (placeholder).

@@ -1,0 +1,763 @@
+//! Configuration: one name per setting, usable as a TOML key (`upstream.host`), an
+//! environment variable (`REDIS_ENTRA_PROXY_UPSTREAM__HOST`) and, for the common
+//! ones, a flag (`--upstream-host`). Precedence: flag > environment > file > default.
+//!
+//! [`KEYS`] is the single list of every key: unknown keys are rejected against it,
+//! and a test checks that the example config documents each of them.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Prefix of every environment variable.
+pub const ENV_PREFIX: &str = "REDIS_ENTRA_PROXY";
+
+/// Exit status for a command line that cannot be understood (sysexits EX_USAGE).
+pub const EX_USAGE: i32 = 64;
+/// Exit status for a configuration that cannot be used (sysexits EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+/// Every configuration key, with its default as the example file shows it.
+pub const KEYS: &[(&str, &str)] = &[
+    ("listen.address", "127.0.0.1:6379"),
+    ("listen.unix_socket", "none"),
+    ("listen.password", "none"),
+    ("listen.max_clients", "10000"),
+    ("limits.max_bulk_bytes", "536870912"),
+    ("limits.max_line_bytes", "65536"),
+    ("limits.max_elements", "1048576"),
+    ("limits.max_buffered_bytes", "1073741824"),
+    ("upstream.host", "required"),
+    ("upstream.port", "6380"),
+    ("upstream.ca_file", "none"),
+    ("upstream.server_name", "upstream.host"),
+    ("upstream.tls_insecure_skip_verify", "false"),
+    ("upstream.connect_timeout", "10s"),
+    ("upstream.reply_timeout", "30s"),
+    ("upstream.keepalive", "60s"),
+    ("upstream.pool_size", "2"),
+    ("upstream.warm_pinned", "2"),
+    ("upstream.max_pinned", "256"),
+    ("auth.source", "entra"),
+    ("auth.username", "oid claim of each token"),
+    ("auth.static.password", "none"),
+    ("auth.entra.credential", "managed-identity"),
+    ("auth.entra.client_id", "none"),
+    ("auth.entra.object_id", "none"),
+    ("auth.entra.resource_id", "none"),
+    ("auth.entra.tenant_id", "AZURE_TENANT_ID"),
+    (
+        "auth.entra.authority_host",
+        "AZURE_AUTHORITY_HOST or https://login.microsoftonline.com",
+    ),
+    (
+        "auth.entra.federated_token_file",
+        "AZURE_FEDERATED_TOKEN_FILE",
+    ),
+    ("auth.entra.client_secret", "none"),
+    ("auth.entra.client_secret_file", "none"),
+    ("auth.entra.scope", "https://redis.azure.com/.default"),
+    (
+        "auth.entra.imds_endpoint",
+        "http://169.254.169.254/metadata/identity/oauth2/token",
+    ),
+    ("auth.entra.ca_file", "none"),
+    ("auth.entra.attempt_timeout", "10s"),
+    ("auth.entra.max_backoff", "60s"),
+    ("admin.enabled", "false"),
+    ("admin.address", "127.0.0.1:9090"),
+    ("log.format", "text"),
+    ("log.level", "info"),
+    ("shutdown.grace", "30s"),
+    ("shutdown.min_delay", "0s"),
+];
+
+/// Command-line flags for the common keys: (flag, key).
+pub const FLAGS: &[(&str, &str)] = &[
+    ("--listen-address", "listen.address"),
+    ("--listen-unix-socket", "listen.unix_socket"),
+    ("--upstream-host", "upstream.host"),
+    ("--upstream-port", "upstream.port"),
+    ("--upstream-ca-file", "upstream.ca_file"),
+    ("--upstream-server-name", "upstream.server_name"),
+    ("--auth-source", "auth.source"),
+    ("--auth-username", "auth.username"),
+    ("--auth-entra-credential", "auth.entra.credential"),
+    ("--auth-entra-client-id", "auth.entra.client_id"),
+    ("--admin-enabled", "admin.enabled"),
+    ("--admin-address", "admin.address"),
+    ("--log-format", "log.format"),
+    ("--log-level", "log.level"),
+];
+
+/// The environment variable of a key: `upstream.host` -> `REDIS_ENTRA_PROXY_UPSTREAM__HOST`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase())
+}
+
+fn flag_of(key: &str) -> Option<&'static str> {
+    FLAGS.iter().find(|(_, k)| *k == key).map(|(f, _)| *f)
+}
+
+/// How to name a key in an error so the user can find where to fix it.
+pub fn describe_key(key: &str) -> String {
+    match flag_of(key) {
+        Some(flag) => format!("`{key}` (env {}, flag {flag})", env_name(key)),
+        None => format!("`{key}` (env {})", env_name(key)),
+    }
+}
+
+/// A configuration that cannot be used. Always names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("config: unknown key `{key}` (from {origin}); see config/redis-entra-proxy.example.toml for the keys")]
+    UnknownKey { key: String, origin: String },
+    #[error("config: missing required key {}", describe_key(.0))]
+    Missing(&'static str),
+    #[error("config: bad value for {}: {reason}", describe_key(.key))]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub limits: LimitsConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    pub address: String,
+    pub unix_socket: Option<PathBuf>,
+    pub password: Option<Secret>,
+    pub max_clients: usize,
+}
+
+/// Bounds on what one client may send (see `resp::scan`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_bulk_bytes: usize,
+    pub max_line_bytes: usize,
+    pub max_elements: usize,
+    pub max_buffered_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub host: String,
+    pub port: u16,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub tls_insecure_skip_verify: bool,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    pub pool_size: usize,
+    pub warm_pinned: usize,
+    pub max_pinned: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthSource {
+    Entra,
+    Static,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub source: AuthSource,
+    pub username: Option<String>,
+    #[serde(rename = "static")]
+    pub static_: StaticAuthConfig,
+    pub entra: EntraConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StaticAuthConfig {
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntraCredentialKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    ClientSecret,
+    AzureCli,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EntraConfig {
+    pub credential: EntraCredentialKind,
+    pub client_id: Option<String>,
+    pub object_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub authority_host: Option<String>,
+    pub federated_token_file: Option<PathBuf>,
+    pub client_secret: Option<Secret>,
+    pub client_secret_file: Option<PathBuf>,
+    pub scope: String,
+    pub imds_endpoint: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ListenConfig::default(),
+            limits: LimitsConfig::default(),
+            upstream: UpstreamConfig::default(),
+            auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            address: "127.0.0.1:6379".into(),
+            unix_socket: None,
+            password: None,
+            max_clients: 10_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bulk_bytes: 512 * 1024 * 1024,
+            max_line_bytes: 64 * 1024,
+            max_elements: 1024 * 1024,
+            max_buffered_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            host: String::new(),
+            port: 6380,
+            ca_file: None,
+            server_name: None,
+            tls_insecure_skip_verify: false,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(60),
+            pool_size: 2,
+            warm_pinned: 2,
+            max_pinned: 256,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            source: AuthSource::Entra,
+            username: None,
+            static_: StaticAuthConfig::default(),
+            entra: EntraConfig::default(),
+        }
+    }
+}
+
+impl Default for EntraConfig {
+    fn default() -> Self {
+        EntraConfig {
+            credential: EntraCredentialKind::ManagedIdentity,
+            client_id: None,
+            object_id: None,
+            resource_id: None,
+            tenant_id: None,
+            authority_host: None,
+            federated_token_file: None,
+            client_secret: None,
+            client_secret_file: None,
+            scope: "https://redis.azure.com/.default".into(),
+            imds_endpoint: None,
+            ca_file: None,
+            attempt_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: false,
+            address: "127.0.0.1:9090".parse().expect("literal address"),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(30),
+            min_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Where a configuration comes from. `env` is passed in (tests give a map; `main`
+/// gives the process environment), never read here.
+pub struct Sources<'a> {
+    pub file: Option<&'a Path>,
+    pub env: HashMap<String, String>,
+    /// (key, value) pairs from flags; they win over everything.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Merge file, environment and flags, reject unknown keys, and validate.
+    pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = sources.file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        // Only our own variables: the rest of the environment is none of our business.
+        let ours: config::Map<String, String> = sources
+            .env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(ours)),
+        );
+        for (key, value) in &sources.overrides {
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| invalid(key, e.to_string()))?;
+        }
+        let merged = builder.build().map_err(|source| ConfigError::File {
+            path: sources.file.map(Path::to_path_buf).unwrap_or_default(),
+            source,
+        })?;
+        check_known_keys(&merged)?;
+        if let Some(path) = sources.file {
+            refuse_secret_in_file(path)?;
+        }
+        let cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.host.trim().is_empty() {
+            return Err(ConfigError::Missing("upstream.host"));
+        }
+        if self.upstream.port == 0 {
+            return Err(invalid("upstream.port", "must be 1-65535"));
+        }
+        let addr = self.listen_addr()?;
+        if !addr.ip().is_loopback() && self.listen.password.is_none() {
+            return Err(invalid(
+                "listen.address",
+                format!(
+                    "{addr} is not a loopback address: set {} so that only your clients can use the proxy",
+                    describe_key("listen.password")
+                ),
+            ));
+        }
+        if self.auth.source == AuthSource::Static
+            && self
+                .auth
+                .static_
+                .password
+                .as_ref()
+                .is_none_or(Secret::is_empty)
+        {
+            return Err(ConfigError::Missing("auth.static.password"));
+        }
+        if self.upstream.pool_size == 0 {
+            return Err(invalid("upstream.pool_size", "must be at least 1"));
+        }
+        if self.upstream.max_pinned < self.upstream.warm_pinned {
+            return Err(invalid(
+                "upstream.warm_pinned",
+                "cannot exceed upstream.max_pinned",
+            ));
+        }
+        let l = &self.limits;
+        for (key, v, min) in [
+            ("limits.max_bulk_bytes", l.max_bulk_bytes, 1),
+            ("limits.max_line_bytes", l.max_line_bytes, 64),
+            ("limits.max_elements", l.max_elements, 1),
+            ("limits.max_buffered_bytes", l.max_buffered_bytes, 1024),
+        ] {
+            if v < min {
+                return Err(invalid(key, format!("must be at least {min}")));
+            }
+        }
+        if self.auth.entra.attempt_timeout.is_zero() {
+            return Err(invalid("auth.entra.attempt_timeout", "must be positive"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                "expected error, warn, info, debug, trace or a tracing filter",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The TCP listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.address.parse().map_err(|e| {
+            invalid(
+                "listen.address",
+                format!("`{}` is not HOST:PORT: {e}", self.listen.address),
+            )
+        })
+    }
+
+    /// The name the upstream certificate must carry (and the SNI we send).
+    pub fn tls_server_name(&self) -> &str {
+        self.upstream
+            .server_name
+            .as_deref()
+            .unwrap_or(&self.upstream.host)
+    }
+}
+
+fn check_known_keys(merged: &config::Config) -> Result<(), ConfigError> {
+    let table = match &merged.cache.kind {
+        config::ValueKind::Table(t) => t.clone(),
+        _ => Default::default(),
+    };
+    let mut stack: Vec<(String, config::Value)> = table.into_iter().collect();
+    while let Some((path, value)) = stack.pop() {
+        let origin = value
+            .origin()
+            .map(|o| o.to_string())
+            .unwrap_or_else(|| format!("a flag or env {}", env_name(&path)));
+        match value.kind {
+            config::ValueKind::Table(inner) if !KEYS.iter().any(|(k, _)| *k == path.as_str()) => {
+                let is_section = KEYS.iter().any(|(k, _)| k.starts_with(&format!("{path}.")));
+                if !is_section {
+                    return Err(ConfigError::UnknownKey { key: path, origin });
+                }
+                stack.extend(inner.into_iter().map(|(k, v)| (format!("{path}.{k}"), v)));
+            }
+            _ => {
+                if !KEYS.iter().any(|(k, _)| *k == path.as_str()) {
+                    return Err(ConfigError::UnknownKey { key: path, origin });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A client secret belongs in the environment or its own file, never in the TOML
+/// file that gets committed and copied around.
+fn refuse_secret_in_file(path: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let parsed: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(_) => return Ok(()),
+    };
+    let in_file = parsed
+        .get("auth")
+        .and_then(|a| a.get("entra"))
+        .and_then(|e| e.get("client_secret"))
+        .is_some();
+    if in_file {
+        return Err(invalid(
+            "auth.entra.client_secret",
+            "is not accepted in the config file: set the environment variable or auth.entra.client_secret_file",
+        ));
+    }
+    Ok(())
+}
+
+fn map_deserialize_error(e: config::ConfigError) -> ConfigError {
+    // config's messages already say "for key `x.y`"; pull the key out so the
+    // message also names the environment variable and flag.
+    let msg = e.to_string();
+    let key = msg
+        .split("for key `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_string);
+    match key {
+        Some(key) => ConfigError::Invalid {
+            reason: msg.split(" for key `").next().unwrap_or(&msg).to_string(),
+            key,
+        },
+        None => ConfigError::Invalid {
+            key: "?".into(),
+            reason: msg,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        Config::load(Sources {
+            file: file.map(|_| path.as_path()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            overrides: vec![],
+        })
+    }
+
+    #[test]
+    fn env_names_follow_the_contract() {
+        assert_eq!(
+            env_name("upstream.host"),
+            "REDIS_ENTRA_PROXY_UPSTREAM__HOST"
+        );
+        assert_eq!(
+            env_name("auth.static.password"),
+            "REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD"
+        );
+    }
+
+    #[test]
+    fn defaults_and_env() {
+        let c = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "cache.example"),
+                ("REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET", "/tmp/x.sock"),
+                ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD", "1e5"),
+                ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "250ms"),
+                ("UNRELATED", "x"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.upstream.host, "cache.example");
+        assert_eq!(c.upstream.port, 6380);
+        assert_eq!(c.listen.address, "127.0.0.1:6379");
+        assert_eq!(
+            c.listen.unix_socket.as_deref(),
+            Some(Path::new("/tmp/x.sock"))
+        );
+        // A password that looks like a number stays the exact string.
+        assert_eq!(c.auth.static_.password.unwrap().expose(), "1e5");
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.auth.source, AuthSource::Entra);
+    }
+
+    #[test]
+    fn precedence_flag_env_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[upstream]\nhost = \"file\"\nport = 1\n").unwrap();
+        let c = Config::load(Sources {
+            file: Some(&path),
+            env: [(
+                "REDIS_ENTRA_PROXY_UPSTREAM__PORT".to_string(),
+                "2".to_string(),
+            )]
+            .into(),
+            overrides: vec![("upstream.host".into(), "flag".into())],
+        })
+        .unwrap();
+        assert_eq!(c.upstream.host, "flag");
+        assert_eq!(c.upstream.port, 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load(&[("REDIS_ENTRA_PROXY_UPSTREAM__HOTS", "x")], None).unwrap_err();
+        assert!(e.to_string().contains("unknown key `upstream.hots`"), "{e}");
+        let e = load(
+            &[],
+            Some("[upstream]\nhost = \"h\"\n[listen]\nadress = \"x\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`listen.adress`"), "{e}");
+        let e = load(&[], Some("[upstrem]\nhost = \"h\"\n")).unwrap_err();
+        assert!(e.to_string().contains("`upstrem`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_env() {
+        let e = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", "abc"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("`upstream.port`") && m.contains("REDIS_ENTRA_PROXY_UPSTREAM__PORT"),
+            "{m}"
+        );
+        let e = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "magic"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`auth.source`"), "{e}");
+        let e = load(&[], None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("missing required key `upstream.host`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_loopback_listener_needs_password() {
+        let base = [
+            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+            ("REDIS_ENTRA_PROXY_LISTEN__ADDRESS", "0.0.0.0:6379"),
+        ];
+        let e = load(&base, None).unwrap_err();
+        assert!(e.to_string().contains("listen.password"), "{e}");
+        let mut with_pw = base.to_vec();
+        with_pw.push(("REDIS_ENTRA_PROXY_LISTEN__PASSWORD", "pw"));
+        load(&with_pw, None).unwrap();
+    }
+
+    #[test]
+    fn static_source_needs_password_and_secret_not_in_file() {
+        let e = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.static.password"), "{e}");
+        let e = load(
+            &[],
+            Some("[upstream]\nhost=\"h\"\n[auth.entra]\ncredential=\"client-secret\"\nclient_secret=\"s\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.entra.client_secret"), "{e}");
+    }
+
+    #[test]
+    fn example_file_documents_every_key_and_loads() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/redis-entra-proxy.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        for (key, _) in KEYS {
+            assert!(
+                text.contains(&env_name(key)),
+                "example lacks {}",
+                env_name(key)
+            );
+        }
+        let env = [(
+            "REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD".to_string(),
+            "x".to_string(),
+        )]
+        .into();
+        Config::load(Sources {
+            file: Some(Path::new(path)),
+            env,
+            overrides: vec![],
+        })
+        .unwrap();
+    }
+}

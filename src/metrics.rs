@@ -1,0 +1,254 @@
+//! Prometheus metrics. One [`Metrics`] is created at start-up and shared (`Arc`) by
+//! the listener, sessions, upstream connections and the rotator; `admin` renders it
+//! on `/metrics`. Hot-path counters are resolved once here, so recording is one
+//! atomic add with no label lookup.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Where a command went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Shared,
+    Pinned,
+    PubSub,
+}
+
+/// What went wrong, for `redis_entra_proxy_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Malformed client input.
+    Protocol,
+    /// A client exceeded a configured limit.
+    Limit,
+    /// A client gave the wrong local password.
+    ClientAuth,
+    /// No usable upstream credential (waiting for the first token, or expired).
+    NoCredential,
+    /// Could not connect or authenticate upstream.
+    UpstreamConnect,
+    /// An upstream connection dropped with commands in flight.
+    UpstreamLost,
+    /// Too many pinned sessions.
+    PinnedLimit,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub clients_current: Gauge,
+    pub clients_total: Counter,
+    pub clients_rejected: Counter,
+    commands: [Counter; 4],
+    errors: Family<Labels, Counter>,
+    pub upstream_connections: Family<Labels, Gauge>,
+    pub upstream_reconnects: Counter,
+    pub pinned_sessions: Gauge,
+    pub pubsub_channels: Gauge,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub command_latency: Histogram,
+    pub token_expiry_seconds: Gauge<f64, AtomicU64>,
+    pub token_refreshes: Family<Labels, Counter>,
+    pub reauths: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("redis_entra_proxy");
+        let clients_current = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open now",
+            clients_current.clone(),
+        );
+        let clients_total = Counter::default();
+        registry.register(
+            "client_connections_accepted",
+            "Client connections accepted",
+            clients_total.clone(),
+        );
+        let clients_rejected = Counter::default();
+        registry.register(
+            "client_connections_rejected",
+            "Client connections refused (max_clients, shutdown)",
+            clients_rejected.clone(),
+        );
+        let commands_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "commands",
+            "Client commands by routing class",
+            commands_family.clone(),
+        );
+        let commands = ["local", "shared", "pinned", "pubsub"]
+            .map(|r| commands_family.get_or_create(&vec![("route", r)]).clone());
+        let errors = Family::<Labels, Counter>::default();
+        registry.register("errors", "Errors by kind", errors.clone());
+        let upstream_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections by kind and state",
+            upstream_connections.clone(),
+        );
+        let upstream_reconnects = Counter::default();
+        registry.register(
+            "upstream_reconnects",
+            "Upstream connections re-established after a failure",
+            upstream_reconnects.clone(),
+        );
+        let pinned_sessions = Gauge::default();
+        registry.register(
+            "pinned_sessions",
+            "Clients pinned to a dedicated upstream connection",
+            pinned_sessions.clone(),
+        );
+        let pubsub_channels = Gauge::default();
+        registry.register(
+            "pubsub_channels",
+            "Channels and patterns subscribed upstream",
+            pubsub_channels.clone(),
+        );
+        let bytes_in = Counter::default();
+        registry.register(
+            "client_received_bytes",
+            "Bytes received from clients",
+            bytes_in.clone(),
+        );
+        let bytes_out = Counter::default();
+        registry.register(
+            "client_sent_bytes",
+            "Bytes sent to clients",
+            bytes_out.clone(),
+        );
+        let command_latency = Histogram::new(
+            [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 5.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "command_duration_seconds",
+            "Time from a client command's arrival to its reply being queued for the client",
+            command_latency.clone(),
+        );
+        let token_expiry_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the current upstream credential expires (absent for static credentials)",
+            token_expiry_seconds.clone(),
+        );
+        let token_refreshes = Family::<Labels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "Token fetches by outcome and reason",
+            token_refreshes.clone(),
+        );
+        let reauths = Family::<Labels, Counter>::default();
+        registry.register(
+            "reauths",
+            "Re-AUTHs of live upstream connections by outcome",
+            reauths.clone(),
+        );
+        Metrics {
+            registry,
+            clients_current,
+            clients_total,
+            clients_rejected,
+            commands,
+            errors,
+            upstream_connections,
+            upstream_reconnects,
+            pinned_sessions,
+            pubsub_channels,
+            bytes_in,
+            bytes_out,
+            command_latency,
+            token_expiry_seconds,
+            token_refreshes,
+            reauths,
+        }
+    }
+
+    pub fn command(&self, route: Route) {
+        self.commands[route as usize].inc();
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        let k = match kind {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Limit => "limit",
+            ErrorKind::ClientAuth => "client_auth",
+            ErrorKind::NoCredential => "no_credential",
+            ErrorKind::UpstreamConnect => "upstream_connect",
+            ErrorKind::UpstreamLost => "upstream_lost",
+            ErrorKind::PinnedLimit => "pinned_limit",
+        };
+        self.errors.get_or_create(&vec![("kind", k)]).inc();
+    }
+
+    /// Gauge of upstream connections of `kind` (shared, pinned, pubsub) in `state`.
+    pub fn upstream(&self, kind: &'static str, state: &'static str) -> Gauge {
+        self.upstream_connections
+            .get_or_create(&vec![("kind", kind), ("state", state)])
+            .clone()
+    }
+
+    pub fn token_refresh(&self, outcome: &'static str, reason: &'static str) {
+        self.token_refreshes
+            .get_or_create(&vec![("outcome", outcome), ("reason", reason)])
+            .inc();
+    }
+
+    pub fn reauth(&self, outcome: &'static str) {
+        self.reauths
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.command(Route::Shared);
+        m.error(ErrorKind::Protocol);
+        m.clients_total.inc();
+        let text = m.render();
+        assert!(
+            text.contains("redis_entra_proxy_commands_total{route=\"shared\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis_entra_proxy_errors_total{kind=\"protocol\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis_entra_proxy_client_connections_accepted_total 1"),
+            "{text}"
+        );
+    }
+}

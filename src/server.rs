@@ -1,1 +1,162 @@
-//! placeholder
+//! Wiring: config -> credential source -> upstream connector and pool ->
+//! listeners -> sessions. [`start`] binds everything and returns at once, so
+//! `main` and tests drive the same code; [`Running::shutdown`] drains.
+
+use crate::auth::{self, TokenWatch};
+use crate::config::Config;
+use crate::downstream::session::Context;
+use crate::downstream::{self, Admission, Listener};
+use crate::metrics::Metrics;
+use crate::resp::scan::Limits;
+use crate::upstream::pool::{Health, Pool};
+use crate::upstream::tls::Connector;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// The proxy could not start. Says which setting to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {what} ({key}): {source}")]
+    Bind {
+        what: String,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A started proxy.
+pub struct Running {
+    pub tcp_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub tokens: TokenWatch,
+    tracker: TaskTracker,
+    stop_accepting: CancellationToken,
+    /// Cancels sessions and upstream connections.
+    shutdown: CancellationToken,
+    unix_path: Option<std::path::PathBuf>,
+}
+
+/// Bind the listeners, start the credential source and the upstream pool.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let tokens = auth::start(&cfg.auth, shutdown.clone())
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let connector = Arc::new(
+        Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?,
+    );
+    let addr = cfg
+        .listen_addr()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        what: addr.to_string(),
+        key: "listen.address",
+        source,
+    })?;
+    let tcp_addr = tcp.local_addr().map_err(|source| StartError::Bind {
+        what: addr.to_string(),
+        key: "listen.address",
+        source,
+    })?;
+    let unix = match &cfg.listen.unix_socket {
+        Some(path) => {
+            // A stale socket file from a previous run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            Some(UnixListener::bind(path).map_err(|source| StartError::Bind {
+                what: path.display().to_string(),
+                key: "listen.unix_socket",
+                source,
+            })?)
+        }
+        None => None,
+    };
+    let health = Arc::new(Health::default());
+    let pool = Pool::new(
+        cfg,
+        connector,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
+    let ctx = Arc::new(Context {
+        pool,
+        metrics: metrics.clone(),
+        limits: Limits::from(&cfg.limits),
+        max_buffered_bytes: cfg.limits.max_buffered_bytes,
+        password: cfg.listen.password.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let admission = Arc::new(Admission::new(cfg.listen.max_clients));
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    tokio::spawn(downstream::serve(
+        Listener::Tcp(tcp),
+        ctx.clone(),
+        admission.clone(),
+        tracker.clone(),
+        stop_accepting.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(u) = unix {
+        tokio::spawn(downstream::serve(
+            Listener::Unix(u),
+            ctx,
+            admission,
+            tracker.clone(),
+            stop_accepting.clone(),
+            shutdown.clone(),
+        ));
+    }
+    info!(
+        listen = %tcp_addr,
+        unix_socket = ?cfg.listen.unix_socket,
+        upstream = %format!("{}:{}", cfg.upstream.host, cfg.upstream.port),
+        tls_name = cfg.tls_server_name(),
+        auth_source = ?cfg.auth.source,
+        "redis-entra-proxy listening"
+    );
+    Ok(Running {
+        tcp_addr,
+        metrics,
+        health,
+        tokens,
+        tracker,
+        stop_accepting,
+        shutdown,
+        unix_path: cfg.listen.unix_socket.clone(),
+    })
+}
+
+impl Running {
+    /// Stop accepting, let sessions finish within `grace`, then cut the rest.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop_accepting.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            warn!(
+                grace_secs = grace.as_secs_f64(),
+                "shutdown grace ran out; closing the remaining client connections"
+            );
+        }
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        info!("redis-entra-proxy stopped");
+    }
+}

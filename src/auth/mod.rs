@@ -68,7 +68,7 @@ pub fn start(cfg: &AuthConfig, shutdown: CancellationToken) -> Result<TokenWatch
                 .clone()
                 .ok_or_else(|| AuthError::Config("auth.static.password is not set".into()))?;
             let username = cfg.username.clone().unwrap_or_else(|| "default".into());
-            let (_tx, rx) = watch::channel(TokenState {
+            let (tx, rx) = watch::channel(TokenState {
                 current: Some(Arc::new(Credential {
                     username,
                     password,
@@ -77,7 +77,11 @@ pub fn start(cfg: &AuthConfig, shutdown: CancellationToken) -> Result<TokenWatch
                 generation: 1,
                 last_error: None,
             });
-            // Dropping the sender is fine: receivers keep the last value.
+            // Keep the sender until shutdown so receivers see "no change", not "closed".
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                drop(tx);
+            });
             Ok(rx)
         }
         AuthSource::Entra => {

@@ -1,0 +1,847 @@
+//! One client connection: read commands, answer the local ones, send the rest
+//! upstream, and write replies back in the order the commands came.
+//!
+//! Two halves: this task reads and routes; a writer task ([`write_loop`])
+//! awaits each reply in order and writes it to the client. Consecutive stateless
+//! commands from one read go upstream as one batch of raw bytes (no copy, no
+//! re-encoding). Before a client's commands move from one upstream connection to
+//! another (shared -> pinned and back), the session waits until every reply of
+//! the previous one has arrived, so they run in the order sent.
+
+use crate::command::{self, Class, Local, Pin};
+use crate::metrics::{ErrorKind, Metrics, Route};
+use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
+use crate::resp::{self, Proto};
+use crate::secret::Secret;
+use crate::upstream::conn::{Handle, PushSink, Request};
+use crate::upstream::pool::{Pinned, Pool};
+use crate::upstream::UpstreamError;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// What every session shares.
+pub struct Context {
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub max_buffered_bytes: usize,
+    pub password: Option<Secret>,
+    pub next_id: AtomicU64,
+}
+
+/// A reply the writer owes the client, in order.
+enum Out {
+    Now(Bytes),
+    /// Replies to `count` commands, coming from upstream.
+    Wait {
+        rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
+        count: usize,
+        since: Instant,
+    },
+    /// Write what is queued, then close.
+    Close,
+}
+
+/// Upstream requests whose replies have not reached the writer yet.
+#[derive(Default)]
+struct Outstanding {
+    n: AtomicUsize,
+    zero: Notify,
+}
+
+impl Outstanding {
+    async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.n.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Shared,
+    Pinned,
+}
+
+/// Connection state the client believes it has.
+struct State {
+    id: u64,
+    proto: Proto,
+    authed: bool,
+    name: Option<Bytes>,
+    db: i64,
+    in_multi: bool,
+    watching: bool,
+    /// Sticky modes (CLIENT TRACKING/REPLY/..., MONITOR, READONLY): until RESET.
+    sticky: bool,
+    channels: HashSet<Vec<u8>>,
+    patterns: HashSet<Vec<u8>>,
+    shard_channels: HashSet<Vec<u8>>,
+    pinned: Option<Pinned>,
+    pinned_proto: Proto,
+    shared: Option<Handle>,
+    last_target: Target,
+}
+
+impl State {
+    fn subscribed(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+    }
+
+    /// Whether the pinned connection holds state that must not be dropped.
+    fn needs_pin(&self) -> bool {
+        self.in_multi || self.watching || self.db != 0 || self.sticky || self.subscribed()
+    }
+}
+
+/// Serve one client until it quits, errs, or `shutdown` fires.
+pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
+    let (push_tx, push_rx) = mpsc::unbounded_channel::<Bytes>();
+    let outstanding = Arc::new(Outstanding::default());
+    let writer = tokio::spawn(write_loop(
+        wr,
+        out_rx,
+        push_rx,
+        outstanding.clone(),
+        ctx.metrics.clone(),
+    ));
+    let mut session = Session {
+        ctx: ctx.clone(),
+        out: out_tx,
+        push_tx,
+        outstanding,
+        st: State {
+            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+            proto: Proto::Resp2,
+            authed: ctx.password.is_none(),
+            name: None,
+            db: 0,
+            in_multi: false,
+            watching: false,
+            sticky: false,
+            channels: HashSet::new(),
+            patterns: HashSet::new(),
+            shard_channels: HashSet::new(),
+            pinned: None,
+            pinned_proto: Proto::Resp2,
+            shared: None,
+            last_target: Target::Shared,
+        },
+        peer,
+    };
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = CommandScanner::new(ctx.limits);
+    'read: loop {
+        let n = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = shutdown.cancelled() => break 'read,
+        };
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                ctx.metrics.bytes_in.inc_by(n as u64);
+            }
+        }
+        let arrived = Instant::now();
+        // Stateless commands at the front of `buf` not yet sent: (bytes, count).
+        let mut batch_len = 0usize;
+        let mut batch_count = 0usize;
+        loop {
+            let cmd = match scanner.scan(&buf[batch_len..]) {
+                Ok(Some(cmd)) => cmd,
+                Ok(None) => break,
+                Err(e) => {
+                    session
+                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                        .await;
+                    session.protocol_error(e).await;
+                    break 'read;
+                }
+            };
+            let frame = &buf[batch_len..batch_len + cmd.len];
+            if cmd.argc == 0 {
+                // An empty command: Redis ignores it, so do we.
+                if batch_count == 0 {
+                    let _ = buf.split_to(cmd.len);
+                } else {
+                    session
+                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                        .await;
+                    let _ = buf.split_to(cmd.len);
+                }
+                continue;
+            }
+            let args: Vec<&[u8]> = (0..cmd.args.len())
+                .filter_map(|i| cmd.arg(frame, i))
+                .collect();
+            let class = command::classify(&args);
+            let batchable = class == Class::Shared
+                && !cmd.inline
+                && session.st.authed
+                && session.st.pinned.is_none()
+                && session.st.last_target == Target::Shared;
+            if batchable {
+                batch_len += cmd.len;
+                batch_count += 1;
+                continue;
+            }
+            session
+                .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                .await;
+            let frame = buf.split_to(cmd.len).freeze();
+            let all_args: Vec<Bytes> = scan::args_of(&frame, &cmd)
+                .into_iter()
+                .map(|a| frame.slice_ref(a))
+                .collect();
+            let frame = if cmd.inline {
+                let refs: Vec<&[u8]> = all_args.iter().map(|a| &a[..]).collect();
+                resp::command(&refs)
+            } else {
+                frame
+            };
+            if !session.handle(class, frame, &all_args, arrived).await {
+                break 'read;
+            }
+        }
+        session
+            .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+            .await;
+        if buf.len() > ctx.max_buffered_bytes {
+            session
+                .protocol_error(ScanError::Limit {
+                    what: "bytes buffered for one client",
+                    limit: ctx.max_buffered_bytes,
+                    key: "limits.max_buffered_bytes",
+                })
+                .await;
+            break;
+        }
+    }
+    let _ = session.out.send(Out::Close).await;
+    drop(session);
+    let _ = writer.await;
+}
+
+struct Session {
+    ctx: Arc<Context>,
+    out: mpsc::Sender<Out>,
+    push_tx: mpsc::UnboundedSender<Bytes>,
+    outstanding: Arc<Outstanding>,
+    st: State,
+    peer: String,
+}
+
+impl Session {
+    async fn reply(&self, bytes: Bytes) {
+        self.ctx.metrics.command(Route::Local);
+        let _ = self.out.send(Out::Now(bytes)).await;
+    }
+
+    async fn protocol_error(&self, e: ScanError) {
+        let kind = match e {
+            ScanError::Limit { .. } => ErrorKind::Limit,
+            ScanError::Protocol(_) => ErrorKind::Protocol,
+        };
+        self.ctx.metrics.error(kind);
+        debug!(peer = %self.peer, error = %e, "closing client after bad input");
+        let _ = self
+            .out
+            .send(Out::Now(resp::error(&format!("ERR {e}"))))
+            .await;
+        let _ = self.out.send(Out::Close).await;
+    }
+
+    async fn flush_batch(
+        &mut self,
+        buf: &mut BytesMut,
+        batch_len: &mut usize,
+        batch_count: &mut usize,
+        arrived: Instant,
+    ) {
+        if *batch_count == 0 {
+            return;
+        }
+        let bytes = buf.split_to(*batch_len).freeze();
+        let count = *batch_count;
+        *batch_len = 0;
+        *batch_count = 0;
+        for _ in 0..count {
+            self.ctx.metrics.command(Route::Shared);
+        }
+        let handle = match &self.st.shared {
+            Some(h) => h.clone(),
+            None => {
+                let h = self.ctx.pool.shared(self.st.proto);
+                self.st.shared = Some(h.clone());
+                h
+            }
+        };
+        self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
+            .await;
+    }
+
+    /// Queue `bytes` on an upstream connection; the writer awaits `replies`.
+    async fn send_upstream(
+        &self,
+        tx: &mpsc::Sender<Request>,
+        bytes: Bytes,
+        count: usize,
+        replies: usize,
+        in_multi_after: bool,
+        since: Instant,
+    ) {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.outstanding.n.fetch_add(1, Ordering::AcqRel);
+        let req = Request {
+            bytes,
+            count,
+            reply: Some(reply_tx),
+            in_multi_after,
+        };
+        if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
+            if let Some(t) = req.reply {
+                let _ = t.send(Err(UpstreamError::Shutdown));
+            }
+        }
+        let sent = self
+            .out
+            .send(Out::Wait {
+                rx: reply_rx,
+                count: replies,
+                since,
+            })
+            .await;
+        if sent.is_err() && self.outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The writer is gone (client closed): nobody will count this down.
+            self.outstanding.zero.notify_waiters();
+        }
+    }
+
+    /// Move this client's commands to `target`, waiting for the replies still
+    /// due on the other connection so that execution order is kept.
+    async fn switch_to(&mut self, target: Target) {
+        if self.st.last_target != target {
+            self.outstanding.wait_zero().await;
+            self.st.last_target = target;
+        }
+    }
+
+    async fn ensure_pinned(&mut self, proto: Proto) -> Result<(), UpstreamError> {
+        if self.st.pinned.is_some() && self.st.pinned_proto == proto {
+            return Ok(());
+        }
+        self.switch_to(Target::Pinned).await;
+        self.st.pinned = None;
+        let push = PushSink {
+            tx: self.push_tx.clone(),
+            as_resp2: self.st.proto == Proto::Resp2 && proto == Proto::Resp3,
+        };
+        let pinned = self.ctx.pool.pin(proto, push).await?;
+        self.st.pinned = Some(pinned);
+        self.st.pinned_proto = proto;
+        Ok(())
+    }
+
+    /// Let go of the pinned connection once it holds nothing the client needs.
+    async fn maybe_unpin(&mut self) {
+        if self.st.pinned.is_some()
+            && !self.st.needs_pin()
+            && self.outstanding.n.load(Ordering::Acquire) == 0
+        {
+            self.st.pinned = None;
+        }
+    }
+
+    /// Handle one command that is not part of a shared batch. Returns false to
+    /// close the client.
+    async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+        let name = args[0].to_ascii_uppercase();
+        if !self.st.authed && !matches!(class, Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
+            self.ctx.metrics.error(ErrorKind::ClientAuth);
+            self.reply(resp::error("NOAUTH Authentication required.")).await;
+            return true;
+        }
+        // RESP2 subscribed mode allows only these, as Redis does.
+        if self.st.proto == Proto::Resp2 && self.st.subscribed() {
+            let allowed = [
+                &b"SUBSCRIBE"[..],
+                b"PSUBSCRIBE",
+                b"SSUBSCRIBE",
+                b"UNSUBSCRIBE",
+                b"PUNSUBSCRIBE",
+                b"SUNSUBSCRIBE",
+                b"PING",
+                b"QUIT",
+                b"RESET",
+            ];
+            if !allowed.contains(&&name[..]) {
+                self.reply(resp::error(&format!(
+                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                    String::from_utf8_lossy(&args[0]).to_lowercase()
+                )))
+                .await;
+                return true;
+            }
+            if name == b"PING" {
+                let payload = args.get(1).cloned().unwrap_or_default();
+                let mut b = BytesMut::from(&b"*2\r\n$4\r\npong\r\n"[..]);
+                b.extend_from_slice(&resp::bulk(&payload));
+                self.reply(b.freeze()).await;
+                return true;
+            }
+        }
+        let is_unsubscribe = matches!(
+            &name[..],
+            b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE"
+        );
+        match class {
+            Class::Local(local) => return self.local(local, &name, frame, args, since).await,
+            Class::Pin(Pin::PubSub) => {
+                return self.pubsub(&name, frame, args, since).await;
+            }
+            _ if is_unsubscribe => {
+                return self.pubsub(&name, frame, args, since).await;
+            }
+            Class::Pin(pin) => {
+                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                    self.ctx.metrics.error(ErrorKind::UpstreamConnect);
+                    self.reply(e.to_reply()).await;
+                    return true;
+                }
+                match pin {
+                    Pin::Transaction => self.st.in_multi = true,
+                    Pin::Watch => self.st.watching = true,
+                    Pin::ClientMode | Pin::Monitor | Pin::Cluster => self.st.sticky = true,
+                    _ => {}
+                }
+                self.ctx.metrics.command(Route::Pinned);
+                self.forward_pinned(frame, 1, since).await;
+            }
+            Class::Shared => {
+                self.maybe_unpin().await;
+                if self.st.pinned.is_some() {
+                    self.ctx.metrics.command(Route::Pinned);
+                    self.forward_pinned(frame, 1, since).await;
+                } else {
+                    self.switch_to(Target::Shared).await;
+                    self.ctx.metrics.command(Route::Shared);
+                    let handle = match &self.st.shared {
+                        Some(h) => h.clone(),
+                        None => {
+                            let h = self.ctx.pool.shared(self.st.proto);
+                            self.st.shared = Some(h.clone());
+                            h
+                        }
+                    };
+                    self.send_upstream(&handle.tx, frame, 1, 1, false, since).await;
+                }
+            }
+        }
+        true
+    }
+
+    async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
+        let Some(p) = &self.st.pinned else { return };
+        let tx = p.tx.clone();
+        self.send_upstream(&tx, frame, count, count, self.st.in_multi, since)
+            .await;
+    }
+
+    async fn pubsub(&mut self, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+        let set = match name {
+            b"SUBSCRIBE" | b"UNSUBSCRIBE" => &mut self.st.channels,
+            b"PSUBSCRIBE" | b"PUNSUBSCRIBE" => &mut self.st.patterns,
+            _ => &mut self.st.shard_channels,
+        };
+        let subscribing = !name.starts_with(b"UN") && !name[1..].starts_with(b"UN");
+        if subscribing {
+            if args.len() < 2 {
+                self.reply(resp::error(&format!(
+                    "ERR wrong number of arguments for '{}' command",
+                    String::from_utf8_lossy(name).to_lowercase()
+                )))
+                .await;
+                return true;
+            }
+            set.extend(args[1..].iter().map(|a| a.to_vec()));
+        } else if args.len() == 1 {
+            set.clear();
+        } else {
+            for a in &args[1..] {
+                set.remove(&a[..]);
+            }
+        }
+        // Subscriptions live on RESP3 connections: they can re-AUTH there.
+        if self.st.pinned.is_none() || self.st.pinned_proto != Proto::Resp3 {
+            if !subscribing && self.st.pinned.is_none() {
+                // Not subscribed anywhere: answer as Redis would.
+                let kind = String::from_utf8_lossy(name).to_lowercase();
+                let mut b = BytesMut::new();
+                let head: &[u8] = if self.st.proto == Proto::Resp3 { b">3\r\n" } else { b"*3\r\n" };
+                let channels: Vec<Bytes> = if args.len() > 1 { args[1..].to_vec() } else { vec![] };
+                if channels.is_empty() {
+                    b.extend_from_slice(head);
+                    b.extend_from_slice(&resp::bulk(kind.as_bytes()));
+                    b.extend_from_slice(&resp::null(self.st.proto));
+                    b.extend_from_slice(&resp::integer(0));
+                } else {
+                    for c in channels {
+                        b.extend_from_slice(head);
+                        b.extend_from_slice(&resp::bulk(kind.as_bytes()));
+                        b.extend_from_slice(&resp::bulk(&c));
+                        b.extend_from_slice(&resp::integer(0));
+                    }
+                }
+                self.reply(b.freeze()).await;
+                return true;
+            }
+            if let Err(e) = self.ensure_pinned(Proto::Resp3).await {
+                self.ctx.metrics.error(ErrorKind::UpstreamConnect);
+                self.reply(e.to_reply()).await;
+                return true;
+            }
+        }
+        self.ctx.metrics.command(Route::PubSub);
+        // Pub/sub answers arrive as push frames, not as replies.
+        let Some(p) = &self.st.pinned else { return true };
+        let tx = p.tx.clone();
+        self.send_upstream(&tx, frame, 0, 0, false, since).await;
+        true
+    }
+
+    async fn local(&mut self, local: Local, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+        match local {
+            Local::Auth => {
+                let pass = match args.len() {
+                    2 => &args[1],
+                    3 => &args[2],
+                    _ => {
+                        self.reply(resp::error("ERR wrong number of arguments for 'auth' command")).await;
+                        return true;
+                    }
+                };
+                let reply = self.check_password(pass);
+                self.reply(reply).await;
+            }
+            Local::Hello => self.hello(args).await,
+            Local::Quit => {
+                self.reply(resp::ok()).await;
+                return false;
+            }
+            Local::Reset => {
+                if self.st.pinned.is_some() {
+                    self.outstanding.wait_zero().await;
+                }
+                self.st.pinned = None;
+                self.st.in_multi = false;
+                self.st.watching = false;
+                self.st.sticky = false;
+                self.st.db = 0;
+                self.st.name = None;
+                self.st.channels.clear();
+                self.st.patterns.clear();
+                self.st.shard_channels.clear();
+                if self.st.proto != Proto::Resp2 {
+                    self.st.proto = Proto::Resp2;
+                    self.st.shared = None;
+                }
+                self.st.authed = self.ctx.password.is_none();
+                self.st.last_target = Target::Shared;
+                self.reply(resp::simple("RESET")).await;
+            }
+            Local::Select => {
+                let Some(db) = args.get(1).and_then(|a| std::str::from_utf8(a).ok()).and_then(|s| s.parse::<i64>().ok()) else {
+                    self.reply(resp::error("ERR value is not an integer or out of range")).await;
+                    return true;
+                };
+                if self.st.pinned.is_none() && db == 0 {
+                    self.st.db = 0;
+                    self.reply(resp::ok()).await;
+                    return true;
+                }
+                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                    self.reply(e.to_reply()).await;
+                    return true;
+                }
+                // Optimistic: a failing SELECT (bad index) leaves db as it was on
+                // the server; the client sees the server's error either way.
+                self.st.db = db;
+                self.ctx.metrics.command(Route::Pinned);
+                self.forward_pinned(frame, 1, since).await;
+            }
+            Local::TxEnd => {
+                if self.st.pinned.is_some() {
+                    if name == b"EXEC" || name == b"DISCARD" {
+                        self.st.in_multi = false;
+                        self.st.watching = false;
+                    } else {
+                        self.st.watching = false;
+                    }
+                    self.ctx.metrics.command(Route::Pinned);
+                    self.forward_pinned(frame, 1, since).await;
+                } else {
+                    let reply = match name {
+                        b"EXEC" => resp::error("ERR EXEC without MULTI"),
+                        b"DISCARD" => resp::error("ERR DISCARD without MULTI"),
+                        _ => resp::ok(),
+                    };
+                    self.reply(reply).await;
+                }
+            }
+            Local::ClientSetName => {
+                match args.get(2) {
+                    Some(n) if args.len() == 3 && !n.iter().any(|&c| c == b' ' || c == b'\n') => {
+                        self.st.name = (!n.is_empty()).then(|| n.clone());
+                        self.reply(resp::ok()).await;
+                    }
+                    Some(_) if args.len() == 3 => {
+                        self.reply(resp::error("ERR Client names cannot contain spaces, newlines or special characters.")).await;
+                    }
+                    _ => {
+                        self.reply(resp::error("ERR wrong number of arguments for 'client|setname' command")).await;
+                    }
+                }
+            }
+            Local::ClientGetName => {
+                let reply = match &self.st.name {
+                    Some(n) => resp::bulk(n),
+                    None => resp::null(self.st.proto),
+                };
+                self.reply(reply).await;
+            }
+            Local::ClientSetInfo => {
+                if args.len() == 4 {
+                    self.reply(resp::ok()).await;
+                } else {
+                    self.reply(resp::error("ERR wrong number of arguments for 'client|setinfo' command")).await;
+                }
+            }
+            Local::ClientId => self.reply(resp::integer(self.st.id as i64)).await,
+            Local::ClientInfo => {
+                let info = format!(
+                    "id={} addr={} laddr= fd=0 name={} db={} resp={} lib-name= lib-ver=\n",
+                    self.st.id,
+                    self.peer,
+                    self.st.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default(),
+                    self.st.db,
+                    if self.st.proto == Proto::Resp3 { 3 } else { 2 },
+                );
+                self.reply(resp::bulk(info.as_bytes())).await;
+            }
+        }
+        true
+    }
+
+    fn check_password(&mut self, given: &[u8]) -> Bytes {
+        match &self.ctx.password {
+            None => {
+                // No local password: accept and drop whatever the app sends
+                // (often an old access key). It never goes upstream.
+                self.st.authed = true;
+                resp::ok()
+            }
+            Some(p) if constant_time_eq(p.expose().as_bytes(), given) => {
+                self.st.authed = true;
+                resp::ok()
+            }
+            Some(_) => {
+                self.ctx.metrics.error(ErrorKind::ClientAuth);
+                resp::error("WRONGPASS invalid username-password pair or user is disabled.")
+            }
+        }
+    }
+
+    async fn hello(&mut self, args: &[Bytes]) {
+        let mut proto = self.st.proto;
+        if let Some(v) = args.get(1) {
+            match &v[..] {
+                b"2" => proto = Proto::Resp2,
+                b"3" => proto = Proto::Resp3,
+                _ => {
+                    self.reply(resp::error("NOPROTO unsupported protocol version")).await;
+                    return;
+                }
+            }
+        }
+        let mut i = 2;
+        let mut new_name = None;
+        while i < args.len() {
+            let opt = args[i].to_ascii_uppercase();
+            if opt == b"AUTH" && i + 2 < args.len() {
+                let r = self.check_password(&args[i + 2]);
+                if r.first() == Some(&b'-') {
+                    self.reply(r).await;
+                    return;
+                }
+                i += 3;
+            } else if opt == b"SETNAME" && i + 1 < args.len() {
+                new_name = Some(args[i + 1].clone());
+                i += 2;
+            } else {
+                self.reply(resp::error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[i])
+                )))
+                .await;
+                return;
+            }
+        }
+        if !self.st.authed {
+            self.reply(resp::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")).await;
+            return;
+        }
+        if proto != self.st.proto {
+            if self.st.pinned.is_some() && self.st.needs_pin() {
+                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction, subscribed, or in a special mode; RESET first")).await;
+                return;
+            }
+            // Replies already due come in the old protocol; wait for them.
+            self.outstanding.wait_zero().await;
+            self.st.pinned = None;
+            self.st.proto = proto;
+            self.st.shared = None;
+        }
+        if let Some(n) = new_name {
+            self.st.name = (!n.is_empty()).then_some(n);
+        }
+        let fields = self.ctx.pool.hello_fields();
+        let get = |k: &str, default: resp::Value| {
+            fields
+                .iter()
+                .find(|(f, _)| f == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or(default)
+        };
+        let s = |v: &'static str| resp::Value::Str(Bytes::from_static(v.as_bytes()));
+        let map = resp::map(
+            proto,
+            &[
+                ("server", get("server", s("redis"))),
+                ("version", get("version", s("7.0.0"))),
+                ("proto", resp::Value::Int(if proto == Proto::Resp3 { 3 } else { 2 })),
+                ("id", resp::Value::Int(self.st.id as i64)),
+                ("mode", get("mode", s("standalone"))),
+                ("role", get("role", s("master"))),
+                ("modules", get("modules", resp::Value::List(vec![]))),
+            ],
+        );
+        self.reply(map).await;
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Write replies in order; push frames (pub/sub, invalidations) as they come.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut out: mpsc::Receiver<Out>,
+    mut push: mpsc::UnboundedReceiver<Bytes>,
+    outstanding: Arc<Outstanding>,
+    metrics: Arc<Metrics>,
+) {
+    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+    let mut push_open = true;
+    loop {
+        let item = tokio::select! {
+            biased;
+            o = out.recv() => match o { Some(o) => o, None => break },
+            p = push.recv(), if push_open => {
+                match p {
+                    Some(p) => {
+                        metrics.bytes_out.inc_by(p.len() as u64);
+                        if wr.write_all(&p).await.is_err() { break }
+                        if push.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
+                    }
+                    None => push_open = false,
+                }
+                continue;
+            }
+        };
+        let bytes = match item {
+            Out::Now(b) => b,
+            Out::Close => {
+                let _ = wr.flush().await;
+                break;
+            }
+            Out::Wait { mut rx, count, since } => {
+                // Flush what we have before waiting on the network.
+                let res = match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        if wr.flush().await.is_err() {
+                            break;
+                        }
+                        loop {
+                            tokio::select! {
+                                biased;
+                                r = &mut rx => break r.unwrap_or(Err(UpstreamError::Shutdown)),
+                                p = push.recv(), if push_open => match p {
+                                    Some(p) => {
+                                        if wr.write_all(&p).await.is_err() || wr.flush().await.is_err() { return }
+                                    }
+                                    None => push_open = false,
+                                },
+                            }
+                        }
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::Shutdown),
+                };
+                if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    outstanding.zero.notify_waiters();
+                }
+                metrics.command_latency.observe(since.elapsed().as_secs_f64());
+                match res {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if matches!(e, UpstreamError::NoCredential { .. }) {
+                            metrics.error(ErrorKind::NoCredential);
+                        }
+                        let one = e.to_reply();
+                        let mut b = BytesMut::with_capacity(one.len() * count);
+                        for _ in 0..count {
+                            b.extend_from_slice(&one);
+                        }
+                        b.freeze()
+                    }
+                }
+            }
+        };
+        metrics.bytes_out.inc_by(bytes.len() as u64);
+        if wr.write_all(&bytes).await.is_err() {
+            break;
+        }
+        if out.is_empty() && wr.flush().await.is_err() {
+            break;
+        }
+    }
+    // Whatever is left still owes its outstanding count.
+    out.close();
+    while let Ok(item) = out.try_recv() {
+        if let Out::Wait { .. } = item {
+            if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+                outstanding.zero.notify_waiters();
+            }
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! Frame boundaries without a recursive decoder.
+//!
+//! [`CommandScanner`] reads untrusted client input: RESP arrays of bulk strings
+//! and inline commands, bounded by [`Limits`]. [`ReplyScanner`] reads the
+//! upstream's replies (every RESP2/RESP3 type) with one counter of elements still
+//! owed instead of a stack, so nesting depth costs nothing. Both keep their
+//! position across calls: a partial frame is `Ok(None)` (a normal state, not an
+//! error) and the next call resumes where the last one stopped, so a 64 MB value
+//! arriving in small reads is scanned once, not once per read.
+
+use memchr::memchr;
+use std::ops::Range;
+
+/// Bounds on one client's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bulk_bytes: usize,
+    pub max_line_bytes: usize,
+    pub max_elements: usize,
+}
+
+impl From<&crate::config::LimitsConfig> for Limits {
+    fn from(c: &crate::config::LimitsConfig) -> Self {
+        Limits {
+            max_bulk_bytes: c.max_bulk_bytes,
+            max_line_bytes: c.max_line_bytes,
+            max_elements: c.max_elements,
+        }
+    }
+}
+
+/// Client input that cannot be a command. The message becomes `-ERR <message>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    #[error("Protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("Protocol error: {what} exceeds the proxy's limit of {limit} ({key})")]
+    Limit {
+        what: &'static str,
+        limit: usize,
+        key: &'static str,
+    },
+}
+
+/// How many argument positions a [`Command`] records; enough to classify any
+/// command. Longer commands are re-read with [`args_of`] when all args matter.
+pub const KEPT_ARGS: usize = 8;
+
+/// One complete client command found at the start of the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Bytes the command occupies in the buffer.
+    pub len: usize,
+    /// Number of arguments (the command name included).
+    pub argc: usize,
+    /// Positions (within the frame) of the first [`KEPT_ARGS`] arguments.
+    pub args: Vec<Range<usize>>,
+    /// An inline command (`PING\r\n`): must be re-encoded before forwarding.
+    pub inline: bool,
+}
+
+impl Command {
+    /// Argument `i` of the frame `frame` (the bytes this command was scanned from).
+    pub fn arg<'a>(&self, frame: &'a [u8], i: usize) -> Option<&'a [u8]> {
+        self.args.get(i).map(|r| &frame[r.clone()])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CmdState {
+    Start,
+    /// Expecting `$len` of the next argument.
+    ArgHeader,
+    /// Inside a bulk of `len` bytes plus CRLF that starts at `pos`.
+    ArgBody(usize),
+}
+
+/// Resumable scanner for client commands. Reset after each complete command.
+#[derive(Debug)]
+pub struct CommandScanner {
+    limits: Limits,
+    state: CmdState,
+    pos: usize,
+    argc: usize,
+    remaining: usize,
+    args: Vec<Range<usize>>,
+}
+
+impl CommandScanner {
+    pub fn new(limits: Limits) -> Self {
+        CommandScanner {
+            limits,
+            state: CmdState::Start,
+            pos: 0,
+            argc: 0,
+            remaining: 0,
+            args: Vec::new(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.state = CmdState::Start;
+        self.pos = 0;
+        self.argc = 0;
+        self.remaining = 0;
+        self.args = Vec::new();
+    }
+
+    /// Find the first complete command in `buf`, which must start where the last
+    /// returned command ended (the caller drops consumed bytes from the front).
+    /// `Ok(None)`: more bytes are needed.
+    pub fn scan(&mut self, buf: &[u8]) -> Result<Option<Command>, ScanError> {
+        loop {
+            match self.state {
+                CmdState::Start => {
+                    let Some(&first) = buf.first() else {
+                        return Ok(None);
+                    };
+                    if first != b'*' {
+                        return self.scan_inline(buf);
+                    }
+                    let Some((n, next)) = self.line_int(buf, 1)? else {
+                        return Ok(None);
+                    };
+                    if n < 0 {
+                        return Err(ScanError::Protocol("invalid multibulk length"));
+                    }
+                    let n = n as usize;
+                    if n > self.limits.max_elements {
+                        return Err(ScanError::Limit {
+                            what: "number of arguments",
+                            limit: self.limits.max_elements,
+                            key: "limits.max_elements",
+                        });
+                    }
+                    if n == 0 {
+                        // `*0\r\n` is an empty command: Redis ignores it, so do we.
+                        let len = next;
+                        self.reset();
+                        return Ok(Some(Command {
+                            len,
+                            argc: 0,
+                            args: Vec::new(),
+                            inline: false,
+                        }));
+                    }
+                    self.argc = n;
+                    self.remaining = n;
+                    self.pos = next;
+                    self.state = CmdState::ArgHeader;
+                }
+                CmdState::ArgHeader => {
+                    let Some(&first) = buf.get(self.pos) else {
+                        return Ok(None);
+                    };
+                    if first != b'$' {
+                        return Err(ScanError::Protocol("expected '$', got something else"));
+                    }
+                    let Some((len, next)) = self.line_int(buf, self.pos + 1)? else {
+                        return Ok(None);
+                    };
+                    if len < 0 {
+                        return Err(ScanError::Protocol("invalid bulk length"));
+                    }
+                    let len = len as usize;
+                    if len > self.limits.max_bulk_bytes {
+                        return Err(ScanError::Limit {
+                            what: "bulk length",
+                            limit: self.limits.max_bulk_bytes,
+                            key: "limits.max_bulk_bytes",
+                        });
+                    }
+                    self.pos = next;
+                    self.state = CmdState::ArgBody(len);
+                }
+                CmdState::ArgBody(len) => {
+                    let end = self.pos + len;
+                    if buf.len() < end + 2 {
+                        return Ok(None);
+                    }
+                    if &buf[end..end + 2] != b"\r\n" {
+                        return Err(ScanError::Protocol("bulk string not followed by CRLF"));
+                    }
+                    if self.args.len() < KEPT_ARGS {
+                        self.args.push(self.pos..end);
+                    }
+                    self.pos = end + 2;
+                    self.remaining -= 1;
+                    if self.remaining == 0 {
+                        let cmd = Command {
+                            len: self.pos,
+                            argc: self.argc,
+                            args: std::mem::take(&mut self.args),
+                            inline: false,
+                        };
+                        self.reset();
+                        return Ok(Some(cmd));
+                    }
+                    self.state = CmdState::ArgHeader;
+                }
+            }
+        }
+    }
+
+    /// Read a `<int>\r\n` header line starting at `from`. Returns the value and
+    /// the position after the CRLF.
+    fn line_int(&self, buf: &[u8], from: usize) -> Result<Option<(i64, usize)>, ScanError> {
+        let window = &buf[from.min(buf.len())..];
+        let Some(cr) = memchr(b'\r', window) else {
+            if window.len() > 32 {
+                return Err(ScanError::Protocol("length line too long"));
+            }
+            return Ok(None);
+        };
+        if cr > 32 {
+            return Err(ScanError::Protocol("length line too long"));
+        }
+        let Some(&lf) = window.get(cr + 1) else {
+            return Ok(None);
+        };
+        if lf != b'\n' {
+            return Err(ScanError::Protocol("expected CRLF after length"));
+        }
+        let n = parse_int(&window[..cr]).ok_or(ScanError::Protocol("invalid length"))?;
+        Ok(Some((n, from + cr + 2)))
+    }
+
+    /// An inline command: one line of space-separated words, as telnet sends.
+    fn scan_inline(&mut self, buf: &[u8]) -> Result<Option<Command>, ScanError> {
+        let search_from = self.pos;
+        let Some(nl) = memchr(b'\n', &buf[search_from..]).map(|i| i + search_from) else {
+            if buf.len() > self.limits.max_line_bytes {
+                return Err(ScanError::Limit {
+                    what: "inline command length",
+                    limit: self.limits.max_line_bytes,
+                    key: "limits.max_line_bytes",
+                });
+            }
+            self.pos = buf.len();
+            return Ok(None);
+        };
+        if nl > self.limits.max_line_bytes {
+            return Err(ScanError::Limit {
+                what: "inline command length",
+                limit: self.limits.max_line_bytes,
+                key: "limits.max_line_bytes",
+            });
+        }
+        let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+            nl - 1
+        } else {
+            nl
+        };
+        let words = split_inline(&buf[..line_end])?;
+        if words.len() > self.limits.max_elements {
+            return Err(ScanError::Limit {
+                what: "number of arguments",
+                limit: self.limits.max_elements,
+                key: "limits.max_elements",
+            });
+        }
+        let cmd = Command {
+            len: nl + 1,
+            argc: words.len(),
+            args: words.into_iter().take(KEPT_ARGS).collect(),
+            inline: true,
+        };
+        self.reset();
+        Ok(Some(cmd))
+    }
+}
+
+/// Split an inline command line into word ranges. Quotes are not supported
+/// beyond what telnet users need: a word is a run of non-blank bytes.
+fn split_inline(line: &[u8]) -> Result<Vec<Range<usize>>, ScanError> {
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
+            i += 1;
+        }
+        let start = i;
+        while i < line.len() && line[i] != b' ' && line[i] != b'\t' {
+            if line[i] == b'"' || line[i] == b'\'' {
+                return Err(ScanError::Protocol(
+                    "quoted inline arguments are not supported by the proxy; send a RESP array",
+                ));
+            }
+            i += 1;
+        }
+        if i > start {
+            words.push(start..i);
+        }
+    }
+    Ok(words)
+}
+
+/// Every argument of a complete command frame, for the few commands that need
+/// more than [`KEPT_ARGS`] (SUBSCRIBE with many channels).
+pub fn args_of<'a>(frame: &'a [u8], cmd: &Command) -> Vec<&'a [u8]> {
+    if cmd.inline || cmd.argc <= KEPT_ARGS {
+        return cmd.args.iter().map(|r| &frame[r.clone()]).collect();
+    }
+    let mut out = Vec::with_capacity(cmd.argc);
+    let mut pos = memchr(b'\n', frame).map_or(frame.len(), |i| i + 1);
+    while pos < frame.len() {
+        let Some(nl) = memchr(b'\n', &frame[pos..]) else {
+            break;
+        };
+        let len = parse_int(&frame[pos + 1..pos + nl - 1]).unwrap_or(0) as usize;
+        let start = pos + nl + 1;
+        out.push(&frame[start..start + len]);
+        pos = start + len + 2;
+    }
+    out
+}
+
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    let (neg, digits) = match digits.first() {
+        Some(b'-') => (true, &digits[1..]),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((d - b'0') as i64)?;
+    }
+    Some(if neg { -n } else { n })
+}
+
+/// One complete reply found at the start of the upstream buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub len: usize,
+    /// A RESP3 push frame (`>`): out of band, not the answer to a command.
+    pub push: bool,
+    /// An error reply (`-` or `!`).
+    pub error: bool,
+}
+
+/// Upstream sent something that is not RESP: the connection must be retired.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("upstream protocol error: {0}")]
+pub struct ReplyError(pub &'static str);
+
+/// Resumable scanner for upstream replies of any RESP2/RESP3 type.
+#[derive(Debug, Default)]
+pub struct ReplyScanner {
+    pos: usize,
+    /// Elements still owed before the top-level reply is complete.
+    remaining: usize,
+    started: bool,
+    push: bool,
+    error: bool,
+}
+
+impl ReplyScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn scan(&mut self, buf: &[u8]) -> Result<Option<Reply>, ReplyError> {
+        if !self.started {
+            let Some(&first) = buf.first() else {
+                return Ok(None);
+            };
+            self.started = true;
+            self.remaining = 1;
+            self.push = first == b'>';
+            self.error = first == b'-' || first == b'!';
+        }
+        while self.remaining > 0 {
+            let Some(&kind) = buf.get(self.pos) else {
+                return Ok(None);
+            };
+            let Some(cr) = memchr(b'\n', &buf[self.pos..]) else {
+                return Ok(None);
+            };
+            let line_end = self.pos + cr; // index of '\n'
+            if cr < 1 || buf[line_end - 1] != b'\r' {
+                return Err(ReplyError("line not terminated by CRLF"));
+            }
+            let body = &buf[self.pos + 1..line_end - 1];
+            let next = line_end + 1;
+            match kind {
+                b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
+                    self.pos = next;
+                    self.remaining -= 1;
+                }
+                b'$' | b'!' | b'=' => {
+                    let n = parse_int(body).ok_or(ReplyError("bad bulk length"))?;
+                    if n < 0 {
+                        self.pos = next;
+                    } else {
+                        let end = next + n as usize + 2;
+                        if buf.len() < end {
+                            return Ok(None);
+                        }
+                        self.pos = end;
+                    }
+                    self.remaining -= 1;
+                }
+                b'*' | b'~' | b'>' | b'%' => {
+                    let n = parse_int(body).ok_or(ReplyError("bad aggregate length"))?;
+                    self.pos = next;
+                    self.remaining -= 1;
+                    if n > 0 {
+                        let n = n as usize;
+                        self.remaining += if kind == b'%' { 2 * n } else { n };
+                    }
+                }
+                b'|' => {
+                    // Attributes precede the element they describe: they add
+                    // their pairs without taking the element's place.
+                    let n = parse_int(body).ok_or(ReplyError("bad attribute length"))?;
+                    self.pos = next;
+                    self.remaining += 2 * n.max(0) as usize;
+                }
+                _ => return Err(ReplyError("unknown reply type byte")),
+            }
+        }
+        let reply = Reply {
+            len: self.pos,
+            push: self.push,
+            error: self.error,
+        };
+        *self = ReplyScanner::default();
+        Ok(Some(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_bulk_bytes: 1024,
+            max_line_bytes: 64,
+            max_elements: 16,
+        }
+    }
+
+    fn scan_all(input: &[u8]) -> Result<Vec<(Vec<Vec<u8>>, usize)>, ScanError> {
+        let mut s = CommandScanner::new(limits());
+        let mut out = Vec::new();
+        let mut buf = input;
+        while let Some(cmd) = s.scan(buf)? {
+            let frame = &buf[..cmd.len];
+            out.push((args_of(frame, &cmd).iter().map(|a| a.to_vec()).collect(), cmd.argc));
+            buf = &buf[cmd.len..];
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn array_of_bulks() {
+        let got = scan_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, vec![b"GET".to_vec(), b"k".to_vec()]);
+        assert_eq!(got[1].0, vec![b"PING".to_vec()]);
+    }
+
+    #[test]
+    fn every_byte_boundary_is_a_partial_frame() {
+        let input: &[u8] = b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$5\r\nv\0\xff\r\n\r\n";
+        for split in 0..input.len() {
+            let mut s = CommandScanner::new(limits());
+            // Feed a growing prefix, as reads would.
+            assert_eq!(s.scan(&input[..split]).unwrap(), None, "split {split}");
+            let cmd = s.scan(input).unwrap().expect("complete");
+            assert_eq!(cmd.len, input.len());
+            assert_eq!(cmd.arg(input, 1), Some(&b"k\r\n"[..]));
+            assert_eq!(cmd.arg(input, 2), Some(&b"v\0\xff\r\n"[..]));
+        }
+    }
+
+    #[test]
+    fn inline_commands() {
+        let got = scan_all(b"PING\r\nSET  k\tv\nGET k\r\n").unwrap();
+        assert_eq!(got[0].0, vec![b"PING".to_vec()]);
+        assert_eq!(got[1].0, vec![b"SET".to_vec(), b"k".to_vec(), b"v".to_vec()]);
+        assert_eq!(got[2].0, vec![b"GET".to_vec(), b"k".to_vec()]);
+        // A blank line is an empty command (Redis ignores it).
+        assert_eq!(scan_all(b"\r\n").unwrap()[0].1, 0);
+        for split in 0..9 {
+            let mut s = CommandScanner::new(limits());
+            assert_eq!(s.scan(&b"GET k\r\n"[..split.min(6)]).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut s = CommandScanner::new(limits());
+        let e = s.scan(b"*1\r\n$1025\r\n").unwrap_err();
+        assert!(matches!(e, ScanError::Limit { key: "limits.max_bulk_bytes", .. }));
+        assert!(e.to_string().contains("1024"));
+        let mut s = CommandScanner::new(limits());
+        let e = s.scan(b"*17\r\n").unwrap_err();
+        assert!(matches!(e, ScanError::Limit { key: "limits.max_elements", .. }));
+        let mut s = CommandScanner::new(limits());
+        let e = s.scan(&[b'a'; 65]).unwrap_err();
+        assert!(matches!(e, ScanError::Limit { key: "limits.max_line_bytes", .. }));
+        let mut s = CommandScanner::new(limits());
+        let e = s.scan(b"*1\r\n$99999999999999999999999999999\r\n").unwrap_err();
+        assert!(matches!(e, ScanError::Protocol(_)));
+    }
+
+    #[test]
+    fn malformed_frames() {
+        for bad in [
+            &b"*1\r\n+PING\r\n"[..],
+            b"*-5\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*1\r\n$4\r\nPINGxx",
+            b"*x\r\n",
+            b"*1\n",
+            b"SET \"k\" v\r\n",
+        ] {
+            let mut s = CommandScanner::new(limits());
+            assert!(s.scan(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn deep_nesting_in_client_input_is_refused_without_recursion() {
+        // `*1\r\n` repeated: a recursive decoder would descend once per level.
+        let input = b"*1\r\n".repeat(100_000);
+        let mut s = CommandScanner::new(limits());
+        assert!(matches!(s.scan(&input), Err(ScanError::Protocol(_))));
+    }
+
+    #[test]
+    fn deep_nesting_in_replies_uses_constant_state() {
+        let mut input = b"*1\r\n".repeat(1_000_000);
+        input.extend_from_slice(b":1\r\n");
+        let mut s = ReplyScanner::new();
+        assert_eq!(s.scan(&input[..input.len() - 1]).unwrap(), None);
+        let r = s.scan(&input).unwrap().unwrap();
+        assert_eq!(r.len, input.len());
+    }
+
+    #[test]
+    fn replies_of_every_type() {
+        let cases: &[&[u8]] = &[
+            b"+OK\r\n",
+            b"-ERR x\r\n",
+            b":42\r\n",
+            b"$-1\r\n",
+            b"$0\r\n\r\n",
+            b"$5\r\nhe\r\no\r\n",
+            b"*-1\r\n",
+            b"*0\r\n",
+            b"*2\r\n$1\r\na\r\n*2\r\n:1\r\n:2\r\n",
+            b"_\r\n",
+            b"#t\r\n",
+            b",1.5\r\n",
+            b"(12345678901234567890\r\n",
+            b"!3\r\nerr\r\n",
+            b"=7\r\ntxt:abc\r\n",
+            b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n",
+            b"~2\r\n+a\r\n+b\r\n",
+            b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n",
+            b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+        ];
+        for case in cases {
+            for split in 0..case.len() {
+                let mut s = ReplyScanner::new();
+                assert_eq!(s.scan(&case[..split]).unwrap(), None, "{case:?} at {split}");
+                let r = s.scan(case).unwrap().unwrap();
+                assert_eq!(r.len, case.len(), "{:?}", String::from_utf8_lossy(case));
+            }
+        }
+        let mut s = ReplyScanner::new();
+        assert!(s.scan(b">1\r\n+x\r\n").unwrap().unwrap().push);
+        let mut s = ReplyScanner::new();
+        assert!(s.scan(b"-ERR\r\n").unwrap().unwrap().error);
+        let mut s = ReplyScanner::new();
+        assert!(s.scan(b"?x\r\n").is_err());
+    }
+}

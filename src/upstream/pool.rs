@@ -1,0 +1,287 @@
+//! Upstream connections by use.
+//!
+//! - Shared: `upstream.pool_size` multiplexed connections per protocol (RESP2,
+//!   RESP3), each a supervised slot that reconnects underneath its clients.
+//!   Clients are spread round-robin; one client always uses one slot, so its
+//!   commands execute in the order it sent them.
+//! - Pinned: a client that creates connection state gets a connection of its
+//!   own, taken from `upstream.warm_pinned` connections opened and authenticated
+//!   ahead of time (dialled on demand when none is warm), at most
+//!   `upstream.max_pinned` at once. A pinned connection is closed when its
+//!   client lets go, and the warm set is topped up in the background.
+
+use super::conn::{self, ConnOpts, Handle, PushSink, Request};
+use super::tls::{Authed, Connector};
+use super::UpstreamError;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::resp::{self, Proto};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// How many upstream connections are up: readiness needs at least one.
+#[derive(Debug, Default)]
+pub struct Health {
+    up: AtomicIsize,
+}
+
+impl Health {
+    pub fn up(&self, delta: isize) {
+        self.up.fetch_add(delta, Ordering::Relaxed);
+    }
+    pub fn healthy_connections(&self) -> usize {
+        self.up.load(Ordering::Relaxed).max(0) as usize
+    }
+}
+
+/// Warm connections older than this are closed rather than handed out: Azure
+/// closes connections idle for 10 minutes.
+const WARM_MAX_AGE: Duration = Duration::from_secs(240);
+
+struct Warm {
+    conns: Mutex<Vec<(Instant, Authed)>>,
+    wanted: Notify,
+    started: OnceLock<()>,
+}
+
+pub struct Pool {
+    connector: Arc<Connector>,
+    opts: ConnOpts,
+    pool_size: usize,
+    warm_pinned: usize,
+    max_pinned: usize,
+    shared: [OnceLock<Vec<Handle>>; 2],
+    next: AtomicUsize,
+    warm: [Warm; 2],
+    pinned: Arc<AtomicUsize>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+}
+
+fn idx(proto: Proto) -> usize {
+    match proto {
+        Proto::Resp2 => 0,
+        Proto::Resp3 => 1,
+    }
+}
+
+impl Pool {
+    pub fn new(
+        cfg: &Config,
+        connector: Arc<Connector>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> Arc<Pool> {
+        let opts = ConnOpts {
+            addr: connector.addr().to_string(),
+            reply_timeout: cfg.upstream.reply_timeout,
+            keepalive: cfg.upstream.keepalive,
+            tokens: connector.tokens().clone(),
+            metrics,
+            kind: "shared",
+        };
+        let warm = || Warm {
+            conns: Mutex::new(Vec::new()),
+            wanted: Notify::new(),
+            started: OnceLock::new(),
+        };
+        let pool = Arc::new(Pool {
+            connector,
+            opts,
+            pool_size: cfg.upstream.pool_size,
+            warm_pinned: cfg.upstream.warm_pinned,
+            max_pinned: cfg.upstream.max_pinned,
+            shared: [OnceLock::new(), OnceLock::new()],
+            next: AtomicUsize::new(0),
+            warm: [warm(), warm()],
+            pinned: Arc::new(AtomicUsize::new(0)),
+            health,
+            shutdown,
+        });
+        // RESP2 is what nearly every client speaks: open it at start so the
+        // first command does not pay for TLS and AUTH.
+        pool.shared_slots(Proto::Resp2);
+        pool.start_warm(Proto::Resp2);
+        pool
+    }
+
+    fn shared_slots(&self, proto: Proto) -> &Vec<Handle> {
+        self.shared[idx(proto)].get_or_init(|| {
+            (0..self.pool_size)
+                .map(|_| {
+                    let (tx, rx) = mpsc::channel(4096);
+                    tokio::spawn(conn::supervise_shared(
+                        self.connector.clone(),
+                        proto,
+                        rx,
+                        self.opts.clone(),
+                        self.health.clone(),
+                        self.shutdown.clone(),
+                    ));
+                    Handle { tx }
+                })
+                .collect()
+        })
+    }
+
+    /// A shared connection for a new client (round-robin).
+    pub fn shared(&self, proto: Proto) -> Handle {
+        let slots = self.shared_slots(proto);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
+        slots[i].clone()
+    }
+
+    /// Pinned connections in use now.
+    pub fn pinned_count(&self) -> usize {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    /// A dedicated connection for one client. `push` receives out-of-band frames.
+    pub async fn pin(
+        self: &Arc<Self>,
+        proto: Proto,
+        push: PushSink,
+    ) -> Result<Pinned, UpstreamError> {
+        let prev = self.pinned.fetch_add(1, Ordering::AcqRel);
+        let guard = PinGuard {
+            count: self.pinned.clone(),
+            metrics: self.opts.metrics.clone(),
+        };
+        self.opts.metrics.pinned_sessions.inc();
+        if prev >= self.max_pinned {
+            self.opts
+                .metrics
+                .error(crate::metrics::ErrorKind::PinnedLimit);
+            return Err(UpstreamError::Connect {
+                addr: self.opts.addr.clone(),
+                reason: format!(
+                    "too many clients need a dedicated upstream connection (upstream.max_pinned = {}); try again later",
+                    self.max_pinned
+                ),
+            });
+        }
+        self.start_warm(proto);
+        let warm = self.take_warm(proto);
+        self.warm[idx(proto)].wanted.notify_one();
+        let conn = match warm {
+            Some(c) => c,
+            None => self.connector.connect(proto).await?,
+        };
+        let (tx, mut rx) = mpsc::channel::<Request>(1024);
+        let mut opts = self.opts.clone();
+        opts.kind = "pinned";
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            health.up(1);
+            let gauge = opts.metrics.upstream("pinned", "up");
+            gauge.inc();
+            let mut pending = None;
+            if let Err(e) = conn::run(conn, &mut rx, &opts, Some(push), &mut pending).await {
+                warn!(error = %e, "pinned upstream connection ended");
+                // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
+                // connection: fail what is left rather than run it elsewhere.
+                rx.close();
+                if let Some(r) = pending.take() {
+                    if let Some(tx) = r.reply {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+                while let Ok(r) = rx.try_recv() {
+                    if let Some(tx) = r.reply {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+            gauge.dec();
+            health.up(-1);
+        });
+        Ok(Pinned { tx })
+    }
+
+    fn take_warm(&self, proto: Proto) -> Option<Authed> {
+        let mut conns = self.warm[idx(proto)].conns.lock().expect("not poisoned");
+        while let Some((at, c)) = conns.pop() {
+            if at.elapsed() < WARM_MAX_AGE {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn start_warm(self: &Arc<Self>, proto: Proto) {
+        if self.warm_pinned == 0 {
+            return;
+        }
+        let w = &self.warm[idx(proto)];
+        if w.started.set(()).is_err() {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                let Some(p) = pool.upgrade() else { return };
+                let w = &p.warm[idx(proto)];
+                let have = {
+                    let mut conns = w.conns.lock().expect("not poisoned");
+                    conns.retain(|(at, _)| at.elapsed() < WARM_MAX_AGE);
+                    conns.len()
+                };
+                if have < p.warm_pinned {
+                    match p.connector.connect(proto).await {
+                        Ok(c) => {
+                            attempt = 0;
+                            w.conns
+                                .lock()
+                                .expect("not poisoned")
+                                .push((Instant::now(), c));
+                            continue;
+                        }
+                        Err(_) => attempt = attempt.saturating_add(1),
+                    }
+                }
+                let wait = if attempt > 0 {
+                    conn::backoff(attempt + 3)
+                } else {
+                    WARM_MAX_AGE / 4
+                };
+                tokio::select! {
+                    _ = p.warm[idx(proto)].wanted.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                drop(p);
+            }
+        });
+    }
+
+    /// The server's HELLO fields (for answering a client's HELLO locally).
+    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+        self.connector.hello_fields()
+    }
+}
+
+struct PinGuard {
+    count: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.pinned_sessions.dec();
+    }
+}
+
+/// A client's own upstream connection; dropping it closes the connection.
+pub struct Pinned {
+    pub tx: mpsc::Sender<Request>,
+}

@@ -1,0 +1,310 @@
+//! Dialling the cache: TCP connect, TLS 1.2/1.3 with rustls (ring provider),
+//! SNI = `upstream.server_name` or the host, certificate verification against
+//! the system roots plus `upstream.ca_file`, then `HELLO <2|3> AUTH <user> <token>`
+//! with the current credential. Everything under `upstream.connect_timeout`.
+
+use super::UpstreamError;
+use crate::auth::TokenWatch;
+use crate::config::Config;
+use crate::resp::scan::ReplyScanner;
+use crate::resp::{self, Proto};
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// An upstream connection that has completed TLS and AUTH.
+pub struct Authed {
+    pub stream: Stream,
+    pub proto: Proto,
+    /// Credential generation it authenticated with.
+    pub generation: u64,
+    /// When that credential expires (`None`: never).
+    pub expires_at: Option<SystemTime>,
+    /// Bytes read past the handshake reply (normally none).
+    pub leftover: BytesMut,
+    /// The server's HELLO reply fields (server, version, mode, role, modules).
+    pub hello: Arc<Vec<(String, resp::Value)>>,
+}
+
+/// Builds TLS connections to the one configured upstream.
+pub struct Connector {
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+    host: String,
+    port: u16,
+    addr: String,
+    connect_timeout: Duration,
+    tokens: TokenWatch,
+    /// The HELLO fields of the most recent connection, for clients' own HELLO.
+    last_hello: std::sync::Mutex<Arc<Vec<(String, resp::Value)>>>,
+}
+
+/// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
+pub fn client_config(cfg: &Config) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &cfg.upstream.ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            format!(
+                "config: cannot read upstream.ca_file {}: {e}",
+                path.display()
+            )
+        })?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| format!("upstream.ca_file: bad PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream.ca_file: unusable certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "upstream.ca_file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let config = if cfg.upstream.tls_insecure_skip_verify {
+        tracing::error!(
+            "upstream.tls_insecure_skip_verify = true: the upstream certificate is NOT verified; anyone on the path can read and change your traffic"
+        );
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(danger::NoVerify))
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(config)
+}
+
+impl Connector {
+    pub fn new(cfg: &Config, tokens: TokenWatch) -> Result<Self, String> {
+        let tls = TlsConnector::from(Arc::new(client_config(cfg)?));
+        let name = cfg.tls_server_name().to_string();
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| format!("upstream.server_name `{name}` is not a valid TLS name: {e}"))?;
+        Ok(Connector {
+            tls,
+            server_name,
+            host: cfg.upstream.host.clone(),
+            port: cfg.upstream.port,
+            addr: format!("{}:{}", cfg.upstream.host, cfg.upstream.port),
+            connect_timeout: cfg.upstream.connect_timeout,
+            tokens,
+            last_hello: Default::default(),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn tokens(&self) -> &TokenWatch {
+        &self.tokens
+    }
+
+    /// The server's HELLO fields as last seen (empty before the first connection).
+    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+        self.last_hello.lock().expect("not poisoned").clone()
+    }
+
+    /// Dial, handshake and authenticate one connection speaking `proto`.
+    pub async fn connect(&self, proto: Proto) -> Result<Authed, UpstreamError> {
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(proto)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                addr: self.addr.clone(),
+                secs: self.connect_timeout.as_secs_f64(),
+                during: "connecting, TLS handshake and AUTH",
+            }),
+        }
+    }
+
+    async fn connect_inner(&self, proto: Proto) -> Result<Authed, UpstreamError> {
+        let (cred, generation) = {
+            let state = self.tokens.borrow();
+            match state.usable(SystemTime::now()) {
+                Some(c) => (c.clone(), state.generation),
+                None => {
+                    let reason = state.last_error.clone().unwrap_or_else(|| {
+                        "waiting for the first Entra token from the token endpoint".into()
+                    });
+                    return Err(UpstreamError::NoCredential {
+                        addr: self.addr.clone(),
+                        reason,
+                    });
+                }
+            }
+        };
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let mut stream = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let version: &[u8] = match proto {
+            Proto::Resp2 => b"2",
+            Proto::Resp3 => b"3",
+        };
+        let hello = resp::command(&[
+            b"HELLO",
+            version,
+            b"AUTH",
+            cred.username.as_bytes(),
+            cred.password.expose().as_bytes(),
+        ]);
+        stream
+            .write_all(&hello)
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: self.addr.clone(),
+                reason: format!("writing HELLO: {e}"),
+            })?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut scanner = ReplyScanner::new();
+        let reply = loop {
+            if let Some(r) = scanner
+                .scan(&buf)
+                .map_err(|e| UpstreamError::Protocol(e.to_string()))?
+            {
+                break buf.split_to(r.len);
+            }
+            let n = stream
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("reading HELLO reply: {e}"),
+                })?;
+            if n == 0 {
+                return Err(UpstreamError::Connect {
+                    addr: self.addr.clone(),
+                    reason: "server closed the connection during HELLO".into(),
+                });
+            }
+        };
+        if let Some(text) = resp::error_text(&reply) {
+            return Err(UpstreamError::Auth {
+                addr: self.addr.clone(),
+                reason: format!("{text} (as user `{}`)", cred.username),
+            });
+        }
+        let hello = Arc::new(parse_hello(&reply));
+        *self.last_hello.lock().expect("not poisoned") = hello.clone();
+        Ok(Authed {
+            stream,
+            proto,
+            generation,
+            expires_at: cred.expires_at,
+            leftover: buf,
+            hello,
+        })
+    }
+}
+
+/// The server's HELLO map, keeping the fields a client's own HELLO shows.
+fn parse_hello(reply: &[u8]) -> Vec<(String, resp::Value)> {
+    use redis_protocol::resp3::types::OwnedFrame as F;
+    fn value(f: &F) -> resp::Value {
+        match f {
+            F::Number { data, .. } => resp::Value::Int(*data),
+            F::BlobString { data, .. } | F::SimpleString { data, .. } => {
+                resp::Value::Str(bytes::Bytes::copy_from_slice(data))
+            }
+            F::Array { data, .. } => resp::Value::List(data.iter().map(value).collect()),
+            _ => resp::Value::Str(bytes::Bytes::new()),
+        }
+    }
+    let items: Vec<(F, F)> = match resp::decode_reply(reply) {
+        Some(F::Map { data, .. }) => data.into_iter().collect(),
+        Some(F::Array { data, .. }) => {
+            let mut it = data.into_iter();
+            let mut v = Vec::new();
+            while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                v.push((k, val));
+            }
+            v
+        }
+        _ => Vec::new(),
+    };
+    items
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = match k {
+                F::BlobString { data, .. } | F::SimpleString { data, .. } => {
+                    String::from_utf8_lossy(data).into_owned()
+                }
+                _ => return None,
+            };
+            Some((key, value(v)))
+        })
+        .collect()
+}
+
+mod danger {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// Accepts any certificate: only behind `upstream.tls_insecure_skip_verify`.
+    #[derive(Debug)]
+    pub struct NoVerify;
+
+    impl ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}

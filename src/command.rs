@@ -109,7 +109,10 @@ pub fn classify(args: &[&[u8]]) -> Class {
             .unwrap_or(Class::Shared);
     }
     if name.eq_ignore_ascii_case(b"XREAD") || name.eq_ignore_ascii_case(b"XREADGROUP") {
-        let blocks = args.iter().skip(1).any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
+        let blocks = args
+            .iter()
+            .skip(1)
+            .any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
         return if blocks {
             Class::Pin(Pin::Blocking)
         } else {
@@ -131,7 +134,11 @@ mod tests {
             assert_eq!(classify(&[lower.as_bytes()]), *class, "{lower}");
         }
         for (sub, class) in CLIENT_TABLE {
-            assert_eq!(classify(&[b"client", sub.as_bytes()]), *class, "CLIENT {sub}");
+            assert_eq!(
+                classify(&[b"client", sub.as_bytes()]),
+                *class,
+                "CLIENT {sub}"
+            );
         }
     }
 

@@ -133,7 +133,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -264,20 +264,6 @@ pub struct ShutdownConfig {
     pub grace: Duration,
     #[serde(with = "humantime_serde")]
     pub min_delay: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: ListenConfig::default(),
-            limits: LimitsConfig::default(),
-            upstream: UpstreamConfig::default(),
-            auth: AuthConfig::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
 }
 
 impl Default for ListenConfig {

@@ -6,7 +6,11 @@ use redis_entra_proxy::config::{self, Config, LogFormat, Sources, EX_CONFIG, EX_
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "redis-entra-proxy", version, about = "Plain RESP on localhost to Azure Redis over TLS with Entra ID tokens")]
+#[command(
+    name = "redis-entra-proxy",
+    version,
+    about = "Plain RESP on localhost to Azure Redis over TLS with Entra ID tokens"
+)]
 struct Args {
     /// TOML config file (optional when everything comes from the environment).
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -135,7 +139,10 @@ async fn run(cfg: Config) -> i32 {
         }
     };
     wait_for_signal().await;
-    tracing::info!(grace_secs = cfg.shutdown.grace.as_secs_f64(), "shutting down: draining clients");
+    tracing::info!(
+        grace_secs = cfg.shutdown.grace.as_secs_f64(),
+        "shutting down: draining clients"
+    );
     let second = tokio::spawn(async {
         wait_for_signal().await;
         eprintln!("redis-entra-proxy: second signal, exiting now");

@@ -137,8 +137,7 @@ impl Metrics {
             [
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 5.0,
-            ]
-            .into_iter(),
+            ],
         );
         registry.register(
             "command_duration_seconds",

@@ -49,19 +49,19 @@ pub struct Running {
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let tokens = auth::start(&cfg.auth, shutdown.clone())
-        .map_err(|e| StartError::Config(e.to_string()))?;
-    let connector = Arc::new(
-        Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?,
-    );
+    let tokens =
+        auth::start(&cfg.auth, shutdown.clone()).map_err(|e| StartError::Config(e.to_string()))?;
+    let connector = Arc::new(Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?);
     let addr = cfg
         .listen_addr()
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        what: addr.to_string(),
-        key: "listen.address",
-        source,
-    })?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: addr.to_string(),
+            key: "listen.address",
+            source,
+        })?;
     let tcp_addr = tcp.local_addr().map_err(|source| StartError::Bind {
         what: addr.to_string(),
         key: "listen.address",
@@ -146,7 +146,10 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) {
         self.stop_accepting.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 grace_secs = grace.as_secs_f64(),
                 "shutdown grace ran out; closing the remaining client connections"

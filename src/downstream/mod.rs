@@ -76,7 +76,8 @@ pub async fn serve(
             let max = admission.max;
             tracker.spawn(async move {
                 let mut s = stream;
-                let msg = format!("-ERR max number of clients reached (listen.max_clients = {max})\r\n");
+                let msg =
+                    format!("-ERR max number of clients reached (listen.max_clients = {max})\r\n");
                 let _ = s.write_all(msg.as_bytes()).await;
             });
             continue;

@@ -372,9 +372,15 @@ impl Session {
     /// close the client.
     async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
         let name = args[0].to_ascii_uppercase();
-        if !self.st.authed && !matches!(class, Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)) {
+        if !self.st.authed
+            && !matches!(
+                class,
+                Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
+            )
+        {
             self.ctx.metrics.error(ErrorKind::ClientAuth);
-            self.reply(resp::error("NOAUTH Authentication required.")).await;
+            self.reply(resp::error("NOAUTH Authentication required."))
+                .await;
             return true;
         }
         // RESP2 subscribed mode allows only these, as Redis does.
@@ -449,7 +455,8 @@ impl Session {
                             h
                         }
                     };
-                    self.send_upstream(&handle.tx, frame, 1, 1, false, since).await;
+                    self.send_upstream(&handle.tx, frame, 1, 1, false, since)
+                        .await;
                 }
             }
         }
@@ -493,8 +500,16 @@ impl Session {
                 // Not subscribed anywhere: answer as Redis would.
                 let kind = String::from_utf8_lossy(name).to_lowercase();
                 let mut b = BytesMut::new();
-                let head: &[u8] = if self.st.proto == Proto::Resp3 { b">3\r\n" } else { b"*3\r\n" };
-                let channels: Vec<Bytes> = if args.len() > 1 { args[1..].to_vec() } else { vec![] };
+                let head: &[u8] = if self.st.proto == Proto::Resp3 {
+                    b">3\r\n"
+                } else {
+                    b"*3\r\n"
+                };
+                let channels: Vec<Bytes> = if args.len() > 1 {
+                    args[1..].to_vec()
+                } else {
+                    vec![]
+                };
                 if channels.is_empty() {
                     b.extend_from_slice(head);
                     b.extend_from_slice(&resp::bulk(kind.as_bytes()));
@@ -519,20 +534,32 @@ impl Session {
         }
         self.ctx.metrics.command(Route::PubSub);
         // Pub/sub answers arrive as push frames, not as replies.
-        let Some(p) = &self.st.pinned else { return true };
+        let Some(p) = &self.st.pinned else {
+            return true;
+        };
         let tx = p.tx.clone();
         self.send_upstream(&tx, frame, 0, 0, false, since).await;
         true
     }
 
-    async fn local(&mut self, local: Local, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+    async fn local(
+        &mut self,
+        local: Local,
+        name: &[u8],
+        frame: Bytes,
+        args: &[Bytes],
+        since: Instant,
+    ) -> bool {
         match local {
             Local::Auth => {
                 let pass = match args.len() {
                     2 => &args[1],
                     3 => &args[2],
                     _ => {
-                        self.reply(resp::error("ERR wrong number of arguments for 'auth' command")).await;
+                        self.reply(resp::error(
+                            "ERR wrong number of arguments for 'auth' command",
+                        ))
+                        .await;
                         return true;
                     }
                 };
@@ -566,8 +593,13 @@ impl Session {
                 self.reply(resp::simple("RESET")).await;
             }
             Local::Select => {
-                let Some(db) = args.get(1).and_then(|a| std::str::from_utf8(a).ok()).and_then(|s| s.parse::<i64>().ok()) else {
-                    self.reply(resp::error("ERR value is not an integer or out of range")).await;
+                let Some(db) = args
+                    .get(1)
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .and_then(|s| s.parse::<i64>().ok())
+                else {
+                    self.reply(resp::error("ERR value is not an integer or out of range"))
+                        .await;
                     return true;
                 };
                 if self.st.pinned.is_none() && db == 0 {
@@ -614,7 +646,10 @@ impl Session {
                         self.reply(resp::error("ERR Client names cannot contain spaces, newlines or special characters.")).await;
                     }
                     _ => {
-                        self.reply(resp::error("ERR wrong number of arguments for 'client|setname' command")).await;
+                        self.reply(resp::error(
+                            "ERR wrong number of arguments for 'client|setname' command",
+                        ))
+                        .await;
                     }
                 }
             }
@@ -629,7 +664,10 @@ impl Session {
                 if args.len() == 4 {
                     self.reply(resp::ok()).await;
                 } else {
-                    self.reply(resp::error("ERR wrong number of arguments for 'client|setinfo' command")).await;
+                    self.reply(resp::error(
+                        "ERR wrong number of arguments for 'client|setinfo' command",
+                    ))
+                    .await;
                 }
             }
             Local::ClientId => self.reply(resp::integer(self.st.id as i64)).await,
@@ -638,7 +676,11 @@ impl Session {
                     "id={} addr={} laddr= fd=0 name={} db={} resp={} lib-name= lib-ver=\n",
                     self.st.id,
                     self.peer,
-                    self.st.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default(),
+                    self.st
+                        .name
+                        .as_ref()
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .unwrap_or_default(),
                     self.st.db,
                     if self.st.proto == Proto::Resp3 { 3 } else { 2 },
                 );
@@ -674,7 +716,8 @@ impl Session {
                 b"2" => proto = Proto::Resp2,
                 b"3" => proto = Proto::Resp3,
                 _ => {
-                    self.reply(resp::error("NOPROTO unsupported protocol version")).await;
+                    self.reply(resp::error("NOPROTO unsupported protocol version"))
+                        .await;
                     return;
                 }
             }
@@ -734,7 +777,10 @@ impl Session {
             &[
                 ("server", get("server", s("redis"))),
                 ("version", get("version", s("7.0.0"))),
-                ("proto", resp::Value::Int(if proto == Proto::Resp3 { 3 } else { 2 })),
+                (
+                    "proto",
+                    resp::Value::Int(if proto == Proto::Resp3 { 3 } else { 2 }),
+                ),
                 ("id", resp::Value::Int(self.st.id as i64)),
                 ("mode", get("mode", s("standalone"))),
                 ("role", get("role", s("master"))),
@@ -784,7 +830,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 let _ = wr.flush().await;
                 break;
             }
-            Out::Wait { mut rx, count, since } => {
+            Out::Wait {
+                mut rx,
+                count,
+                since,
+            } => {
                 // Flush what we have before waiting on the network.
                 let res = match rx.try_recv() {
                     Ok(r) => r,
@@ -810,7 +860,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
                     outstanding.zero.notify_waiters();
                 }
-                metrics.command_latency.observe(since.elapsed().as_secs_f64());
+                metrics
+                    .command_latency
+                    .observe(since.elapsed().as_secs_f64());
                 match res {
                     Ok(b) => b,
                     Err(e) => {

@@ -144,11 +144,7 @@ pub fn decode_reply(buf: &[u8]) -> Option<redis_protocol::resp3::types::OwnedFra
 /// The text of an error reply (`-ERR x` -> `ERR x`), if it is one.
 pub fn error_text(reply: &[u8]) -> Option<String> {
     match reply.first() {
-        Some(b'-') => Some(
-            String::from_utf8_lossy(&reply[1..])
-                .trim_end()
-                .to_string(),
-        ),
+        Some(b'-') => Some(String::from_utf8_lossy(&reply[1..]).trim_end().to_string()),
         Some(b'!') => decode_reply(reply).map(|f| match f {
             redis_protocol::resp3::types::OwnedFrame::BlobError { data, .. } => {
                 String::from_utf8_lossy(&data).into_owned()

@@ -446,13 +446,18 @@ mod tests {
         }
     }
 
-    fn scan_all(input: &[u8]) -> Result<Vec<(Vec<Vec<u8>>, usize)>, ScanError> {
+    type Scanned = Vec<(Vec<Vec<u8>>, usize)>;
+
+    fn scan_all(input: &[u8]) -> Result<Scanned, ScanError> {
         let mut s = CommandScanner::new(limits());
         let mut out = Vec::new();
         let mut buf = input;
         while let Some(cmd) = s.scan(buf)? {
             let frame = &buf[..cmd.len];
-            out.push((args_of(frame, &cmd).iter().map(|a| a.to_vec()).collect(), cmd.argc));
+            out.push((
+                args_of(frame, &cmd).iter().map(|a| a.to_vec()).collect(),
+                cmd.argc,
+            ));
             buf = &buf[cmd.len..];
         }
         Ok(out)
@@ -484,7 +489,10 @@ mod tests {
     fn inline_commands() {
         let got = scan_all(b"PING\r\nSET  k\tv\nGET k\r\n").unwrap();
         assert_eq!(got[0].0, vec![b"PING".to_vec()]);
-        assert_eq!(got[1].0, vec![b"SET".to_vec(), b"k".to_vec(), b"v".to_vec()]);
+        assert_eq!(
+            got[1].0,
+            vec![b"SET".to_vec(), b"k".to_vec(), b"v".to_vec()]
+        );
         assert_eq!(got[2].0, vec![b"GET".to_vec(), b"k".to_vec()]);
         // A blank line is an empty command (Redis ignores it).
         assert_eq!(scan_all(b"\r\n").unwrap()[0].1, 0);
@@ -498,16 +506,36 @@ mod tests {
     fn limits_are_enforced() {
         let mut s = CommandScanner::new(limits());
         let e = s.scan(b"*1\r\n$1025\r\n").unwrap_err();
-        assert!(matches!(e, ScanError::Limit { key: "limits.max_bulk_bytes", .. }));
+        assert!(matches!(
+            e,
+            ScanError::Limit {
+                key: "limits.max_bulk_bytes",
+                ..
+            }
+        ));
         assert!(e.to_string().contains("1024"));
         let mut s = CommandScanner::new(limits());
         let e = s.scan(b"*17\r\n").unwrap_err();
-        assert!(matches!(e, ScanError::Limit { key: "limits.max_elements", .. }));
+        assert!(matches!(
+            e,
+            ScanError::Limit {
+                key: "limits.max_elements",
+                ..
+            }
+        ));
         let mut s = CommandScanner::new(limits());
         let e = s.scan(&[b'a'; 65]).unwrap_err();
-        assert!(matches!(e, ScanError::Limit { key: "limits.max_line_bytes", .. }));
+        assert!(matches!(
+            e,
+            ScanError::Limit {
+                key: "limits.max_line_bytes",
+                ..
+            }
+        ));
         let mut s = CommandScanner::new(limits());
-        let e = s.scan(b"*1\r\n$99999999999999999999999999999\r\n").unwrap_err();
+        let e = s
+            .scan(b"*1\r\n$99999999999999999999999999999\r\n")
+            .unwrap_err();
         assert!(matches!(e, ScanError::Protocol(_)));
     }
 
@@ -519,7 +547,7 @@ mod tests {
             b"*1\r\n$-1\r\n",
             b"*1\r\n$4\r\nPINGxx",
             b"*x\r\n",
-            b"*1\n",
+            b"*1\r\r",
             b"SET \"k\" v\r\n",
         ] {
             let mut s = CommandScanner::new(limits());

@@ -24,6 +24,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// A re-AUTH written and awaiting its reply: (reply, generation, expiry).
+type AuthWait = (
+    oneshot::Receiver<Result<Bytes, UpstreamError>>,
+    u64,
+    Option<SystemTime>,
+);
+
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
 
@@ -101,7 +108,7 @@ pub async fn run(
     // A connection handed over with an older credential re-AUTHs at once.
     let mut reauth_at: Option<Instant> =
         (tokens.borrow().generation != generation).then(Instant::now);
-    let mut auth_wait: Option<(oneshot::Receiver<Result<Bytes, UpstreamError>>, u64, Option<SystemTime>)> = None;
+    let mut auth_wait: Option<AuthWait> = None;
     let mut last_write = Instant::now();
     let mut buf = BytesMut::with_capacity(64 * 1024);
 
@@ -377,13 +384,17 @@ async fn read_loop(
             },
         };
         match n {
-            Ok(0) => break UpstreamError::Lost {
-                reason: "server closed the connection".into(),
-            },
+            Ok(0) => {
+                break UpstreamError::Lost {
+                    reason: "server closed the connection".into(),
+                }
+            }
             Ok(_) => {}
-            Err(e) => break UpstreamError::Lost {
-                reason: e.to_string(),
-            },
+            Err(e) => {
+                break UpstreamError::Lost {
+                    reason: e.to_string(),
+                }
+            }
         }
     };
     info!(error = %err, "upstream connection closed");
@@ -444,7 +455,11 @@ pub async fn supervise_shared(
             Ok(conn) => {
                 if attempt > 0 {
                     opts.metrics.upstream_reconnects.inc();
-                    info!(kind = opts.kind, ?proto, "upstream connection re-established");
+                    info!(
+                        kind = opts.kind,
+                        ?proto,
+                        "upstream connection re-established"
+                    );
                 }
                 attempt = 0;
                 health.up(1);
@@ -466,7 +481,8 @@ pub async fn supervise_shared(
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
-                opts.metrics.error(crate::metrics::ErrorKind::UpstreamConnect);
+                opts.metrics
+                    .error(crate::metrics::ErrorKind::UpstreamConnect);
                 warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
                 // Fail what is waiting now, and whatever arrives during the backoff.
                 if let Some(r) = pending.take() {
@@ -494,6 +510,7 @@ pub async fn supervise_shared(
 
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(5));
+    let cap = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7)))
+        .min(Duration::from_secs(5));
     cap.mul_f64(0.5 + fastrand::f64() / 2.0)
 }

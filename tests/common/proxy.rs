@@ -1,0 +1,132 @@
+//! The real `redis-entra-proxy` binary started as a child process with its
+//! configuration in environment variables, on a free loopback port.
+
+use super::redis::{free_port, RedisServer};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Proxy {
+    pub port: u16,
+    pub log: std::path::PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// Environment for a proxy in front of `redis` with a static credential.
+pub fn static_env(redis: &RedisServer, user: &str, password: &str) -> Vec<(String, String)> {
+    [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", redis.port.to_string()),
+        (
+            "REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE",
+            redis.pki.ca_pem.display().to_string(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static".to_string()),
+        ("REDIS_ENTRA_PROXY_AUTH__USERNAME", user.to_string()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD",
+            password.to_string(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT",
+            "3s".to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Proxy {
+    pub fn start(env: &[(String, String)]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("proxy.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+                format!("127.0.0.1:{port}"),
+            )
+            .env("REDIS_ENTRA_PROXY_LOG__LEVEL", "debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start redis-entra-proxy");
+        let mut p = Proxy {
+            port,
+            log,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("proxy exited with {status}: {}", p.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not listen: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A raw client socket with a read timeout.
+    pub fn raw(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send `input`, then read until `expect` bytes arrived or the peer closed.
+pub fn roundtrip(s: &mut TcpStream, input: &[u8], expect: usize) -> Vec<u8> {
+    s.write_all(input).unwrap();
+    read_n(s, expect)
+}
+
+pub fn read_n(s: &mut TcpStream, expect: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    while out.len() < expect {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+        }
+    }
+    out
+}
+
+/// Read until the peer closes (or 20 s pass).
+pub fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}

@@ -1,0 +1,103 @@
+//! A real `redis-server` on loopback with TLS only (no plaintext port), the
+//! default user disabled, and ACL users made by the test. Stopped on drop.
+
+use super::certs::{self, TestPki};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    pub pki: TestPki,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// The password of the `admin` ACL user tests use to inspect the server.
+pub const ADMIN_PASSWORD: &str = "admin-test-password";
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    /// Start with one ACL user `user` whose password is `password`.
+    pub fn start(user: &str, password: &str) -> RedisServer {
+        assert!(
+            Command::new("redis-server")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "redis-server is not installed: run .ci/run or apt-get install redis-server"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pki = certs::make(dir.path(), "redis", &["localhost", "127.0.0.1"]);
+        let port = free_port();
+        let conf = format!(
+            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nsave \"\"\nappendonly no\ndir {}\nuser default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {user} on >{password} ~* &* +@all\nlogfile {}\n",
+            pki.cert_pem.display(),
+            pki.key_pem.display(),
+            pki.ca_pem.display(),
+            dir.path().display(),
+            dir.path().join("redis.log").display(),
+        );
+        let conf_path = dir.path().join("redis.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let server = RedisServer {
+            port,
+            pki,
+            dir,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = server.cli(&["PING"]);
+            if out.trim() == "PONG" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Run redis-cli straight against the TLS port as `admin`.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "--cacert"])
+            .arg(&self.pki.ca_pem)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "--user",
+                "admin",
+                "--pass",
+                ADMIN_PASSWORD,
+                "--no-auth-warning",
+            ])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -133,12 +133,10 @@ impl Metrics {
             "Bytes sent to clients",
             bytes_out.clone(),
         );
-        let command_latency = Histogram::new(
-            [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 5.0,
-            ],
-        );
+        let command_latency = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            5.0,
+        ]);
         registry.register(
             "command_duration_seconds",
             "Time from a client command's arrival to its reply being queued for the client",

@@ -437,7 +437,11 @@ impl Session {
                     _ => {}
                 }
                 self.ctx.metrics.command(Route::Pinned);
-                self.forward_pinned(frame, 1, since).await;
+                if pin == Pin::Blocking && !self.st.in_multi {
+                    self.blocking(&name, frame, args).await;
+                } else {
+                    self.forward_pinned(frame, 1, since).await;
+                }
             }
             Class::Shared => {
                 self.maybe_unpin().await;
@@ -461,6 +465,101 @@ impl Session {
             }
         }
         true
+    }
+
+    /// A blocking command must not outlive the credential its connection is
+    /// authenticated with: Azure would close the connection at expiry. Cap the
+    /// server-side timeout a little before that deadline; when the capped call
+    /// times out while the client's own timeout has not, re-issue it (by then
+    /// the connection has re-AUTHed). The client sees only its own result or
+    /// its own timeout.
+    async fn blocking(&mut self, name: &[u8], frame: Bytes, args: &[Bytes]) {
+        let Some(p) = &self.st.pinned else { return };
+        let (tx, expiry) = (p.tx.clone(), p.expiry.clone());
+        let pos = block_timeout_pos(name, args);
+        let client_timeout = pos.and_then(|(i, ms)| {
+            let v: f64 = std::str::from_utf8(args.get(i)?).ok()?.parse().ok()?;
+            (v >= 0.0).then(|| std::time::Duration::from_secs_f64(if ms { v / 1000.0 } else { v }))
+        });
+        // Unparsable timeout or a never-expiring credential: send as it is.
+        let (Some((pos, ms)), Some(client_timeout)) = (pos, client_timeout) else {
+            self.forward_pinned(frame, 1, Instant::now()).await;
+            return;
+        };
+        self.outstanding.wait_zero().await;
+        let start = Instant::now();
+        let forever = client_timeout.is_zero();
+        let mut issued = 0u32;
+        let reply = loop {
+            let exp = expiry.load(Ordering::Acquire);
+            let left_client = client_timeout.saturating_sub(start.elapsed());
+            let cap = if exp == 0 {
+                None
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let left = std::time::Duration::from_secs(exp).saturating_sub(now);
+                // Leave a tenth of what is left (0.5 s to 10 s) for the re-AUTH.
+                let margin = (left / 10).clamp(
+                    std::time::Duration::from_millis(500),
+                    std::time::Duration::from_secs(10),
+                );
+                Some(
+                    left.saturating_sub(margin)
+                        .max(std::time::Duration::from_millis(100)),
+                )
+            };
+            let wait = match (forever, cap) {
+                (true, Some(c)) => c,
+                (true, None) => std::time::Duration::ZERO,
+                (false, Some(c)) => left_client.min(c),
+                (false, None) => left_client,
+            };
+            let capped =
+                !(forever && cap.is_none()) && (forever || cap.is_some_and(|c| c < left_client));
+            let bytes = if issued == 0 && !capped {
+                frame.clone()
+            } else {
+                let t = if ms {
+                    format!("{}", wait.as_millis().max(1))
+                } else {
+                    format!("{:.3}", wait.as_secs_f64().max(0.001))
+                };
+                let refs: Vec<&[u8]> = args
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| if i == pos { t.as_bytes() } else { &a[..] })
+                    .collect();
+                resp::command(&refs)
+            };
+            issued += 1;
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let req = Request {
+                bytes,
+                count: 1,
+                reply: Some(reply_tx),
+                in_multi_after: false,
+            };
+            if tx.send(req).await.is_err() {
+                break UpstreamError::Shutdown.to_reply();
+            }
+            let reply = match reply_rx.await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => break e.to_reply(),
+                Err(_) => break UpstreamError::Shutdown.to_reply(),
+            };
+            let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
+            let client_done = !forever && start.elapsed() >= client_timeout;
+            if !(timed_out && capped && !client_done) {
+                break reply;
+            }
+            debug!(
+                issued,
+                "blocking command capped at the token deadline; re-issuing"
+            );
+        };
+        self.reply(reply).await;
     }
 
     async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
@@ -788,6 +887,21 @@ impl Session {
             ],
         );
         self.reply(map).await;
+    }
+}
+
+/// Where a blocking command's timeout sits: (argument index, in milliseconds).
+fn block_timeout_pos(name: &[u8], args: &[Bytes]) -> Option<(usize, bool)> {
+    match name {
+        b"BLPOP" | b"BRPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BLMOVE" | b"BRPOPLPUSH" => {
+            (args.len() >= 3).then(|| (args.len() - 1, false))
+        }
+        b"BLMPOP" | b"BZMPOP" => (args.len() >= 4).then_some((1, false)),
+        b"XREAD" | b"XREADGROUP" => args
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))
+            .map(|i| (i + 1, true)),
+        _ => None,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::resp::scan::ReplyScanner;
 use crate::resp::{self, Proto};
 use bytes::{Bytes, BytesMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -83,6 +84,7 @@ pub async fn run(
     opts: &ConnOpts,
     push: Option<PushSink>,
     pending: &mut Option<Request>,
+    expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
     let Authed {
         stream,
@@ -92,6 +94,12 @@ pub async fn run(
         leftover,
         ..
     } = conn;
+    let publish_expiry = |e: Option<SystemTime>| {
+        if let Some(out) = expiry_out {
+            out.store(unix_secs(e), Ordering::Release);
+        }
+    };
+    publish_expiry(expires_at);
     let (rd, mut wr) = tokio::io::split(stream);
     let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<Inflight>();
     let mut reader = tokio::spawn(read_loop(
@@ -204,6 +212,7 @@ pub async fn run(
                     Ok(Ok(reply)) if resp::error_text(&reply).is_none() => {
                         generation = gen;
                         expires_at = exp;
+                        publish_expiry(exp);
                         opts.metrics.reauth("ok");
                         debug!(kind = opts.kind, generation, "upstream connection re-authenticated");
                     }
@@ -239,6 +248,12 @@ pub async fn run(
     }
     let _ = proto;
     result
+}
+
+/// Seconds since the epoch, 0 for "never expires".
+pub fn unix_secs(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs().max(1))
 }
 
 /// Spread a pool's re-AUTHs over an eighth of the time the old credential has
@@ -466,7 +481,7 @@ pub async fn supervise_shared(
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
                 let res = tokio::select! {
-                    r = run(conn, &mut rx, &opts, None, &mut pending) => r,
+                    r = run(conn, &mut rx, &opts, None, &mut pending, None) => r,
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
@@ -488,8 +503,17 @@ pub async fn supervise_shared(
                 if let Some(r) = pending.take() {
                     fail(r.reply, e.clone());
                 }
-                let backoff = backoff(attempt);
-                let until = Instant::now() + backoff;
+                // Without a credential there is nothing to retry until the
+                // token source publishes one: wait for it instead of a timer.
+                let no_credential = matches!(e, UpstreamError::NoCredential { .. });
+                let until = Instant::now()
+                    + if no_credential {
+                        Duration::from_secs(3600)
+                    } else {
+                        backoff(attempt)
+                    };
+                let mut tokens = opts.tokens.clone();
+                tokens.mark_unchanged();
                 loop {
                     tokio::select! {
                         r = rx.recv() => match r {
@@ -497,6 +521,7 @@ pub async fn supervise_shared(
                             None => return,
                         },
                         _ = tokio::time::sleep_until(until) => break,
+                        Ok(()) = tokens.changed(), if no_credential => break,
                         _ = shutdown.cancelled() => return,
                     }
                 }

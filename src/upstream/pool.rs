@@ -16,7 +16,7 @@ use super::UpstreamError;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::resp::{self, Proto};
-use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -177,13 +177,24 @@ impl Pool {
         let mut opts = self.opts.clone();
         opts.kind = "pinned";
         let health = self.health.clone();
+        let expiry = Arc::new(AtomicU64::new(conn::unix_secs(conn.expires_at)));
+        let expiry_out = expiry.clone();
         tokio::spawn(async move {
             let _guard = guard;
             health.up(1);
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
             let mut pending = None;
-            if let Err(e) = conn::run(conn, &mut rx, &opts, Some(push), &mut pending).await {
+            if let Err(e) = conn::run(
+                conn,
+                &mut rx,
+                &opts,
+                Some(push),
+                &mut pending,
+                Some(&expiry_out),
+            )
+            .await
+            {
                 warn!(error = %e, "pinned upstream connection ended");
                 // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
                 // connection: fail what is left rather than run it elsewhere.
@@ -202,7 +213,7 @@ impl Pool {
             gauge.dec();
             health.up(-1);
         });
-        Ok(Pinned { tx })
+        Ok(Pinned { tx, expiry })
     }
 
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
@@ -284,4 +295,7 @@ impl Drop for PinGuard {
 /// A client's own upstream connection; dropping it closes the connection.
 pub struct Pinned {
     pub tx: mpsc::Sender<Request>,
+    /// Expiry (Unix seconds, 0 = never) of the credential this connection is
+    /// authenticated with right now: blocking commands are capped at it.
+    pub expiry: Arc<AtomicU64>,
 }

@@ -84,7 +84,8 @@ cargo test --quiet --test deploy_files || fail "cargo test --test deploy_files"
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then
-    printf 'deploy checks FAILED: %s\n' "${failed[@]}"
+    echo "deploy checks FAILED:"
+    printf '  - %s\n' "${failed[@]}"
     exit 1
 fi
 echo "deploy checks passed: hadolint, kubernetes-validate (${K8S_VERSIONS[*]}), manifest checks, systemd unit, Dockerfile basics"

@@ -268,7 +268,7 @@ impl Collector for TokenExpiry {
         }
         let metric = encoder.encode_descriptor(
             "token_expiry_seconds",
-            "Seconds until the current upstream credential expires (0: none usable; absent for static credentials)",
+            "Seconds until the current upstream credential expires (0: none usable; absent for static credentials).",
             None,
             self.seconds.metric_type(),
         )?;

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod resp;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;

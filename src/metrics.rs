@@ -3,13 +3,16 @@
 //! on `/metrics`. Hot-path counters are resolved once here, so recording is one
 //! atomic add with no label lookup.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -55,7 +58,9 @@ pub struct Metrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub command_latency: Histogram,
-    pub token_expiry_seconds: Gauge<f64, AtomicU64>,
+    token_expiry: Arc<TokenExpiry>,
+    /// 1 while `/readyz` would answer 200, set by `admin` at each scrape.
+    pub ready: Gauge,
     pub token_refreshes: Family<Labels, Counter>,
     pub reauths: Family<Labels, Counter>,
 }
@@ -142,12 +147,23 @@ impl Metrics {
             "Time from a client command's arrival to its reply being queued for the client",
             command_latency.clone(),
         );
-        let token_expiry_seconds = Gauge::<f64, AtomicU64>::default();
+        let token_expiry = Arc::new(TokenExpiry::default());
+        registry.register_collector(Box::new(token_expiry.clone()));
+        let ready = Gauge::default();
         registry.register(
-            "token_expiry_seconds",
-            "Seconds until the current upstream credential expires (absent for static credentials)",
-            token_expiry_seconds.clone(),
+            "ready",
+            "1 while the proxy is ready (what /readyz answers at scrape time), else 0",
+            ready.clone(),
         );
+        let build_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the version label says which build is running",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
         let token_refreshes = Family::<Labels, Counter>::default();
         registry.register(
             "token_refreshes",
@@ -174,7 +190,8 @@ impl Metrics {
             bytes_in,
             bytes_out,
             command_latency,
-            token_expiry_seconds,
+            token_expiry,
+            ready,
             token_refreshes,
             reauths,
         }
@@ -216,11 +233,46 @@ impl Metrics {
             .inc();
     }
 
+    /// Set `token_expiry_seconds`: `Some(seconds)` (0 when there is no usable
+    /// credential) or `None` to leave the metric out (a static credential never expires).
+    pub fn set_token_expiry_seconds(&self, seconds: Option<f64>) {
+        match seconds {
+            Some(s) => {
+                self.token_expiry.seconds.set(s);
+                self.token_expiry.present.store(true, Ordering::Relaxed);
+            }
+            None => self.token_expiry.present.store(false, Ordering::Relaxed),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// `token_expiry_seconds`, rendered only while it means something: a gauge cannot
+/// be absent, so it is registered as a collector.
+#[derive(Debug, Default)]
+struct TokenExpiry {
+    seconds: Gauge<f64, AtomicU64>,
+    present: AtomicBool,
+}
+
+impl Collector for TokenExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if !self.present.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let metric = encoder.encode_descriptor(
+            "token_expiry_seconds",
+            "Seconds until the current upstream credential expires (0: none usable; absent for static credentials).",
+            None,
+            self.seconds.metric_type(),
+        )?;
+        self.seconds.encode(metric)
     }
 }
 
@@ -247,5 +299,27 @@ mod tests {
             text.contains("redis_entra_proxy_client_connections_accepted_total 1"),
             "{text}"
         );
+        assert!(
+            text.contains("redis_entra_proxy_build_info{version=\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn token_expiry_is_absent_until_set_and_for_static_credentials() {
+        let m = Metrics::new();
+        assert!(!m.render().contains("token_expiry_seconds"));
+        m.set_token_expiry_seconds(Some(42.5));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE redis_entra_proxy_token_expiry_seconds gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nredis_entra_proxy_token_expiry_seconds 42.5\n"),
+            "{text}"
+        );
+        m.set_token_expiry_seconds(None);
+        assert!(!m.render().contains("token_expiry_seconds"));
     }
 }

@@ -1,0 +1,38 @@
+# redis-entra-proxy container image.
+#
+#   docker build --build-arg VERSION=0.1.0 -t redis-entra-proxy:0.1.0 .
+#
+# Needs BuildKit (the default builder since Docker 23) for the cache mounts.
+# The build stage is Debian 12 (bookworm), like the runtime, so the binary links
+# against the same glibc it runs with.
+
+FROM rust:1.95.0-slim-bookworm AS build
+WORKDIR /build
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/build/target,sharing=locked \
+    cargo build --release --locked --bin redis-entra-proxy \
+    && install -D -m 0755 target/release/redis-entra-proxy /out/redis-entra-proxy
+
+# distroless/cc: glibc, libgcc and CA certificates (the system trust store that
+# rustls-native-certs reads); no shell, no package manager.
+FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="redis-entra-proxy" \
+      org.opencontainers.image.description="Plain RESP on localhost to Azure Redis over TLS with Microsoft Entra ID tokens" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
+COPY --from=build /out/redis-entra-proxy /usr/local/bin/redis-entra-proxy
+# The admin port is for kubelet probes and Prometheus, so it listens on all of the
+# container's interfaces; the Redis port stays on loopback (the proxy's default)
+# unless listen.address and listen.password are set.
+ENV REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
+    REDIS_ENTRA_PROXY_ADMIN__ADDRESS=0.0.0.0:9090
+# distroless "nonroot" (65532), numeric so that Kubernetes runAsNonRoot can verify it.
+USER 65532:65532
+EXPOSE 6379 9090
+# No curl or shell here: the binary probes its own admin port (0 = 200 from /readyz).
+HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/redis-entra-proxy"]

@@ -1,0 +1,253 @@
+//! Checks on the container image recipe that no Docker engine is needed for: the
+//! `Dockerfile` is parsed into instructions and held to the basics a user relies on
+//! (non-root user, pinned base images, exposed ports equal to the configured
+//! defaults, every copied path present and not excluded by `.dockerignore`).
+//! Run by `scripts/check-deploy.sh` beside hadolint and the manifest validation.
+
+use redis_entra_proxy::config::Config;
+use std::path::Path;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// One Dockerfile instruction: keyword (upper case) and its arguments, with line
+/// continuations joined and comments dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Instruction {
+    keyword: String,
+    args: String,
+}
+
+fn parse(text: &str) -> Vec<Instruction> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        if let Some(head) = trimmed.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(trimmed);
+        let whole = std::mem::take(&mut pending);
+        let (keyword, args) = whole
+            .split_once(char::is_whitespace)
+            .unwrap_or((&whole, ""));
+        out.push(Instruction {
+            keyword: keyword.to_ascii_uppercase(),
+            args: args.trim().to_string(),
+        });
+    }
+    assert!(pending.is_empty(), "Dockerfile ends inside a continuation");
+    out
+}
+
+/// Split arguments into words, dropping `--flag=value` options.
+fn words(args: &str) -> Vec<&str> {
+    args.split_whitespace()
+        .filter(|w| !w.starts_with("--"))
+        .collect()
+}
+
+fn dockerfile() -> Vec<Instruction> {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
+    parse(&text)
+}
+
+/// The instructions of the last stage (what the image is).
+fn final_stage(all: &[Instruction]) -> &[Instruction] {
+    let start = all
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .expect("a FROM");
+    &all[start..]
+}
+
+#[test]
+fn parser_handles_continuations_and_comments() {
+    let parsed = parse("# c\nFROM a:1 AS b\n\nRUN x \\\n  && y\n# mid\nUSER 1\n");
+    assert_eq!(
+        parsed,
+        vec![
+            Instruction {
+                keyword: "FROM".into(),
+                args: "a:1 AS b".into()
+            },
+            Instruction {
+                keyword: "RUN".into(),
+                args: "x  && y".into()
+            },
+            Instruction {
+                keyword: "USER".into(),
+                args: "1".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn runs_as_a_numeric_non_root_user() {
+    let all = dockerfile();
+    let user = final_stage(&all)
+        .iter()
+        .rfind(|i| i.keyword == "USER")
+        .expect("the final stage sets USER");
+    let uid = user.args.split(':').next().unwrap();
+    // Numeric, so that Kubernetes' runAsNonRoot can check it without /etc/passwd.
+    let uid: u32 = uid
+        .parse()
+        .unwrap_or_else(|_| panic!("USER {} is not numeric", user.args));
+    assert_ne!(uid, 0, "USER must not be root");
+}
+
+#[test]
+fn base_images_are_pinned_and_never_latest() {
+    let all = dockerfile();
+    let mut stages: Vec<String> = Vec::new();
+    for from in all.iter().filter(|i| i.keyword == "FROM") {
+        let w = words(&from.args);
+        let image = w[0];
+        if let Some(alias) = w.iter().position(|x| x.eq_ignore_ascii_case("AS")) {
+            stages.push(w[alias + 1].to_string());
+        }
+        if stages[..stages.len().saturating_sub(1)]
+            .iter()
+            .any(|s| s == image)
+        {
+            continue; // an earlier stage, not an image
+        }
+        let name = image.rsplit('/').next().unwrap();
+        let pinned = image.contains("@sha256:")
+            || name
+                .split_once(':')
+                .is_some_and(|(_, tag)| !tag.is_empty() && tag != "latest");
+        assert!(pinned, "FROM {image}: pin a tag or digest, never latest");
+    }
+    assert!(
+        !all.iter().any(|i| i.args.contains(":latest")),
+        "no :latest anywhere"
+    );
+}
+
+#[test]
+fn build_image_matches_the_toolchain() {
+    let all = dockerfile();
+    let first = &all.iter().find(|i| i.keyword == "FROM").unwrap().args;
+    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(rustc.stdout).unwrap();
+    let version = version.split_whitespace().nth(1).unwrap().to_string();
+    assert!(
+        first.starts_with(&format!("rust:{version}-")),
+        "build stage `{first}` should use rust:{version}, the toolchain the project is tested with"
+    );
+}
+
+#[test]
+fn exposes_the_default_ports() {
+    let all = dockerfile();
+    let mut exposed: Vec<u16> = final_stage(&all)
+        .iter()
+        .filter(|i| i.keyword == "EXPOSE")
+        .flat_map(|i| i.args.split_whitespace())
+        .map(|p| p.trim_end_matches("/tcp").parse().unwrap())
+        .collect();
+    exposed.sort_unstable();
+    let defaults = Config::default();
+    let listen: std::net::SocketAddr = defaults.listen.address.parse().unwrap();
+    let mut expected = vec![listen.port(), defaults.admin.address.port()];
+    expected.sort_unstable();
+    assert_eq!(exposed, expected);
+    assert_eq!(expected, vec![6379, 9090]);
+}
+
+#[test]
+fn copied_paths_exist_and_are_in_the_build_context() {
+    let all = dockerfile();
+    let ignore = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore")).unwrap();
+    let ignore: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        ignore.first(),
+        Some(&"*"),
+        ".dockerignore is an allow-list starting with *"
+    );
+    let mut copied = 0;
+    for copy in all
+        .iter()
+        .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")
+    {
+        if copy.args.contains("--from=") {
+            continue;
+        }
+        let w = words(&copy.args);
+        let (sources, _dest) = w.split_at(w.len() - 1);
+        for src in sources {
+            assert!(
+                !src.contains("://"),
+                "{} {}: copy from the repository only",
+                copy.keyword,
+                copy.args
+            );
+            let path = Path::new(ROOT).join(src);
+            assert!(path.exists(), "COPY source `{src}` does not exist");
+            let entry = src.trim_end_matches('/');
+            assert!(
+                ignore
+                    .iter()
+                    .any(|l| *l == format!("!{entry}") || *l == format!("!{entry}/")),
+                "COPY source `{src}` is not allowed back in by .dockerignore"
+            );
+            copied += 1;
+        }
+    }
+    assert!(
+        copied >= 2,
+        "expected the manifest and the sources to be copied"
+    );
+}
+
+#[test]
+fn labels_the_version_and_checks_health() {
+    let all = dockerfile();
+    let last = final_stage(&all);
+    let arg = last
+        .iter()
+        .find(|i| i.keyword == "ARG" && i.args.starts_with("VERSION"))
+        .expect("ARG VERSION in the final stage");
+    assert_eq!(
+        arg.args,
+        format!("VERSION={}", env!("CARGO_PKG_VERSION")),
+        "the default VERSION follows Cargo.toml"
+    );
+    assert!(
+        last.iter().any(|i| i.keyword == "LABEL"
+            && i.args
+                .contains("org.opencontainers.image.version=\"${VERSION}\"")),
+        "LABEL org.opencontainers.image.version from the VERSION argument"
+    );
+    let health = last
+        .iter()
+        .find(|i| i.keyword == "HEALTHCHECK")
+        .expect("a HEALTHCHECK");
+    // Exec form: the runtime image has no shell.
+    assert!(
+        health
+            .args
+            .contains(r#"CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]"#),
+        "{}",
+        health.args
+    );
+    let entry = last
+        .iter()
+        .find(|i| i.keyword == "ENTRYPOINT")
+        .expect("an ENTRYPOINT");
+    assert!(entry.args.starts_with('['), "exec-form ENTRYPOINT");
+}

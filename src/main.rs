@@ -12,6 +12,8 @@ use std::path::PathBuf;
     about = "Plain RESP on localhost to Azure Redis over TLS with Entra ID tokens"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// TOML config file (optional when everything comes from the environment).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
@@ -59,6 +61,17 @@ struct Args {
     log_level: Option<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Ask the admin endpoint of a running proxy (exit 0 when healthy): for
+    /// container HEALTHCHECKs in images without a shell or curl.
+    Healthcheck {
+        /// Endpoint to ask.
+        #[arg(default_value = "/readyz")]
+        path: String,
+    },
+}
+
 impl Args {
     fn overrides(&self) -> Vec<(String, String)> {
         let pairs = [
@@ -94,11 +107,24 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let cfg = match Config::load(Sources {
+    let loaded = Config::load(Sources {
         file: args.config.as_deref(),
         env: std::env::vars().collect(),
         overrides: args.overrides(),
-    }) {
+    });
+    if let Some(Cmd::Healthcheck { path }) = &args.command {
+        // Works even when the full config does not load here (no upstream
+        // host in the healthcheck's environment, say).
+        let addr = match &loaded {
+            Ok(c) => c.admin.address,
+            Err(_) => std::env::var(config::env_name("admin.address"))
+                .ok()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| "127.0.0.1:9090".parse().expect("literal")),
+        };
+        std::process::exit(redis_entra_proxy::admin::healthcheck(addr, path));
+    }
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("redis-entra-proxy: {e}");
@@ -138,27 +164,18 @@ async fn run(cfg: Config) -> i32 {
             };
         }
     };
-    wait_for_signal().await;
+    let stop = running.stop.clone();
+    // First SIGTERM/SIGINT cancels `stop` (as /quitquitquit does); a second one exits at once.
+    if let Err(e) = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone()) {
+        eprintln!("redis-entra-proxy: cannot install signal handlers: {e}");
+        return 1;
+    }
+    stop.cancelled().await;
     tracing::info!(
         grace_secs = cfg.shutdown.grace.as_secs_f64(),
-        "shutting down: draining clients"
+        min_delay_secs = cfg.shutdown.min_delay.as_secs_f64(),
+        "shutting down: readiness false, draining clients"
     );
-    let second = tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!("redis-entra-proxy: second signal, exiting now");
-        std::process::exit(130);
-    });
     running.shutdown(cfg.shutdown.grace).await;
-    second.abort();
     0
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

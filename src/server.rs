@@ -2,13 +2,14 @@
 //! listeners -> sessions. [`start`] binds everything and returns at once, so
 //! `main` and tests drive the same code; [`Running::shutdown`] drains.
 
+use crate::admin::{self, AdminState, Health};
 use crate::auth::{self, TokenWatch};
 use crate::config::Config;
 use crate::downstream::session::Context;
 use crate::downstream::{self, Admission, Listener};
 use crate::metrics::Metrics;
 use crate::resp::scan::Limits;
-use crate::upstream::pool::{Health, Pool};
+use crate::upstream::pool::Pool;
 use crate::upstream::tls::Connector;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -38,6 +39,11 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub tokens: TokenWatch,
+    pub admin_addr: Option<SocketAddr>,
+    /// Cancelled by `/quitquitquit` (and by main on a signal): time to drain.
+    pub stop: CancellationToken,
+    min_delay: Duration,
+    admin_shutdown: CancellationToken,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
     /// Cancels sessions and upstream connections.
@@ -84,7 +90,33 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         }
         None => None,
     };
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(tokens.clone()));
+    let stop = CancellationToken::new();
+    let admin_shutdown = CancellationToken::new();
+    let admin_addr = if cfg.admin.enabled {
+        let l = TcpListener::bind(cfg.admin.address)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: cfg.admin.address.to_string(),
+                key: "admin.address",
+                source,
+            })?;
+        let a = l.local_addr().ok();
+        let state = AdminState {
+            health: health.clone(),
+            metrics: metrics.clone(),
+            quit: stop.clone(),
+        };
+        let admin_stop = admin_shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(l, state, admin_stop).await {
+                warn!(error = %e, "admin server stopped");
+            }
+        });
+        a
+    } else {
+        None
+    };
     let pool = Pool::new(
         cfg,
         connector,
@@ -121,8 +153,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             shutdown.clone(),
         ));
     }
+    health.set_listening();
     info!(
         listen = %tcp_addr,
+        admin = ?admin_addr,
         unix_socket = ?cfg.listen.unix_socket,
         upstream = %format!("{}:{}", cfg.upstream.host, cfg.upstream.port),
         tls_name = cfg.tls_server_name(),
@@ -134,6 +168,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         metrics,
         health,
         tokens,
+        admin_addr,
+        stop,
+        min_delay: cfg.shutdown.min_delay,
+        admin_shutdown,
         tracker,
         stop_accepting,
         shutdown,
@@ -142,19 +180,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
 }
 
 impl Running {
-    /// Stop accepting, let sessions finish within `grace`, then cut the rest.
+    /// Readiness false, keep accepting for `shutdown.min_delay`, stop accepting,
+    /// let sessions finish within `grace`, then cut the rest.
     pub async fn shutdown(self, grace: Duration) {
+        self.health.set_draining();
+        crate::shutdown::min_delay(self.min_delay).await;
         self.stop_accepting.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                grace_secs = grace.as_secs_f64(),
-                "shutdown grace ran out; closing the remaining client connections"
-            );
-        }
+        let _ = crate::shutdown::drain(grace, self.tracker.wait()).await;
+        self.admin_shutdown.cancel();
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
         if let Some(p) = &self.unix_path {

@@ -453,7 +453,7 @@ pub async fn supervise_shared(
     proto: Proto,
     mut rx: mpsc::Receiver<Request>,
     opts: ConnOpts,
-    health: Arc<super::pool::Health>,
+    health: Arc<crate::admin::Health>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut attempt: u32 = 0;
@@ -477,7 +477,7 @@ pub async fn supervise_shared(
                     );
                 }
                 attempt = 0;
-                health.up(1);
+                let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
                 let res = tokio::select! {
@@ -485,7 +485,7 @@ pub async fn supervise_shared(
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
-                health.up(-1);
+                drop(healthy);
                 match res {
                     Ok(()) => break,
                     Err(e) => {

@@ -13,31 +13,17 @@
 use super::conn::{self, ConnOpts, Handle, PushSink, Request};
 use super::tls::{Authed, Connector};
 use super::UpstreamError;
+use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::resp::{self, Proto};
-use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-
-/// How many upstream connections are up: readiness needs at least one.
-#[derive(Debug, Default)]
-pub struct Health {
-    up: AtomicIsize,
-}
-
-impl Health {
-    pub fn up(&self, delta: isize) {
-        self.up.fetch_add(delta, Ordering::Relaxed);
-    }
-    pub fn healthy_connections(&self) -> usize {
-        self.up.load(Ordering::Relaxed).max(0) as usize
-    }
-}
 
 /// Warm connections older than this are closed rather than handed out: Azure
 /// closes connections idle for 10 minutes.
@@ -181,7 +167,7 @@ impl Pool {
         let expiry_out = expiry.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            health.up(1);
+            let _up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
             let mut pending = None;
@@ -211,7 +197,6 @@ impl Pool {
                 }
             }
             gauge.dec();
-            health.up(-1);
         });
         Ok(Pinned { tx, expiry })
     }

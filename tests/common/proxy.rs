@@ -130,3 +130,63 @@ pub fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     let _ = s.read_to_end(&mut out);
     out
 }
+
+/// A raw RESP client for tests: sends commands, reads whole replies.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, args: &[&str]) {
+        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.s
+            .write_all(&redis_entra_proxy::resp::command(&refs))
+            .unwrap();
+    }
+
+    /// Read one complete reply (any RESP2/RESP3 type).
+    pub fn read(&mut self) -> Vec<u8> {
+        let mut scanner = redis_entra_proxy::resp::scan::ReplyScanner::new();
+        loop {
+            if let Some(r) = scanner.scan(&self.buf).unwrap() {
+                return self.buf.drain(..r.len).collect();
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.s.read(&mut chunk).expect("reply within 20 s");
+            assert!(
+                n > 0,
+                "connection closed; had {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn call(&mut self, args: &[&str]) -> String {
+        self.send(args);
+        String::from_utf8_lossy(&self.read()).into_owned()
+    }
+}
+
+/// A plain HTTP/1.1 request to the admin port: (status, body).
+pub fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}

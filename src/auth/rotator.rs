@@ -33,7 +33,7 @@ pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
 /// Shortest wait between two attempts, whatever the jitter draws: no hot loop.
 pub const MIN_RETRY: Duration = Duration::from_millis(100);
 /// Shortest wait before a refresh, for absurdly short-lived tokens.
-pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const MIN_REFRESH: Duration = Duration::from_millis(500);
 /// The "15 minutes before expiry" rule of the refresh schedule.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(15 * 60);
 /// Tokens living this long or longer are refreshed at half their lifetime.
@@ -413,7 +413,7 @@ fn credential(
         .expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default();
-    if lifetime < MIN_REFRESH {
+    if lifetime.is_zero() {
         return Err(FetchError::Malformed(format!(
             "the token endpoint returned a token that expires at {}, which is not in the future (is this machine's clock right?)",
             fmt_time(token.expires_at)
@@ -485,7 +485,11 @@ mod tests {
 
     #[test]
     fn schedule_never_loops_on_tiny_or_expired_lifetimes() {
-        for l in [Duration::ZERO, Duration::from_millis(300), secs(1)] {
+        for l in [
+            Duration::ZERO,
+            Duration::from_millis(300),
+            Duration::from_millis(600),
+        ] {
             assert_eq!(refresh_in(l, 0.5), MIN_REFRESH, "{l:?}");
         }
         assert!(refresh_in(secs(4), 0.0) >= secs(2));

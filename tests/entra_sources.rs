@@ -628,3 +628,16 @@ async fn shutdown_stops_the_rotator() {
     // Receivers keep the last credential after the rotator stops.
     assert_eq!(r.rx.borrow().generation, 2);
 }
+
+#[tokio::test]
+async fn imds_over_https_with_the_ca_file() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let cfg = auth_config(EntraCredentialKind::ManagedIdentity, |e| {
+        e.imds_endpoint = Some(emu.imds_endpoint_https());
+        e.ca_file = Some(emu.ca_file().to_path_buf());
+    });
+    let mut r = start(&cfg, EntraEnv::default());
+    let s = r.generation(1, secs(10)).await;
+    assert_published(&s, &emu, 1);
+    assert!(emu.requests()[0].tls);
+}

@@ -287,7 +287,7 @@ fn managed_identity(
         )));
     }
     let id = ids.into_iter().next();
-    let client = sources::http_client(None, None, cfg.attempt_timeout)?;
+    let client = sources::http_client(cfg.ca_file.as_deref(), None, cfg.attempt_timeout)?;
     match (env.get("IDENTITY_ENDPOINT"), env.get("IDENTITY_HEADER")) {
         (Some(endpoint), Some(header)) => {
             let url = Url::parse(endpoint).map_err(|e| {

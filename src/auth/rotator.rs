@@ -40,6 +40,9 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(15 * 60);
 pub const LONG_LIVED: Duration = Duration::from_secs(2 * 60 * 60);
 /// Largest jitter subtracted from a refresh time.
 pub const MAX_REFRESH_JITTER: Duration = Duration::from_secs(5 * 60);
+/// IMDS answers 410 while it is being upgraded, for up to this long: 410s within
+/// this window of the first failure are logged as warnings, later ones as errors.
+pub const IMDS_GONE_GRACE: Duration = Duration::from_secs(70);
 /// A `Retry-After` longer than this is taken as this (a broken or hostile value
 /// must not park the rotator past the current token's expiry).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
@@ -257,6 +260,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(BASE_BACKOFF, cfg.max_backoff);
+    // When the current run of failures began (for the IMDS 410 grace).
+    let mut failing_since: Option<tokio::time::Instant> = None;
     let mut generation = tx.borrow().generation;
     loop {
         let Some(result) = attempt(&source, cfg.attempt_timeout, &shutdown).await else {
@@ -275,6 +280,7 @@ pub async fn run(
                     );
                 }
                 backoff.reset();
+                failing_since = None;
                 info!(
                     generation,
                     username = %cred.username,
@@ -305,6 +311,9 @@ pub async fn run(
                     .unwrap_or_else(|| "none".into());
                 let failures = backoff.failures();
                 let retry_s = delay.as_secs_f64();
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                let gone_too_long = matches!(err, FetchError::Server { status: 410, .. })
+                    && since.elapsed() > IMDS_GONE_GRACE;
                 if err.is_config() {
                     error!(
                         reason = err.reason(),
@@ -313,12 +322,14 @@ pub async fn run(
                         current_token_expires = %expires,
                         "Entra token request failed, check the configuration and the identity's permissions: {message}"
                     );
-                } else if usable.is_none() {
+                } else if usable.is_none() || gone_too_long {
                     error!(
                         reason = err.reason(),
                         failures,
                         retry_in_s = retry_s,
-                        "no usable Entra token: {message}"
+                        failing_for_s = since.elapsed().as_secs(),
+                        current_token_expires = %expires,
+                        "Entra token refresh keeps failing: {message}"
                     );
                 } else {
                     warn!(

@@ -55,8 +55,8 @@ pub struct Running {
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let tokens =
-        auth::start(&cfg.auth, shutdown.clone()).map_err(|e| StartError::Config(e.to_string()))?;
+    let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
+        .map_err(|e| StartError::Config(e.to_string()))?;
     let connector = Arc::new(Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?);
     let addr = cfg
         .listen_addr()

@@ -4,14 +4,19 @@
 //! re-AUTHs whenever the generation changes (see `upstream::conn`).
 //!
 //! - `static`: an access key or fixed password, published once, never expires.
-//! - `entra`: a rotator ([`entra`]) fetches Microsoft Entra ID tokens and publishes
-//!   each new one well before the previous one expires.
+//! - `entra`: a rotator ([`rotator`]) fetches Microsoft Entra ID tokens from the
+//!   source [`entra`] configures ([`sources`]) and publishes each new one well
+//!   before the previous one expires; the username is the token's `oid` ([`jwt`]).
 
 pub mod entra;
 pub mod jwt;
 pub mod rotator;
+pub mod sources;
+
+pub use entra::EntraEnv;
 
 use crate::config::{AuthConfig, AuthSource};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -57,9 +62,25 @@ pub enum AuthError {
     Config(String),
 }
 
-/// Start the configured credential source. Returns at once; an Entra source keeps
-/// refreshing in the background until `shutdown` is cancelled.
-pub fn start(cfg: &AuthConfig, shutdown: CancellationToken) -> Result<TokenWatch, AuthError> {
+/// Start the configured credential source, reading the Azure environment variables
+/// from the process environment. Returns at once; an Entra source keeps refreshing
+/// in the background until `shutdown` is cancelled, recording every attempt in
+/// `metrics`.
+pub fn start(
+    cfg: &AuthConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<TokenWatch, AuthError> {
+    start_with_env(cfg, metrics, EntraEnv::from_process(), shutdown)
+}
+
+/// [`start`] with the environment passed in (tests give a map).
+pub fn start_with_env(
+    cfg: &AuthConfig,
+    metrics: Arc<Metrics>,
+    env: EntraEnv,
+    shutdown: CancellationToken,
+) -> Result<TokenWatch, AuthError> {
     match cfg.source {
         AuthSource::Static => {
             let password = cfg
@@ -86,7 +107,7 @@ pub fn start(cfg: &AuthConfig, shutdown: CancellationToken) -> Result<TokenWatch
         }
         AuthSource::Entra => {
             let (tx, rx) = watch::channel(TokenState::default());
-            entra::spawn(cfg, tx, shutdown)?;
+            entra::spawn(cfg, metrics, env, tx, shutdown)?;
             Ok(rx)
         }
     }

@@ -1,6 +1,9 @@
-//! Shared helpers for integration tests: real processes on loopback.
+//! Shared helpers for integration tests: real processes and servers on
+//! loopback ports, started and stopped by each test.
 #![allow(dead_code)]
 
 pub mod certs;
 pub mod proxy;
 pub mod redis;
+pub mod tls;
+pub mod token_emulator;

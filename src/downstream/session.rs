@@ -233,6 +233,7 @@ where
             break;
         }
     }
+    debug!(peer = %session.peer, id = session.st.id, "client session ended");
     let _ = session.out.send(Out::Close).await;
     drop(session);
     let _ = writer.await;
@@ -364,6 +365,10 @@ impl Session {
             && !self.st.needs_pin()
             && self.outstanding.n.load(Ordering::Acquire) == 0
         {
+            debug!(
+                id = self.st.id,
+                "client state cleared; releasing its pinned connection"
+            );
             self.st.pinned = None;
         }
     }

@@ -204,11 +204,22 @@ impl Pool {
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
         let mut conns = self.warm[idx(proto)].conns.lock().expect("not poisoned");
         while let Some((at, c)) = conns.pop() {
-            if at.elapsed() < WARM_MAX_AGE {
+            if self.warm_usable(at, &c) {
                 return Some(c);
             }
         }
         None
+    }
+
+    /// A warm connection is idle, so it does not re-AUTH: hand it out only
+    /// while it is young and holds the current credential.
+    fn warm_usable(&self, at: Instant, c: &Authed) -> bool {
+        let current = self.opts.tokens.borrow().generation;
+        let fresh = c.expires_at.is_none_or(|e| {
+            e.duration_since(std::time::SystemTime::now())
+                .is_ok_and(|left| left > Duration::from_secs(2))
+        });
+        at.elapsed() < WARM_MAX_AGE && c.generation == current && fresh
     }
 
     fn start_warm(self: &Arc<Self>, proto: Proto) {
@@ -228,7 +239,7 @@ impl Pool {
                 let w = &p.warm[idx(proto)];
                 let have = {
                     let mut conns = w.conns.lock().expect("not poisoned");
-                    conns.retain(|(at, _)| at.elapsed() < WARM_MAX_AGE);
+                    conns.retain(|(at, c)| p.warm_usable(*at, c));
                     conns.len()
                 };
                 if have < p.warm_pinned {
@@ -249,9 +260,13 @@ impl Pool {
                 } else {
                     WARM_MAX_AGE / 4
                 };
+                // A new credential makes the warm set stale: refill at once.
+                let mut tokens = p.opts.tokens.clone();
+                tokens.mark_unchanged();
                 tokio::select! {
                     _ = p.warm[idx(proto)].wanted.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
+                    _ = tokens.changed() => {}
                     _ = shutdown.cancelled() => return,
                 }
                 drop(p);

@@ -100,6 +100,12 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        if let Ok(dir) = std::env::var("KEEP_PROXY_LOG") {
+            let _ = std::fs::copy(
+                &self.log,
+                std::path::Path::new(&dir).join(format!("proxy-{}.log", self.port)),
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,406 @@
+//! The reason the product exists: Entra tokens rotated into every live upstream
+//! connection under load, with Azure's "an expired token closes the connection"
+//! emulated on a real Redis: each token generation is its own ACL user (its
+//! `oid`), and when a generation's token expires its user is deleted, which
+//! makes Redis kill every connection that did not re-AUTH in time.
+
+mod common;
+
+use common::proxy::{http, Proxy, Raw};
+use common::redis::{free_port, RedisServer};
+use common::token_emulator::{EmulatorConfig, Fault, Issued, TokenEmulator};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+const LIFETIME: Duration = Duration::from_secs(10);
+const ROTATIONS: u64 = 5;
+
+fn cli(port: u16, ca: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(ca)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "--user",
+            "admin",
+            "--pass",
+            common::redis::ADMIN_PASSWORD,
+            "--no-auth-warning",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn proxy_conn_ids(redis: &RedisServer) -> HashSet<String> {
+    redis
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains(" user=gen-"))
+        .filter_map(|l| l.split(' ').next().map(str::to_string))
+        .collect()
+}
+
+fn auth_calls(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find(|l| l.starts_with("cmdstat_auth:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Proxy environment: Entra managed identity against the emulator's IMDS.
+fn entra_env(redis: &RedisServer, emu: &TokenEmulator, admin: u16) -> Vec<(String, String)> {
+    [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", redis.port.to_string()),
+        (
+            "REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE",
+            redis.pki.ca_pem.display().to_string(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".to_string()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
+            "managed-identity".to_string(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__ATTEMPT_TIMEOUT",
+            "2s".to_string(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__MAX_BACKOFF",
+            "1s".to_string(),
+        ),
+        ("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "true".to_string()),
+        (
+            "REDIS_ENTRA_PROXY_ADMIN__ADDRESS",
+            format!("127.0.0.1:{admin}"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Create each generation's ACL user before its token is handed out.
+fn acl_user_per_generation(redis: &RedisServer, emu: &TokenEmulator) {
+    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
+    emu.on_issue(move |t: Issued| {
+        let ca = ca.clone();
+        async move {
+            let pass = format!(">{}", t.token);
+            cli(
+                port,
+                &ca,
+                &["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"],
+            );
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_a_fast_clear_error_until_the_first_token_then_service() {
+    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(60),
+        oid_prefix: "first-".into(),
+        ..Default::default()
+    })
+    .await;
+    acl_user_per_generation(&redis, &emu);
+    // The identity is not allowed yet: a configuration error at the endpoint.
+    emu.push_faults([
+        Fault::unauthorized(),
+        Fault::unauthorized(),
+        Fault::unauthorized(),
+    ]);
+    let admin = free_port();
+    let proxy = Proxy::start(&entra_env(&redis, &emu, admin));
+    let pport = proxy.port;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut c = Raw::connect(pport);
+        let t = Instant::now();
+        let r = c.call(&["GET", "k"]);
+        (r, t.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        reply.0.starts_with("-ERR upstream localhost:"),
+        "{}",
+        reply.0
+    );
+    assert!(
+        reply.0.contains("no credential yet") && reply.0.contains("401"),
+        "{}",
+        reply.0
+    );
+    assert!(reply.1 < Duration::from_secs(2), "not fast: {:?}", reply.1);
+    assert_eq!(http(admin, "GET", "/startup").0, 503);
+    // The endpoint recovers: the proxy serves without a restart.
+    emu.wait_issued(1, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = tokio::task::spawn_blocking(move || Raw::connect(pport).call(&["SET", "k", "v"]))
+            .await
+            .unwrap();
+        if r == "+OK\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(http(admin, "GET", "/startup").0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_false_before_expiry_during_an_outage_and_back() {
+    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(8),
+        oid_prefix: "ready-".into(),
+        ..Default::default()
+    })
+    .await;
+    acl_user_per_generation(&redis, &emu);
+    let admin = free_port();
+    let _proxy = Proxy::start(&entra_env(&redis, &emu, admin));
+    let first = emu.wait_issued(1, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            http(admin, "GET", "/readyz")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An outage long enough to run the token close to its expiry.
+    emu.push_faults((0..12).map(|_| Fault::server_error()));
+    let mut saw_unready = None;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline {
+        let (code, body) = http(admin, "GET", "/readyz");
+        if code == 503 && saw_unready.is_none() {
+            saw_unready = Some((SystemTime::now(), body));
+        }
+        if code == 200 && saw_unready.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (when, body) = saw_unready.expect("readiness never turned false during the outage");
+    assert!(when < first.expires_at, "unready only after expiry: {body}");
+    assert_eq!(
+        http(admin, "GET", "/readyz").0,
+        200,
+        "readiness did not come back"
+    );
+    assert_eq!(emu.pending_faults(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rotate_into_every_live_connection_under_load() {
+    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: LIFETIME,
+        oid_prefix: "gen-".into(),
+        ..Default::default()
+    })
+    .await;
+    // Each generation: create its ACL user before the token is handed out, and
+    // delete it when the token expires (Azure closes such connections).
+    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
+    let deleted = Arc::new(AtomicU64::new(0));
+    let deleted_hook = deleted.clone();
+    emu.on_issue(move |t: Issued| {
+        let ca = ca.clone();
+        let deleted = deleted_hook.clone();
+        async move {
+            let pass = format!(">{}", t.token);
+            let out = cli(
+                port,
+                &ca,
+                &["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"],
+            );
+            assert_eq!(out.trim(), "OK", "ACL SETUSER {}", t.oid);
+            let oid = t.oid.clone();
+            let expires = t.expires_at;
+            tokio::spawn(async move {
+                let wait = expires
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                cli(port, &ca, &["ACL", "DELUSER", &oid]);
+                deleted.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let admin = free_port();
+    let env = entra_env(&redis, &emu, admin);
+    let proxy = Proxy::start(&env);
+    let first = emu.wait_issued(1, Duration::from_secs(10)).await;
+    assert_eq!(first.oid, "gen-1");
+    // Let the shared connections and warm set come up.
+    let pport = proxy.port;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            http(admin, "GET", "/readyz")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids_before = proxy_conn_ids(&redis);
+    let auth_before = auth_calls(&redis);
+
+    // Load: 16 clients, half pipelining, bounded by a stop flag and a count.
+    let stop = Arc::new(AtomicBool::new(false));
+    let commands = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for i in 0..16u64 {
+        let (stop, commands) = (stop.clone(), commands.clone());
+        load.push(tokio::task::spawn_blocking(move || {
+            let mut c = Raw::connect(pport);
+            let key = format!("load:{i}");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 2_000_000 {
+                if i % 2 == 0 {
+                    for _ in 0..8 {
+                        c.send(&["INCR", &key]);
+                    }
+                    for _ in 0..8 {
+                        n += 1;
+                        assert_eq!(c.read(), format!(":{n}\r\n").into_bytes(), "client {i}");
+                    }
+                } else {
+                    n += 1;
+                    assert_eq!(c.call(&["INCR", &key]), format!(":{n}\r\n"), "client {i}");
+                }
+                commands.fetch_add(if i % 2 == 0 { 8 } else { 1 }, Ordering::Relaxed);
+            }
+            n
+        }));
+    }
+    // A BLPOP that waits across several rotations, then gets its element.
+    let blpop = tokio::task::spawn_blocking(move || {
+        let mut c = Raw::connect(pport);
+        c.s.set_read_timeout(Some(LIFETIME * 12)).unwrap();
+        c.call(&["BLPOP", "rotation:queue", "0"])
+    });
+
+    // A transaction that straddles a rotation: MULTI shortly before a refresh,
+    // EXEC after the new token is out but before the old one expires.
+    let g2 = emu.wait_issued(2, LIFETIME * 2).await;
+    let straddle_start = g2.issued_at + LIFETIME * 45 / 100;
+    tokio::time::sleep(
+        straddle_start
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let tx = tokio::task::spawn_blocking(move || {
+        let mut c = Raw::connect(pport);
+        assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(c.call(&["SET", "tx:key", "straddled"]), "+QUEUED\r\n");
+        std::thread::sleep(LIFETIME * 35 / 100);
+        c.call(&["EXEC"])
+    });
+    let g3 = emu.wait_issued(3, LIFETIME * 2).await;
+    assert_eq!(tx.await.unwrap(), "*1\r\n+OK\r\n");
+    assert!(
+        g3.issued_at > straddle_start,
+        "the transaction did not straddle a rotation"
+    );
+
+    // The token endpoint fails for a while, then recovers.
+    emu.push_faults([Fault::server_error(), Fault::server_error()]);
+    let last = emu
+        .wait_issued(ROTATIONS + 1, LIFETIME * (ROTATIONS as u32 + 2))
+        .await;
+    assert_eq!(emu.pending_faults(), 0, "the faults were never served");
+    // Let the last old generation expire (and its user be deleted) under load.
+    tokio::time::sleep(
+        last.expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            / 3,
+    )
+    .await;
+    let mut pusher = Raw::connect(pport);
+    assert_eq!(
+        pusher.call(&["RPUSH", "rotation:queue", "finally"]),
+        ":1\r\n"
+    );
+    let popped = tokio::time::timeout(Duration::from_secs(10), blpop)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(popped, "*2\r\n$14\r\nrotation:queue\r\n$7\r\nfinally\r\n");
+    stop.store(true, Ordering::Relaxed);
+    let mut total_client_commands = 0;
+    for l in load {
+        total_client_commands += l
+            .await
+            .expect("a load client saw an error or a wrong reply");
+    }
+
+    let ids_after = proxy_conn_ids(&redis);
+    let survived = ids_before.intersection(&ids_after).count();
+    let auth_after = auth_calls(&redis);
+    let metrics = http(admin, "GET", "/metrics").1;
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let reauth_ok = metric("redis_entra_proxy_reauths_total{outcome=\"ok\"}");
+    let reauth_failed = metric("redis_entra_proxy_reauths_total{outcome=\"failed\"}");
+    let lost = metric("redis_entra_proxy_errors_total{kind=\"upstream_lost\"}");
+    let refresh_failed = metric("redis_entra_proxy_token_refreshes_total{outcome=\"failed\"");
+    eprintln!(
+        "rotation figures: generations={} users_deleted={} client_commands={} commands_counted={} \
+         upstream_conns_before={} survived={} auth_calls={} reauth_ok={reauth_ok} reauth_failed={reauth_failed} \
+         upstream_lost={lost} token_refresh_failures={refresh_failed}",
+        last.generation,
+        deleted.load(Ordering::SeqCst),
+        total_client_commands,
+        commands.load(Ordering::Relaxed),
+        ids_before.len(),
+        survived,
+        auth_after - auth_before,
+    );
+    assert!(last.generation > ROTATIONS);
+    assert!(
+        deleted.load(Ordering::SeqCst) >= ROTATIONS - 1,
+        "expired generations were deleted"
+    );
+    assert_eq!(reauth_failed, 0.0, "{metrics}");
+    assert_eq!(
+        lost,
+        0.0,
+        "an upstream connection was killed: {}",
+        proxy.log_text()
+    );
+    assert!(
+        refresh_failed >= 2.0,
+        "the injected endpoint failures were seen"
+    );
+    // The shared connections opened before the first rotation are still there.
+    assert!(survived >= 2, "before {ids_before:?} after {ids_after:?}");
+    assert!(reauth_ok >= (2 * ROTATIONS) as f64, "{metrics}");
+    assert!(auth_after - auth_before >= 2 * ROTATIONS);
+}

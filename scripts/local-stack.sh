@@ -4,6 +4,7 @@
 set -euo pipefail
 work="${work:-.quickstart}"
 TLS_PORT="${TLS_PORT:-6380}"
+PROXY_PORT="${PROXY_PORT:-6379}"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -25,8 +26,8 @@ start_stack() {
   rm -rf "$work"; mkdir -p "$work"
   cargo build --release --quiet --bin redis-entra-proxy
   cargo run --quiet --example testpki -- "$work/tls" >/dev/null
-  if (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
-    echo "port 6379 is already in use (a local redis?): stop it and run again" >&2
+  if (exec 3<>/dev/tcp/127.0.0.1/"$PROXY_PORT") 2>/dev/null; then
+    echo "port $PROXY_PORT is already in use (a local redis?): stop it and run again" >&2
     exit 1
   fi
   # A throwaway password for the local stand-in identity, never printed.
@@ -52,15 +53,16 @@ CONF
   redis-server "$work/redis.conf" &
   pids+=($!)
   wait_port "$TLS_PORT"
-  echo "==> starting redis-entra-proxy on 127.0.0.1:6379 (log: $work/proxy.log)"
+  echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT (log: $work/proxy.log)"
   REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
   REDIS_ENTRA_PROXY_UPSTREAM__PORT=$TLS_PORT \
   REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
   REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
   REDIS_ENTRA_PROXY_AUTH__USERNAME=quickstart-identity \
   REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token" \
+  REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$PROXY_PORT" \
     target/release/redis-entra-proxy --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
   pids+=($!)
   proxy_pid=$!
-  wait_port 6379
+  wait_port "$PROXY_PORT"
 }

@@ -148,9 +148,19 @@ where
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
     'read: loop {
+        let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
             _ = shutdown.cancelled() => break 'read,
+            // Cancel safety: `read_buf` loses nothing when another branch wins.
+            _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
+                // Its transaction, subscriptions or database went with the
+                // connection: close, as Redis would, so the client reconnects.
+                session.reply(resp::error(
+                    "ERR the upstream connection holding this client's state (transaction, WATCH, SELECT, subscriptions or client mode) was lost; reconnect",
+                )).await;
+                break 'read;
+            }
         };
         match n {
             Ok(0) | Err(_) => break,

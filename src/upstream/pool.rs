@@ -153,7 +153,15 @@ impl Pool {
             });
         }
         self.start_warm(proto);
-        let warm = self.take_warm(proto);
+        let mut warm = None;
+        while let Some(c) = self.take_warm(proto) {
+            // An idle connection may have been closed by the server (restart,
+            // failover) without our noticing: take only one that is still open.
+            if still_open(&c).await {
+                warm = Some(c);
+                break;
+            }
+        }
         self.warm[idx(proto)].wanted.notify_one();
         let conn = match warm {
             Some(c) => c,
@@ -165,6 +173,8 @@ impl Pool {
         let health = self.health.clone();
         let expiry = Arc::new(AtomicU64::new(conn::unix_secs(conn.expires_at)));
         let expiry_out = expiry.clone();
+        let lost = CancellationToken::new();
+        let lost_out = lost.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let _up = health.healthy_upstream();
@@ -195,10 +205,11 @@ impl Pool {
                         let _ = tx.send(Err(e.clone()));
                     }
                 }
+                lost_out.cancel();
             }
             gauge.dec();
         });
-        Ok(Pinned { tx, expiry })
+        Ok(Pinned { tx, expiry, lost })
     }
 
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
@@ -280,6 +291,19 @@ impl Pool {
     }
 }
 
+/// Whether the server has not closed this idle connection: a peek that finds
+/// end-of-stream (or an error) means it is gone. Pending bytes (a TLS session
+/// ticket) are left in place for the TLS layer.
+async fn still_open(c: &Authed) -> bool {
+    let tcp = c.stream.get_ref().0;
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::ZERO, tcp.peek(&mut byte)).await {
+        Err(_) => true,
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) => false,
+    }
+}
+
 struct PinGuard {
     count: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -298,4 +322,6 @@ pub struct Pinned {
     /// Expiry (Unix seconds, 0 = never) of the credential this connection is
     /// authenticated with right now: blocking commands are capped at it.
     pub expiry: Arc<AtomicU64>,
+    /// Cancelled when the connection failed: the client's state on it is gone.
+    pub lost: CancellationToken,
 }

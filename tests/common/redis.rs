@@ -44,21 +44,21 @@ impl RedisServer {
         );
         let conf_path = dir.path().join("redis.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("redis-server")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
+        let child = spawn(&conf_path);
         let server = RedisServer {
             port,
             pki,
             dir,
             child,
         };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = server.cli(&["PING"]);
+            let out = self.cli(&["PING"]);
             if out.trim() == "PONG" {
                 break;
             }
@@ -68,7 +68,17 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
+    }
+
+    /// Kill the server (as a crash would); `start_again` brings it back on the same port.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn start_again(&mut self) {
+        self.child = spawn(&self.dir.path().join("redis.conf"));
+        self.wait_ready();
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -93,6 +103,15 @@ impl RedisServer {
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
+}
+
+fn spawn(conf: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server")
 }
 
 impl Drop for RedisServer {

@@ -19,9 +19,14 @@ fn setup() -> (RedisServer, Proxy) {
 }
 
 async fn client(proxy: &Proxy) -> redis::aio::MultiplexedConnection {
+    // redis-rs times replies out after 500 ms by default; a 64 MB value on a
+    // shared 2-core machine can take longer, and this test is not about speed.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(10)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(60)));
     redis::Client::open(proxy.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }

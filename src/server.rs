@@ -141,7 +141,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         admission.clone(),
         tracker.clone(),
         stop_accepting.clone(),
-        shutdown.clone(),
+        // Sessions drain when the listener closes: replies to commands
+        // already read are written, then the client is closed.
+        stop_accepting.clone(),
     ));
     if let Some(u) = unix {
         tokio::spawn(downstream::serve(
@@ -150,7 +152,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             admission,
             tracker.clone(),
             stop_accepting.clone(),
-            shutdown.clone(),
+            stop_accepting.clone(),
         ));
     }
     health.set_listening();

@@ -276,3 +276,46 @@ fn two_hundred_mixed_clients_stay_correct_and_ordered() {
         "one upstream connection per client: {upstream}"
     );
 }
+
+#[test]
+fn sigterm_drains_in_flight_commands_then_exits_zero() {
+    let redis = RedisServer::start(USER, TOKEN);
+    let mut proxy = Proxy::start(&static_env(&redis, USER, TOKEN));
+    let mut busy = Raw::connect(proxy.port);
+    let mut idle = Raw::connect(proxy.port);
+    assert_eq!(idle.call(&["PING"]), "+PONG\r\n");
+    // In flight when the signal arrives: a blocking pop that times out in 1 s.
+    busy.send(&["BLPOP", "drain:q", "1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = proxy.child().id().to_string();
+    let started = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The in-flight command still gets its own reply, then the client is closed.
+    assert_eq!(String::from_utf8_lossy(&busy.read()), "*-1\r\n");
+    let rest = common::proxy::read_to_close(&mut busy.s);
+    assert!(rest.is_empty(), "{rest:?}");
+    let rest = common::proxy::read_to_close(&mut idle.s);
+    assert!(rest.is_empty(), "{rest:?}");
+    let status = loop {
+        if let Some(s) = proxy.child().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit within the grace"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
+    // Drained, not cut at the 30 s grace.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(proxy.log_text().contains("shutting down"));
+}

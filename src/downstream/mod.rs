@@ -44,7 +44,7 @@ pub enum Listener {
 }
 
 /// Accept clients until `stop_accepting` fires; each session runs until it ends
-/// or `shutdown` fires. Sessions are tracked in `tracker` so the caller can
+/// drains when `drain` fires. Sessions are tracked in `tracker` so the caller can
 /// wait for them to drain.
 pub async fn serve(
     listener: Listener,
@@ -52,7 +52,7 @@ pub async fn serve(
     admission: Arc<Admission>,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
-    shutdown: CancellationToken,
+    drain: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -85,12 +85,12 @@ pub async fn serve(
         metrics.clients_current.inc();
         let ctx = ctx.clone();
         let admission = admission.clone();
-        let shutdown = shutdown.clone();
+        let drain = drain.clone();
         tracker.spawn(async move {
             let _ticket = Ticket(&admission, metrics);
             match stream {
-                ClientStream::Tcp(s) => session::run(s, peer, ctx, shutdown).await,
-                ClientStream::Unix(s) => session::run(s, peer, ctx, shutdown).await,
+                ClientStream::Tcp(s) => session::run(s, peer, ctx, drain).await,
+                ClientStream::Unix(s) => session::run(s, peer, ctx, drain).await,
             }
         });
     }

@@ -95,6 +95,10 @@ struct State {
 }
 
 impl State {
+    fn sub_count(&self) -> i64 {
+        (self.channels.len() + self.patterns.len() + self.shard_channels.len()) as i64
+    }
+
     fn subscribed(&self) -> bool {
         !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
     }
@@ -105,8 +109,10 @@ impl State {
     }
 }
 
-/// Serve one client until it quits, errs, or `shutdown` fires.
-pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, shutdown: CancellationToken)
+/// Serve one client until it quits, errs, or `drain` fires: then no further
+/// command is read, the replies of those already read are written, and the
+/// connection is closed.
+pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, drain: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -151,7 +157,7 @@ where
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
-            _ = shutdown.cancelled() => break 'read,
+            _ = drain.cancelled() => break 'read,
             // Cancel safety: `read_buf` loses nothing when another branch wins.
             _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
                 // Its transaction, subscriptions or database went with the
@@ -244,6 +250,7 @@ where
         }
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
+    ctx.metrics.pubsub_channels.dec_by(session.st.sub_count());
     let _ = session.out.send(Out::Close).await;
     drop(session);
     let _ = writer.await;
@@ -585,6 +592,22 @@ impl Session {
     }
 
     async fn pubsub(&mut self, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+        let before = self.st.sub_count();
+        let keep_going = self.pubsub_inner(name, frame, args, since).await;
+        self.ctx
+            .metrics
+            .pubsub_channels
+            .inc_by(self.st.sub_count() - before);
+        keep_going
+    }
+
+    async fn pubsub_inner(
+        &mut self,
+        name: &[u8],
+        frame: Bytes,
+        args: &[Bytes],
+        since: Instant,
+    ) -> bool {
         let set = match name {
             b"SUBSCRIBE" | b"UNSUBSCRIBE" => &mut self.st.channels,
             b"PSUBSCRIBE" | b"PUNSUBSCRIBE" => &mut self.st.patterns,
@@ -695,6 +718,7 @@ impl Session {
                 self.st.sticky = false;
                 self.st.db = 0;
                 self.st.name = None;
+                self.ctx.metrics.pubsub_channels.dec_by(self.st.sub_count());
                 self.st.channels.clear();
                 self.st.patterns.clear();
                 self.st.shard_channels.clear();

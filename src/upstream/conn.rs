@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// A re-AUTH written and awaiting its reply: (reply, generation, expiry).
 type AuthWait = (
@@ -214,7 +214,7 @@ pub async fn run(
                         expires_at = exp;
                         publish_expiry(exp);
                         opts.metrics.reauth("ok");
-                        debug!(kind = opts.kind, generation, "upstream connection re-authenticated");
+                        info!(kind = opts.kind, generation, "upstream connection re-authenticated");
                     }
                     Ok(Ok(reply)) => {
                         opts.metrics.reauth("failed");

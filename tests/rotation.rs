@@ -92,6 +92,19 @@ fn entra_env(redis: &RedisServer, emu: &TokenEmulator, admin: u16) -> Vec<(Strin
     .collect()
 }
 
+/// A Redis and a token emulator whose every generation gets its own ACL user.
+async fn redis_and_emulator(prefix: &str, lifetime: Duration) -> (RedisServer, TokenEmulator) {
+    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime,
+        oid_prefix: prefix.into(),
+        ..Default::default()
+    })
+    .await;
+    acl_user_per_generation(&redis, &emu);
+    (redis, emu)
+}
+
 /// Create each generation's ACL user before its token is handed out.
 fn acl_user_per_generation(redis: &RedisServer, emu: &TokenEmulator) {
     let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
@@ -110,14 +123,7 @@ fn acl_user_per_generation(redis: &RedisServer, emu: &TokenEmulator) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_get_a_fast_clear_error_until_the_first_token_then_service() {
-    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
-    let emu = TokenEmulator::start(EmulatorConfig {
-        lifetime: Duration::from_secs(60),
-        oid_prefix: "first-".into(),
-        ..Default::default()
-    })
-    .await;
-    acl_user_per_generation(&redis, &emu);
+    let (redis, emu) = redis_and_emulator("first-", Duration::from_secs(60)).await;
     // The identity is not allowed yet: a configuration error at the endpoint.
     emu.push_faults([
         Fault::unauthorized(),
@@ -165,14 +171,7 @@ async fn clients_get_a_fast_clear_error_until_the_first_token_then_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_false_before_expiry_during_an_outage_and_back() {
-    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
-    let emu = TokenEmulator::start(EmulatorConfig {
-        lifetime: Duration::from_secs(8),
-        oid_prefix: "ready-".into(),
-        ..Default::default()
-    })
-    .await;
-    acl_user_per_generation(&redis, &emu);
+    let (redis, emu) = redis_and_emulator("ready-", Duration::from_secs(8)).await;
     let admin = free_port();
     let _proxy = Proxy::start(&entra_env(&redis, &emu, admin));
     let first = emu.wait_issued(1, Duration::from_secs(10)).await;

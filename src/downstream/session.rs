@@ -302,16 +302,20 @@ impl Session {
         for _ in 0..count {
             self.ctx.metrics.command(Route::Shared);
         }
-        let handle = match &self.st.shared {
-            Some(h) => h.clone(),
-            None => {
-                let h = self.ctx.pool.shared(self.st.proto);
-                self.st.shared = Some(h.clone());
-                h
-            }
-        };
+        let handle = self.shared_handle();
         self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
             .await;
+    }
+
+    /// The shared connection this client uses (one per client, so its
+    /// commands run in the order sent), chosen on first use.
+    fn shared_handle(&mut self) -> Handle {
+        let proto = self.st.proto;
+        let pool = &self.ctx.pool;
+        self.st
+            .shared
+            .get_or_insert_with(|| pool.shared(proto))
+            .clone()
     }
 
     /// Queue `bytes` on an upstream connection; the writer awaits `replies`.
@@ -473,14 +477,7 @@ impl Session {
                 } else {
                     self.switch_to(Target::Shared).await;
                     self.ctx.metrics.command(Route::Shared);
-                    let handle = match &self.st.shared {
-                        Some(h) => h.clone(),
-                        None => {
-                            let h = self.ctx.pool.shared(self.st.proto);
-                            self.st.shared = Some(h.clone());
-                            h
-                        }
-                    };
+                    let handle = self.shared_handle();
                     self.send_upstream(&handle.tx, frame, 1, 1, false, since)
                         .await;
                 }

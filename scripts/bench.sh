@@ -18,7 +18,7 @@ for args in "-c 50" "-c 50 -P 16" "-c 1" "-c 10 -k 0"; do
   # shellcheck disable=SC2086
   read -r dset dget < <(rps "${direct[@]}" $args)
   # shellcheck disable=SC2086
-  read -r pset pget < <(rps -p 6379 $args)
+  read -r pset pget < <(rps -p "$PROXY_PORT" $args)
   awk -v a="$args" -v ds="$dset" -v ps="$pset" -v dg="$dget" -v pg="$pget" \
     'BEGIN { printf "| %s | %.0f | %.0f | %.2fx | %.0f | %.0f | %.2fx |\n", a, ds, ps, ps/ds, dg, pg, pg/dg }'
 done

@@ -155,6 +155,7 @@ where
     let mut scanner = CommandScanner::new(ctx.limits);
     'read: loop {
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
+        resp::reserve_for_read(&mut buf);
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
             _ = drain.cancelled() => break 'read,

@@ -12,6 +12,16 @@ use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame as Frame2;
 use redis_protocol::resp3::types::BytesFrame as Frame3;
 
+/// Make room for the next socket read. Bytes handed out with `split_to` still
+/// share the old allocation, so without this a drained buffer would grow again
+/// by a few dozen bytes at a time and reads would shrink to match.
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    const READ_CHUNK: usize = 64 * 1024;
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
 /// RESP version a client or connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {

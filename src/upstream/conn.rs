@@ -372,6 +372,7 @@ async fn read_loop(
             }
         }
         let waiting = current.as_ref().map(|c| c.written_at);
+        resp::reserve_for_read(&mut buf);
         let read = rd.read_buf(&mut buf);
         let n = match waiting {
             Some(since) => {

@@ -319,3 +319,28 @@ fn sigterm_drains_in_flight_commands_then_exits_zero() {
     );
     assert!(proxy.log_text().contains("shutting down"));
 }
+
+#[test]
+fn monitor_streams_other_clients_commands() {
+    let (_redis, proxy) = setup();
+    let mut m = Raw::connect(proxy.port);
+    assert_eq!(m.call(&["MONITOR"]), "+OK\r\n");
+    let mut c = Raw::connect(proxy.port);
+    for i in 0..3 {
+        assert_eq!(c.call(&["SET", "monitored", &i.to_string()]), "+OK\r\n");
+    }
+    let mut seen = 0;
+    for _ in 0..20 {
+        let line = String::from_utf8_lossy(&m.read()).into_owned();
+        assert!(line.starts_with('+'), "{line}");
+        if line.contains("\"SET\" \"monitored\"") {
+            seen += 1;
+            if seen == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, 3);
+    // The monitored proxy keeps serving everyone else.
+    assert_eq!(c.call(&["GET", "monitored"]), "$1\r\n2\r\n");
+}

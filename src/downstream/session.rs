@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// What every session shares.
 pub struct Context {
@@ -162,10 +162,10 @@ where
             // Cancel safety: `read_buf` loses nothing when another branch wins.
             _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
                 // Its transaction, subscriptions or database went with the
-                // connection: close, as Redis would, so the client reconnects.
-                session.reply(resp::error(
-                    "ERR the upstream connection holding this client's state (transaction, WATCH, SELECT, subscriptions or client mode) was lost; reconnect",
-                )).await;
+                // connection: close, as a direct Redis connection would be, so
+                // the client notices and reconnects. Commands in flight on it
+                // already got their error replies.
+                warn!(peer = %session.peer, id = session.st.id, "closing client: the upstream connection holding its state was lost");
                 break 'read;
             }
         };

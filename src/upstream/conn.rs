@@ -333,6 +333,15 @@ async fn read_loop(
             if current.is_none() {
                 current = match inflight.try_recv() {
                     Ok(i) => Some(i),
+                    // A pinned connection in MONITOR mode streams lines nobody
+                    // asked for: they belong to its client, like push frames.
+                    Err(_) if push.is_some() && got_len == 0 => {
+                        let frame = buf.split_to(reply.len).freeze();
+                        if let Some(p) = &push {
+                            let _ = p.tx.send(frame);
+                        }
+                        continue;
+                    }
                     Err(_) => {
                         break 'outer UpstreamError::Protocol(
                             "reply with no command waiting for it".into(),

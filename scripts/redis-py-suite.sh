@@ -34,6 +34,8 @@ REDISPY_VERSION=6.4.0
 results=.redispy
 work=$results/stack   # local-stack.sh wipes $work in start_stack
 TLS_PORT="${TLS_PORT:-6390}"
+# A fixed credential: the suite's ACL tests list users, which per-token users would change.
+STACK_AUTH="${STACK_AUTH:-static}"
 PROXY_PORT=6379
 venv=target/venv-redispy
 src=target/redispy-src

@@ -467,6 +467,9 @@ pub async fn supervise_shared(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut attempt: u32 = 0;
+    // Waiting for the first credential at startup is neither a connect error
+    // nor a reconnect: those count only once a connection has been made.
+    let mut ever_connected = false;
     let mut pending: Option<Request> = None;
     loop {
         if shutdown.is_cancelled() {
@@ -478,7 +481,7 @@ pub async fn supervise_shared(
         };
         match conn {
             Ok(conn) => {
-                if attempt > 0 {
+                if attempt > 0 && ever_connected {
                     opts.metrics.upstream_reconnects.inc();
                     info!(
                         kind = opts.kind,
@@ -487,6 +490,7 @@ pub async fn supervise_shared(
                     );
                 }
                 attempt = 0;
+                ever_connected = true;
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
@@ -506,16 +510,23 @@ pub async fn supervise_shared(
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
-                opts.metrics
-                    .error(crate::metrics::ErrorKind::UpstreamConnect);
-                warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
+                let no_credential = matches!(e, UpstreamError::NoCredential { .. });
+                if no_credential && !ever_connected {
+                    info!(
+                        kind = opts.kind,
+                        "upstream connection waits for the first credential"
+                    );
+                } else {
+                    opts.metrics
+                        .error(crate::metrics::ErrorKind::UpstreamConnect);
+                    warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
+                }
                 // Fail what is waiting now, and whatever arrives during the backoff.
                 if let Some(r) = pending.take() {
                     fail(r.reply, e.clone());
                 }
                 // Without a credential there is nothing to retry until the
                 // token source publishes one: wait for it instead of a timer.
-                let no_credential = matches!(e, UpstreamError::NoCredential { .. });
                 let until = Instant::now()
                     + if no_credential {
                         Duration::from_secs(3600)

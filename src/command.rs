@@ -97,6 +97,17 @@ fn lookup(table: &[(&str, Class)], name: &[u8]) -> Option<Class> {
         .map(|(_, c)| *c)
 }
 
+/// Commands whose class depends on their arguments ([`classify`] decides).
+const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP"];
+
+/// Whether the routing table decides this command (by name or by arguments).
+pub fn listed(name: &[u8]) -> bool {
+    lookup(TABLE, name).is_some()
+        || BY_ARGUMENTS
+            .iter()
+            .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Classify a command from its first arguments (`args[0]` is the name).
 pub fn classify(args: &[&[u8]]) -> Class {
     let Some(name) = args.first() else {
@@ -122,9 +133,94 @@ pub fn classify(args: &[&[u8]]) -> Class {
     lookup(TABLE, name).unwrap_or(Class::Shared)
 }
 
+/// What the upstream's `COMMAND` reply says about commands the table does not
+/// list: names (lower case) whose flags include `blocking` (module commands, or
+/// commands newer than this table). Learned once, from the first upstream
+/// connection; such a command is pinned like the blocking commands above.
+#[derive(Debug, Default, Clone)]
+pub struct Learned {
+    /// Commands the server knows.
+    pub known: usize,
+    /// Blocking commands that [`classify`] would otherwise send to a shared
+    /// connection, where they would hold up every other client on it.
+    pub blocking: Vec<Vec<u8>>,
+}
+
+impl Learned {
+    /// Learn from `COMMAND`'s reply: one array per command, name first and its
+    /// flags third (an array in RESP2, a set in RESP3).
+    pub fn from_command_reply(reply: &[u8]) -> Option<Learned> {
+        use redis_protocol::resp3::types::OwnedFrame as F;
+        let text = |f: &F| match f {
+            F::BlobString { data, .. } | F::SimpleString { data, .. } => Some(data.to_vec()),
+            _ => None,
+        };
+        let entries = match crate::resp::decode_reply(reply)? {
+            F::Array { data, .. } => data,
+            _ => return None,
+        };
+        let mut learned = Learned::default();
+        for entry in &entries {
+            let F::Array { data: fields, .. } = entry else {
+                continue;
+            };
+            let Some(name) = fields.first().and_then(text) else {
+                continue;
+            };
+            learned.known += 1;
+            let flags: Vec<Vec<u8>> = match fields.get(2) {
+                Some(F::Array { data, .. }) => data.iter().filter_map(text).collect(),
+                Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
+                _ => Vec::new(),
+            };
+            let blocking = flags.iter().any(|f| f.eq_ignore_ascii_case(b"blocking"));
+            if blocking && !listed(&name) {
+                learned.blocking.push(name.to_ascii_lowercase());
+            }
+        }
+        learned.blocking.sort();
+        Some(learned)
+    }
+
+    /// The class of a command the table calls [`Class::Shared`].
+    pub fn refine(&self, name: &[u8]) -> Class {
+        if self.blocking.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+            Class::Pin(Pin::Blocking)
+        } else {
+            Class::Shared
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learned_blocking_commands_are_pinned() {
+        // The shape of COMMAND's reply in RESP2 (flags an array) and RESP3 (a set).
+        let resp2 = b"*3\r\n\
+            *3\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n\
+            *3\r\n$5\r\nblpop\r\n:-3\r\n*2\r\n+write\r\n+blocking\r\n\
+            *3\r\n$11\r\nmymod.bwait\r\n:-2\r\n*2\r\n+readonly\r\n+blocking\r\n";
+        let l = Learned::from_command_reply(resp2).expect("parses");
+        assert_eq!(l.known, 3);
+        // BLPOP is in the table already; only the module command is new.
+        assert_eq!(l.blocking, vec![b"mymod.bwait".to_vec()]);
+        assert_eq!(l.refine(b"MYMOD.BWAIT"), Class::Pin(Pin::Blocking));
+        assert_eq!(l.refine(b"GET"), Class::Shared);
+        let resp3 = b"*1\r\n*3\r\n$6\r\nx.wait\r\n:-2\r\n~1\r\n+blocking\r\n";
+        let l = Learned::from_command_reply(resp3).expect("parses");
+        assert_eq!(l.blocking, vec![b"x.wait".to_vec()]);
+        assert!(Learned::from_command_reply(b"-NOPERM no\r\n").is_none());
+        assert_eq!(Learned::default().refine(b"anything"), Class::Shared);
+        // XREAD blocks only with BLOCK: the table decides it by its arguments.
+        let xread = b"*1\r\n*3\r\n$5\r\nxread\r\n:-4\r\n*1\r\n+blocking\r\n";
+        assert!(Learned::from_command_reply(xread)
+            .unwrap()
+            .blocking
+            .is_empty());
+    }
 
     #[test]
     fn every_table_entry_classifies_as_listed() {

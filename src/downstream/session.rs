@@ -207,7 +207,10 @@ where
             let args: Vec<&[u8]> = (0..cmd.args.len())
                 .filter_map(|i| cmd.arg(frame, i))
                 .collect();
-            let class = command::classify(&args);
+            let class = match command::classify(&args) {
+                Class::Shared => ctx.pool.refine(args[0]),
+                class => class,
+            };
             let batchable = class == Class::Shared
                 && !cmd.inline
                 && session.st.authed

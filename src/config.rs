@@ -462,7 +462,11 @@ impl Config {
             ("limits.max_line_bytes", l.max_line_bytes, 64),
             ("limits.max_elements", l.max_elements, 1),
             ("limits.max_buffered_bytes", l.max_buffered_bytes, 1024),
-            ("limits.max_pubsub_queued_bytes", l.max_pubsub_queued_bytes, 1024),
+            (
+                "limits.max_pubsub_queued_bytes",
+                l.max_pubsub_queued_bytes,
+                1024,
+            ),
         ] {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min}")));

@@ -45,7 +45,10 @@ fn numsub(redis: &RedisServer, chan: &str) -> u32 {
     let out = redis.cli(&["PUBSUB", "NUMSUB", chan]);
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(chan), "{out}");
-    lines.next().and_then(|n| n.trim().parse().ok()).expect(&out)
+    lines
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect(&out)
 }
 
 /// The proxy's upstream connections in pub/sub mode (`flags=P`).
@@ -219,7 +222,10 @@ fn resp2_and_resp3_subscribers_get_their_own_frames_between_whole_replies() {
         if f.starts_with('>') {
             let j = pushes / 2;
             let want = if pushes % 2 == 0 {
-                format!(">3\r\n$7\r\nmessage\r\n$3\r\nmix\r\n${}\r\nm{j}\r\n", 1 + j.to_string().len())
+                format!(
+                    ">3\r\n$7\r\nmessage\r\n$3\r\nmix\r\n${}\r\nm{j}\r\n",
+                    1 + j.to_string().len()
+                )
             } else {
                 format!(
                     ">4\r\n$8\r\npmessage\r\n$3\r\nmi*\r\n$3\r\nmix\r\n${}\r\nm{j}\r\n",
@@ -338,7 +344,10 @@ fn confirmation_frames_equal_a_direct_redis_server_byte_for_byte() {
             a.send(&["ECHO", "next"]);
             b.send(&["ECHO", "next"]);
             let (mut x, mut y) = (String::new(), String::new());
-            while !x.ends_with("$4\r\nnext\r\n") && !x.ends_with("*2\r\n$4\r\npong\r\n$4\r\nnext\r\n") && !x.contains("-ERR Can't execute 'echo'") {
+            while !x.ends_with("$4\r\nnext\r\n")
+                && !x.ends_with("*2\r\n$4\r\npong\r\n$4\r\nnext\r\n")
+                && !x.contains("-ERR Can't execute 'echo'")
+            {
                 x.push_str(&String::from_utf8_lossy(&a.read()));
             }
             while y.len() < x.len() {
@@ -350,7 +359,10 @@ fn confirmation_frames_equal_a_direct_redis_server_byte_for_byte() {
     // Sanity: the sequence exercised both subscribed-mode refusals and frames.
     let r2 = pipelined(direct.port, false, &seq);
     assert!(r2.contains("only (P|S)SUBSCRIBE"), "{r2}");
-    assert!(r2.contains("*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n"), "{r2}");
+    assert!(
+        r2.contains("*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n"),
+        "{r2}"
+    );
 }
 
 #[test]
@@ -376,7 +388,11 @@ fn killing_the_hub_connection_resubscribes_and_keeps_clients() {
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(field(&after[0], "id"), field(&before[0], "id"));
     assert_eq!(
-        (field(&after[0], "sub"), field(&after[0], "psub"), field(&after[0], "ssub")),
+        (
+            field(&after[0], "sub"),
+            field(&after[0], "psub"),
+            field(&after[0], "ssub")
+        ),
         ("1", "1", "1"),
         "{}",
         after[0]
@@ -385,7 +401,10 @@ fn killing_the_hub_connection_resubscribes_and_keeps_clients() {
     assert_eq!(p.call(&["PUBLISH", "k1", "after-kill"]), ":2\r\n");
     assert_eq!(p.call(&["SPUBLISH", "ks", "shard-after"]), ":1\r\n");
     // The clients were never closed and get what was published afterwards.
-    assert_eq!(String::from_utf8_lossy(&r2.read()), message("k1", "after-kill"));
+    assert_eq!(
+        String::from_utf8_lossy(&r2.read()),
+        message("k1", "after-kill")
+    );
     assert_eq!(
         String::from_utf8_lossy(&r2.read()),
         "*4\r\n$8\r\npmessage\r\n$2\r\nk*\r\n$2\r\nk1\r\n$10\r\nafter-kill\r\n"
@@ -432,14 +451,20 @@ fn a_subscription_the_server_refuses_gets_its_error_and_the_hub_carries_on() {
     let mut p = Raw::connect(proxy.port);
     assert_eq!(p.call(&["PUBLISH", "allowed:1", "x"]), ":1\r\n");
     assert_eq!(p.call(&["PUBLISH", "allowed:3", "y"]), ":1\r\n");
-    assert_eq!(String::from_utf8_lossy(&a.read()), message("allowed:1", "x"));
+    assert_eq!(
+        String::from_utf8_lossy(&a.read()),
+        message("allowed:1", "x")
+    );
     assert_eq!(
         String::from_utf8_lossy(&b.read()),
         ">3\r\n$7\r\nmessage\r\n$9\r\nallowed:3\r\n$1\r\ny\r\n"
     );
     assert_eq!(pubsub_conns(&redis).len(), 1);
     let log = proxy.log_text();
-    assert!(log.contains("upstream refused a pub/sub subscription"), "{log}");
+    assert!(
+        log.contains("upstream refused a pub/sub subscription"),
+        "{log}"
+    );
     assert!(!log.contains("pub/sub hub connection failed"), "{log}");
 }
 
@@ -471,7 +496,9 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
         let r = p.call(&["PUBLISH", "firehose", &format!("{payload}{i:05}")]);
         assert_eq!(r, ":1\r\n", "publish {i}");
     }
-    let mut fast = reader.join().expect("the fast subscriber got every message in order");
+    let mut fast = reader
+        .join()
+        .expect("the fast subscriber got every message in order");
     // The slow one is cut off: what was in flight drains, then the proxy closed it.
     slow.s
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -489,5 +516,8 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
     // The fast one is still subscribed, alone.
     assert_eq!(numsub(&redis, "firehose"), 1);
     assert_eq!(p.call(&["PUBLISH", "firehose", "tail"]), ":1\r\n");
-    assert_eq!(String::from_utf8_lossy(&fast.read()), message("firehose", "tail"));
+    assert_eq!(
+        String::from_utf8_lossy(&fast.read()),
+        message("firehose", "tail")
+    );
 }

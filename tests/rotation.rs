@@ -472,7 +472,11 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
     emu.wait_issued(1, Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while http(admin, "GET", "/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "{:?}", http(admin, "GET", "/readyz"));
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            http(admin, "GET", "/readyz")
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pport = proxy.port;
@@ -527,7 +531,10 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
             let p = format!("m{i}");
             assert_eq!(
                 String::from_utf8_lossy(&r2.read()),
-                format!("*3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n", p.len()),
+                format!(
+                    "*3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n",
+                    p.len()
+                ),
                 "RESP2 message {i}"
             );
             assert_eq!(
@@ -540,7 +547,10 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
             );
             assert_eq!(
                 String::from_utf8_lossy(&r3.read()),
-                format!(">3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n", p.len()),
+                format!(
+                    ">3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n",
+                    p.len()
+                ),
                 "RESP3 message {i}"
             );
         }
@@ -556,7 +566,10 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
     // generation.
     let hub_after = pubsub_conns(&redis);
     assert_eq!(hub_after.len(), 1, "{hub_after:?}");
-    assert_eq!(hub_after[0].0, hub_before[0].0, "the hub's connection was replaced");
+    assert_eq!(
+        hub_after[0].0, hub_before[0].0,
+        "the hub's connection was replaced"
+    );
     let generation: u64 = hub_after[0]
         .1
         .strip_prefix("psgen-")
@@ -577,7 +590,10 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
         "{}",
         proxy.log_text()
     );
-    assert_eq!(metric("redis_entra_proxy_reauths_total{outcome=\"failed\"}"), 0.0);
+    assert_eq!(
+        metric("redis_entra_proxy_reauths_total{outcome=\"failed\"}"),
+        0.0
+    );
     eprintln!(
         "pub/sub rotation figures: messages={got} hub_generation={generation} users_deleted={} reauth_ok={}",
         deleted.load(Ordering::SeqCst),

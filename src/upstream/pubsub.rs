@@ -992,7 +992,10 @@ impl Actor {
         };
         if e.up == Up::Active {
             // The server dropped it by itself (a cluster slot moving).
-            warn!(kind = kind.label(), "upstream dropped a pub/sub subscription; subscribing again");
+            warn!(
+                kind = kind.label(),
+                "upstream dropped a pub/sub subscription; subscribing again"
+            );
         }
         self.set_up(kind, &name, Up::None);
         if self.entries[kind.idx()]
@@ -1021,7 +1024,10 @@ impl Actor {
             warn!(kind = d.kind.label(), error = %text, "upstream refused a pub/sub subscription");
             self.set_up(d.kind, &d.name, Up::None);
             let (waiters, subs) = match self.entries[k].get(&d.name) {
-                Some(e) => (e.pending.clone(), e.subs.keys().copied().collect::<Vec<_>>()),
+                Some(e) => (
+                    e.pending.clone(),
+                    e.subs.keys().copied().collect::<Vec<_>>(),
+                ),
                 None => return,
             };
             for id in waiters {

@@ -144,7 +144,10 @@ impl PlainRedis {
             .expect("start redis-server");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "plain redis-server did not start");
+            assert!(
+                Instant::now() < deadline,
+                "plain redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         PlainRedis {

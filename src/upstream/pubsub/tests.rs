@@ -263,7 +263,10 @@ async fn counts_and_frames_follow_redis() {
     let mut up = Upstream::connect(&f, 1);
     let (a, mut rx) = Link::new(1, "a".into());
     // Nothing subscribed: one frame with a null channel.
-    let r = f.hub.unsubscribe(&a, Proto::Resp2, Kind::Pattern, vec![], 1).await;
+    let r = f
+        .hub
+        .unsubscribe(&a, Proto::Resp2, Kind::Pattern, vec![], 1)
+        .await;
     assert_eq!(r, Ok(Counts::default()));
     assert_eq!(
         reply(&mut rx, 1).await,
@@ -297,14 +300,20 @@ async fn counts_and_frames_follow_redis() {
         "*3\r\n$10\r\nssubscribe\r\n$1\r\ns\r\n:1\r\n"
     );
     // Unsubscribing a channel it does not have still answers, with its count.
-    let r = f.hub.unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![b("zz")], 5).await;
+    let r = f
+        .hub
+        .unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![b("zz")], 5)
+        .await;
     assert_eq!(r, Ok(Counts { subs: 3, shard: 1 }));
     assert_eq!(
         reply(&mut rx, 5).await,
         "*3\r\n$11\r\nunsubscribe\r\n$2\r\nzz\r\n:3\r\n"
     );
     // All channels, in the order they were subscribed.
-    let r = f.hub.unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![], 6).await;
+    let r = f
+        .hub
+        .unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![], 6)
+        .await;
     assert_eq!(r, Ok(Counts { subs: 1, shard: 1 }));
     assert_eq!(
         reply(&mut rx, 6).await,
@@ -362,18 +371,19 @@ async fn a_refused_subscribe_gives_the_error_and_leaves_nothing_behind() {
     let (cmd, secret) = up.next().await;
     assert_eq!(cmd, ["SUBSCRIBE", "secret"]);
     up.push(&["subscribe", "ok"], Some(1));
-    let err = b"-NOPERM this user has no permissions to access one of the channels used as arguments\r\n";
-    let _ = secret
-        .reply
-        .unwrap()
-        .send(Ok(Bytes::from_static(err)));
+    let err =
+        b"-NOPERM this user has no permissions to access one of the channels used as arguments\r\n";
+    let _ = secret.reply.unwrap().send(Ok(Bytes::from_static(err)));
     assert_eq!(done(t).await, Err(Bytes::from_static(err)));
     // No confirmation reached the client, and `ok` is let go upstream.
     tokio::time::sleep(Duration::from_millis(30)).await;
     quiet(&mut rx);
     let (cmd, _r) = up.next().await;
     assert_eq!(cmd, ["UNSUBSCRIBE", "ok"]);
-    let r = f.hub.unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![], 2).await;
+    let r = f
+        .hub
+        .unsubscribe(&a, Proto::Resp2, Kind::Channel, vec![], 2)
+        .await;
     assert_eq!(r, Ok(Counts::default()));
     assert_eq!(
         reply(&mut rx, 2).await,
@@ -393,7 +403,17 @@ async fn a_new_connection_gets_every_subscription_again() {
     ] {
         let t = subscribe_bg(&f, &a, Proto::Resp2, kind, &[name], seq).await;
         let (cmd, _r) = up.next().await;
-        up.push(&[&kind.confirmation(true).iter().map(|&c| c as char).collect::<String>(), name], Some(1));
+        up.push(
+            &[
+                &kind
+                    .confirmation(true)
+                    .iter()
+                    .map(|&c| c as char)
+                    .collect::<String>(),
+                name,
+            ],
+            Some(1),
+        );
         done(t).await.unwrap();
         let _ = reply(&mut rx, seq).await;
         assert_eq!(cmd[1], name);
@@ -453,7 +473,8 @@ async fn without_a_connection_a_subscribe_fails_fast_and_others_stay() {
         .await;
     let e = r.unwrap_err();
     assert!(
-        String::from_utf8_lossy(&e).starts_with("-ERR upstream upstream:6380: connect failed: not yet"),
+        String::from_utf8_lossy(&e)
+            .starts_with("-ERR upstream upstream:6380: connect failed: not yet"),
         "{e:?}"
     );
     // While connecting (after a lost connection), one waits for the connection.

@@ -476,15 +476,35 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
     )]);
     let mut slow = Raw::connect(proxy.port);
     assert!(slow.call(&["SUBSCRIBE", "firehose"]).ends_with(":1\r\n"));
+    // Another that also sends commands it never reads the replies of: answered
+    // by the proxy one by one, they fill its session's reply queue, so the
+    // session waits on a writer that waits on the client.
+    let mut slow3 = Raw::connect(proxy.port);
+    assert!(slow3.call(&["HELLO", "3"]).starts_with("%7\r\n"));
+    assert!(slow3.call(&["SUBSCRIBE", "firehose"]).ends_with(":1\r\n"));
+    let mut w = slow3.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let cmd = redis_entra_proxy::resp::command(&[b"CLIENT", b"GETNAME"]);
+        let batch: Vec<u8> = (0..1000).flat_map(|_| cmd.to_vec()).collect();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until && w.write_all(&batch).is_ok() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
     let mut fast = Raw::connect(proxy.port);
     assert!(fast.call(&["SUBSCRIBE", "firehose"]).ends_with(":1\r\n"));
     // 600 messages of 64 KB (38 MB): far more than the socket buffers of the
     // slow client's connection and its 1 MB queue can hold.
     const N: usize = 600;
     let payload = "z".repeat(64 * 1024);
+    // The fast one reads as it goes; the publisher stays at most 8 messages
+    // (512 KB) ahead of it, so only the slow ones can reach the cap.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let read_so_far = progress.clone();
     let reader = std::thread::spawn(move || {
         for i in 0..N {
             let m = fast.read();
+            read_so_far.store(i + 1, std::sync::atomic::Ordering::Release);
             let tail = format!("{i:05}\r\n");
             assert!(m.ends_with(tail.as_bytes()), "message {i} out of order");
             assert_eq!(m.len(), 64 * 1024 + 5 + 41, "message {i}");
@@ -493,12 +513,26 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
     });
     let mut p = Raw::connect(proxy.port);
     for i in 0..N {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while progress.load(std::sync::atomic::Ordering::Acquire) + 8 < i {
+            assert!(
+                Instant::now() < deadline,
+                "the fast subscriber stalled at {i}"
+            );
+            assert!(!reader.is_finished(), "the fast subscriber failed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let r = p.call(&["PUBLISH", "firehose", &format!("{payload}{i:05}")]);
         assert_eq!(r, ":1\r\n", "publish {i}");
     }
     let mut fast = reader
         .join()
         .expect("the fast subscriber got every message in order");
+    // Both slow ones are closed by the proxy before anyone reads them (reading
+    // would unblock a stuck session by itself): only `fast` and `p` are left.
+    eventually("both slow subscribers closed", 15, || {
+        metric(admin, "redis_entra_proxy_client_connections ") == 2.0
+    });
     // The slow one is cut off: what was in flight drains, then the proxy closed it.
     slow.s
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -507,12 +541,28 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
     let rest = read_to_close(&mut slow.s);
     assert!(t.elapsed() < Duration::from_secs(25), "not closed");
     assert!(rest.len() < N * 64 * 1024, "{} bytes", rest.len());
-    let log = proxy.log_text();
+    slow3
+        .s
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let t = Instant::now();
+    let rest = read_to_close(&mut slow3.s);
     assert!(
-        log.contains("closing a pub/sub subscriber that does not read its messages"),
+        t.elapsed() < Duration::from_secs(25),
+        "RESP3 one not closed"
+    );
+    assert!(rest.len() < N * 64 * 1024, "{} bytes", rest.len());
+    let log = proxy.log_text();
+    assert_eq!(
+        log.matches("closing a pub/sub subscriber that does not read its messages")
+            .count(),
+        2,
         "{log}"
     );
-    assert!(metric(admin, "redis_entra_proxy_errors_total{kind=\"limit\"}") >= 1.0);
+    assert_eq!(
+        metric(admin, "redis_entra_proxy_errors_total{kind=\"limit\"}"),
+        2.0
+    );
     // The fast one is still subscribed, alone.
     assert_eq!(numsub(&redis, "firehose"), 1);
     assert_eq!(p.call(&["PUBLISH", "firehose", "tail"]), ":1\r\n");

@@ -143,6 +143,19 @@ where
         ctx.metrics.clone(),
     ));
     let kill = link.kill.clone();
+    // A client dropped by the hub may have its writer stuck on a socket it does
+    // not read, and this task waiting on the writer: stop the writer at once.
+    let session_done = CancellationToken::new();
+    {
+        let (kill, done, writer) = (kill.clone(), session_done.clone(), writer.abort_handle());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = kill.cancelled() => writer.abort(),
+                _ = done.cancelled() => {}
+            }
+        });
+    }
+    let _done_guard = session_done.drop_guard();
     let mut session = Session {
         ctx: ctx.clone(),
         out: out_tx,

@@ -197,7 +197,7 @@ where
             }
             // Cancel safety: `read_buf` loses nothing when another branch wins.
             _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
-                // Its transaction, subscriptions or database went with the
+                // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so
                 // the client notices and reconnects. Commands in flight on it
                 // already got their error replies.

@@ -571,3 +571,57 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
         message("firehose", "tail")
     );
 }
+
+#[test]
+fn redis_cli_subscribers_in_resp2_and_resp3_through_the_proxy() {
+    use std::io::BufRead;
+    let (redis, proxy, _admin) = setup(&[]);
+    let port = proxy.port.to_string();
+    let mut children = Vec::new();
+    let mut lines = Vec::new();
+    for proto in ["-2", "-3"] {
+        let mut child = std::process::Command::new("redis-cli")
+            .args([proto, "-p", &port, "SUBSCRIBE", "cli-news"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run redis-cli");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        children.push(child);
+        lines.push(rx);
+    }
+    let next = |rx: &std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a line from redis-cli")
+    };
+    for rx in &lines {
+        assert_eq!(
+            [next(rx), next(rx), next(rx)],
+            ["subscribe", "cli-news", "1"]
+        );
+    }
+    assert_eq!(numsub(&redis, "cli-news"), 1);
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.call(&["PUBLISH", "cli-news", "hello cli"]), ":1\r\n");
+    for rx in &lines {
+        assert_eq!(
+            [next(rx), next(rx), next(rx)],
+            ["message", "cli-news", "hello cli"]
+        );
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    eventually("the hub lets cli-news go", 5, || {
+        numsub(&redis, "cli-news") == 0
+    });
+}

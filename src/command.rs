@@ -1,6 +1,7 @@
 //! Where each client command goes: answered by the proxy, sent over a shared
-//! multiplexed connection, or sent on a connection pinned to this client because
-//! it creates connection state. One table, [`TABLE`], decides by command name;
+//! multiplexed connection, sent on a connection pinned to this client because
+//! it creates connection state, or handled by the pub/sub hub. One table,
+//! [`TABLE`], decides by command name;
 //! [`classify`] adds the cases that depend on arguments (CLIENT subcommands,
 //! XREAD BLOCK, SELECT of a non-default database).
 
@@ -31,8 +32,19 @@ pub enum Pin {
     Database,
     ClientMode,
     Monitor,
-    PubSub,
     Cluster,
+}
+
+/// Subscription commands: answered by the session with the pub/sub hub's
+/// help, never forwarded as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSub {
+    Subscribe,
+    PSubscribe,
+    SSubscribe,
+    Unsubscribe,
+    PUnsubscribe,
+    SUnsubscribe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +54,8 @@ pub enum Class {
     /// Creates state that outlives the command: needs its own connection.
     Pin(Pin),
     Local(Local),
+    /// Subscriptions, carried by the shared pub/sub hub.
+    PubSub(PubSub),
 }
 
 /// Command name (upper case) -> class, for every command that is not plain
@@ -68,9 +82,12 @@ pub const TABLE: &[(&str, Class)] = &[
     ("WAIT", Class::Pin(Pin::Blocking)),
     ("WAITAOF", Class::Pin(Pin::Blocking)),
     ("MONITOR", Class::Pin(Pin::Monitor)),
-    ("SUBSCRIBE", Class::Pin(Pin::PubSub)),
-    ("PSUBSCRIBE", Class::Pin(Pin::PubSub)),
-    ("SSUBSCRIBE", Class::Pin(Pin::PubSub)),
+    ("SUBSCRIBE", Class::PubSub(PubSub::Subscribe)),
+    ("PSUBSCRIBE", Class::PubSub(PubSub::PSubscribe)),
+    ("SSUBSCRIBE", Class::PubSub(PubSub::SSubscribe)),
+    ("UNSUBSCRIBE", Class::PubSub(PubSub::Unsubscribe)),
+    ("PUNSUBSCRIBE", Class::PubSub(PubSub::PUnsubscribe)),
+    ("SUNSUBSCRIBE", Class::PubSub(PubSub::SUnsubscribe)),
     ("READONLY", Class::Pin(Pin::Cluster)),
     ("READWRITE", Class::Pin(Pin::Cluster)),
     ("ASKING", Class::Pin(Pin::Cluster)),
@@ -253,5 +270,35 @@ mod tests {
             Class::Pin(Pin::Blocking)
         );
         assert_eq!(classify(&[]), Class::Shared);
+        // Publishing and introspection are plain shared commands.
+        for name in ["PUBLISH", "SPUBLISH", "PUBSUB"] {
+            assert_eq!(classify(&[name.as_bytes(), b"x"]), Class::Shared, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_subscription_command_goes_to_the_hub() {
+        let hub: Vec<&str> = TABLE
+            .iter()
+            .filter(|(_, c)| matches!(c, Class::PubSub(_)))
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(
+            hub,
+            [
+                "SUBSCRIBE",
+                "PSUBSCRIBE",
+                "SSUBSCRIBE",
+                "UNSUBSCRIBE",
+                "PUNSUBSCRIBE",
+                "SUNSUBSCRIBE"
+            ]
+        );
+        // One entry per name.
+        let mut names: Vec<&str> = TABLE.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a command is listed twice");
     }
 }

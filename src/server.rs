@@ -10,6 +10,7 @@ use crate::downstream::{self, Admission, Listener};
 use crate::metrics::Metrics;
 use crate::resp::scan::Limits;
 use crate::upstream::pool::Pool;
+use crate::upstream::pubsub::Hub;
 use crate::upstream::tls::Connector;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -117,6 +118,13 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     } else {
         None
     };
+    let hub = Hub::start(
+        cfg,
+        connector.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
     let pool = Pool::new(
         cfg,
         connector,
@@ -126,6 +134,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     );
     let ctx = Arc::new(Context {
         pool,
+        hub,
         metrics: metrics.clone(),
         limits: Limits::from(&cfg.limits),
         max_buffered_bytes: cfg.limits.max_buffered_bytes,

@@ -7,17 +7,22 @@
 //! re-encoding). Before a client's commands move from one upstream connection to
 //! another (shared -> pinned and back), the session waits until every reply of
 //! the previous one has arrived, so they run in the order sent.
+//!
+//! Subscriptions go to the shared pub/sub hub ([`crate::upstream::pubsub`]),
+//! which queues the client's confirmations and messages on a channel of their
+//! own; the writer puts each command's confirmations in that command's place
+//! among the replies, and messages between whole replies.
 
-use crate::command::{self, Class, Local, Pin};
+use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
 use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
+use crate::upstream::pubsub::{Hub, Kind, Link, ToClient};
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -29,6 +34,7 @@ use tracing::{debug, warn};
 /// What every session shares.
 pub struct Context {
     pub pool: Arc<Pool>,
+    pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_buffered_bytes: usize,
@@ -45,6 +51,9 @@ enum Out {
         count: usize,
         since: Instant,
     },
+    /// The confirmations of pub/sub command `seq`, queued by the hub: write
+    /// the hub's frames up to them.
+    Hub(u64),
     /// Write what is queued, then close.
     Close,
 }
@@ -85,27 +94,27 @@ struct State {
     watching: bool,
     /// Sticky modes (CLIENT TRACKING/REPLY/..., MONITOR, READONLY): until RESET.
     sticky: bool,
-    channels: HashSet<Vec<u8>>,
-    patterns: HashSet<Vec<u8>>,
-    shard_channels: HashSet<Vec<u8>>,
+    /// Subscriptions held for this client by the hub (as of its last answer):
+    /// channels + patterns, and shard channels.
+    subs: usize,
+    shard_subs: usize,
+    /// The hub's way to this client.
+    link: Arc<Link>,
+    /// Number of the client's last pub/sub command.
+    hub_seq: u64,
     pinned: Option<Pinned>,
-    pinned_proto: Proto,
     shared: Option<Handle>,
     last_target: Target,
 }
 
 impl State {
-    fn sub_count(&self) -> i64 {
-        (self.channels.len() + self.patterns.len() + self.shard_channels.len()) as i64
-    }
-
     fn subscribed(&self) -> bool {
-        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+        self.subs + self.shard_subs > 0
     }
 
     /// Whether the pinned connection holds state that must not be dropped.
     fn needs_pin(&self) -> bool {
-        self.in_multi || self.watching || self.db != 0 || self.sticky || self.subscribed()
+        self.in_multi || self.watching || self.db != 0 || self.sticky
     }
 }
 
@@ -119,21 +128,41 @@ where
     let (mut rd, wr) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
     let (push_tx, push_rx) = mpsc::unbounded_channel::<Bytes>();
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let (link, hub_rx) = Link::new(id, peer.clone());
     let outstanding = Arc::new(Outstanding::default());
     let writer = tokio::spawn(write_loop(
         wr,
         out_rx,
         push_rx,
+        HubFeed {
+            rx: hub_rx,
+            queued: link.queued.clone(),
+        },
         outstanding.clone(),
         ctx.metrics.clone(),
     ));
+    let kill = link.kill.clone();
+    // A client dropped by the hub may have its writer stuck on a socket it does
+    // not read, and this task waiting on the writer: stop the writer at once.
+    let session_done = CancellationToken::new();
+    {
+        let (kill, done, writer) = (kill.clone(), session_done.clone(), writer.abort_handle());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = kill.cancelled() => writer.abort(),
+                _ = done.cancelled() => {}
+            }
+        });
+    }
+    let _done_guard = session_done.drop_guard();
     let mut session = Session {
         ctx: ctx.clone(),
         out: out_tx,
         push_tx,
         outstanding,
         st: State {
-            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             proto: Proto::Resp2,
             authed: ctx.password.is_none(),
             name: None,
@@ -141,11 +170,11 @@ where
             in_multi: false,
             watching: false,
             sticky: false,
-            channels: HashSet::new(),
-            patterns: HashSet::new(),
-            shard_channels: HashSet::new(),
+            subs: 0,
+            shard_subs: 0,
+            link,
+            hub_seq: 0,
             pinned: None,
-            pinned_proto: Proto::Resp2,
             shared: None,
             last_target: Target::Shared,
         },
@@ -153,15 +182,22 @@ where
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
+    let mut killed = false;
     'read: loop {
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
         resp::reserve_for_read(&mut buf);
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
             _ = drain.cancelled() => break 'read,
+            // The hub dropped this subscriber for not reading its messages
+            // (it logged why): close without writing what is queued.
+            _ = kill.cancelled() => {
+                killed = true;
+                break 'read;
+            }
             // Cancel safety: `read_buf` loses nothing when another branch wins.
             _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
-                // Its transaction, subscriptions or database went with the
+                // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so
                 // the client notices and reconnects. Commands in flight on it
                 // already got their error replies.
@@ -215,7 +251,9 @@ where
                 && !cmd.inline
                 && session.st.authed
                 && session.st.pinned.is_none()
-                && session.st.last_target == Target::Shared;
+                && session.st.last_target == Target::Shared
+                // RESP2 subscribed mode refuses most commands: see `handle`.
+                && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
             if batchable {
                 batch_len += cmd.len;
                 batch_count += 1;
@@ -254,7 +292,12 @@ where
         }
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
-    ctx.metrics.pubsub_channels.dec_by(session.st.sub_count());
+    ctx.hub.gone(session.st.id);
+    if killed || kill.is_cancelled() {
+        // Its writer may be stuck on a client that does not read.
+        writer.abort();
+        return;
+    }
     let _ = session.out.send(Out::Close).await;
     drop(session);
     let _ = writer.await;
@@ -339,6 +382,7 @@ impl Session {
             count,
             reply: Some(reply_tx),
             in_multi_after,
+            pushes: 0,
         };
         if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
             if let Some(t) = req.reply {
@@ -368,19 +412,16 @@ impl Session {
         }
     }
 
-    async fn ensure_pinned(&mut self, proto: Proto) -> Result<(), UpstreamError> {
-        if self.st.pinned.is_some() && self.st.pinned_proto == proto {
+    async fn ensure_pinned(&mut self) -> Result<(), UpstreamError> {
+        if self.st.pinned.is_some() {
             return Ok(());
         }
         self.switch_to(Target::Pinned).await;
-        self.st.pinned = None;
         let push = PushSink {
             tx: self.push_tx.clone(),
-            as_resp2: self.st.proto == Proto::Resp2 && proto == Proto::Resp3,
         };
-        let pinned = self.ctx.pool.pin(proto, push).await?;
+        let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
         self.st.pinned = Some(pinned);
-        self.st.pinned_proto = proto;
         Ok(())
     }
 
@@ -442,20 +483,11 @@ impl Session {
                 return true;
             }
         }
-        let is_unsubscribe = matches!(
-            &name[..],
-            b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE"
-        );
         match class {
             Class::Local(local) => return self.local(local, &name, frame, args, since).await,
-            Class::Pin(Pin::PubSub) => {
-                return self.pubsub(&name, frame, args, since).await;
-            }
-            _ if is_unsubscribe => {
-                return self.pubsub(&name, frame, args, since).await;
-            }
+            Class::PubSub(cmd) => return self.pubsub(cmd, args).await,
             Class::Pin(pin) => {
-                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                if let Err(e) = self.ensure_pinned().await {
                     self.ctx.metrics.error(ErrorKind::UpstreamConnect);
                     self.reply(e.to_reply()).await;
                     return true;
@@ -563,6 +595,7 @@ impl Session {
                 count: 1,
                 reply: Some(reply_tx),
                 in_multi_after: false,
+                pushes: 0,
             };
             if tx.send(req).await.is_err() {
                 break UpstreamError::Shutdown.to_reply();
@@ -592,91 +625,57 @@ impl Session {
             .await;
     }
 
-    async fn pubsub(&mut self, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
-        let before = self.st.sub_count();
-        let keep_going = self.pubsub_inner(name, frame, args, since).await;
-        self.ctx
-            .metrics
-            .pubsub_channels
-            .inc_by(self.st.sub_count() - before);
-        keep_going
-    }
-
-    async fn pubsub_inner(
-        &mut self,
-        name: &[u8],
-        frame: Bytes,
-        args: &[Bytes],
-        since: Instant,
-    ) -> bool {
-        let set = match name {
-            b"SUBSCRIBE" | b"UNSUBSCRIBE" => &mut self.st.channels,
-            b"PSUBSCRIBE" | b"PUNSUBSCRIBE" => &mut self.st.patterns,
-            _ => &mut self.st.shard_channels,
-        };
-        let subscribing = !name.starts_with(b"UN") && !name[1..].starts_with(b"UN");
-        if subscribing {
-            if args.len() < 2 {
-                self.reply(resp::error(&format!(
-                    "ERR wrong number of arguments for '{}' command",
-                    String::from_utf8_lossy(name).to_lowercase()
-                )))
-                .await;
-                return true;
-            }
-            set.extend(args[1..].iter().map(|a| a.to_vec()));
-        } else if args.len() == 1 {
-            set.clear();
-        } else {
-            for a in &args[1..] {
-                set.remove(&a[..]);
-            }
-        }
-        // Subscriptions live on RESP3 connections: they can re-AUTH there.
-        if self.st.pinned.is_none() || self.st.pinned_proto != Proto::Resp3 {
-            if !subscribing && self.st.pinned.is_none() {
-                // Not subscribed anywhere: answer as Redis would.
-                let kind = String::from_utf8_lossy(name).to_lowercase();
-                let mut b = BytesMut::new();
-                let head: &[u8] = if self.st.proto == Proto::Resp3 {
-                    b">3\r\n"
-                } else {
-                    b"*3\r\n"
-                };
-                let channels: Vec<Bytes> = if args.len() > 1 {
-                    args[1..].to_vec()
-                } else {
-                    vec![]
-                };
-                if channels.is_empty() {
-                    b.extend_from_slice(head);
-                    b.extend_from_slice(&resp::bulk(kind.as_bytes()));
-                    b.extend_from_slice(&resp::null(self.st.proto));
-                    b.extend_from_slice(&resp::integer(0));
-                } else {
-                    for c in channels {
-                        b.extend_from_slice(head);
-                        b.extend_from_slice(&resp::bulk(kind.as_bytes()));
-                        b.extend_from_slice(&resp::bulk(&c));
-                        b.extend_from_slice(&resp::integer(0));
-                    }
-                }
-                self.reply(b.freeze()).await;
-                return true;
-            }
-            if let Err(e) = self.ensure_pinned(Proto::Resp3).await {
-                self.ctx.metrics.error(ErrorKind::UpstreamConnect);
-                self.reply(e.to_reply()).await;
-                return true;
-            }
-        }
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, answered with the hub: the
+    /// confirmations come as Redis sends them, in this command's place.
+    async fn pubsub(&mut self, cmd: PubSub, args: &[Bytes]) -> bool {
         self.ctx.metrics.command(Route::PubSub);
-        // Pub/sub answers arrive as push frames, not as replies.
-        let Some(p) = &self.st.pinned else {
-            return true;
+        let (kind, subscribe) = match cmd {
+            PubSub::Subscribe => (Kind::Channel, true),
+            PubSub::PSubscribe => (Kind::Pattern, true),
+            PubSub::SSubscribe => (Kind::Shard, true),
+            PubSub::Unsubscribe => (Kind::Channel, false),
+            PubSub::PUnsubscribe => (Kind::Pattern, false),
+            PubSub::SUnsubscribe => (Kind::Shard, false),
         };
-        let tx = p.tx.clone();
-        self.send_upstream(&tx, frame, 0, 0, false, since).await;
+        if subscribe && args.len() < 2 {
+            let reply = resp::error(&format!(
+                "ERR wrong number of arguments for '{}' command",
+                String::from_utf8_lossy(&args[0]).to_lowercase()
+            ));
+            let _ = self.out.send(Out::Now(reply)).await;
+            return true;
+        }
+        if self.st.in_multi {
+            let reply = resp::error(&format!(
+                "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
+                String::from_utf8_lossy(&args[0]).to_lowercase()
+            ));
+            let _ = self.out.send(Out::Now(reply)).await;
+            return true;
+        }
+        // Commands run in order: replies still due come before these
+        // confirmations (which the writer may write as soon as they are queued).
+        self.outstanding.wait_zero().await;
+        self.st.hub_seq += 1;
+        let seq = self.st.hub_seq;
+        let names = args[1..].to_vec();
+        let hub = &self.ctx.hub;
+        let res = if subscribe {
+            hub.subscribe(&self.st.link, self.st.proto, kind, names, seq)
+                .await
+        } else {
+            hub.unsubscribe(&self.st.link, self.st.proto, kind, names, seq)
+                .await
+        };
+        let item = match res {
+            Ok(counts) => {
+                self.st.subs = counts.subs;
+                self.st.shard_subs = counts.shard;
+                Out::Hub(seq)
+            }
+            Err(e) => Out::Now(e),
+        };
+        let _ = self.out.send(item).await;
         true
     }
 
@@ -710,8 +709,18 @@ impl Session {
                 return false;
             }
             Local::Reset => {
-                if self.st.pinned.is_some() {
+                if self.st.pinned.is_some() || self.st.subscribed() {
                     self.outstanding.wait_zero().await;
+                }
+                if self.st.subscribed() {
+                    // No message of the old subscriptions after `+RESET`.
+                    self.st.hub_seq += 1;
+                    let seq = self.st.hub_seq;
+                    if self.ctx.hub.reset(&self.st.link, seq).await.is_ok() {
+                        let _ = self.out.send(Out::Hub(seq)).await;
+                    }
+                    self.st.subs = 0;
+                    self.st.shard_subs = 0;
                 }
                 self.st.pinned = None;
                 self.st.in_multi = false;
@@ -719,10 +728,6 @@ impl Session {
                 self.st.sticky = false;
                 self.st.db = 0;
                 self.st.name = None;
-                self.ctx.metrics.pubsub_channels.dec_by(self.st.sub_count());
-                self.st.channels.clear();
-                self.st.patterns.clear();
-                self.st.shard_channels.clear();
                 if self.st.proto != Proto::Resp2 {
                     self.st.proto = Proto::Resp2;
                     self.st.shared = None;
@@ -746,7 +751,7 @@ impl Session {
                     self.reply(resp::ok()).await;
                     return true;
                 }
-                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                if let Err(e) = self.ensure_pinned().await {
                     self.reply(e.to_reply()).await;
                     return true;
                 }
@@ -889,7 +894,7 @@ impl Session {
             return;
         }
         if proto != self.st.proto {
-            if self.st.pinned.is_some() && self.st.needs_pin() {
+            if self.st.subscribed() || (self.st.pinned.is_some() && self.st.needs_pin()) {
                 self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction, subscribed, or in a special mode; RESET first")).await;
                 return;
             }
@@ -952,16 +957,49 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Write replies in order; push frames (pub/sub, invalidations) as they come.
+/// What the hub queues for this client, and the count of message bytes in it.
+struct HubFeed {
+    rx: mpsc::UnboundedReceiver<ToClient>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Write replies in order; push frames (invalidations, MONITOR lines) and
+/// pub/sub messages between whole replies as they come; each pub/sub command's
+/// confirmations in that command's place ([`Out::Hub`]).
 async fn write_loop<W: AsyncWrite + Unpin>(
     wr: W,
     mut out: mpsc::Receiver<Out>,
     mut push: mpsc::UnboundedReceiver<Bytes>,
+    mut hub: HubFeed,
     outstanding: Arc<Outstanding>,
     metrics: Arc<Metrics>,
 ) {
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let mut push_open = true;
+    let mut hub_open = true;
+    // The last pub/sub command whose confirmations were written.
+    let mut hub_done = 0u64;
+    // Write one frame from the hub; false when the client is gone.
+    async fn write_hub<W: AsyncWrite + Unpin>(
+        wr: &mut BufWriter<W>,
+        item: ToClient,
+        hub_done: &mut u64,
+        queued: &AtomicUsize,
+        metrics: &Metrics,
+    ) -> bool {
+        let bytes = match item {
+            ToClient::Message(b) => {
+                queued.fetch_sub(b.len(), Ordering::AcqRel);
+                b
+            }
+            ToClient::Reply { bytes, seq } => {
+                *hub_done = seq;
+                bytes
+            }
+        };
+        metrics.bytes_out.inc_by(bytes.len() as u64);
+        wr.write_all(&bytes).await.is_ok()
+    }
     loop {
         let item = tokio::select! {
             biased;
@@ -971,9 +1009,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     Some(p) => {
                         metrics.bytes_out.inc_by(p.len() as u64);
                         if wr.write_all(&p).await.is_err() { break }
-                        if push.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
+                        if push.is_empty() && hub.rx.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
                     }
                     None => push_open = false,
+                }
+                continue;
+            }
+            h = hub.rx.recv(), if hub_open => {
+                match h {
+                    Some(h) => {
+                        if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await { break }
+                        if push.is_empty() && hub.rx.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
+                    }
+                    None => hub_open = false,
                 }
                 continue;
             }
@@ -983,6 +1031,26 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             Out::Close => {
                 let _ = wr.flush().await;
                 break;
+            }
+            Out::Hub(seq) => {
+                // The hub queued these confirmations before the session sent
+                // this: everything up to them is already in the channel.
+                let mut ok = true;
+                while hub_done < seq && hub_open {
+                    match hub.rx.recv().await {
+                        Some(h) => {
+                            if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await {
+                                ok = false;
+                                break;
+                            }
+                        }
+                        None => hub_open = false,
+                    }
+                }
+                if !ok || (out.is_empty() && wr.flush().await.is_err()) {
+                    break;
+                }
+                continue;
             }
             Out::Wait {
                 mut rx,
@@ -1002,9 +1070,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                                 r = &mut rx => break r.unwrap_or(Err(UpstreamError::Shutdown)),
                                 p = push.recv(), if push_open => match p {
                                     Some(p) => {
+                                        metrics.bytes_out.inc_by(p.len() as u64);
                                         if wr.write_all(&p).await.is_err() || wr.flush().await.is_err() { return }
                                     }
                                     None => push_open = false,
+                                },
+                                h = hub.rx.recv(), if hub_open => match h {
+                                    Some(h) => {
+                                        if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await || wr.flush().await.is_err() { return }
+                                    }
+                                    None => hub_open = false,
                                 },
                             }
                         }

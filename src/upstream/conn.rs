@@ -3,7 +3,10 @@
 //! Requests (raw command bytes + how many replies they owe) arrive on a channel;
 //! the task writes them back to back, coalescing whatever is queued into one TLS
 //! write (auto-pipelining), and a reader task hands replies back FIFO. Push frames
-//! (RESP3 `>`) are out of band and go to the owner's push channel, if any.
+//! (RESP3 `>`) are out of band and go to the owner's push channel, if any. A
+//! request can instead be answered by push frames (the pub/sub hub's SUBSCRIBE
+//! and UNSUBSCRIBE: one `subscribe`/`unsubscribe` confirmation per channel, or
+//! one error reply), and is matched in the same FIFO.
 //!
 //! The task also owns the connection's credential: when the token source
 //! publishes a new generation it injects `AUTH <user> <token>` (after a jitter,
@@ -35,14 +38,18 @@ type AuthWait = (
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
 
-/// Raw command bytes to write, owing `count` replies (0 for pub/sub commands,
-/// whose answers are push frames).
+/// Raw command bytes to write, owing `count` replies.
 pub struct Request {
     pub bytes: Bytes,
     pub count: usize,
     pub reply: Option<ReplyTx>,
     /// The connection is inside MULTI after this request: defer re-AUTH.
     pub in_multi_after: bool,
+    /// With `count` 0: the request is answered by this many pub/sub
+    /// confirmation push frames (`subscribe`, `unsubscribe`, ...), which also go
+    /// to the push sink, or by one error reply instead. Its reply is then empty
+    /// (confirmed) or that error.
+    pub pushes: usize,
 }
 
 /// Settings every connection task shares.
@@ -57,11 +64,10 @@ pub struct ConnOpts {
     pub kind: &'static str,
 }
 
-/// Out-of-band frames for the owner (pinned connections only).
+/// Out-of-band frames for the owner: a pinned connection's client (tracking
+/// invalidations, MONITOR lines) or the pub/sub hub.
 pub struct PushSink {
     pub tx: mpsc::UnboundedSender<Bytes>,
-    /// Rewrite `>` to `*` for a RESP2 client (pub/sub frames are otherwise alike).
-    pub as_resp2: bool,
 }
 
 enum Sink {
@@ -71,6 +77,8 @@ enum Sink {
 
 struct Inflight {
     count: usize,
+    /// Confirmation push frames still owed (see [`Request::pushes`]).
+    pushes: usize,
     sink: Sink,
     written_at: Instant,
 }
@@ -144,11 +152,11 @@ pub async fn run(
                 let now = Instant::now();
                 let mut iter = batch.into_iter();
                 while let Some(req) = iter.next() {
-                    let inflight = Inflight { count: req.count, sink: Sink::Client(req.reply), written_at: now };
+                    let inflight = Inflight { count: req.count, pushes: req.pushes, sink: Sink::Client(req.reply), written_at: now };
                     if let Err(mpsc::error::SendError(back)) = inflight_tx.send(inflight) {
                         // The reader is gone: nothing of this request was written.
                         let Sink::Client(reply) = back.sink else { unreachable!() };
-                        *pending = Some(Request { bytes: req.bytes, count: req.count, reply, in_multi_after: req.in_multi_after });
+                        *pending = Some(Request { bytes: req.bytes, count: req.count, reply, in_multi_after: req.in_multi_after, pushes: req.pushes });
                         // Later ones are lost to this connection; fail them clearly.
                         for r in iter.by_ref() {
                             fail(r.reply, UpstreamError::Lost { reason: "connection closed before the command was written".into() });
@@ -197,7 +205,7 @@ pub async fn run(
                 let Some(cred) = state.usable(SystemTime::now()).cloned() else { continue };
                 let cmd = resp::command(&[b"AUTH", cred.username.as_bytes(), cred.password.expose().as_bytes()]);
                 let (tx, rx_auth) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
+                if inflight_tx.send(Inflight { count: 1, pushes: 0, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
                     continue;
                 }
                 if let Err(e) = wr.write_all(&cmd).await.and(wr.flush().await) {
@@ -229,7 +237,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(keepalive_at) => {
                 // Idle: a PING keeps Azure from closing the connection.
                 let (tx, _ignored) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
+                if inflight_tx.send(Inflight { count: 1, pushes: 0, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
                     continue;
                 }
                 if let Err(e) = wr.write_all(b"*1\r\n$4\r\nPING\r\n").await.and(wr.flush().await) {
@@ -313,7 +321,7 @@ async fn read_loop(
             };
             if reply.push {
                 // Out of band: never part of a request's replies.
-                let mut frame = if got_len == 0 {
+                let frame = if got_len == 0 {
                     buf.split_to(reply.len)
                 } else {
                     let f = BytesMut::from(&buf[got_len..got_len + reply.len]);
@@ -321,33 +329,53 @@ async fn read_loop(
                     buf.truncate(got_len);
                     buf.unsplit(tail);
                     f
-                };
-                if let Some(p) = &push {
-                    if p.as_resp2 {
-                        frame[0] = b'*';
+                }
+                .freeze();
+                // A pub/sub confirmation may be what the request at the head
+                // of the queue is waiting for.
+                if got_len == 0 && is_confirmation(&frame) {
+                    if current.is_none() {
+                        current = next_inflight(&mut inflight);
                     }
-                    let _ = p.tx.send(frame.freeze());
+                    if let Some(cur) = current.as_mut().filter(|c| c.pushes > 0) {
+                        cur.pushes -= 1;
+                        if cur.pushes == 0 {
+                            let done = current.take().expect("just checked");
+                            complete(done.sink, Bytes::new());
+                        }
+                    }
+                }
+                if let Some(p) = &push {
+                    let _ = p.tx.send(frame);
                 }
                 continue;
             }
             if current.is_none() {
-                current = match inflight.try_recv() {
-                    Ok(i) => Some(i),
+                current = match next_inflight(&mut inflight) {
+                    Some(i) => Some(i),
                     // A pinned connection in MONITOR mode streams lines nobody
                     // asked for: they belong to its client, like push frames.
-                    Err(_) if push.is_some() && got_len == 0 => {
+                    None if push.is_some() && got_len == 0 => {
                         let frame = buf.split_to(reply.len).freeze();
                         if let Some(p) = &push {
                             let _ = p.tx.send(frame);
                         }
                         continue;
                     }
-                    Err(_) => {
+                    None => {
                         break 'outer UpstreamError::Protocol(
                             "reply with no command waiting for it".into(),
                         )
                     }
                 };
+            }
+            if current.as_ref().is_some_and(|c| c.pushes > 0) {
+                // A request answered by confirmations got a reply instead: its
+                // error (it never has replies of its own).
+                let bytes = buf.split_to(reply.len).freeze();
+                let done = current.take().expect("just checked");
+                complete(done.sink, bytes);
+                continue;
             }
             got += 1;
             got_len += reply.len;
@@ -355,30 +383,14 @@ async fn read_loop(
             if got >= cur.count {
                 let bytes = buf.split_to(got_len).freeze();
                 let cur = current.take().expect("set above");
-                match cur.sink {
-                    Sink::Client(Some(tx)) => {
-                        let _ = tx.send(Ok(bytes));
-                    }
-                    Sink::Client(None) => {}
-                    Sink::Internal(tx) => {
-                        let _ = tx.send(Ok(bytes));
-                    }
-                }
+                complete(cur.sink, bytes);
                 got = 0;
                 got_len = 0;
             }
         }
-        // Requests owing no reply (pub/sub) complete as soon as they are written.
-        while current.is_none() {
-            match inflight.try_recv() {
-                Ok(i) if i.count == 0 => {
-                    if let Sink::Client(Some(tx)) = i.sink {
-                        let _ = tx.send(Ok(Bytes::new()));
-                    }
-                }
-                Ok(i) => current = Some(i),
-                Err(_) => break,
-            }
+        // Requests owing nothing complete as soon as they are written.
+        if current.is_none() {
+            current = next_inflight(&mut inflight);
         }
         let waiting = current.as_ref().map(|c| c.written_at);
         resp::reserve_for_read(&mut buf);
@@ -398,9 +410,7 @@ async fn read_loop(
                 // A request owing replies was written: start its timer.
                 i = inflight.recv() => {
                     match i {
-                        Some(i) if i.count == 0 => {
-                            if let Sink::Client(Some(tx)) = i.sink { let _ = tx.send(Ok(Bytes::new())); }
-                        }
+                        Some(i) if i.count == 0 && i.pushes == 0 => complete(i.sink, Bytes::new()),
                         Some(i) => current = Some(i),
                         None => break UpstreamError::Shutdown,
                     }
@@ -437,6 +447,44 @@ async fn read_loop(
         fail_sink(i.sink, lost(&err));
     }
     err
+}
+
+/// The next request that owes something, completing on the way those that
+/// owe nothing (written, answered by nothing).
+fn next_inflight(inflight: &mut mpsc::UnboundedReceiver<Inflight>) -> Option<Inflight> {
+    loop {
+        match inflight.try_recv() {
+            Ok(i) if i.count == 0 && i.pushes == 0 => complete(i.sink, Bytes::new()),
+            Ok(i) => return Some(i),
+            Err(_) => return None,
+        }
+    }
+}
+
+fn complete(sink: Sink, bytes: Bytes) {
+    match sink {
+        Sink::Client(Some(tx)) | Sink::Internal(tx) => {
+            let _ = tx.send(Ok(bytes));
+        }
+        Sink::Client(None) => {}
+    }
+}
+
+/// Whether a push frame confirms a (P|S)(UN)SUBSCRIBE (rather than being a
+/// message or an invalidation).
+pub fn is_confirmation(frame: &[u8]) -> bool {
+    matches!(
+        resp::push_head(frame),
+        Some((
+            b"subscribe"
+                | b"unsubscribe"
+                | b"psubscribe"
+                | b"punsubscribe"
+                | b"ssubscribe"
+                | b"sunsubscribe",
+            _
+        ))
+    )
 }
 
 fn fail_sink(sink: Sink, e: UpstreamError) {

@@ -130,6 +130,9 @@ fn inline_commands_like_telnet() {
     let mut s = proxy.raw();
     let got = roundtrip(&mut s, b"PING\r\nSET inl  ine\nGET inl\r\n", 7 + 5 + 9);
     assert_eq!(got, b"+PONG\r\n+OK\r\n$3\r\nine\r\n");
+    // A long inline line keeps every word.
+    let got = roundtrip(&mut s, b"MSET a 1 b 2 c 3 d 4 e 5\r\nGET e\r\n", 5 + 7);
+    assert_eq!(got, b"+OK\r\n$1\r\n5\r\n");
 }
 
 #[test]

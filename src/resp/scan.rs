@@ -298,6 +298,15 @@ fn split_inline(line: &[u8]) -> Result<Vec<Range<usize>>, ScanError> {
 /// Every argument of a complete command frame, for the few commands that need
 /// more than [`KEPT_ARGS`] (SUBSCRIBE with many channels).
 pub fn args_of<'a>(frame: &'a [u8], cmd: &Command) -> Vec<&'a [u8]> {
+    if cmd.inline && cmd.argc > KEPT_ARGS {
+        // The line again, without its `\r\n` (or `\n`): every word.
+        let mut end = frame.len();
+        while end > 0 && (frame[end - 1] == b'\n' || frame[end - 1] == b'\r') {
+            end -= 1;
+        }
+        let words = split_inline(&frame[..end]).unwrap_or_default();
+        return words.into_iter().map(|r| &frame[r]).collect();
+    }
     if cmd.inline || cmd.argc <= KEPT_ARGS {
         return cmd.args.iter().map(|r| &frame[r.clone()]).collect();
     }
@@ -496,6 +505,13 @@ mod tests {
         assert_eq!(got[2].0, vec![b"GET".to_vec(), b"k".to_vec()]);
         // A blank line is an empty command (Redis ignores it).
         assert_eq!(scan_all(b"\r\n").unwrap()[0].1, 0);
+        // More words than the scanner keeps positions for: all of them.
+        let line: &[u8] = b"MSET a 1 b 2 c 3 d 4 e 5\r\n";
+        let cmd = CommandScanner::new(limits()).scan(line).unwrap().unwrap();
+        assert_eq!(cmd.argc, 11);
+        let words: Vec<&[u8]> = args_of(line, &cmd);
+        assert_eq!(words.len(), 11);
+        assert_eq!((words[0], words[10]), (&b"MSET"[..], &b"5"[..]));
         for split in 0..9 {
             let mut s = CommandScanner::new(limits());
             assert_eq!(s.scan(&b"GET k\r\n"[..split.min(6)]).unwrap(), None);

@@ -2,8 +2,10 @@
 //!
 //! Requests (raw command bytes + how many replies they owe) arrive on a channel;
 //! the task writes them back to back, coalescing whatever is queued into one TLS
-//! write (auto-pipelining), and a reader task hands replies back FIFO. Push frames
-//! (RESP3 `>`) are out of band and go to the owner's push channel, if any.
+//! write (auto-pipelining), reads the replies and hands them back FIFO, all from
+//! one poll loop (no split stream, no reader task: a command costs no hand-off
+//! inside the connection). Push frames (RESP3 `>`) are out of band and go to the
+//! owner's push channel, if any.
 //!
 //! The task also owns the connection's credential: when the token source
 //! publishes a new generation it injects `AUTH <user> <token>` (after a jitter,
@@ -16,21 +18,18 @@ use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
 use crate::resp::scan::ReplyScanner;
 use crate::resp::{self, Proto};
+use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{info, warn};
-
-/// A re-AUTH written and awaiting its reply: (reply, generation, expiry).
-type AuthWait = (
-    oneshot::Receiver<Result<Bytes, UpstreamError>>,
-    u64,
-    Option<SystemTime>,
-);
 
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
@@ -66,7 +65,13 @@ pub struct PushSink {
 
 enum Sink {
     Client(Option<ReplyTx>),
-    Internal(oneshot::Sender<Result<Bytes, UpstreamError>>),
+    /// The proxy's own re-AUTH with this generation's credential.
+    Auth {
+        generation: u64,
+        expires_at: Option<SystemTime>,
+    },
+    /// A keepalive PING: the reply is dropped.
+    Ping,
 }
 
 struct Inflight {
@@ -75,9 +80,17 @@ struct Inflight {
     written_at: Instant,
 }
 
-/// Run `conn` until it fails or `rx` closes. Requests still in `rx` when the
-/// connection fails stay there (never written), so a supervisor can carry them
-/// to a new connection.
+/// Larger requests are written from their own buffer instead of being copied.
+const COPY_BELOW: usize = 64 * 1024;
+/// Requests taken from the channel per write.
+const BATCH: usize = 256;
+
+/// Run `conn` until it fails or `rx` closes. One task does everything: takes
+/// requests, writes them, reads replies and hands them out FIFO, re-AUTHs and
+/// keeps the connection alive. Requests are taken from `rx` only when they can
+/// be written at once, so those still in `rx` when the connection fails were
+/// never written and a supervisor can carry them to a new connection; a request
+/// in `pending` (carried over that way) is written first.
 pub async fn run(
     conn: Authed,
     rx: &mut mpsc::Receiver<Request>,
@@ -88,98 +101,49 @@ pub async fn run(
 ) -> Result<(), UpstreamError> {
     let Authed {
         stream,
-        proto,
-        mut generation,
-        mut expires_at,
+        generation,
+        expires_at,
         leftover,
         ..
     } = conn;
-    let publish_expiry = |e: Option<SystemTime>| {
-        if let Some(out) = expiry_out {
-            out.store(unix_secs(e), Ordering::Release);
-        }
-    };
-    publish_expiry(expires_at);
-    let (rd, mut wr) = tokio::io::split(stream);
-    let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<Inflight>();
-    let mut reader = tokio::spawn(read_loop(
-        rd,
-        leftover,
-        inflight_rx,
-        push,
-        opts.reply_timeout,
-    ));
     let mut tokens = opts.tokens.clone();
     tokens.mark_unchanged();
-    let mut tokens_open = true;
-    let mut in_multi = false;
+    let now = Instant::now();
     // A connection handed over with an older credential re-AUTHs at once.
-    let mut reauth_at: Option<Instant> =
-        (tokens.borrow().generation != generation).then(Instant::now);
-    let mut auth_wait: Option<AuthWait> = None;
-    let mut last_write = Instant::now();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-
-    let result: Result<(), UpstreamError> = loop {
-        let keepalive_at = last_write + opts.keepalive;
+    let reauth_at = (tokens.borrow().generation != generation).then_some(now);
+    let mut c = Conn {
+        stream,
+        rbuf: leftover,
+        scanner: ReplyScanner::new(),
+        got: 0,
+        got_len: 0,
+        inflight: VecDeque::new(),
+        out: WriteQueue::new(COPY_BELOW),
+        rx,
+        rx_open: true,
+        released_at: None,
+        push,
+        opts,
+        expiry_out,
+        tokens: tokens.clone(),
+        generation,
+        expires_at,
+        in_multi: false,
+        reauth_at,
+        auth_inflight: false,
+        last_write: now,
+        timer: Box::pin(tokio::time::sleep_until(now + opts.keepalive)),
+        armed: None,
+    };
+    c.publish_expiry();
+    if let Some(req) = pending.take() {
+        c.queue(req, now);
+    }
+    let mut tokens_open = true;
+    let result = loop {
         tokio::select! {
-            // Cancel safety: `recv` loses nothing when another branch wins.
-            req = async {
-                match pending.take() {
-                    Some(r) => Some(r),
-                    None => rx.recv().await,
-                }
-            } => {
-                let Some(req) = req else { break Ok(()) };
-                buf.clear();
-                let mut batch = vec![req];
-                // Coalesce whatever else is queued into the same write.
-                while batch.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-                let mut big: Vec<Bytes> = Vec::new();
-                let now = Instant::now();
-                let mut iter = batch.into_iter();
-                while let Some(req) = iter.next() {
-                    let inflight = Inflight { count: req.count, sink: Sink::Client(req.reply), written_at: now };
-                    if let Err(mpsc::error::SendError(back)) = inflight_tx.send(inflight) {
-                        // The reader is gone: nothing of this request was written.
-                        let Sink::Client(reply) = back.sink else { unreachable!() };
-                        *pending = Some(Request { bytes: req.bytes, count: req.count, reply, in_multi_after: req.in_multi_after });
-                        // Later ones are lost to this connection; fail them clearly.
-                        for r in iter.by_ref() {
-                            fail(r.reply, UpstreamError::Lost { reason: "connection closed before the command was written".into() });
-                        }
-                        break;
-                    }
-                    in_multi = req.in_multi_after;
-                    if req.bytes.len() >= 64 * 1024 {
-                        big.push(req.bytes);
-                    } else if big.is_empty() {
-                        buf.extend_from_slice(&req.bytes);
-                    } else {
-                        big.push(req.bytes);
-                    }
-                }
-                if let Err(e) = write_all(&mut wr, &buf, &big).await {
-                    break Err(UpstreamError::Lost { reason: format!("write failed: {e}") });
-                }
-                last_write = Instant::now();
-                if reauth_at.is_some_and(|t| t <= last_write) && !in_multi {
-                    // Due while we were busy: goes right behind this batch.
-                    reauth_at = Some(last_write);
-                }
-            }
-            res = &mut reader => {
-                let err = match res {
-                    Ok(e) => e,
-                    Err(e) => UpstreamError::Lost { reason: format!("reader task failed: {e}") },
-                };
-                break Err(err);
-            }
+            biased;
+            r = std::future::poll_fn(|cx| c.poll(cx)) => break r,
             changed = tokens.changed(), if tokens_open => {
                 if changed.is_err() {
                     // The source is gone (shutdown): nothing will change any more.
@@ -187,67 +151,343 @@ pub async fn run(
                     continue;
                 }
                 let state = tokens.borrow_and_update().clone();
-                if state.generation != generation && state.current.is_some() {
-                    reauth_at = Some(Instant::now() + reauth_jitter(expires_at));
+                if state.generation != c.generation && state.current.is_some() {
+                    c.reauth_at = Some(Instant::now() + reauth_jitter(c.expires_at));
                 }
-            }
-            _ = sleep_opt(reauth_at), if reauth_at.is_some() && !in_multi && auth_wait.is_none() => {
-                reauth_at = None;
-                let state = tokens.borrow().clone();
-                let Some(cred) = state.usable(SystemTime::now()).cloned() else { continue };
-                let cmd = resp::command(&[b"AUTH", cred.username.as_bytes(), cred.password.expose().as_bytes()]);
-                let (tx, rx_auth) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
-                    continue;
-                }
-                if let Err(e) = wr.write_all(&cmd).await.and(wr.flush().await) {
-                    break Err(UpstreamError::Lost { reason: format!("write failed: {e}") });
-                }
-                last_write = Instant::now();
-                auth_wait = Some((rx_auth, state.generation, cred.expires_at));
-            }
-            res = async { (&mut auth_wait.as_mut().expect("guarded").0).await }, if auth_wait.is_some() => {
-                let (_, gen, exp) = auth_wait.take().expect("guarded");
-                match res {
-                    Ok(Ok(reply)) if resp::error_text(&reply).is_none() => {
-                        generation = gen;
-                        expires_at = exp;
-                        publish_expiry(exp);
-                        opts.metrics.reauth("ok");
-                        info!(kind = opts.kind, generation, "upstream connection re-authenticated");
-                    }
-                    Ok(Ok(reply)) => {
-                        opts.metrics.reauth("failed");
-                        let reason = resp::error_text(&reply).unwrap_or_default();
-                        warn!(kind = opts.kind, %reason, "re-AUTH refused; retiring the connection");
-                        break Err(UpstreamError::Auth { addr: opts.addr.clone(), reason });
-                    }
-                    Ok(Err(e)) => { opts.metrics.reauth("failed"); break Err(e) }
-                    Err(_) => { opts.metrics.reauth("failed"); break Err(UpstreamError::Lost { reason: "re-AUTH reply lost".into() }) }
-                }
-            }
-            _ = tokio::time::sleep_until(keepalive_at) => {
-                // Idle: a PING keeps Azure from closing the connection.
-                let (tx, _ignored) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
-                    continue;
-                }
-                if let Err(e) = wr.write_all(b"*1\r\n$4\r\nPING\r\n").await.and(wr.flush().await) {
-                    break Err(UpstreamError::Lost { reason: format!("keepalive write failed: {e}") });
-                }
-                last_write = Instant::now();
             }
         }
     };
-    drop(inflight_tx);
-    if result.is_ok() {
-        // Released by the owner: wait for the last replies so none is lost.
-        let _ = tokio::time::timeout(opts.reply_timeout, &mut reader).await;
-    } else {
-        reader.abort();
-    }
-    let _ = proto;
+    c.finish(&result);
     result
+}
+
+/// One connection's state, driven by [`Conn::poll`].
+struct Conn<'a> {
+    stream: Stream,
+    rbuf: BytesMut,
+    scanner: ReplyScanner,
+    /// Replies gathered for the head of `inflight` so far (bytes at the front of `rbuf`).
+    got: usize,
+    got_len: usize,
+    /// Written and owing replies, oldest first.
+    inflight: VecDeque<Inflight>,
+    out: WriteQueue,
+    rx: &'a mut mpsc::Receiver<Request>,
+    /// False once the owner let go: finish the replies owed, then end.
+    rx_open: bool,
+    released_at: Option<Instant>,
+    push: Option<PushSink>,
+    opts: &'a ConnOpts,
+    expiry_out: Option<&'a AtomicU64>,
+    tokens: TokenWatch,
+    generation: u64,
+    expires_at: Option<SystemTime>,
+    in_multi: bool,
+    reauth_at: Option<Instant>,
+    auth_inflight: bool,
+    last_write: Instant,
+    /// One timer for the reply timeout, keepalive, re-AUTH and release
+    /// deadlines, set to the earliest of them.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Conn<'_> {
+    fn publish_expiry(&self) {
+        if let Some(out) = self.expiry_out {
+            out.store(unix_secs(self.expires_at), Ordering::Release);
+        }
+    }
+
+    /// Make progress on everything that is ready; `Ready` when the connection
+    /// ends (`Ok` once released and every reply is handed out).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            let mut again = false;
+            // Replies first: a connection the server closed is noticed before
+            // anything more is taken from `rx` for it.
+            resp::reserve_for_read(&mut self.rbuf);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(UpstreamError::Lost {
+                        reason: "server closed the connection".into(),
+                    }))
+                }
+                Poll::Ready(Ok(_)) => {
+                    if let Err(e) = self.hand_out() {
+                        return Poll::Ready(Err(e));
+                    }
+                    again = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(UpstreamError::Lost {
+                        reason: e.to_string(),
+                    }))
+                }
+                Poll::Pending => {}
+            }
+            // Take requests only when the last write went out, so that what
+            // waits in `rx` was never written anywhere.
+            if self.out.is_idle() && self.rx_open {
+                let now = Instant::now();
+                let mut taken = 0;
+                while taken < BATCH {
+                    match self.rx.poll_recv(cx) {
+                        Poll::Ready(Some(req)) => {
+                            self.queue(req, now);
+                            taken += 1;
+                        }
+                        Poll::Ready(None) => {
+                            self.rx_open = false;
+                            self.released_at = Some(now);
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                // A full batch: come back for the rest (no waker registered).
+                again |= taken == BATCH;
+            }
+            if self.reauth_at.is_some_and(|t| t <= Instant::now()) && self.may_reauth() {
+                // Due while we were busy: goes right behind this batch.
+                self.queue_reauth();
+            }
+            if !self.out.is_idle() {
+                match self.out.poll_write(Pin::new(&mut self.stream), cx) {
+                    Poll::Ready(Ok(())) => self.last_write = Instant::now(),
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(UpstreamError::Lost {
+                            reason: format!("write failed: {e}"),
+                        }))
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !self.rx_open && self.inflight.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let deadline = self.next_deadline();
+            if deadline.is_some() && self.armed != deadline {
+                self.timer.as_mut().reset(deadline.expect("checked"));
+                self.armed = deadline;
+            }
+            if deadline.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+                self.armed = None;
+                if let Err(e) = self.on_timer() {
+                    return Poll::Ready(e);
+                }
+                again = true;
+            }
+            if !again {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Re-AUTH is allowed now: not inside MULTI, none in flight, not released.
+    fn may_reauth(&self) -> bool {
+        self.rx_open && !self.in_multi && !self.auth_inflight
+    }
+
+    /// The earliest of the deadlines that apply now; each one has something to
+    /// do when it passes, so the timer never fires twice for nothing.
+    fn next_deadline(&self) -> Option<Instant> {
+        let keepalive = (self.rx_open && self.out.is_idle())
+            .then(|| self.last_write + self.opts.keepalive);
+        let reply = self
+            .inflight
+            .front()
+            .map(|head| head.written_at + self.opts.reply_timeout);
+        let reauth = self.reauth_at.filter(|_| self.may_reauth());
+        let release = self.released_at.map(|t| t + self.opts.reply_timeout);
+        [keepalive, reply, reauth, release].into_iter().flatten().min()
+    }
+
+    /// The timer fired: whatever is due. `Err` ends the connection.
+    fn on_timer(&mut self) -> Result<(), Result<(), UpstreamError>> {
+        let now = Instant::now();
+        if let Some(t) = self.released_at {
+            if t + self.opts.reply_timeout <= now {
+                // Released by the owner; the last replies did not come in time.
+                return Err(Ok(()));
+            }
+        }
+        if let Some(head) = self.inflight.front() {
+            if head.written_at + self.opts.reply_timeout <= now {
+                return Err(Err(UpstreamError::Timeout {
+                    addr: String::from("upstream"),
+                    secs: self.opts.reply_timeout.as_secs_f64(),
+                    during: "waiting for a reply",
+                }));
+            }
+        }
+        if self.reauth_at.is_some_and(|t| t <= now) && self.may_reauth() {
+            self.queue_reauth();
+        }
+        if self.rx_open && self.out.is_idle() && self.last_write + self.opts.keepalive <= now {
+            // Idle: a PING keeps Azure from closing the connection.
+            self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
+            self.inflight.push_back(Inflight {
+                count: 1,
+                sink: Sink::Ping,
+                written_at: now,
+            });
+        }
+        Ok(())
+    }
+
+    /// Add a request to the write queue (written by the caller's next step).
+    fn queue(&mut self, req: Request, now: Instant) {
+        self.in_multi = req.in_multi_after;
+        self.out.push(req.bytes);
+        if req.count == 0 {
+            // Owes no reply (pub/sub): complete as soon as it is written.
+            if let Some(tx) = req.reply {
+                let _ = tx.send(Ok(Bytes::new()));
+            }
+            return;
+        }
+        self.inflight.push_back(Inflight {
+            count: req.count,
+            sink: Sink::Client(req.reply),
+            written_at: now,
+        });
+    }
+
+    fn queue_reauth(&mut self) {
+        self.reauth_at = None;
+        let state = self.tokens.borrow().clone();
+        let Some(cred) = state.usable(SystemTime::now()).cloned() else {
+            return;
+        };
+        let cmd = resp::command(&[
+            b"AUTH",
+            cred.username.as_bytes(),
+            cred.password.expose().as_bytes(),
+        ]);
+        self.out.push(cmd);
+        self.inflight.push_back(Inflight {
+            count: 1,
+            sink: Sink::Auth {
+                generation: state.generation,
+                expires_at: cred.expires_at,
+            },
+            written_at: Instant::now(),
+        });
+        self.auth_inflight = true;
+    }
+
+    fn on_auth_reply(
+        &mut self,
+        reply: &[u8],
+        generation: u64,
+        expires_at: Option<SystemTime>,
+    ) -> Result<(), UpstreamError> {
+        self.auth_inflight = false;
+        match resp::error_text(reply) {
+            None => {
+                self.generation = generation;
+                self.expires_at = expires_at;
+                self.publish_expiry();
+                self.opts.metrics.reauth("ok");
+                info!(
+                    kind = self.opts.kind,
+                    generation, "upstream connection re-authenticated"
+                );
+                Ok(())
+            }
+            Some(reason) => {
+                self.opts.metrics.reauth("failed");
+                warn!(kind = self.opts.kind, %reason, "re-AUTH refused; retiring the connection");
+                Err(UpstreamError::Auth {
+                    addr: self.opts.addr.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Hand out every complete reply in the read buffer, FIFO.
+    fn hand_out(&mut self) -> Result<(), UpstreamError> {
+        loop {
+            let reply = match self.scanner.scan(&self.rbuf[self.got_len..]) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+            };
+            if reply.push {
+                // Out of band: never part of a request's replies.
+                let got_len = self.got_len;
+                let mut frame = if got_len == 0 {
+                    self.rbuf.split_to(reply.len)
+                } else {
+                    let f = BytesMut::from(&self.rbuf[got_len..got_len + reply.len]);
+                    let tail = self.rbuf.split_off(got_len + reply.len);
+                    self.rbuf.truncate(got_len);
+                    self.rbuf.unsplit(tail);
+                    f
+                };
+                if let Some(p) = &self.push {
+                    if p.as_resp2 {
+                        frame[0] = b'*';
+                    }
+                    let _ = p.tx.send(frame.freeze());
+                }
+                continue;
+            }
+            let Some(cur) = self.inflight.front() else {
+                // A pinned connection in MONITOR mode streams lines nobody
+                // asked for: they belong to its client, like push frames.
+                if let (Some(p), 0) = (&self.push, self.got_len) {
+                    let _ = p.tx.send(self.rbuf.split_to(reply.len).freeze());
+                    continue;
+                }
+                return Err(UpstreamError::Protocol(
+                    "reply with no command waiting for it".into(),
+                ));
+            };
+            self.got += 1;
+            self.got_len += reply.len;
+            if self.got < cur.count {
+                continue;
+            }
+            let bytes = self.rbuf.split_to(self.got_len).freeze();
+            self.got = 0;
+            self.got_len = 0;
+            let cur = self.inflight.pop_front().expect("checked above");
+            match cur.sink {
+                Sink::Client(Some(tx)) => {
+                    let _ = tx.send(Ok(bytes));
+                }
+                Sink::Client(None) | Sink::Ping => {}
+                Sink::Auth {
+                    generation,
+                    expires_at,
+                } => self.on_auth_reply(&bytes, generation, expires_at)?,
+            }
+        }
+    }
+
+    /// The connection ended: fail what it still owes, with the reason.
+    fn finish(&mut self, result: &Result<(), UpstreamError>) {
+        let err = match result {
+            Ok(()) => UpstreamError::Lost {
+                reason: "connection released".into(),
+            },
+            Err(UpstreamError::Shutdown) => UpstreamError::Lost {
+                reason: "connection released".into(),
+            },
+            Err(e) => e.clone(),
+        };
+        info!(error = %err, "upstream connection closed");
+        for i in self.inflight.drain(..) {
+            match i.sink {
+                Sink::Client(reply) => fail(reply, err.clone()),
+                Sink::Auth { .. } => self.opts.metrics.reauth("failed"),
+                Sink::Ping => {}
+            }
+        }
+    }
 }
 
 /// Seconds since the epoch, 0 for "never expires".
@@ -267,184 +507,9 @@ fn reauth_jitter(old_expiry: Option<SystemTime>) -> Duration {
     window.mul_f64(fastrand::f64())
 }
 
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn fail(reply: Option<ReplyTx>, e: UpstreamError) {
     if let Some(tx) = reply {
         let _ = tx.send(Err(e));
-    }
-}
-
-async fn write_all(wr: &mut WriteHalf<Stream>, small: &[u8], big: &[Bytes]) -> std::io::Result<()> {
-    if !small.is_empty() {
-        wr.write_all(small).await?;
-    }
-    for b in big {
-        wr.write_all(b).await?;
-    }
-    wr.flush().await
-}
-
-/// Read replies and hand them out FIFO. Returns why it stopped.
-async fn read_loop(
-    mut rd: ReadHalf<Stream>,
-    mut buf: BytesMut,
-    mut inflight: mpsc::UnboundedReceiver<Inflight>,
-    push: Option<PushSink>,
-    reply_timeout: Duration,
-) -> UpstreamError {
-    let mut scanner = ReplyScanner::new();
-    let mut current: Option<Inflight> = None;
-    // Replies gathered for `current` so far (bytes at the front of `buf`).
-    let mut got = 0usize;
-    let mut got_len = 0usize;
-    let err = 'outer: loop {
-        // Hand out every complete reply in the buffer.
-        loop {
-            let reply = match scanner.scan(&buf[got_len..]) {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(e) => break 'outer UpstreamError::Protocol(e.to_string()),
-            };
-            if reply.push {
-                // Out of band: never part of a request's replies.
-                let mut frame = if got_len == 0 {
-                    buf.split_to(reply.len)
-                } else {
-                    let f = BytesMut::from(&buf[got_len..got_len + reply.len]);
-                    let tail = buf.split_off(got_len + reply.len);
-                    buf.truncate(got_len);
-                    buf.unsplit(tail);
-                    f
-                };
-                if let Some(p) = &push {
-                    if p.as_resp2 {
-                        frame[0] = b'*';
-                    }
-                    let _ = p.tx.send(frame.freeze());
-                }
-                continue;
-            }
-            if current.is_none() {
-                current = match inflight.try_recv() {
-                    Ok(i) => Some(i),
-                    // A pinned connection in MONITOR mode streams lines nobody
-                    // asked for: they belong to its client, like push frames.
-                    Err(_) if push.is_some() && got_len == 0 => {
-                        let frame = buf.split_to(reply.len).freeze();
-                        if let Some(p) = &push {
-                            let _ = p.tx.send(frame);
-                        }
-                        continue;
-                    }
-                    Err(_) => {
-                        break 'outer UpstreamError::Protocol(
-                            "reply with no command waiting for it".into(),
-                        )
-                    }
-                };
-            }
-            got += 1;
-            got_len += reply.len;
-            let cur = current.as_ref().expect("set above");
-            if got >= cur.count {
-                let bytes = buf.split_to(got_len).freeze();
-                let cur = current.take().expect("set above");
-                match cur.sink {
-                    Sink::Client(Some(tx)) => {
-                        let _ = tx.send(Ok(bytes));
-                    }
-                    Sink::Client(None) => {}
-                    Sink::Internal(tx) => {
-                        let _ = tx.send(Ok(bytes));
-                    }
-                }
-                got = 0;
-                got_len = 0;
-            }
-        }
-        // Requests owing no reply (pub/sub) complete as soon as they are written.
-        while current.is_none() {
-            match inflight.try_recv() {
-                Ok(i) if i.count == 0 => {
-                    if let Sink::Client(Some(tx)) = i.sink {
-                        let _ = tx.send(Ok(Bytes::new()));
-                    }
-                }
-                Ok(i) => current = Some(i),
-                Err(_) => break,
-            }
-        }
-        let waiting = current.as_ref().map(|c| c.written_at);
-        resp::reserve_for_read(&mut buf);
-        let read = rd.read_buf(&mut buf);
-        let n = match waiting {
-            Some(since) => {
-                let deadline = since + reply_timeout;
-                tokio::select! {
-                    r = read => r,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        break UpstreamError::Timeout { addr: String::from("upstream"), secs: reply_timeout.as_secs_f64(), during: "waiting for a reply" };
-                    }
-                }
-            }
-            None => tokio::select! {
-                r = read => r,
-                // A request owing replies was written: start its timer.
-                i = inflight.recv() => {
-                    match i {
-                        Some(i) if i.count == 0 => {
-                            if let Sink::Client(Some(tx)) = i.sink { let _ = tx.send(Ok(Bytes::new())); }
-                        }
-                        Some(i) => current = Some(i),
-                        None => break UpstreamError::Shutdown,
-                    }
-                    continue;
-                }
-            },
-        };
-        match n {
-            Ok(0) => {
-                break UpstreamError::Lost {
-                    reason: "server closed the connection".into(),
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                break UpstreamError::Lost {
-                    reason: e.to_string(),
-                }
-            }
-        }
-    };
-    info!(error = %err, "upstream connection closed");
-    let lost = |e: &UpstreamError| match e {
-        UpstreamError::Shutdown => UpstreamError::Lost {
-            reason: "connection released".into(),
-        },
-        other => other.clone(),
-    };
-    if let Some(cur) = current.take() {
-        fail_sink(cur.sink, lost(&err));
-    }
-    inflight.close();
-    while let Ok(i) = inflight.try_recv() {
-        fail_sink(i.sink, lost(&err));
-    }
-    err
-}
-
-fn fail_sink(sink: Sink, e: UpstreamError) {
-    match sink {
-        Sink::Client(reply) => fail(reply, e),
-        Sink::Internal(tx) => {
-            let _ = tx.send(Err(e));
-        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! One client connection: read commands, answer the local ones, send the rest
 //! upstream, and write replies back in the order the commands came.
 //!
-//! Two halves: this task reads and routes; a writer task ([`write_loop`])
-//! awaits each reply in order and writes it to the client. Consecutive stateless
-//! commands from one read go upstream as one batch of raw bytes (no copy, no
-//! re-encoding). Before a client's commands move from one upstream connection to
-//! another (shared -> pinned and back), the session waits until every reply of
-//! the previous one has arrived, so they run in the order sent.
+//! One task per client: it reads and routes commands, and writes each reply
+//! as soon as it and every reply before it have arrived, from the same poll
+//! loop (no writer task, no split stream: a command costs one hand-off to the
+//! upstream connection and one back). Consecutive stateless commands from one
+//! read go upstream as one batch of raw bytes (no copy, no re-encoding). Before
+//! a client's commands move from one upstream connection to another (shared ->
+//! pinned and back), the session waits until every reply of the previous one
+//! has arrived, so they run in the order sent.
 
 use crate::command::{self, Class, Local, Pin};
 use crate::metrics::{ErrorKind, Metrics, Route};
@@ -16,12 +18,16 @@ use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
 use crate::upstream::UpstreamError;
+use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot, Notify};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -36,7 +42,7 @@ pub struct Context {
     pub next_id: AtomicU64,
 }
 
-/// A reply the writer owes the client, in order.
+/// A reply owed to the client, in order.
 enum Out {
     Now(Bytes),
     /// Replies to `count` commands, coming from upstream.
@@ -45,28 +51,16 @@ enum Out {
         count: usize,
         since: Instant,
     },
-    /// Write what is queued, then close.
-    Close,
 }
 
-/// Upstream requests whose replies have not reached the writer yet.
-#[derive(Default)]
-struct Outstanding {
-    n: AtomicUsize,
-    zero: Notify,
-}
+/// Stop reading a client that owes this many replies (it is not reading them).
+const MAX_OWED: usize = 1024;
+/// Replies of at least this many bytes are written without a copy.
+const COPY_BELOW: usize = 16 * 1024;
 
-impl Outstanding {
-    async fn wait_zero(&self) {
-        loop {
-            let notified = self.zero.notified();
-            if self.n.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
+/// A client's byte stream, whichever listener it came from.
+trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -116,22 +110,21 @@ pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, drain: Cancellat
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
-    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
     let (push_tx, push_rx) = mpsc::unbounded_channel::<Bytes>();
-    let outstanding = Arc::new(Outstanding::default());
-    let writer = tokio::spawn(write_loop(
-        wr,
-        out_rx,
-        push_rx,
-        outstanding.clone(),
-        ctx.metrics.clone(),
-    ));
     let mut session = Session {
         ctx: ctx.clone(),
-        out: out_tx,
+        client: Client {
+            io: Box::new(stream),
+            owed: VecDeque::new(),
+            waits: 0,
+            out: WriteQueue::new(COPY_BELOW),
+            max_out: ctx.max_buffered_bytes,
+            push: push_rx,
+            push_open: true,
+            gone: false,
+            metrics: ctx.metrics.clone(),
+        },
         push_tx,
-        outstanding,
         st: State {
             id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
             proto: Proto::Resp2,
@@ -153,26 +146,51 @@ where
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
+    let mut drained = pin!(drain.cancelled_owned());
     'read: loop {
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
-        resp::reserve_for_read(&mut buf);
-        let n = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
-            _ = drain.cancelled() => break 'read,
-            // Cancel safety: `read_buf` loses nothing when another branch wins.
-            _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
+        let mut lost = pin!(async move {
+            match lost {
+                Some(l) => l.cancelled_owned().await,
+                None => std::future::pending().await,
+            }
+        });
+        // Write what has arrived; read when the client may send more.
+        let event = poll_fn(|cx| {
+            let client = &mut session.client;
+            client.poll_out(cx);
+            if client.gone {
+                return Poll::Ready(Event::Closed);
+            }
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Closed);
+            }
+            if lost.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Lost);
+            }
+            if !client.may_read() {
+                return Poll::Pending;
+            }
+            resp::reserve_for_read(&mut buf);
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut client.io), cx, &mut buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Event::Closed),
+                Poll::Ready(Ok(n)) => Poll::Ready(Event::Read(n)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match event {
+            Event::Read(n) => {
+                ctx.metrics.bytes_in.inc_by(n as u64);
+            }
+            Event::Closed => break,
+            Event::Lost => {
                 // Its transaction, subscriptions or database went with the
                 // connection: close, as a direct Redis connection would be, so
                 // the client notices and reconnects. Commands in flight on it
                 // already got their error replies.
                 warn!(peer = %session.peer, id = session.st.id, "closing client: the upstream connection holding its state was lost");
-                break 'read;
-            }
-        };
-        match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                ctx.metrics.bytes_in.inc_by(n as u64);
+                break;
             }
         }
         let arrived = Instant::now();
@@ -204,10 +222,15 @@ where
                 }
                 continue;
             }
-            let args: Vec<&[u8]> = (0..cmd.args.len())
-                .filter_map(|i| cmd.arg(frame, i))
-                .collect();
-            let class = command::classify(&args);
+            let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
+            let mut argn = 0;
+            for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
+                if let Some(a) = cmd.arg(frame, i) {
+                    *slot = a;
+                    argn += 1;
+                }
+            }
+            let class = command::classify(&argv[..argn]);
             let batchable = class == Class::Shared
                 && !cmd.inline
                 && session.st.authed
@@ -252,38 +275,157 @@ where
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
     ctx.metrics.pubsub_channels.dec_by(session.st.sub_count());
-    let _ = session.out.send(Out::Close).await;
-    drop(session);
-    let _ = writer.await;
+    // Write the replies still owed (each arrives or fails), then close.
+    session.settle(true).await;
+}
+
+/// What woke the session.
+enum Event {
+    Read(usize),
+    /// End of input, a dead client connection, or a drain: stop reading.
+    Closed,
+    /// The pinned connection holding this client's state was lost.
+    Lost,
 }
 
 struct Session {
     ctx: Arc<Context>,
-    out: mpsc::Sender<Out>,
+    client: Client,
     push_tx: mpsc::UnboundedSender<Bytes>,
-    outstanding: Arc<Outstanding>,
     st: State,
     peer: String,
 }
 
-impl Session {
-    async fn reply(&self, bytes: Bytes) {
-        self.ctx.metrics.command(Route::Local);
-        let _ = self.out.send(Out::Now(bytes)).await;
+/// The client connection and the replies it is owed, in order.
+struct Client {
+    io: Box<dyn ClientIo>,
+    owed: VecDeque<Out>,
+    /// `Out::Wait` entries in `owed`: replies still due from upstream.
+    waits: usize,
+    out: WriteQueue,
+    max_out: usize,
+    /// Push frames (pub/sub, invalidations) from the pinned connection.
+    push: mpsc::UnboundedReceiver<Bytes>,
+    push_open: bool,
+    /// Writing to the client failed: it is gone.
+    gone: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Client {
+    /// Read more commands only while the client is taking its replies.
+    fn may_read(&self) -> bool {
+        self.owed.len() < MAX_OWED && self.out.len() < self.max_out
     }
 
-    async fn protocol_error(&self, e: ScanError) {
+    /// Queue the replies that have arrived, in command order, and push frames
+    /// (only ever between whole replies); write what the socket takes. Never
+    /// waits: registers for wake-up on whatever is not ready.
+    fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
+        while let Some(front) = self.owed.front_mut() {
+            let bytes = match front {
+                Out::Now(b) => std::mem::take(b),
+                Out::Wait { rx, count, since } => {
+                    let res = match std::pin::Pin::new(rx).poll(cx) {
+                        Poll::Ready(r) => r.unwrap_or(Err(UpstreamError::Shutdown)),
+                        Poll::Pending => break,
+                    };
+                    self.waits -= 1;
+                    self.metrics
+                        .command_latency
+                        .observe(since.elapsed().as_secs_f64());
+                    match res {
+                        Ok(b) => b,
+                        Err(e) => {
+                            if matches!(e, UpstreamError::NoCredential { .. }) {
+                                self.metrics.error(ErrorKind::NoCredential);
+                            }
+                            let one = e.to_reply();
+                            let mut b = BytesMut::with_capacity(one.len() * *count);
+                            for _ in 0..*count {
+                                b.extend_from_slice(&one);
+                            }
+                            b.freeze()
+                        }
+                    }
+                }
+            };
+            self.owed.pop_front();
+            self.metrics.bytes_out.inc_by(bytes.len() as u64);
+            self.out.push(bytes);
+        }
+        while self.push_open {
+            match self.push.poll_recv(cx) {
+                Poll::Ready(Some(p)) => {
+                    self.metrics.bytes_out.inc_by(p.len() as u64);
+                    self.out.push(p);
+                }
+                Poll::Ready(None) => self.push_open = false,
+                Poll::Pending => break,
+            }
+        }
+        if !self.gone && !self.out.is_idle() {
+            if let Poll::Ready(Err(_)) = self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
+                self.gone = true;
+            }
+        }
+    }
+}
+
+impl Session {
+    async fn reply(&mut self, bytes: Bytes) {
+        self.ctx.metrics.command(Route::Local);
+        self.client.owed.push_back(Out::Now(bytes));
+    }
+
+    async fn protocol_error(&mut self, e: ScanError) {
         let kind = match e {
             ScanError::Limit { .. } => ErrorKind::Limit,
             ScanError::Protocol(_) => ErrorKind::Protocol,
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
-        let _ = self
-            .out
-            .send(Out::Now(resp::error(&format!("ERR {e}"))))
-            .await;
-        let _ = self.out.send(Out::Close).await;
+        self.client
+            .owed
+            .push_back(Out::Now(resp::error(&format!("ERR {e}"))));
+    }
+
+    /// Write replies (and push frames) as they arrive until every reply due
+    /// from upstream has arrived; with `all`, until everything owed is written
+    /// too. Ends early if the client is gone.
+    async fn settle(&mut self, all: bool) {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            client.poll_out(cx);
+            let done = if all {
+                client.owed.is_empty() && client.out.is_idle()
+            } else {
+                client.waits == 0
+            };
+            if done || client.gone {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Await one reply outside the ordered queue (nothing else is owed),
+    /// writing push frames meanwhile.
+    async fn wait_reply(
+        &mut self,
+        mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
+    ) -> Result<Bytes, UpstreamError> {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(r.unwrap_or(Err(UpstreamError::Shutdown)));
+            }
+            client.poll_out(cx);
+            Poll::Pending
+        })
+        .await
     }
 
     async fn flush_batch(
@@ -319,9 +461,9 @@ impl Session {
             .clone()
     }
 
-    /// Queue `bytes` on an upstream connection; the writer awaits `replies`.
+    /// Queue `bytes` on an upstream connection; `replies` replies are owed.
     async fn send_upstream(
-        &self,
+        &mut self,
         tx: &mpsc::Sender<Request>,
         bytes: Bytes,
         count: usize,
@@ -330,7 +472,6 @@ impl Session {
         since: Instant,
     ) {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.outstanding.n.fetch_add(1, Ordering::AcqRel);
         let req = Request {
             bytes,
             count,
@@ -342,25 +483,19 @@ impl Session {
                 let _ = t.send(Err(UpstreamError::Shutdown));
             }
         }
-        let sent = self
-            .out
-            .send(Out::Wait {
-                rx: reply_rx,
-                count: replies,
-                since,
-            })
-            .await;
-        if sent.is_err() && self.outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The writer is gone (client closed): nobody will count this down.
-            self.outstanding.zero.notify_waiters();
-        }
+        self.client.owed.push_back(Out::Wait {
+            rx: reply_rx,
+            count: replies,
+            since,
+        });
+        self.client.waits += 1;
     }
 
     /// Move this client's commands to `target`, waiting for the replies still
     /// due on the other connection so that execution order is kept.
     async fn switch_to(&mut self, target: Target) {
         if self.st.last_target != target {
-            self.outstanding.wait_zero().await;
+            self.settle(false).await;
             self.st.last_target = target;
         }
     }
@@ -385,7 +520,7 @@ impl Session {
     async fn maybe_unpin(&mut self) {
         if self.st.pinned.is_some()
             && !self.st.needs_pin()
-            && self.outstanding.n.load(Ordering::Acquire) == 0
+            && self.client.waits == 0
         {
             debug!(
                 id = self.st.id,
@@ -506,7 +641,7 @@ impl Session {
             self.forward_pinned(frame, 1, Instant::now()).await;
             return;
         };
-        self.outstanding.wait_zero().await;
+        self.settle(false).await;
         let start = Instant::now();
         let forever = client_timeout.is_zero();
         let mut issued = 0u32;
@@ -564,10 +699,9 @@ impl Session {
             if tx.send(req).await.is_err() {
                 break UpstreamError::Shutdown.to_reply();
             }
-            let reply = match reply_rx.await {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => break e.to_reply(),
-                Err(_) => break UpstreamError::Shutdown.to_reply(),
+            let reply = match self.wait_reply(reply_rx).await {
+                Ok(b) => b,
+                Err(e) => break e.to_reply(),
             };
             let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
             let client_done = !forever && start.elapsed() >= client_timeout;
@@ -708,7 +842,7 @@ impl Session {
             }
             Local::Reset => {
                 if self.st.pinned.is_some() {
-                    self.outstanding.wait_zero().await;
+                    self.settle(false).await;
                 }
                 self.st.pinned = None;
                 self.st.in_multi = false;
@@ -891,7 +1025,7 @@ impl Session {
                 return;
             }
             // Replies already due come in the old protocol; wait for them.
-            self.outstanding.wait_zero().await;
+            self.settle(false).await;
             self.st.pinned = None;
             self.st.proto = proto;
             self.st.shared = None;
@@ -947,104 +1081,4 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Write replies in order; push frames (pub/sub, invalidations) as they come.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut out: mpsc::Receiver<Out>,
-    mut push: mpsc::UnboundedReceiver<Bytes>,
-    outstanding: Arc<Outstanding>,
-    metrics: Arc<Metrics>,
-) {
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
-    let mut push_open = true;
-    loop {
-        let item = tokio::select! {
-            biased;
-            o = out.recv() => match o { Some(o) => o, None => break },
-            p = push.recv(), if push_open => {
-                match p {
-                    Some(p) => {
-                        metrics.bytes_out.inc_by(p.len() as u64);
-                        if wr.write_all(&p).await.is_err() { break }
-                        if push.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
-                    }
-                    None => push_open = false,
-                }
-                continue;
-            }
-        };
-        let bytes = match item {
-            Out::Now(b) => b,
-            Out::Close => {
-                let _ = wr.flush().await;
-                break;
-            }
-            Out::Wait {
-                mut rx,
-                count,
-                since,
-            } => {
-                // Flush what we have before waiting on the network.
-                let res = match rx.try_recv() {
-                    Ok(r) => r,
-                    Err(oneshot::error::TryRecvError::Empty) => {
-                        if wr.flush().await.is_err() {
-                            break;
-                        }
-                        loop {
-                            tokio::select! {
-                                biased;
-                                r = &mut rx => break r.unwrap_or(Err(UpstreamError::Shutdown)),
-                                p = push.recv(), if push_open => match p {
-                                    Some(p) => {
-                                        if wr.write_all(&p).await.is_err() || wr.flush().await.is_err() { return }
-                                    }
-                                    None => push_open = false,
-                                },
-                            }
-                        }
-                    }
-                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::Shutdown),
-                };
-                if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    outstanding.zero.notify_waiters();
-                }
-                metrics
-                    .command_latency
-                    .observe(since.elapsed().as_secs_f64());
-                match res {
-                    Ok(b) => b,
-                    Err(e) => {
-                        if matches!(e, UpstreamError::NoCredential { .. }) {
-                            metrics.error(ErrorKind::NoCredential);
-                        }
-                        let one = e.to_reply();
-                        let mut b = BytesMut::with_capacity(one.len() * count);
-                        for _ in 0..count {
-                            b.extend_from_slice(&one);
-                        }
-                        b.freeze()
-                    }
-                }
-            }
-        };
-        metrics.bytes_out.inc_by(bytes.len() as u64);
-        if wr.write_all(&bytes).await.is_err() {
-            break;
-        }
-        if out.is_empty() && wr.flush().await.is_err() {
-            break;
-        }
-    }
-    // Whatever is left still owes its outstanding count.
-    out.close();
-    while let Ok(item) = out.try_recv() {
-        if let Out::Wait { .. } = item {
-            if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-                outstanding.zero.notify_waiters();
-            }
-        }
-    }
 }

@@ -87,16 +87,16 @@ const BATCH: usize = 256;
 
 /// Run `conn` until it fails or `rx` closes. One task does everything: takes
 /// requests, writes them, reads replies and hands them out FIFO, re-AUTHs and
-/// keeps the connection alive. Requests are taken from `rx` only when they can
-/// be written at once, so those still in `rx` when the connection fails were
-/// never written and a supervisor can carry them to a new connection; a request
-/// in `pending` (carried over that way) is written first.
+/// keeps the connection alive. Requests still in `rx` when the connection
+/// fails were never written, and neither were those left in `pending` (taken,
+/// not yet written): a supervisor can carry both to a new connection. Requests
+/// in `pending` when called are written first.
 pub async fn run(
     conn: Authed,
     rx: &mut mpsc::Receiver<Request>,
     opts: &ConnOpts,
     push: Option<PushSink>,
-    pending: &mut Option<Request>,
+    pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
     let Authed {
@@ -118,6 +118,8 @@ pub async fn run(
         got: 0,
         got_len: 0,
         inflight: VecDeque::new(),
+        staged: std::mem::take(pending),
+        holding: false,
         out: WriteQueue::new(COPY_BELOW),
         rx,
         rx_open: true,
@@ -136,9 +138,6 @@ pub async fn run(
         armed: None,
     };
     c.publish_expiry();
-    if let Some(req) = pending.take() {
-        c.queue(req, now);
-    }
     let mut tokens_open = true;
     let result = loop {
         tokio::select! {
@@ -158,6 +157,7 @@ pub async fn run(
         }
     };
     c.finish(&result);
+    *pending = std::mem::take(&mut c.staged);
     result
 }
 
@@ -171,6 +171,11 @@ struct Conn<'a> {
     got_len: usize,
     /// Written and owing replies, oldest first.
     inflight: VecDeque<Inflight>,
+    /// Taken from `rx`, not written yet.
+    staged: VecDeque<Request>,
+    /// Let other tasks run before writing `staged`, so that more requests
+    /// join the same write.
+    holding: bool,
     out: WriteQueue,
     rx: &'a mut mpsc::Receiver<Request>,
     /// False once the owner let go: finish the replies owed, then end.
@@ -226,44 +231,63 @@ impl Conn<'_> {
                 }
                 Poll::Pending => {}
             }
-            // Take requests only when the last write went out, so that what
-            // waits in `rx` was never written anywhere.
+            // Take requests only when the last write went out: what waits in
+            // `rx` (or `staged`) was never written anywhere.
+            let held = std::mem::take(&mut self.holding);
             if self.out.is_idle() && self.rx_open {
-                let now = Instant::now();
                 let mut taken = 0;
-                while taken < BATCH {
+                while self.staged.len() < BATCH {
                     match self.rx.poll_recv(cx) {
                         Poll::Ready(Some(req)) => {
-                            self.queue(req, now);
+                            self.staged.push_back(req);
                             taken += 1;
                         }
                         Poll::Ready(None) => {
                             self.rx_open = false;
-                            self.released_at = Some(now);
+                            self.released_at = Some(Instant::now());
                             break;
                         }
                         Poll::Pending => break,
                     }
                 }
                 // A full batch: come back for the rest (no waker registered).
-                again |= taken == BATCH;
+                let full = self.staged.len() >= BATCH;
+                again |= full;
+                // Requests arriving while others await their replies come from
+                // several clients at once: give the rest of them one turn of
+                // the scheduler to join this write (one TLS record, one
+                // syscall, one read for the server). A lone request is written
+                // at once.
+                self.holding = !held
+                    && taken > 0
+                    && self.rx_open
+                    && !full
+                    && !self.inflight.is_empty();
             }
-            if self.reauth_at.is_some_and(|t| t <= Instant::now()) && self.may_reauth() {
-                // Due while we were busy: goes right behind this batch.
-                self.queue_reauth();
-            }
-            if !self.out.is_idle() {
-                match self.out.poll_write(Pin::new(&mut self.stream), cx) {
-                    Poll::Ready(Ok(())) => self.last_write = Instant::now(),
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(UpstreamError::Lost {
-                            reason: format!("write failed: {e}"),
-                        }))
+            if !self.holding {
+                if !self.staged.is_empty() {
+                    let now = Instant::now();
+                    while let Some(req) = self.staged.pop_front() {
+                        self.queue(req, now);
                     }
-                    Poll::Pending => {}
+                }
+                if self.reauth_at.is_some_and(|t| t <= Instant::now()) && self.may_reauth() {
+                    // Due while we were busy: goes right behind this batch.
+                    self.queue_reauth();
+                }
+                if !self.out.is_idle() {
+                    match self.out.poll_write(Pin::new(&mut self.stream), cx) {
+                        Poll::Ready(Ok(())) => self.last_write = Instant::now(),
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(UpstreamError::Lost {
+                                reason: format!("write failed: {e}"),
+                            }))
+                        }
+                        Poll::Pending => {}
+                    }
                 }
             }
-            if !self.rx_open && self.inflight.is_empty() {
+            if !self.rx_open && self.inflight.is_empty() && self.out.is_idle() {
                 return Poll::Ready(Ok(()));
             }
             let deadline = self.next_deadline();
@@ -277,6 +301,11 @@ impl Conn<'_> {
                     return Poll::Ready(e);
                 }
                 again = true;
+            }
+            if self.holding {
+                // Back of the run queue: the clients already woken go first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             if !again {
                 return Poll::Pending;
@@ -532,7 +561,7 @@ pub async fn supervise_shared(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut attempt: u32 = 0;
-    let mut pending: Option<Request> = None;
+    let mut pending: VecDeque<Request> = VecDeque::new();
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -575,7 +604,7 @@ pub async fn supervise_shared(
                     .error(crate::metrics::ErrorKind::UpstreamConnect);
                 warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
                 // Fail what is waiting now, and whatever arrives during the backoff.
-                if let Some(r) = pending.take() {
+                for r in pending.drain(..) {
                     fail(r.reply, e.clone());
                 }
                 // Without a credential there is nothing to retry until the
@@ -603,7 +632,7 @@ pub async fn supervise_shared(
             }
         }
     }
-    if let Some(r) = pending.take() {
+    for r in pending.drain(..) {
         fail(r.reply, UpstreamError::Shutdown);
     }
 }

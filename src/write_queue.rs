@@ -40,7 +40,7 @@ impl WriteQueue {
     }
 
     /// Bytes queued and not yet written.
-    pub fn len(&self) -> usize {
+    pub fn queued_bytes(&self) -> usize {
         self.len
     }
 
@@ -122,7 +122,7 @@ mod tests {
         q.push(Bytes::from_static(b"cd"));
         q.push_slice(b"ef");
         q.push(Bytes::new());
-        assert_eq!(q.len(), 16);
+        assert_eq!(q.queued_bytes(), 16);
         let mut out: Vec<u8> = Vec::new();
         poll_fn(|cx| q.poll_write(Pin::new(&mut out), cx))
             .await

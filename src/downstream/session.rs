@@ -110,7 +110,6 @@ pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, drain: Cancellat
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (push_tx, push_rx) = mpsc::unbounded_channel::<Bytes>();
     let mut session = Session {
         ctx: ctx.clone(),
         client: Client {
@@ -119,12 +118,11 @@ where
             waits: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
-            push: push_rx,
-            push_open: true,
+            push: None,
             gone: false,
             metrics: ctx.metrics.clone(),
         },
-        push_tx,
+        push_tx: None,
         st: State {
             id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
             proto: Proto::Resp2,
@@ -291,7 +289,8 @@ enum Event {
 struct Session {
     ctx: Arc<Context>,
     client: Client,
-    push_tx: mpsc::UnboundedSender<Bytes>,
+    /// Where pinned connections send push frames; made on first use.
+    push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     st: State,
     peer: String,
 }
@@ -305,8 +304,7 @@ struct Client {
     out: WriteQueue,
     max_out: usize,
     /// Push frames (pub/sub, invalidations) from the pinned connection.
-    push: mpsc::UnboundedReceiver<Bytes>,
-    push_open: bool,
+    push: Option<mpsc::UnboundedReceiver<Bytes>>,
     /// Writing to the client failed: it is gone.
     gone: bool,
     metrics: Arc<Metrics>,
@@ -315,7 +313,7 @@ struct Client {
 impl Client {
     /// Read more commands only while the client is taking its replies.
     fn may_read(&self) -> bool {
-        self.owed.len() < MAX_OWED && self.out.len() < self.max_out
+        self.owed.len() < MAX_OWED && self.out.queued_bytes() < self.max_out
     }
 
     /// Queue the replies that have arrived, in command order, and push frames
@@ -354,13 +352,13 @@ impl Client {
             self.metrics.bytes_out.inc_by(bytes.len() as u64);
             self.out.push(bytes);
         }
-        while self.push_open {
-            match self.push.poll_recv(cx) {
+        while let Some(push) = &mut self.push {
+            match push.poll_recv(cx) {
                 Poll::Ready(Some(p)) => {
                     self.metrics.bytes_out.inc_by(p.len() as u64);
                     self.out.push(p);
                 }
-                Poll::Ready(None) => self.push_open = false,
+                Poll::Ready(None) => self.push = None,
                 Poll::Pending => break,
             }
         }
@@ -507,7 +505,7 @@ impl Session {
         self.switch_to(Target::Pinned).await;
         self.st.pinned = None;
         let push = PushSink {
-            tx: self.push_tx.clone(),
+            tx: self.push_sender(),
             as_resp2: self.st.proto == Proto::Resp2 && proto == Proto::Resp3,
         };
         let pinned = self.ctx.pool.pin(proto, push).await?;
@@ -516,12 +514,21 @@ impl Session {
         Ok(())
     }
 
+    /// The sender pinned connections get for push frames.
+    fn push_sender(&mut self) -> mpsc::UnboundedSender<Bytes> {
+        let client = &mut self.client;
+        self.push_tx
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                client.push = Some(rx);
+                tx
+            })
+            .clone()
+    }
+
     /// Let go of the pinned connection once it holds nothing the client needs.
     async fn maybe_unpin(&mut self) {
-        if self.st.pinned.is_some()
-            && !self.st.needs_pin()
-            && self.client.waits == 0
-        {
+        if self.st.pinned.is_some() && !self.st.needs_pin() && self.client.waits == 0 {
             debug!(
                 id = self.st.id,
                 "client state cleared; releasing its pinned connection"

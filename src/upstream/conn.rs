@@ -192,8 +192,9 @@ struct Conn<'a> {
     auth_inflight: bool,
     last_write: Instant,
     /// One timer for the reply timeout, keepalive, re-AUTH and release
-    /// deadlines, set to the earliest of them.
+    /// deadlines: never later than the earliest of them.
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Where `timer` is set; `None` once it fired.
     armed: Option<Instant>,
 }
 
@@ -258,11 +259,8 @@ impl Conn<'_> {
                 // the scheduler to join this write (one TLS record, one
                 // syscall, one read for the server). A lone request is written
                 // at once.
-                self.holding = !held
-                    && taken > 0
-                    && self.rx_open
-                    && !full
-                    && !self.inflight.is_empty();
+                self.holding =
+                    !held && taken > 0 && self.rx_open && !full && !self.inflight.is_empty();
             }
             if !self.holding {
                 if !self.staged.is_empty() {
@@ -290,17 +288,22 @@ impl Conn<'_> {
             if !self.rx_open && self.inflight.is_empty() && self.out.is_idle() {
                 return Poll::Ready(Ok(()));
             }
-            let deadline = self.next_deadline();
-            if deadline.is_some() && self.armed != deadline {
-                self.timer.as_mut().reset(deadline.expect("checked"));
-                self.armed = deadline;
-            }
-            if deadline.is_some() && self.timer.as_mut().poll(cx).is_ready() {
-                self.armed = None;
-                if let Err(e) = self.on_timer() {
-                    return Poll::Ready(e);
+            if let Some(deadline) = self.next_deadline() {
+                // Re-armed only when the deadline moves earlier (or the timer
+                // fired): a later one leaves the timer early, where it fires,
+                // finds nothing due and is re-armed. Cheaper than moving the
+                // timer for every command.
+                if self.armed.is_none_or(|a| deadline < a) {
+                    self.timer.as_mut().reset(deadline);
+                    self.armed = Some(deadline);
                 }
-                again = true;
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    self.armed = None;
+                    if let Err(e) = self.on_timer() {
+                        return Poll::Ready(e);
+                    }
+                    again = true;
+                }
             }
             if self.holding {
                 // Back of the run queue: the clients already woken go first.
@@ -321,15 +324,18 @@ impl Conn<'_> {
     /// The earliest of the deadlines that apply now; each one has something to
     /// do when it passes, so the timer never fires twice for nothing.
     fn next_deadline(&self) -> Option<Instant> {
-        let keepalive = (self.rx_open && self.out.is_idle())
-            .then(|| self.last_write + self.opts.keepalive);
+        let keepalive =
+            (self.rx_open && self.out.is_idle()).then(|| self.last_write + self.opts.keepalive);
         let reply = self
             .inflight
             .front()
             .map(|head| head.written_at + self.opts.reply_timeout);
         let reauth = self.reauth_at.filter(|_| self.may_reauth());
         let release = self.released_at.map(|t| t + self.opts.reply_timeout);
-        [keepalive, reply, reauth, release].into_iter().flatten().min()
+        [keepalive, reply, reauth, release]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The timer fired: whatever is due. `Err` ends the connection.

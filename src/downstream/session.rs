@@ -11,6 +11,7 @@
 //! has arrived, so they run in the order sent.
 
 use crate::command::{self, Class, Local, Pin};
+use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
@@ -106,7 +107,7 @@ impl State {
 /// Serve one client until it quits, errs, or `drain` fires: then no further
 /// command is read, the replies of those already read are written, and the
 /// connection is closed.
-pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, drain: CancellationToken)
+pub async fn run<S>(stream: S, peer: Peer, ctx: Arc<Context>, drain: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -144,7 +145,11 @@ where
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
+    // Polled once to register for the drain, then only once it fired (a
+    // cheaper check than polling its notifier at every wake-up).
+    let draining = drain.clone();
     let mut drained = pin!(drain.cancelled_owned());
+    let mut drain_registered = false;
     'read: loop {
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
         let mut lost = pin!(async move {
@@ -160,8 +165,11 @@ where
             if client.gone {
                 return Poll::Ready(Event::Closed);
             }
-            if drained.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Closed);
+            if !drain_registered || draining.is_cancelled() {
+                drain_registered = true;
+                if drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Closed);
+                }
             }
             if lost.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Lost);
@@ -253,7 +261,10 @@ where
             } else {
                 frame
             };
-            if !session.handle(class, frame, &all_args, arrived).await {
+            // Boxed: the handler's future (pinning may dial a connection) is
+            // several KB, and inline it would be copied into every client's
+            // task at accept (-k 0 clients pay that per command).
+            if !Box::pin(session.handle(class, frame, &all_args, arrived)).await {
                 break 'read;
             }
         }
@@ -292,7 +303,7 @@ struct Session {
     /// Where pinned connections send push frames; made on first use.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     st: State,
-    peer: String,
+    peer: Peer,
 }
 
 /// The client connection and the replies it is owed, in order.

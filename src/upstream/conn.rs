@@ -21,8 +21,8 @@ use crate::resp::{self, Proto};
 use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -140,16 +140,35 @@ pub async fn run(
     c.publish_expiry();
     let mut tokens_open = true;
     let result = loop {
-        tokio::select! {
-            biased;
-            r = std::future::poll_fn(|cx| c.poll(cx)) => break r,
-            changed = tokens.changed(), if tokens_open => {
-                if changed.is_err() {
-                    // The source is gone (shutdown): nothing will change any more.
-                    tokens_open = false;
-                    continue;
+        // A new credential is rare: `changed` is polled once to register for
+        // it and then only when the version moved (one atomic load), rather
+        // than at every wake-up, which would lock its notifier each time.
+        let event = {
+            let mut changed = pin!(tokens.changed());
+            let mut registered = false;
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = c.poll(cx) {
+                    return Poll::Ready(Err(r));
                 }
+                if tokens_open && (!registered || c.tokens.has_changed().unwrap_or(true)) {
+                    registered = true;
+                    if let Poll::Ready(r) = changed.as_mut().poll(cx) {
+                        return Poll::Ready(Ok(r.is_ok()));
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match event {
+            Err(r) => break r,
+            Ok(false) => {
+                // The source is gone (shutdown): nothing will change any more.
+                tokens_open = false;
+            }
+            Ok(true) => {
                 let state = tokens.borrow_and_update().clone();
+                c.tokens.mark_unchanged();
                 if state.generation != c.generation && state.current.is_some() {
                     c.reauth_at = Some(Instant::now() + reauth_jitter(c.expires_at));
                 }

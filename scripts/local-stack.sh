@@ -1,10 +1,22 @@
-# Sourced by quickstart.sh and bench.sh: a local TLS-only redis-server with one
-# ACL user standing in for the Entra identity, and redis-entra-proxy in front of
-# it on 127.0.0.1:6379. Sets $work, $TLS_PORT, $token; `cleanup` stops both.
+# Sourced by quickstart.sh, bench.sh and redis-py-suite.sh: a local TLS-only
+# redis-server and redis-entra-proxy in front of it on 127.0.0.1:$PROXY_PORT.
+#
+# STACK_AUTH=entra (the default): the proxy takes Entra tokens from the
+# token-endpoint emulator (examples/token_emulator.rs, IMDS shape), tokens valid
+# for $TOKEN_LIFETIME seconds (default 15). Each token generation is its own ACL
+# user, deleted when its token expires, so Redis closes any connection the proxy
+# did not re-AUTH in time, as Azure does.
+# STACK_AUTH=static: one fixed ACL user and password (an access key's stand-in).
+#
+# Sets $work, $TLS_PORT, $PROXY_PORT, $ADMIN_PORT, $admin_pass (the redis-server's
+# `admin` user, for direct runs), $proxy_pid; `cleanup` stops everything.
 set -euo pipefail
 work="${work:-.quickstart}"
 TLS_PORT="${TLS_PORT:-6380}"
 PROXY_PORT="${PROXY_PORT:-6379}"
+ADMIN_PORT="${ADMIN_PORT:-9090}"
+STACK_AUTH="${STACK_AUTH:-entra}"
+TOKEN_LIFETIME="${TOKEN_LIFETIME:-15}"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -21,17 +33,38 @@ wait_port() {
   return 1
 }
 
+# GET a path of the proxy's admin server (no curl needed): prints the body.
+admin_get() {
+  exec 5<>/dev/tcp/127.0.0.1/"$ADMIN_PORT"
+  printf 'GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' "$1" >&5
+  sed '1,/^\r$/d' <&5
+  exec 5<&-
+}
+
+# redis-cli straight to the TLS port as the server's admin user.
+direct_cli() {
+  REDISCLI_AUTH="$admin_pass" redis-cli --tls --cacert "$work/tls/ca.pem" -p "$TLS_PORT" --user admin "$@"
+}
+
 start_stack() {
+  case "$STACK_AUTH" in
+    entra|static) ;;
+    *) echo "STACK_AUTH must be entra or static, not '$STACK_AUTH'" >&2; exit 64 ;;
+  esac
   scripts/install-deps.sh >/dev/null
   rm -rf "$work"; mkdir -p "$work"
   cargo build --release --quiet --bin redis-entra-proxy
-  cargo run --quiet --example testpki -- "$work/tls" >/dev/null
-  if (exec 3<>/dev/tcp/127.0.0.1/"$PROXY_PORT") 2>/dev/null; then
-    echo "port $PROXY_PORT is already in use (a local redis?): stop it and run again" >&2
-    exit 1
-  fi
-  # A throwaway password for the local stand-in identity, never printed.
-  token="qs-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  cargo build --quiet --example testpki --example token_emulator
+  target/debug/examples/testpki "$work/tls" >/dev/null
+  for port in "$PROXY_PORT" "$TLS_PORT" "$ADMIN_PORT"; do
+    if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+      echo "port $port is already in use (a local redis?): stop it and run again" >&2
+      exit 1
+    fi
+  done
+  # Throwaway passwords for the server's admin and the static identity, never printed.
+  admin_pass="adm-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  static_pass="qs-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
   cat > "$work/redis.conf" <<CONF
 port 0
 tls-port $TLS_PORT
@@ -46,23 +79,52 @@ dir $PWD/$work
 logfile $PWD/$work/redis.log
 maxclients 20000
 user default off
-user quickstart-identity on >$token ~* &* +@all
+user admin on >$admin_pass ~* &* +@all
 CONF
+  [ "$STACK_AUTH" = static ] && echo "user quickstart-identity on >$static_pass ~* &* +@all" >> "$work/redis.conf"
   chmod 600 "$work/redis.conf"
-  echo "==> starting redis-server with TLS only on 127.0.0.1:$TLS_PORT"
+  echo "==> starting redis-server with TLS only on 127.0.0.1:$TLS_PORT (default user off)"
   redis-server "$work/redis.conf" &
   pids+=($!)
   wait_port "$TLS_PORT"
-  echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT (log: $work/proxy.log)"
+  local auth_env
+  if [ "$STACK_AUTH" = entra ]; then
+    echo "==> starting the token-endpoint emulator (IMDS shape; tokens valid ${TOKEN_LIFETIME}s; log: $work/emulator.log)"
+    EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" target/debug/examples/token_emulator \
+      --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$TOKEN_LIFETIME" \
+      --endpoint-file "$work/endpoint" > "$work/emulator.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -s "$work/endpoint" ] && break; sleep 0.1; done
+    [ -s "$work/endpoint" ] || { echo "the token emulator did not start; see $work/emulator.log" >&2; exit 1; }
+    auth_env=(
+      REDIS_ENTRA_PROXY_AUTH__SOURCE=entra
+      REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL=managed-identity
+      REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT="$(cat "$work/endpoint")"
+    )
+  else
+    auth_env=(
+      REDIS_ENTRA_PROXY_AUTH__SOURCE=static
+      REDIS_ENTRA_PROXY_AUTH__USERNAME=quickstart-identity
+      REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$static_pass"
+    )
+  fi
+  echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT, admin on 127.0.0.1:$ADMIN_PORT (auth: $STACK_AUTH; log: $work/proxy.log)"
+  env "${auth_env[@]}" \
   REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
-  REDIS_ENTRA_PROXY_UPSTREAM__PORT=$TLS_PORT \
+  REDIS_ENTRA_PROXY_UPSTREAM__PORT="$TLS_PORT" \
   REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
-  REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
-  REDIS_ENTRA_PROXY_AUTH__USERNAME=quickstart-identity \
-  REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token" \
   REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$PROXY_PORT" \
+  REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
+  REDIS_ENTRA_PROXY_ADMIN__ADDRESS="127.0.0.1:$ADMIN_PORT" \
     target/release/redis-entra-proxy --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
   pids+=($!)
   proxy_pid=$!
   wait_port "$PROXY_PORT"
+  # Ready: a credential and a healthy upstream connection.
+  for _ in $(seq 1 100); do
+    admin_get /readyz 2>/dev/null | grep -q '^ready' && return 0
+    sleep 0.1
+  done
+  echo "the proxy did not become ready: $(admin_get /readyz 2>/dev/null); see $work/proxy.log" >&2
+  exit 1
 }

@@ -34,6 +34,8 @@ REDISPY_VERSION=6.4.0
 results=.redispy
 work=$results/stack   # local-stack.sh wipes $work in start_stack
 TLS_PORT="${TLS_PORT:-6390}"
+# A fixed credential: the suite's ACL tests list users, which per-token users would change.
+STACK_AUTH="${STACK_AUTH:-static}"
 PROXY_PORT=6379
 venv=target/venv-redispy
 src=target/redispy-src
@@ -111,10 +113,14 @@ if ! kill -0 "$proxy_pid" 2>/dev/null; then
   exit 1
 fi
 
-echo "==> comparing (summary: $out)"
-"$venv/bin/python" - "$suite" "$results/direct.xml" "$results/proxy.xml" "$known" "$out" "$REDISPY_VERSION" <<'PY'
+# Compare; a test that fails only through the proxy and is not a known
+# difference is run once more alone (timing-sensitive tests on a busy 2-core
+# machine), and counts as a failure only if it fails again. The summary names
+# every test that needed the second run.
+compare() { # retry-xml or ""
+  "$venv/bin/python" - "$suite" "$results/direct.xml" "$results/proxy.xml" "$known" "$out" "$REDISPY_VERSION" "$1" "$results/unexpected.txt" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
-suite, direct_xml, proxy_xml, known_file, out, version = sys.argv[1:]
+suite, direct_xml, proxy_xml, known_file, out, version, retry_xml, unexpected_file = sys.argv[1:]
 
 def node_id(classname, name):
     # junit's classname is dotted module[.Class]; find the file part.
@@ -145,6 +151,10 @@ def load(path):
     return results
 
 direct, proxy = load(direct_xml), load(proxy_xml)
+retried = load(retry_xml) if retry_xml else {}
+flaky = sorted(t for t, (st, _) in retried.items() if st == "passed" and proxy.get(t, ("missing",))[0] != "passed")
+for t in flaky:
+    proxy[t] = ("passed", "")
 known = {}
 with open(known_file) as f:
     for line in f:
@@ -185,6 +195,13 @@ os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 with open(out, "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines[2:8]))
+if flaky:
+    lines += ["", f"Failed through the proxy, passed when run again alone: {len(flaky)}", ""]
+    lines += [f"- `{t}`" for t in flaky]
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+with open(unexpected_file, "w") as f:
+    f.write("".join(t + "\n" for t in unexpected))
 if unexpected:
     print(f"\n{len(unexpected)} test(s) pass directly but fail through the proxy and are not in {known_file}:")
     for t in unexpected:
@@ -195,3 +212,17 @@ if not direct or not proxy:
     sys.exit(1)
 print("\nno unexpected differences")
 PY
+}
+
+echo "==> comparing (summary: $out)"
+if ! compare ""; then
+  [ -s "$results/unexpected.txt" ] || exit 1
+  echo "==> running the $(wc -l < "$results/unexpected.txt") unexpected failure(s) once more"
+  mapfile -t again < "$results/unexpected.txt"
+  (cd "$suite" && timeout --kill-after=10 300 "$OLDPWD/$venv/bin/python" -m pytest \
+     -p no:cacheprovider -q -rfE --timeout=30 \
+     --redis-url="redis://127.0.0.1:$PROXY_PORT/0" --redis-mod-url="redis://127.0.0.1:$PROXY_PORT/0" \
+     --junitxml="$OLDPWD/$results/retry.xml" "${again[@]}") > "$results/retry.log" 2>&1 || true
+  tail -n 1 "$results/retry.log"
+  compare "$results/retry.xml"
+fi

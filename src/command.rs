@@ -1,6 +1,7 @@
 //! Where each client command goes: answered by the proxy, sent over a shared
-//! multiplexed connection, or sent on a connection pinned to this client because
-//! it creates connection state. One table, [`TABLE`], decides by command name;
+//! multiplexed connection, sent on a connection pinned to this client because
+//! it creates connection state, or handled by the pub/sub hub. One table,
+//! [`TABLE`], decides by command name;
 //! [`classify`] adds the cases that depend on arguments (CLIENT subcommands,
 //! XREAD BLOCK, SELECT of a non-default database).
 
@@ -31,8 +32,19 @@ pub enum Pin {
     Database,
     ClientMode,
     Monitor,
-    PubSub,
     Cluster,
+}
+
+/// Subscription commands: answered by the session with the pub/sub hub's
+/// help, never forwarded as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSub {
+    Subscribe,
+    PSubscribe,
+    SSubscribe,
+    Unsubscribe,
+    PUnsubscribe,
+    SUnsubscribe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +54,8 @@ pub enum Class {
     /// Creates state that outlives the command: needs its own connection.
     Pin(Pin),
     Local(Local),
+    /// Subscriptions, carried by the shared pub/sub hub.
+    PubSub(PubSub),
 }
 
 /// Command name (upper case) -> class, for every command that is not plain
@@ -68,9 +82,12 @@ pub const TABLE: &[(&str, Class)] = &[
     ("WAIT", Class::Pin(Pin::Blocking)),
     ("WAITAOF", Class::Pin(Pin::Blocking)),
     ("MONITOR", Class::Pin(Pin::Monitor)),
-    ("SUBSCRIBE", Class::Pin(Pin::PubSub)),
-    ("PSUBSCRIBE", Class::Pin(Pin::PubSub)),
-    ("SSUBSCRIBE", Class::Pin(Pin::PubSub)),
+    ("SUBSCRIBE", Class::PubSub(PubSub::Subscribe)),
+    ("PSUBSCRIBE", Class::PubSub(PubSub::PSubscribe)),
+    ("SSUBSCRIBE", Class::PubSub(PubSub::SSubscribe)),
+    ("UNSUBSCRIBE", Class::PubSub(PubSub::Unsubscribe)),
+    ("PUNSUBSCRIBE", Class::PubSub(PubSub::PUnsubscribe)),
+    ("SUNSUBSCRIBE", Class::PubSub(PubSub::SUnsubscribe)),
     ("READONLY", Class::Pin(Pin::Cluster)),
     ("READWRITE", Class::Pin(Pin::Cluster)),
     ("ASKING", Class::Pin(Pin::Cluster)),
@@ -95,6 +112,17 @@ fn lookup(table: &[(&str, Class)], name: &[u8]) -> Option<Class> {
         .iter()
         .find(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name))
         .map(|(_, c)| *c)
+}
+
+/// Commands whose class depends on their arguments ([`classify`] decides).
+const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP"];
+
+/// Whether the routing table decides this command (by name or by arguments).
+pub fn listed(name: &[u8]) -> bool {
+    lookup(TABLE, name).is_some()
+        || BY_ARGUMENTS
+            .iter()
+            .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Classify a command from its first arguments (`args[0]` is the name).
@@ -122,9 +150,94 @@ pub fn classify(args: &[&[u8]]) -> Class {
     lookup(TABLE, name).unwrap_or(Class::Shared)
 }
 
+/// What the upstream's `COMMAND` reply says about commands the table does not
+/// list: names (lower case) whose flags include `blocking` (module commands, or
+/// commands newer than this table). Learned once, from the first upstream
+/// connection; such a command is pinned like the blocking commands above.
+#[derive(Debug, Default, Clone)]
+pub struct Learned {
+    /// Commands the server knows.
+    pub known: usize,
+    /// Blocking commands that [`classify`] would otherwise send to a shared
+    /// connection, where they would hold up every other client on it.
+    pub blocking: Vec<Vec<u8>>,
+}
+
+impl Learned {
+    /// Learn from `COMMAND`'s reply: one array per command, name first and its
+    /// flags third (an array in RESP2, a set in RESP3).
+    pub fn from_command_reply(reply: &[u8]) -> Option<Learned> {
+        use redis_protocol::resp3::types::OwnedFrame as F;
+        let text = |f: &F| match f {
+            F::BlobString { data, .. } | F::SimpleString { data, .. } => Some(data.to_vec()),
+            _ => None,
+        };
+        let entries = match crate::resp::decode_reply(reply)? {
+            F::Array { data, .. } => data,
+            _ => return None,
+        };
+        let mut learned = Learned::default();
+        for entry in &entries {
+            let F::Array { data: fields, .. } = entry else {
+                continue;
+            };
+            let Some(name) = fields.first().and_then(text) else {
+                continue;
+            };
+            learned.known += 1;
+            let flags: Vec<Vec<u8>> = match fields.get(2) {
+                Some(F::Array { data, .. }) => data.iter().filter_map(text).collect(),
+                Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
+                _ => Vec::new(),
+            };
+            let blocking = flags.iter().any(|f| f.eq_ignore_ascii_case(b"blocking"));
+            if blocking && !listed(&name) {
+                learned.blocking.push(name.to_ascii_lowercase());
+            }
+        }
+        learned.blocking.sort();
+        Some(learned)
+    }
+
+    /// The class of a command the table calls [`Class::Shared`].
+    pub fn refine(&self, name: &[u8]) -> Class {
+        if self.blocking.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+            Class::Pin(Pin::Blocking)
+        } else {
+            Class::Shared
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learned_blocking_commands_are_pinned() {
+        // The shape of COMMAND's reply in RESP2 (flags an array) and RESP3 (a set).
+        let resp2 = b"*3\r\n\
+            *3\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n\
+            *3\r\n$5\r\nblpop\r\n:-3\r\n*2\r\n+write\r\n+blocking\r\n\
+            *3\r\n$11\r\nmymod.bwait\r\n:-2\r\n*2\r\n+readonly\r\n+blocking\r\n";
+        let l = Learned::from_command_reply(resp2).expect("parses");
+        assert_eq!(l.known, 3);
+        // BLPOP is in the table already; only the module command is new.
+        assert_eq!(l.blocking, vec![b"mymod.bwait".to_vec()]);
+        assert_eq!(l.refine(b"MYMOD.BWAIT"), Class::Pin(Pin::Blocking));
+        assert_eq!(l.refine(b"GET"), Class::Shared);
+        let resp3 = b"*1\r\n*3\r\n$6\r\nx.wait\r\n:-2\r\n~1\r\n+blocking\r\n";
+        let l = Learned::from_command_reply(resp3).expect("parses");
+        assert_eq!(l.blocking, vec![b"x.wait".to_vec()]);
+        assert!(Learned::from_command_reply(b"-NOPERM no\r\n").is_none());
+        assert_eq!(Learned::default().refine(b"anything"), Class::Shared);
+        // XREAD blocks only with BLOCK: the table decides it by its arguments.
+        let xread = b"*1\r\n*3\r\n$5\r\nxread\r\n:-4\r\n*1\r\n+blocking\r\n";
+        assert!(Learned::from_command_reply(xread)
+            .unwrap()
+            .blocking
+            .is_empty());
+    }
 
     #[test]
     fn every_table_entry_classifies_as_listed() {
@@ -157,5 +270,35 @@ mod tests {
             Class::Pin(Pin::Blocking)
         );
         assert_eq!(classify(&[]), Class::Shared);
+        // Publishing and introspection are plain shared commands.
+        for name in ["PUBLISH", "SPUBLISH", "PUBSUB"] {
+            assert_eq!(classify(&[name.as_bytes(), b"x"]), Class::Shared, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_subscription_command_goes_to_the_hub() {
+        let hub: Vec<&str> = TABLE
+            .iter()
+            .filter(|(_, c)| matches!(c, Class::PubSub(_)))
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(
+            hub,
+            [
+                "SUBSCRIBE",
+                "PSUBSCRIBE",
+                "SSUBSCRIBE",
+                "UNSUBSCRIBE",
+                "PUNSUBSCRIBE",
+                "SUNSUBSCRIBE"
+            ]
+        );
+        // One entry per name.
+        let mut names: Vec<&str> = TABLE.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a command is listed twice");
     }
 }

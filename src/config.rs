@@ -30,6 +30,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("limits.max_line_bytes", "65536"),
     ("limits.max_elements", "1048576"),
     ("limits.max_buffered_bytes", "1073741824"),
+    ("limits.max_pubsub_queued_bytes", "33554432"),
     ("upstream.host", "required"),
     ("upstream.port", "6380"),
     ("upstream.ca_file", "none"),
@@ -162,6 +163,9 @@ pub struct LimitsConfig {
     pub max_line_bytes: usize,
     pub max_elements: usize,
     pub max_buffered_bytes: usize,
+    /// Bytes of pub/sub messages queued for one client that it has not read;
+    /// past this the client is disconnected.
+    pub max_pubsub_queued_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +288,7 @@ impl Default for LimitsConfig {
             max_line_bytes: 64 * 1024,
             max_elements: 1024 * 1024,
             max_buffered_bytes: 1024 * 1024 * 1024,
+            max_pubsub_queued_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -457,6 +462,11 @@ impl Config {
             ("limits.max_line_bytes", l.max_line_bytes, 64),
             ("limits.max_elements", l.max_elements, 1),
             ("limits.max_buffered_bytes", l.max_buffered_bytes, 1024),
+            (
+                "limits.max_pubsub_queued_bytes",
+                l.max_pubsub_queued_bytes,
+                1024,
+            ),
         ] {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min}")));

@@ -10,6 +10,7 @@ use crate::downstream::{self, Admission, Listener};
 use crate::metrics::Metrics;
 use crate::resp::scan::Limits;
 use crate::upstream::pool::Pool;
+use crate::upstream::pubsub::Hub;
 use crate::upstream::tls::Connector;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -44,6 +45,7 @@ pub struct Running {
     pub stop: CancellationToken,
     min_delay: Duration,
     admin_shutdown: CancellationToken,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
     /// Cancels sessions and upstream connections.
@@ -93,6 +95,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let health = Arc::new(Health::new(tokens.clone()));
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
+    let mut admin_task = None;
     let admin_addr = if cfg.admin.enabled {
         let l = TcpListener::bind(cfg.admin.address)
             .await
@@ -108,15 +111,22 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             quit: stop.clone(),
         };
         let admin_stop = admin_shutdown.clone();
-        tokio::spawn(async move {
+        admin_task = Some(tokio::spawn(async move {
             if let Err(e) = admin::serve(l, state, admin_stop).await {
                 warn!(error = %e, "admin server stopped");
             }
-        });
+        }));
         a
     } else {
         None
     };
+    let hub = Hub::start(
+        cfg,
+        connector.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
     let pool = Pool::new(
         cfg,
         connector,
@@ -126,6 +136,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     );
     let ctx = Arc::new(Context {
         pool,
+        hub,
         metrics: metrics.clone(),
         limits: Limits::from(&cfg.limits),
         max_buffered_bytes: cfg.limits.max_buffered_bytes,
@@ -174,6 +185,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         stop,
         min_delay: cfg.shutdown.min_delay,
         admin_shutdown,
+        admin_task,
         tracker,
         stop_accepting,
         shutdown,
@@ -191,6 +203,11 @@ impl Running {
         self.tracker.close();
         let _ = crate::shutdown::drain(grace, self.tracker.wait()).await;
         self.admin_shutdown.cancel();
+        // Answers still being written (the 200 to `/quitquitquit` itself) go out
+        // before the process exits.
+        if let Some(t) = self.admin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
         if let Some(p) = &self.unix_path {

@@ -339,3 +339,37 @@ fn bad_config_exits_with_status_naming_the_key() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.password"));
 }
+
+/// The proxy learns the server's command table on its first connection; every
+/// command a real Redis flags `blocking` must already be pinned by the routing
+/// table (a new one would otherwise hold up a shared connection until learned).
+#[test]
+fn the_routing_table_pins_every_blocking_command_of_a_real_redis() {
+    let (_redis, proxy) = setup();
+    let mut s = proxy.raw();
+    assert_eq!(roundtrip(&mut s, b"PING\r\n", 7), b"+PONG\r\n");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = proxy
+            .log_text()
+            .lines()
+            .find(|l| l.contains("learned the server's command table"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no command table learned: {}",
+            proxy.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let known: usize = line
+        .split("commands=")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    assert!(known > 200, "{line}");
+    assert!(line.contains("blocking_not_in_table=[]"), "{line}");
+}

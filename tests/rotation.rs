@@ -403,3 +403,200 @@ async fn tokens_rotate_into_every_live_connection_under_load() {
     assert!(reauth_ok >= (2 * ROTATIONS) as f64, "{metrics}");
     assert!(auth_after - auth_before >= 2 * ROTATIONS);
 }
+
+/// Each generation's ACL user is made before its token is handed out and
+/// deleted when the token expires; returns how many were deleted so far.
+fn acl_users_deleted_at_expiry(redis: &RedisServer, emu: &TokenEmulator) -> Arc<AtomicU64> {
+    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
+    let deleted = Arc::new(AtomicU64::new(0));
+    let deleted_hook = deleted.clone();
+    emu.on_issue(move |t: Issued| {
+        let ca = ca.clone();
+        let deleted = deleted_hook.clone();
+        async move {
+            let pass = format!(">{}", t.token);
+            let out = cli(
+                port,
+                &ca,
+                &["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"],
+            );
+            assert_eq!(out.trim(), "OK", "ACL SETUSER {}", t.oid);
+            tokio::spawn(async move {
+                let wait = t
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                cli(port, &ca, &["ACL", "DELUSER", &t.oid]);
+                deleted.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    deleted
+}
+
+/// The proxy's upstream connections in pub/sub mode: (id, user).
+fn pubsub_conns(redis: &RedisServer) -> Vec<(String, String)> {
+    redis
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .find_map(|f| f.strip_prefix("flags="))
+                .is_some_and(|f| f.contains('P'))
+        })
+        .map(|l| {
+            let get = |name: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(name))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (get("id="), get("user="))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_connection() {
+    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: LIFETIME,
+        oid_prefix: "psgen-".into(),
+        ..Default::default()
+    })
+    .await;
+    let deleted = acl_users_deleted_at_expiry(&redis, &emu);
+    let admin = free_port();
+    let proxy = Proxy::start(&entra_env(&redis, &emu, admin));
+    emu.wait_issued(1, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            http(admin, "GET", "/readyz")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pport = proxy.port;
+    let (r2, r3) = tokio::task::spawn_blocking(move || {
+        let mut r2 = Raw::connect(pport);
+        assert!(r2.call(&["SUBSCRIBE", "rot"]).ends_with(":1\r\n"));
+        assert!(r2.call(&["PSUBSCRIBE", "ro*"]).ends_with(":2\r\n"));
+        let mut r3 = Raw::connect(pport);
+        assert!(r3.call(&["HELLO", "3"]).starts_with("%7\r\n"));
+        assert!(r3.call(&["SUBSCRIBE", "rot"]).ends_with(":1\r\n"));
+        (r2, r3)
+    })
+    .await
+    .unwrap();
+    let hub_before = pubsub_conns(&redis);
+    assert_eq!(hub_before.len(), 1, "{hub_before:?}");
+    assert_eq!(hub_before[0].1, "psgen-1");
+
+    // Publish every 200 ms until three generations have expired and their
+    // users are gone (a connection that did not re-AUTH is killed by then).
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_pub = stop.clone();
+    let publisher = tokio::task::spawn_blocking(move || {
+        let mut p = Raw::connect(pport);
+        let mut n = 0usize;
+        while !stop_pub.load(Ordering::Relaxed) && n < 1000 {
+            // The hub's channel and pattern subscriptions, at every moment.
+            assert_eq!(
+                p.call(&["PUBLISH", "rot", &format!("m{n}")]),
+                ":2\r\n",
+                "publish {n}: the hub was not subscribed"
+            );
+            n += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        n
+    });
+    let deadline = Instant::now() + LIFETIME * 6;
+    while deleted.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "three generations never expired");
+        assert!(!publisher.is_finished(), "the publisher stopped early");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A little more after the last deletion.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = publisher.await.expect("every publish reached the hub");
+    assert!(n >= 100, "only {n} messages");
+    let got = tokio::task::spawn_blocking(move || {
+        let (mut r2, mut r3) = (r2, r3);
+        for i in 0..n {
+            let p = format!("m{i}");
+            assert_eq!(
+                String::from_utf8_lossy(&r2.read()),
+                format!(
+                    "*3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n",
+                    p.len()
+                ),
+                "RESP2 message {i}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&r2.read()),
+                format!(
+                    "*4\r\n$8\r\npmessage\r\n$3\r\nro*\r\n$3\r\nrot\r\n${}\r\n{p}\r\n",
+                    p.len()
+                ),
+                "RESP2 pmessage {i}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&r3.read()),
+                format!(
+                    ">3\r\n$7\r\nmessage\r\n$3\r\nrot\r\n${}\r\n{p}\r\n",
+                    p.len()
+                ),
+                "RESP3 message {i}"
+            );
+        }
+        // Still subscribed, still answering.
+        assert_eq!(r2.call(&["PING"]), "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+        assert_eq!(r3.call(&["PING"]), "+PONG\r\n");
+        (n, r2, r3)
+    })
+    .await
+    .expect("every subscriber got every message in order");
+    let (got, _r2, _r3) = got;
+    // The same upstream connection throughout, re-authenticated as a current
+    // generation.
+    let hub_after = pubsub_conns(&redis);
+    assert_eq!(hub_after.len(), 1, "{hub_after:?}");
+    assert_eq!(
+        hub_after[0].0, hub_before[0].0,
+        "the hub's connection was replaced"
+    );
+    let generation: u64 = hub_after[0]
+        .1
+        .strip_prefix("psgen-")
+        .and_then(|g| g.parse().ok())
+        .unwrap();
+    assert!(generation >= 4, "{hub_after:?}");
+    let metrics = http(admin, "GET", "/metrics").1;
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        metric("redis_entra_proxy_errors_total{kind=\"upstream_lost\"}"),
+        0.0,
+        "{}",
+        proxy.log_text()
+    );
+    assert_eq!(
+        metric("redis_entra_proxy_reauths_total{outcome=\"failed\"}"),
+        0.0
+    );
+    eprintln!(
+        "pub/sub rotation figures: messages={got} hub_generation={generation} users_deleted={} reauth_ok={}",
+        deleted.load(Ordering::SeqCst),
+        metric("redis_entra_proxy_reauths_total{outcome=\"ok\"}")
+    );
+}

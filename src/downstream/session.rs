@@ -9,8 +9,13 @@
 //! a client's commands move from one upstream connection to another (shared ->
 //! pinned and back), the session waits until every reply of the previous one
 //! has arrived, so they run in the order sent.
+//!
+//! Subscriptions go to the shared pub/sub hub ([`crate::upstream::pubsub`]),
+//! which queues the client's confirmations and messages on a channel of their
+//! own; the session puts each command's confirmations in that command's place
+//! among the replies, and messages between whole replies.
 
-use crate::command::{self, Class, Local, Pin};
+use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
@@ -18,24 +23,26 @@ use crate::resp::{self, Proto};
 use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
+use crate::upstream::pubsub::{Hub, Kind, Link, ToClient};
 use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 /// What every session shares.
 pub struct Context {
     pub pool: Arc<Pool>,
+    pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_buffered_bytes: usize,
@@ -52,12 +59,19 @@ enum Out {
         count: usize,
         since: Instant,
     },
+    /// The confirmations of pub/sub command `seq`, queued by the hub: write
+    /// the hub's frames up to them.
+    Hub(u64),
 }
 
 /// Stop reading a client that owes this many replies (it is not reading them).
 const MAX_OWED: usize = 1024;
 /// Replies of at least this many bytes are written without a copy.
 const COPY_BELOW: usize = 16 * 1024;
+/// Pub/sub messages are taken from the hub's queue only while fewer bytes than
+/// this wait to be written: the rest stay in that queue, where they count
+/// against `limits.max_pubsub_queued_bytes`.
+const HUB_WRITE_AHEAD: usize = 64 * 1024;
 
 /// A client's byte stream, whichever listener it came from.
 trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -80,27 +94,27 @@ struct State {
     watching: bool,
     /// Sticky modes (CLIENT TRACKING/REPLY/..., MONITOR, READONLY): until RESET.
     sticky: bool,
-    channels: HashSet<Vec<u8>>,
-    patterns: HashSet<Vec<u8>>,
-    shard_channels: HashSet<Vec<u8>>,
+    /// Subscriptions held for this client by the hub (as of its last answer):
+    /// channels + patterns, and shard channels.
+    subs: usize,
+    shard_subs: usize,
+    /// The hub's way to this client; made on its first pub/sub command.
+    link: Option<Arc<Link>>,
+    /// Number of the client's last pub/sub command.
+    hub_seq: u64,
     pinned: Option<Pinned>,
-    pinned_proto: Proto,
     shared: Option<Handle>,
     last_target: Target,
 }
 
 impl State {
-    fn sub_count(&self) -> i64 {
-        (self.channels.len() + self.patterns.len() + self.shard_channels.len()) as i64
-    }
-
     fn subscribed(&self) -> bool {
-        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+        self.subs + self.shard_subs > 0
     }
 
     /// Whether the pinned connection holds state that must not be dropped.
     fn needs_pin(&self) -> bool {
-        self.in_multi || self.watching || self.db != 0 || self.sticky || self.subscribed()
+        self.in_multi || self.watching || self.db != 0 || self.sticky
     }
 }
 
@@ -120,7 +134,9 @@ where
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
             push: None,
+            hub: None,
             gone: false,
+            killed: false,
             metrics: ctx.metrics.clone(),
         },
         push_tx: None,
@@ -133,11 +149,11 @@ where
             in_multi: false,
             watching: false,
             sticky: false,
-            channels: HashSet::new(),
-            patterns: HashSet::new(),
-            shard_channels: HashSet::new(),
+            subs: 0,
+            shard_subs: 0,
+            link: None,
+            hub_seq: 0,
             pinned: None,
-            pinned_proto: Proto::Resp2,
             shared: None,
             last_target: Target::Shared,
         },
@@ -191,7 +207,7 @@ where
             }
             Event::Closed => break,
             Event::Lost => {
-                // Its transaction, subscriptions or database went with the
+                // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so
                 // the client notices and reconnects. Commands in flight on it
                 // already got their error replies.
@@ -236,12 +252,17 @@ where
                     argn += 1;
                 }
             }
-            let class = command::classify(&argv[..argn]);
+            let class = match command::classify(&argv[..argn]) {
+                Class::Shared => ctx.pool.refine(argv[0]),
+                class => class,
+            };
             let batchable = class == Class::Shared
                 && !cmd.inline
                 && session.st.authed
                 && session.st.pinned.is_none()
-                && session.st.last_target == Target::Shared;
+                && session.st.last_target == Target::Shared
+                // RESP2 subscribed mode refuses most commands: see `handle`.
+                && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
             if batchable {
                 batch_len += cmd.len;
                 batch_count += 1;
@@ -283,7 +304,14 @@ where
         }
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
-    ctx.metrics.pubsub_channels.dec_by(session.st.sub_count());
+    if session.st.link.is_some() {
+        ctx.hub.gone(session.st.id);
+    }
+    if session.client.killed {
+        // The hub dropped this subscriber for not reading its messages (it
+        // logged why): close without writing what is queued.
+        return;
+    }
     // Write the replies still owed (each arrives or fails), then close.
     session.settle(true).await;
 }
@@ -314,11 +342,83 @@ struct Client {
     waits: usize,
     out: WriteQueue,
     max_out: usize,
-    /// Push frames (pub/sub, invalidations) from the pinned connection.
+    /// Push frames (invalidations, MONITOR lines) from the pinned connection.
     push: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// What the hub queues for this client; made with its [`Link`].
+    hub: Option<HubFeed>,
     /// Writing to the client failed: it is gone.
     gone: bool,
+    /// The hub dropped this client for not reading its messages: nothing more
+    /// is written, and the connection closes without flushing what is queued.
+    killed: bool,
     metrics: Arc<Metrics>,
+}
+
+/// What the hub queues for this client, and the count of message bytes in it.
+struct HubFeed {
+    rx: mpsc::UnboundedReceiver<ToClient>,
+    open: bool,
+    queued: Arc<AtomicUsize>,
+    /// The last pub/sub command whose confirmations were queued for writing.
+    done: u64,
+    /// The hub's kill: polled once to register for it, then only once it
+    /// fired (as the drain is).
+    kill: CancellationToken,
+    killed: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+    kill_registered: bool,
+}
+
+impl HubFeed {
+    fn new(link: &Link, rx: mpsc::UnboundedReceiver<ToClient>) -> Self {
+        HubFeed {
+            rx,
+            open: true,
+            queued: link.queued.clone(),
+            done: 0,
+            kill: link.kill.clone(),
+            killed: Box::pin(link.kill.clone().cancelled_owned()),
+            kill_registered: false,
+        }
+    }
+
+    fn is_killed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.kill_registered && !self.kill.is_cancelled() {
+            return false;
+        }
+        self.kill_registered = true;
+        self.killed.as_mut().poll(cx).is_ready()
+    }
+
+    /// Take the next frame from the hub into `out`; false when there is none
+    /// now (the waker is then registered) or the queue is closed.
+    fn take_one(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut WriteQueue,
+        metrics: &Metrics,
+    ) -> bool {
+        if !self.open {
+            return false;
+        }
+        let bytes = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ToClient::Message(b))) => {
+                self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+                b
+            }
+            Poll::Ready(Some(ToClient::Reply { bytes, seq })) => {
+                self.done = seq;
+                bytes
+            }
+            Poll::Ready(None) => {
+                self.open = false;
+                return false;
+            }
+            Poll::Pending => return false,
+        };
+        metrics.bytes_out.inc_by(bytes.len() as u64);
+        out.push(bytes);
+        true
+    }
 }
 
 impl Client {
@@ -327,13 +427,65 @@ impl Client {
         self.owed.len() < MAX_OWED && self.out.queued_bytes() < self.max_out
     }
 
-    /// Queue the replies that have arrived, in command order, and push frames
-    /// (only ever between whole replies); write what the socket takes. Never
-    /// waits: registers for wake-up on whatever is not ready.
+    /// Queue the replies that have arrived, in command order, each pub/sub
+    /// command's confirmations in that command's place, and push frames and
+    /// pub/sub messages (only ever between whole replies); write what the
+    /// socket takes. Never waits: registers for wake-up on whatever is not
+    /// ready. Writes nothing more once the hub killed the client.
     fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
-        while let Some(front) = self.owed.front_mut() {
+        loop {
+            if self.killed {
+                return;
+            }
+            if let Some(hub) = &mut self.hub {
+                if hub.is_killed(cx) {
+                    self.killed = true;
+                    self.gone = true;
+                    return;
+                }
+            }
+            let held_back = self.queue_out(cx);
+            if self.gone || self.out.is_idle() {
+                return;
+            }
+            match self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
+                Poll::Ready(Ok(())) if held_back => {}
+                Poll::Ready(Ok(())) | Poll::Pending => return,
+                Poll::Ready(Err(_)) => {
+                    self.gone = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Move what is ready to be written into `out`. True when pub/sub frames
+    /// were left in the hub's queue because `out` holds enough already (come
+    /// back once it is written).
+    fn queue_out(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        'owed: while let Some(front) = self.owed.front_mut() {
             let bytes = match front {
                 Out::Now(b) => std::mem::take(b),
+                Out::Hub(seq) => {
+                    // The hub queued these confirmations before the session
+                    // queued this: everything up to them is in its channel.
+                    let seq = *seq;
+                    let Some(hub) = &mut self.hub else {
+                        self.owed.pop_front();
+                        continue;
+                    };
+                    while hub.done < seq && hub.open {
+                        if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                            return true;
+                        }
+                        if !hub.take_one(cx, &mut self.out, &self.metrics) && hub.open {
+                            // Not there yet: woken when it is.
+                            break 'owed;
+                        }
+                    }
+                    self.owed.pop_front();
+                    continue;
+                }
                 Out::Wait { rx, count, since } => {
                     let res = match std::pin::Pin::new(rx).poll(cx) {
                         Poll::Ready(r) => r.unwrap_or(Err(UpstreamError::Shutdown)),
@@ -373,11 +525,19 @@ impl Client {
                 Poll::Pending => break,
             }
         }
-        if !self.gone && !self.out.is_idle() {
-            if let Poll::Ready(Err(_)) = self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
-                self.gone = true;
+        if let Some(hub) = &mut self.hub {
+            // Messages (and confirmations) between whole replies, as long as
+            // the client takes them.
+            loop {
+                if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                    return true;
+                }
+                if !hub.take_one(cx, &mut self.out, &self.metrics) {
+                    break;
+                }
             }
         }
+        false
     }
 }
 
@@ -421,7 +581,8 @@ impl Session {
     }
 
     /// Await one reply outside the ordered queue (nothing else is owed),
-    /// writing push frames meanwhile.
+    /// writing push frames and pub/sub messages meanwhile. Gives up if the
+    /// client is gone (or was dropped by the hub).
     async fn wait_reply(
         &mut self,
         mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
@@ -432,6 +593,11 @@ impl Session {
                 return Poll::Ready(r.unwrap_or(Err(UpstreamError::Shutdown)));
             }
             client.poll_out(cx);
+            if client.gone {
+                return Poll::Ready(Err(UpstreamError::Lost {
+                    reason: "client gone".into(),
+                }));
+            }
             Poll::Pending
         })
         .await
@@ -486,6 +652,7 @@ impl Session {
             count,
             reply: Some(reply_tx),
             in_multi_after,
+            pushes: 0,
         };
         if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
             if let Some(t) = req.reply {
@@ -509,19 +676,16 @@ impl Session {
         }
     }
 
-    async fn ensure_pinned(&mut self, proto: Proto) -> Result<(), UpstreamError> {
-        if self.st.pinned.is_some() && self.st.pinned_proto == proto {
+    async fn ensure_pinned(&mut self) -> Result<(), UpstreamError> {
+        if self.st.pinned.is_some() {
             return Ok(());
         }
         self.switch_to(Target::Pinned).await;
-        self.st.pinned = None;
         let push = PushSink {
             tx: self.push_sender(),
-            as_resp2: self.st.proto == Proto::Resp2 && proto == Proto::Resp3,
         };
-        let pinned = self.ctx.pool.pin(proto, push).await?;
+        let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
         self.st.pinned = Some(pinned);
-        self.st.pinned_proto = proto;
         Ok(())
     }
 
@@ -592,20 +756,11 @@ impl Session {
                 return true;
             }
         }
-        let is_unsubscribe = matches!(
-            &name[..],
-            b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE"
-        );
         match class {
             Class::Local(local) => return self.local(local, &name, frame, args, since).await,
-            Class::Pin(Pin::PubSub) => {
-                return self.pubsub(&name, frame, args, since).await;
-            }
-            _ if is_unsubscribe => {
-                return self.pubsub(&name, frame, args, since).await;
-            }
+            Class::PubSub(cmd) => return self.pubsub(cmd, args).await,
             Class::Pin(pin) => {
-                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                if let Err(e) = self.ensure_pinned().await {
                     self.ctx.metrics.error(ErrorKind::UpstreamConnect);
                     self.reply(e.to_reply()).await;
                     return true;
@@ -713,6 +868,7 @@ impl Session {
                 count: 1,
                 reply: Some(reply_tx),
                 in_multi_after: false,
+                pushes: 0,
             };
             if tx.send(req).await.is_err() {
                 break UpstreamError::Shutdown.to_reply();
@@ -741,91 +897,68 @@ impl Session {
             .await;
     }
 
-    async fn pubsub(&mut self, name: &[u8], frame: Bytes, args: &[Bytes], since: Instant) -> bool {
-        let before = self.st.sub_count();
-        let keep_going = self.pubsub_inner(name, frame, args, since).await;
-        self.ctx
-            .metrics
-            .pubsub_channels
-            .inc_by(self.st.sub_count() - before);
-        keep_going
+    /// The hub's way to this client, made on its first pub/sub command.
+    fn link(&mut self) -> Arc<Link> {
+        if let Some(link) = &self.st.link {
+            return link.clone();
+        }
+        let (link, rx) = Link::new(self.st.id, self.peer.to_string());
+        self.client.hub = Some(HubFeed::new(&link, rx));
+        self.st.link = Some(link.clone());
+        link
     }
 
-    async fn pubsub_inner(
-        &mut self,
-        name: &[u8],
-        frame: Bytes,
-        args: &[Bytes],
-        since: Instant,
-    ) -> bool {
-        let set = match name {
-            b"SUBSCRIBE" | b"UNSUBSCRIBE" => &mut self.st.channels,
-            b"PSUBSCRIBE" | b"PUNSUBSCRIBE" => &mut self.st.patterns,
-            _ => &mut self.st.shard_channels,
-        };
-        let subscribing = !name.starts_with(b"UN") && !name[1..].starts_with(b"UN");
-        if subscribing {
-            if args.len() < 2 {
-                self.reply(resp::error(&format!(
-                    "ERR wrong number of arguments for '{}' command",
-                    String::from_utf8_lossy(name).to_lowercase()
-                )))
-                .await;
-                return true;
-            }
-            set.extend(args[1..].iter().map(|a| a.to_vec()));
-        } else if args.len() == 1 {
-            set.clear();
-        } else {
-            for a in &args[1..] {
-                set.remove(&a[..]);
-            }
-        }
-        // Subscriptions live on RESP3 connections: they can re-AUTH there.
-        if self.st.pinned.is_none() || self.st.pinned_proto != Proto::Resp3 {
-            if !subscribing && self.st.pinned.is_none() {
-                // Not subscribed anywhere: answer as Redis would.
-                let kind = String::from_utf8_lossy(name).to_lowercase();
-                let mut b = BytesMut::new();
-                let head: &[u8] = if self.st.proto == Proto::Resp3 {
-                    b">3\r\n"
-                } else {
-                    b"*3\r\n"
-                };
-                let channels: Vec<Bytes> = if args.len() > 1 {
-                    args[1..].to_vec()
-                } else {
-                    vec![]
-                };
-                if channels.is_empty() {
-                    b.extend_from_slice(head);
-                    b.extend_from_slice(&resp::bulk(kind.as_bytes()));
-                    b.extend_from_slice(&resp::null(self.st.proto));
-                    b.extend_from_slice(&resp::integer(0));
-                } else {
-                    for c in channels {
-                        b.extend_from_slice(head);
-                        b.extend_from_slice(&resp::bulk(kind.as_bytes()));
-                        b.extend_from_slice(&resp::bulk(&c));
-                        b.extend_from_slice(&resp::integer(0));
-                    }
-                }
-                self.reply(b.freeze()).await;
-                return true;
-            }
-            if let Err(e) = self.ensure_pinned(Proto::Resp3).await {
-                self.ctx.metrics.error(ErrorKind::UpstreamConnect);
-                self.reply(e.to_reply()).await;
-                return true;
-            }
-        }
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, answered with the hub: the
+    /// confirmations come as Redis sends them, in this command's place.
+    async fn pubsub(&mut self, cmd: PubSub, args: &[Bytes]) -> bool {
         self.ctx.metrics.command(Route::PubSub);
-        // Pub/sub answers arrive as push frames, not as replies.
-        let Some(p) = &self.st.pinned else {
-            return true;
+        let (kind, subscribe) = match cmd {
+            PubSub::Subscribe => (Kind::Channel, true),
+            PubSub::PSubscribe => (Kind::Pattern, true),
+            PubSub::SSubscribe => (Kind::Shard, true),
+            PubSub::Unsubscribe => (Kind::Channel, false),
+            PubSub::PUnsubscribe => (Kind::Pattern, false),
+            PubSub::SUnsubscribe => (Kind::Shard, false),
         };
-        let tx = p.tx.clone();
-        self.send_upstream(&tx, frame, 0, 0, false, since).await;
+        if subscribe && args.len() < 2 {
+            let reply = resp::error(&format!(
+                "ERR wrong number of arguments for '{}' command",
+                String::from_utf8_lossy(&args[0]).to_lowercase()
+            ));
+            self.client.owed.push_back(Out::Now(reply));
+            return true;
+        }
+        if self.st.in_multi {
+            let reply = resp::error(&format!(
+                "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
+                String::from_utf8_lossy(&args[0]).to_lowercase()
+            ));
+            self.client.owed.push_back(Out::Now(reply));
+            return true;
+        }
+        // Commands run in order: replies still due come before these
+        // confirmations (which may be written as soon as they are queued).
+        self.settle(false).await;
+        self.st.hub_seq += 1;
+        let seq = self.st.hub_seq;
+        let names = args[1..].to_vec();
+        let link = self.link();
+        let hub = &self.ctx.hub;
+        let res = if subscribe {
+            hub.subscribe(&link, self.st.proto, kind, names, seq).await
+        } else {
+            hub.unsubscribe(&link, self.st.proto, kind, names, seq)
+                .await
+        };
+        let item = match res {
+            Ok(counts) => {
+                self.st.subs = counts.subs;
+                self.st.shard_subs = counts.shard;
+                Out::Hub(seq)
+            }
+            Err(e) => Out::Now(e),
+        };
+        self.client.owed.push_back(item);
         true
     }
 
@@ -859,8 +992,19 @@ impl Session {
                 return false;
             }
             Local::Reset => {
-                if self.st.pinned.is_some() {
+                if self.st.pinned.is_some() || self.st.subscribed() {
                     self.settle(false).await;
+                }
+                if self.st.subscribed() {
+                    // No message of the old subscriptions after `+RESET`.
+                    self.st.hub_seq += 1;
+                    let seq = self.st.hub_seq;
+                    let link = self.link();
+                    if self.ctx.hub.reset(&link, seq).await.is_ok() {
+                        self.client.owed.push_back(Out::Hub(seq));
+                    }
+                    self.st.subs = 0;
+                    self.st.shard_subs = 0;
                 }
                 self.st.pinned = None;
                 self.st.in_multi = false;
@@ -868,10 +1012,6 @@ impl Session {
                 self.st.sticky = false;
                 self.st.db = 0;
                 self.st.name = None;
-                self.ctx.metrics.pubsub_channels.dec_by(self.st.sub_count());
-                self.st.channels.clear();
-                self.st.patterns.clear();
-                self.st.shard_channels.clear();
                 if self.st.proto != Proto::Resp2 {
                     self.st.proto = Proto::Resp2;
                     self.st.shared = None;
@@ -895,7 +1035,7 @@ impl Session {
                     self.reply(resp::ok()).await;
                     return true;
                 }
-                if let Err(e) = self.ensure_pinned(self.st.proto).await {
+                if let Err(e) = self.ensure_pinned().await {
                     self.reply(e.to_reply()).await;
                     return true;
                 }
@@ -1038,7 +1178,7 @@ impl Session {
             return;
         }
         if proto != self.st.proto {
-            if self.st.pinned.is_some() && self.st.needs_pin() {
+            if self.st.subscribed() || (self.st.pinned.is_some() && self.st.needs_pin()) {
                 self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction, subscribed, or in a special mode; RESET first")).await;
                 return;
             }

@@ -165,6 +165,64 @@ pub fn error_text(reply: &[u8]) -> Option<String> {
     }
 }
 
+/// The first two elements of a push frame (`>N` followed by bulk strings):
+/// its kind (`message`, `subscribe`, ...) and the channel or pattern after it
+/// (`None` when that element is a null, or there is none). `None` for anything
+/// that is not such a frame. The frame comes from the upstream, already framed
+/// by [`scan::ReplyScanner`]; this only reads its head.
+pub fn push_head(frame: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    if frame.first() != Some(&b'>') {
+        return None;
+    }
+    let mut pos = memchr::memchr(b'\n', frame)? + 1;
+    let bulk = |pos: &mut usize| -> Option<Option<&[u8]>> {
+        let rest = frame.get(*pos..)?;
+        match rest.first()? {
+            b'$' => {
+                let nl = memchr::memchr(b'\n', rest)?;
+                let len: usize = std::str::from_utf8(rest.get(1..nl.checked_sub(1)?)?)
+                    .ok()?
+                    .parse()
+                    .ok()?;
+                let start = *pos + nl + 1;
+                let body = frame.get(start..start + len)?;
+                *pos = start + len + 2;
+                Some(Some(body))
+            }
+            b'_' => {
+                *pos += 3;
+                Some(None)
+            }
+            _ => None,
+        }
+    };
+    let kind = bulk(&mut pos)??;
+    let second = bulk(&mut pos).flatten();
+    Some((kind, second))
+}
+
+/// One pub/sub confirmation frame as Redis sends it: `subscribe`, `unsubscribe`,
+/// ... with the channel (or a null when there is none) and the client's count
+/// of subscriptions after it. An array for RESP2, a push frame for RESP3.
+pub fn pubsub_confirmation(
+    out: &mut BytesMut,
+    proto: Proto,
+    kind: &[u8],
+    channel: Option<&[u8]>,
+    count: usize,
+) {
+    out.extend_from_slice(match proto {
+        Proto::Resp2 => b"*3\r\n",
+        Proto::Resp3 => b">3\r\n",
+    });
+    out.extend_from_slice(&bulk(kind));
+    match channel {
+        Some(c) => out.extend_from_slice(&bulk(c)),
+        None => out.extend_from_slice(&null(proto)),
+    }
+    out.extend_from_slice(format!(":{count}\r\n").as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +241,28 @@ mod tests {
         let m = map(Proto::Resp2, &[("proto", Value::Int(2))]);
         assert_eq!(&m[..], b"*2\r\n$5\r\nproto\r\n:2\r\n");
         assert_eq!(error_text(b"-WRONGPASS bad\r\n").unwrap(), "WRONGPASS bad");
+    }
+
+    #[test]
+    fn push_heads_and_confirmations() {
+        let m = b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n";
+        assert_eq!(push_head(m), Some((&b"message"[..], Some(&b"news"[..]))));
+        let u = b">3\r\n$11\r\nunsubscribe\r\n_\r\n:0\r\n";
+        assert_eq!(push_head(u), Some((&b"unsubscribe"[..], None)));
+        let empty = b">3\r\n$9\r\nsubscribe\r\n$0\r\n\r\n:1\r\n";
+        assert_eq!(push_head(empty), Some((&b"subscribe"[..], Some(&b""[..]))));
+        assert_eq!(push_head(b"*3\r\n$7\r\nmessage\r\n"), None);
+        assert_eq!(push_head(b">2\r\n:1\r\n:2\r\n"), None);
+        // Truncated or lying lengths never read out of bounds.
+        assert_eq!(push_head(b">3\r\n$70\r\nmessage\r\n"), None);
+        assert_eq!(push_head(b">3\r\n$"), None);
+        let mut out = BytesMut::new();
+        pubsub_confirmation(&mut out, Proto::Resp2, b"subscribe", Some(b"a"), 2);
+        pubsub_confirmation(&mut out, Proto::Resp3, b"unsubscribe", None, 0);
+        pubsub_confirmation(&mut out, Proto::Resp2, b"punsubscribe", None, 1);
+        assert_eq!(
+            &out[..],
+            &b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:2\r\n>3\r\n$11\r\nunsubscribe\r\n_\r\n:0\r\n*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:1\r\n"[..]
+        );
     }
 }

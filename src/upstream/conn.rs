@@ -5,7 +5,10 @@
 //! write (auto-pipelining), reads the replies and hands them back FIFO, all from
 //! one poll loop (no split stream, no reader task: a command costs no hand-off
 //! inside the connection). Push frames (RESP3 `>`) are out of band and go to the
-//! owner's push channel, if any.
+//! owner's push channel, if any. A request can instead be answered by push
+//! frames (the pub/sub hub's SUBSCRIBE and UNSUBSCRIBE: one
+//! `subscribe`/`unsubscribe` confirmation per channel, or one error reply), and
+//! is matched in the same FIFO.
 //!
 //! The task also owns the connection's credential: when the token source
 //! publishes a new generation it injects `AUTH <user> <token>` (after a jitter,
@@ -34,14 +37,18 @@ use tracing::{info, warn};
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
 
-/// Raw command bytes to write, owing `count` replies (0 for pub/sub commands,
-/// whose answers are push frames).
+/// Raw command bytes to write, owing `count` replies.
 pub struct Request {
     pub bytes: Bytes,
     pub count: usize,
     pub reply: Option<ReplyTx>,
     /// The connection is inside MULTI after this request: defer re-AUTH.
     pub in_multi_after: bool,
+    /// With `count` 0: the request is answered by this many pub/sub
+    /// confirmation push frames (`subscribe`, `unsubscribe`, ...), which also go
+    /// to the push sink, or by one error reply instead. Its reply is then empty
+    /// (confirmed) or that error.
+    pub pushes: usize,
 }
 
 /// Settings every connection task shares.
@@ -56,11 +63,10 @@ pub struct ConnOpts {
     pub kind: &'static str,
 }
 
-/// Out-of-band frames for the owner (pinned connections only).
+/// Out-of-band frames for the owner: a pinned connection's client (tracking
+/// invalidations, MONITOR lines) or the pub/sub hub.
 pub struct PushSink {
     pub tx: mpsc::UnboundedSender<Bytes>,
-    /// Rewrite `>` to `*` for a RESP2 client (pub/sub frames are otherwise alike).
-    pub as_resp2: bool,
 }
 
 enum Sink {
@@ -76,6 +82,8 @@ enum Sink {
 
 struct Inflight {
     count: usize,
+    /// Confirmation push frames still owed (see [`Request::pushes`]).
+    pushes: usize,
     sink: Sink,
     written_at: Instant,
 }
@@ -383,6 +391,7 @@ impl Conn<'_> {
             self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
             self.inflight.push_back(Inflight {
                 count: 1,
+                pushes: 0,
                 sink: Sink::Ping,
                 written_at: now,
             });
@@ -394,8 +403,8 @@ impl Conn<'_> {
     fn queue(&mut self, req: Request, now: Instant) {
         self.in_multi = req.in_multi_after;
         self.out.push(req.bytes);
-        if req.count == 0 {
-            // Owes no reply (pub/sub): complete as soon as it is written.
+        if req.count == 0 && req.pushes == 0 {
+            // Owes nothing: complete as soon as it is written.
             if let Some(tx) = req.reply {
                 let _ = tx.send(Ok(Bytes::new()));
             }
@@ -403,6 +412,7 @@ impl Conn<'_> {
         }
         self.inflight.push_back(Inflight {
             count: req.count,
+            pushes: req.pushes,
             sink: Sink::Client(req.reply),
             written_at: now,
         });
@@ -422,6 +432,7 @@ impl Conn<'_> {
         self.out.push(cmd);
         self.inflight.push_back(Inflight {
             count: 1,
+            pushes: 0,
             sink: Sink::Auth {
                 generation: state.generation,
                 expires_at: cred.expires_at,
@@ -472,7 +483,7 @@ impl Conn<'_> {
             if reply.push {
                 // Out of band: never part of a request's replies.
                 let got_len = self.got_len;
-                let mut frame = if got_len == 0 {
+                let frame = if got_len == 0 {
                     self.rbuf.split_to(reply.len)
                 } else {
                     let f = BytesMut::from(&self.rbuf[got_len..got_len + reply.len]);
@@ -480,12 +491,21 @@ impl Conn<'_> {
                     self.rbuf.truncate(got_len);
                     self.rbuf.unsplit(tail);
                     f
-                };
-                if let Some(p) = &self.push {
-                    if p.as_resp2 {
-                        frame[0] = b'*';
+                }
+                .freeze();
+                // A pub/sub confirmation may be what the request at the head
+                // of the queue is waiting for.
+                if got_len == 0 && is_confirmation(&frame) {
+                    if let Some(head) = self.inflight.front_mut().filter(|h| h.pushes > 0) {
+                        head.pushes -= 1;
+                        if head.pushes == 0 {
+                            let done = self.inflight.pop_front().expect("checked above");
+                            self.complete(done.sink, Bytes::new())?;
+                        }
                     }
-                    let _ = p.tx.send(frame.freeze());
+                }
+                if let Some(p) = &self.push {
+                    let _ = p.tx.send(frame);
                 }
                 continue;
             }
@@ -500,6 +520,14 @@ impl Conn<'_> {
                     "reply with no command waiting for it".into(),
                 ));
             };
+            if cur.pushes > 0 {
+                // A request answered by confirmations got a reply instead: its
+                // error (it never has replies of its own).
+                let bytes = self.rbuf.split_to(reply.len).freeze();
+                let done = self.inflight.pop_front().expect("checked above");
+                self.complete(done.sink, bytes)?;
+                continue;
+            }
             self.got += 1;
             self.got_len += reply.len;
             if self.got < cur.count {
@@ -509,17 +537,23 @@ impl Conn<'_> {
             self.got = 0;
             self.got_len = 0;
             let cur = self.inflight.pop_front().expect("checked above");
-            match cur.sink {
-                Sink::Client(Some(tx)) => {
-                    let _ = tx.send(Ok(bytes));
-                }
-                Sink::Client(None) | Sink::Ping => {}
-                Sink::Auth {
-                    generation,
-                    expires_at,
-                } => self.on_auth_reply(&bytes, generation, expires_at)?,
-            }
+            self.complete(cur.sink, bytes)?;
         }
+    }
+
+    /// A request's replies are all in: hand them to where they go.
+    fn complete(&mut self, sink: Sink, bytes: Bytes) -> Result<(), UpstreamError> {
+        match sink {
+            Sink::Client(Some(tx)) => {
+                let _ = tx.send(Ok(bytes));
+            }
+            Sink::Client(None) | Sink::Ping => {}
+            Sink::Auth {
+                generation,
+                expires_at,
+            } => self.on_auth_reply(&bytes, generation, expires_at)?,
+        }
+        Ok(())
     }
 
     /// The connection ended: fail what it still owes, with the reason.
@@ -542,6 +576,23 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// Whether a push frame confirms a (P|S)(UN)SUBSCRIBE (rather than being a
+/// message or an invalidation).
+pub fn is_confirmation(frame: &[u8]) -> bool {
+    matches!(
+        resp::push_head(frame),
+        Some((
+            b"subscribe"
+                | b"unsubscribe"
+                | b"psubscribe"
+                | b"punsubscribe"
+                | b"ssubscribe"
+                | b"sunsubscribe",
+            _
+        ))
+    )
 }
 
 /// Seconds since the epoch, 0 for "never expires".
@@ -586,6 +637,9 @@ pub async fn supervise_shared(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut attempt: u32 = 0;
+    // Waiting for the first credential at startup is neither a connect error
+    // nor a reconnect: those count only once a connection has been made.
+    let mut ever_connected = false;
     let mut pending: VecDeque<Request> = VecDeque::new();
     loop {
         if shutdown.is_cancelled() {
@@ -597,7 +651,7 @@ pub async fn supervise_shared(
         };
         match conn {
             Ok(conn) => {
-                if attempt > 0 {
+                if attempt > 0 && ever_connected {
                     opts.metrics.upstream_reconnects.inc();
                     info!(
                         kind = opts.kind,
@@ -606,6 +660,7 @@ pub async fn supervise_shared(
                     );
                 }
                 attempt = 0;
+                ever_connected = true;
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
@@ -625,16 +680,23 @@ pub async fn supervise_shared(
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
-                opts.metrics
-                    .error(crate::metrics::ErrorKind::UpstreamConnect);
-                warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
+                let no_credential = matches!(e, UpstreamError::NoCredential { .. });
+                if no_credential && !ever_connected {
+                    info!(
+                        kind = opts.kind,
+                        "upstream connection waits for the first credential"
+                    );
+                } else {
+                    opts.metrics
+                        .error(crate::metrics::ErrorKind::UpstreamConnect);
+                    warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
+                }
                 // Fail what is waiting now, and whatever arrives during the backoff.
                 for r in pending.drain(..) {
                     fail(r.reply, e.clone());
                 }
                 // Without a credential there is nothing to retry until the
                 // token source publishes one: wait for it instead of a timer.
-                let no_credential = matches!(e, UpstreamError::NoCredential { .. });
                 let until = Instant::now()
                     + if no_credential {
                         Duration::from_secs(3600)

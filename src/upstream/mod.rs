@@ -6,9 +6,12 @@
 //!   re-AUTH on every new credential, keepalive.
 //! - [`pool`]: shared multiplexed connections per protocol and warm connections
 //!   for clients that need their own (pinned).
+//! - [`pubsub`]: the pub/sub hub, one RESP3 connection carrying every client's
+//!   subscriptions, each channel subscribed once however many clients share it.
 
 pub mod conn;
 pub mod pool;
+pub mod pubsub;
 pub mod tls;
 
 /// What went wrong on the upstream side. The `Display` text is what the client

@@ -286,6 +286,15 @@ impl Pool {
     }
 
     /// The server's HELLO fields (for answering a client's HELLO locally).
+    /// The class of a command the routing table calls shared, given what the
+    /// server's command table says (blocking module commands are pinned).
+    pub fn refine(&self, name: &[u8]) -> crate::command::Class {
+        match self.connector.learned() {
+            Some(l) if !l.blocking.is_empty() => l.refine(name),
+            _ => crate::command::Class::Shared,
+        }
+    }
+
     pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
         self.connector.hello_fields()
     }

@@ -43,6 +43,8 @@ pub struct Connector {
     tokens: TokenWatch,
     /// The HELLO fields of the most recent connection, for clients' own HELLO.
     last_hello: std::sync::Mutex<Arc<Vec<(String, resp::Value)>>>,
+    /// What the server's `COMMAND` said, learned on the first connection.
+    learned: std::sync::OnceLock<crate::command::Learned>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -107,6 +109,7 @@ impl Connector {
             connect_timeout: cfg.upstream.connect_timeout,
             tokens,
             last_hello: Default::default(),
+            learned: Default::default(),
         })
     }
 
@@ -121,6 +124,12 @@ impl Connector {
     /// The server's HELLO fields as last seen (empty before the first connection).
     pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
         self.last_hello.lock().expect("not poisoned").clone()
+    }
+
+    /// Commands the server flags as blocking that the routing table does not
+    /// list (empty until the first connection has learned them).
+    pub fn learned(&self) -> Option<&crate::command::Learned> {
+        self.learned.get()
     }
 
     /// Dial, handshake and authenticate one connection speaking `proto`.
@@ -185,33 +194,15 @@ impl Connector {
                 reason: format!("writing HELLO: {e}"),
             })?;
         let mut buf = BytesMut::with_capacity(4096);
-        let mut scanner = ReplyScanner::new();
-        let reply = loop {
-            if let Some(r) = scanner
-                .scan(&buf)
-                .map_err(|e| UpstreamError::Protocol(e.to_string()))?
-            {
-                break buf.split_to(r.len);
-            }
-            let n = stream
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    addr: self.addr.clone(),
-                    reason: format!("reading HELLO reply: {e}"),
-                })?;
-            if n == 0 {
-                return Err(UpstreamError::Connect {
-                    addr: self.addr.clone(),
-                    reason: "server closed the connection during HELLO".into(),
-                });
-            }
-        };
+        let reply = self.read_reply(&mut stream, &mut buf, "HELLO").await?;
         if let Some(text) = resp::error_text(&reply) {
             return Err(UpstreamError::Auth {
                 addr: self.addr.clone(),
                 reason: format!("{text} (as user `{}`)", cred.username),
             });
+        }
+        if self.learned.get().is_none() {
+            self.learn_commands(&mut stream, &mut buf).await?;
         }
         let hello = Arc::new(parse_hello(&reply));
         *self.last_hello.lock().expect("not poisoned") = hello.clone();
@@ -223,6 +214,76 @@ impl Connector {
             leftover: buf,
             hello,
         })
+    }
+}
+
+impl Connector {
+    /// Read one whole reply during the handshake.
+    async fn read_reply(
+        &self,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+        during: &str,
+    ) -> Result<BytesMut, UpstreamError> {
+        let mut scanner = ReplyScanner::new();
+        loop {
+            if let Some(r) = scanner
+                .scan(buf)
+                .map_err(|e| UpstreamError::Protocol(e.to_string()))?
+            {
+                return Ok(buf.split_to(r.len));
+            }
+            let n = stream
+                .read_buf(buf)
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("reading {during} reply: {e}"),
+                })?;
+            if n == 0 {
+                return Err(UpstreamError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("server closed the connection during {during}"),
+                });
+            }
+        }
+    }
+
+    /// Ask the server which commands it has (`COMMAND`, once per process) so
+    /// that blocking commands the routing table does not list are pinned too.
+    /// A server that refuses `COMMAND` leaves the table as it is.
+    async fn learn_commands(
+        &self,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+    ) -> Result<(), UpstreamError> {
+        stream
+            .write_all(&resp::command(&[b"COMMAND"]))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: self.addr.clone(),
+                reason: format!("writing COMMAND: {e}"),
+            })?;
+        let reply = self.read_reply(stream, buf, "COMMAND").await?;
+        let learned = match crate::command::Learned::from_command_reply(&reply) {
+            Some(l) => {
+                tracing::info!(
+                    commands = l.known,
+                    blocking_not_in_table = ?l.blocking.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
+                    "learned the server's command table"
+                );
+                l
+            }
+            None => {
+                tracing::info!(
+                    reply = %resp::error_text(&reply).unwrap_or_else(|| "not a command table".into()),
+                    "the server did not list its commands; routing by the built-in table only"
+                );
+                crate::command::Learned::default()
+            }
+        };
+        let _ = self.learned.set(learned);
+        Ok(())
     }
 }
 

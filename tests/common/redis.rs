@@ -120,3 +120,47 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// A plain redis-server (no TLS, no ACL) on a loopback port: the reference a
+/// test compares the proxy's bytes with. Stopped on drop.
+pub struct PlainRedis {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl PlainRedis {
+    pub fn start() -> PlainRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "plain redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PlainRedis {
+            port,
+            _dir: dir,
+            child,
+        }
+    }
+}
+
+impl Drop for PlainRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -26,9 +26,9 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -149,18 +149,35 @@ pub async fn run(
     let mut tokens_open = true;
     let result = loop {
         // A new credential is rare: `changed` is polled once to register for
-        // it and then only when the version moved (one atomic load), rather
-        // than at every wake-up, which would lock its notifier each time.
+        // it and then only when the version moved (one atomic load) or it woke
+        // the task itself (another), rather than at every wake-up, which would
+        // lock its notifier each time. The second condition matters: a
+        // wake-up can come with nothing new (this registration raced the
+        // sender's notification of the version just taken, or the task's
+        // budget ran out), and unless `changed` is polled again then, it is
+        // no longer registered and the next credential would go unnoticed.
         let event = {
             let mut changed = pin!(tokens.changed());
-            let mut registered = false;
+            let mut watch: Option<Arc<WatchWaker>> = None;
             poll_fn(|cx| {
                 if let Poll::Ready(r) = c.poll(cx) {
                     return Poll::Ready(Err(r));
                 }
-                if tokens_open && (!registered || c.tokens.has_changed().unwrap_or(true)) {
-                    registered = true;
-                    if let Poll::Ready(r) = changed.as_mut().poll(cx) {
+                if !tokens_open {
+                    return Poll::Pending;
+                }
+                let woke = watch.as_ref().is_none_or(|w| {
+                    w.woke.load(Ordering::Acquire) && w.woke.swap(false, Ordering::AcqRel)
+                });
+                if woke || c.tokens.has_changed().unwrap_or(true) {
+                    let w = Arc::new(WatchWaker {
+                        woke: AtomicBool::new(false),
+                        task: cx.waker().clone(),
+                    });
+                    let waker = Waker::from(w.clone());
+                    let res = changed.as_mut().poll(&mut Context::from_waker(&waker));
+                    watch = Some(w);
+                    if let Poll::Ready(r) = res {
                         return Poll::Ready(Ok(r.is_ok()));
                     }
                 }
@@ -186,6 +203,24 @@ pub async fn run(
     c.finish(&result);
     *pending = std::mem::take(&mut c.staged);
     result
+}
+
+/// The waker the credential watch is polled with: wakes the connection's
+/// task and notes that the watch did.
+struct WatchWaker {
+    woke: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for WatchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
 }
 
 /// One connection's state, driven by [`Conn::poll`].

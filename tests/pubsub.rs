@@ -478,7 +478,7 @@ fn a_subscriber_that_does_not_read_is_disconnected_and_the_others_get_everything
     assert!(slow.call(&["SUBSCRIBE", "firehose"]).ends_with(":1\r\n"));
     // Another that also sends commands it never reads the replies of: answered
     // by the proxy one by one, they fill its session's reply queue, so the
-    // session waits on a writer that waits on the client.
+    // session stops reading it and waits on the client.
     let mut slow3 = Raw::connect(proxy.port);
     assert!(slow3.call(&["HELLO", "3"]).starts_with("%7\r\n"));
     assert!(slow3.call(&["SUBSCRIBE", "firehose"]).ends_with(":1\r\n"));

@@ -111,16 +111,33 @@ impl ClientStream {
     }
 }
 
-async fn accept(l: &Listener) -> std::io::Result<(ClientStream, String)> {
+/// Where a client connected from; formatted only when shown (logs, CLIENT
+/// INFO), not for every connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(ClientStream, Peer)> {
     match l {
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((ClientStream::Tcp(s), a.to_string()))
+            Ok((ClientStream::Tcp(s), Peer::Tcp(a)))
         }
         Listener::Unix(l) => {
             let (s, _) = l.accept().await?;
-            Ok((ClientStream::Unix(s), "unix".to_string()))
+            Ok((ClientStream::Unix(s), Peer::Unix))
         }
     }
 }

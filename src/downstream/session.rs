@@ -1,19 +1,22 @@
 //! One client connection: read commands, answer the local ones, send the rest
 //! upstream, and write replies back in the order the commands came.
 //!
-//! Two halves: this task reads and routes; a writer task ([`write_loop`])
-//! awaits each reply in order and writes it to the client. Consecutive stateless
-//! commands from one read go upstream as one batch of raw bytes (no copy, no
-//! re-encoding). Before a client's commands move from one upstream connection to
-//! another (shared -> pinned and back), the session waits until every reply of
-//! the previous one has arrived, so they run in the order sent.
+//! One task per client: it reads and routes commands, and writes each reply
+//! as soon as it and every reply before it have arrived, from the same poll
+//! loop (no writer task, no split stream: a command costs one hand-off to the
+//! upstream connection and one back). Consecutive stateless commands from one
+//! read go upstream as one batch of raw bytes (no copy, no re-encoding). Before
+//! a client's commands move from one upstream connection to another (shared ->
+//! pinned and back), the session waits until every reply of the previous one
+//! has arrived, so they run in the order sent.
 //!
 //! Subscriptions go to the shared pub/sub hub ([`crate::upstream::pubsub`]),
 //! which queues the client's confirmations and messages on a channel of their
-//! own; the writer puts each command's confirmations in that command's place
+//! own; the session puts each command's confirmations in that command's place
 //! among the replies, and messages between whole replies.
 
 use crate::command::{self, Class, Local, Pin, PubSub};
+use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
@@ -22,13 +25,18 @@ use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
 use crate::upstream::pubsub::{Hub, Kind, Link, ToClient};
 use crate::upstream::UpstreamError;
+use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot, Notify};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 /// What every session shares.
@@ -42,7 +50,7 @@ pub struct Context {
     pub next_id: AtomicU64,
 }
 
-/// A reply the writer owes the client, in order.
+/// A reply owed to the client, in order.
 enum Out {
     Now(Bytes),
     /// Replies to `count` commands, coming from upstream.
@@ -54,28 +62,20 @@ enum Out {
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
     Hub(u64),
-    /// Write what is queued, then close.
-    Close,
 }
 
-/// Upstream requests whose replies have not reached the writer yet.
-#[derive(Default)]
-struct Outstanding {
-    n: AtomicUsize,
-    zero: Notify,
-}
+/// Stop reading a client that owes this many replies (it is not reading them).
+const MAX_OWED: usize = 1024;
+/// Replies of at least this many bytes are written without a copy.
+const COPY_BELOW: usize = 16 * 1024;
+/// Pub/sub messages are taken from the hub's queue only while fewer bytes than
+/// this wait to be written: the rest stay in that queue, where they count
+/// against `limits.max_pubsub_queued_bytes`.
+const HUB_WRITE_AHEAD: usize = 64 * 1024;
 
-impl Outstanding {
-    async fn wait_zero(&self) {
-        loop {
-            let notified = self.zero.notified();
-            if self.n.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
+/// A client's byte stream, whichever listener it came from.
+trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -98,8 +98,8 @@ struct State {
     /// channels + patterns, and shard channels.
     subs: usize,
     shard_subs: usize,
-    /// The hub's way to this client.
-    link: Arc<Link>,
+    /// The hub's way to this client; made on its first pub/sub command.
+    link: Option<Arc<Link>>,
     /// Number of the client's last pub/sub command.
     hub_seq: u64,
     pinned: Option<Pinned>,
@@ -121,48 +121,27 @@ impl State {
 /// Serve one client until it quits, errs, or `drain` fires: then no further
 /// command is read, the replies of those already read are written, and the
 /// connection is closed.
-pub async fn run<S>(stream: S, peer: String, ctx: Arc<Context>, drain: CancellationToken)
+pub async fn run<S>(stream: S, peer: Peer, ctx: Arc<Context>, drain: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
-    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
-    let (push_tx, push_rx) = mpsc::unbounded_channel::<Bytes>();
-    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-    let (link, hub_rx) = Link::new(id, peer.clone());
-    let outstanding = Arc::new(Outstanding::default());
-    let writer = tokio::spawn(write_loop(
-        wr,
-        out_rx,
-        push_rx,
-        HubFeed {
-            rx: hub_rx,
-            queued: link.queued.clone(),
-        },
-        outstanding.clone(),
-        ctx.metrics.clone(),
-    ));
-    let kill = link.kill.clone();
-    // A client dropped by the hub may have its writer stuck on a socket it does
-    // not read, and this task waiting on the writer: stop the writer at once.
-    let session_done = CancellationToken::new();
-    {
-        let (kill, done, writer) = (kill.clone(), session_done.clone(), writer.abort_handle());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = kill.cancelled() => writer.abort(),
-                _ = done.cancelled() => {}
-            }
-        });
-    }
-    let _done_guard = session_done.drop_guard();
     let mut session = Session {
         ctx: ctx.clone(),
-        out: out_tx,
-        push_tx,
-        outstanding,
+        client: Client {
+            io: Box::new(stream),
+            owed: VecDeque::new(),
+            waits: 0,
+            out: WriteQueue::new(COPY_BELOW),
+            max_out: ctx.max_buffered_bytes,
+            push: None,
+            hub: None,
+            gone: false,
+            killed: false,
+            metrics: ctx.metrics.clone(),
+        },
+        push_tx: None,
         st: State {
-            id,
+            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
             proto: Proto::Resp2,
             authed: ctx.password.is_none(),
             name: None,
@@ -172,7 +151,7 @@ where
             sticky: false,
             subs: 0,
             shard_subs: 0,
-            link,
+            link: None,
             hub_seq: 0,
             pinned: None,
             shared: None,
@@ -182,33 +161,58 @@ where
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
-    let mut killed = false;
+    // Polled once to register for the drain, then only once it fired (a
+    // cheaper check than polling its notifier at every wake-up).
+    let draining = drain.clone();
+    let mut drained = pin!(drain.cancelled_owned());
+    let mut drain_registered = false;
     'read: loop {
         let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
-        resp::reserve_for_read(&mut buf);
-        let n = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
-            _ = drain.cancelled() => break 'read,
-            // The hub dropped this subscriber for not reading its messages
-            // (it logged why): close without writing what is queued.
-            _ = kill.cancelled() => {
-                killed = true;
-                break 'read;
+        let mut lost = pin!(async move {
+            match lost {
+                Some(l) => l.cancelled_owned().await,
+                None => std::future::pending().await,
             }
-            // Cancel safety: `read_buf` loses nothing when another branch wins.
-            _ = async { lost.as_ref().expect("guarded").cancelled().await }, if lost.is_some() => {
+        });
+        // Write what has arrived; read when the client may send more.
+        let event = poll_fn(|cx| {
+            let client = &mut session.client;
+            client.poll_out(cx);
+            if client.gone {
+                return Poll::Ready(Event::Closed);
+            }
+            if !drain_registered || draining.is_cancelled() {
+                drain_registered = true;
+                if drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Closed);
+                }
+            }
+            if lost.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Lost);
+            }
+            if !client.may_read() {
+                return Poll::Pending;
+            }
+            resp::reserve_for_read(&mut buf);
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut client.io), cx, &mut buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Event::Closed),
+                Poll::Ready(Ok(n)) => Poll::Ready(Event::Read(n)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match event {
+            Event::Read(n) => {
+                ctx.metrics.bytes_in.inc_by(n as u64);
+            }
+            Event::Closed => break,
+            Event::Lost => {
                 // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so
                 // the client notices and reconnects. Commands in flight on it
                 // already got their error replies.
                 warn!(peer = %session.peer, id = session.st.id, "closing client: the upstream connection holding its state was lost");
-                break 'read;
-            }
-        };
-        match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                ctx.metrics.bytes_in.inc_by(n as u64);
+                break;
             }
         }
         let arrived = Instant::now();
@@ -240,11 +244,16 @@ where
                 }
                 continue;
             }
-            let args: Vec<&[u8]> = (0..cmd.args.len())
-                .filter_map(|i| cmd.arg(frame, i))
-                .collect();
-            let class = match command::classify(&args) {
-                Class::Shared => ctx.pool.refine(args[0]),
+            let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
+            let mut argn = 0;
+            for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
+                if let Some(a) = cmd.arg(frame, i) {
+                    *slot = a;
+                    argn += 1;
+                }
+            }
+            let class = match command::classify(&argv[..argn]) {
+                Class::Shared => ctx.pool.refine(argv[0]),
                 class => class,
             };
             let batchable = class == Class::Shared
@@ -273,7 +282,10 @@ where
             } else {
                 frame
             };
-            if !session.handle(class, frame, &all_args, arrived).await {
+            // Boxed: the handler's future (pinning may dial a connection) is
+            // several KB, and inline it would be copied into every client's
+            // task at accept (-k 0 clients pay that per command).
+            if !Box::pin(session.handle(class, frame, &all_args, arrived)).await {
                 break 'read;
             }
         }
@@ -292,44 +304,303 @@ where
         }
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
-    ctx.hub.gone(session.st.id);
-    if killed || kill.is_cancelled() {
-        // Its writer may be stuck on a client that does not read.
-        writer.abort();
+    if session.st.link.is_some() {
+        ctx.hub.gone(session.st.id);
+    }
+    if session.client.killed {
+        // The hub dropped this subscriber for not reading its messages (it
+        // logged why): close without writing what is queued.
         return;
     }
-    let _ = session.out.send(Out::Close).await;
-    drop(session);
-    let _ = writer.await;
+    // Write the replies still owed (each arrives or fails), then close.
+    session.settle(true).await;
+}
+
+/// What woke the session.
+enum Event {
+    Read(usize),
+    /// End of input, a dead client connection, or a drain: stop reading.
+    Closed,
+    /// The pinned connection holding this client's state was lost.
+    Lost,
 }
 
 struct Session {
     ctx: Arc<Context>,
-    out: mpsc::Sender<Out>,
-    push_tx: mpsc::UnboundedSender<Bytes>,
-    outstanding: Arc<Outstanding>,
+    client: Client,
+    /// Where pinned connections send push frames; made on first use.
+    push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     st: State,
-    peer: String,
+    peer: Peer,
+}
+
+/// The client connection and the replies it is owed, in order.
+struct Client {
+    io: Box<dyn ClientIo>,
+    owed: VecDeque<Out>,
+    /// `Out::Wait` entries in `owed`: replies still due from upstream.
+    waits: usize,
+    out: WriteQueue,
+    max_out: usize,
+    /// Push frames (invalidations, MONITOR lines) from the pinned connection.
+    push: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// What the hub queues for this client; made with its [`Link`].
+    hub: Option<HubFeed>,
+    /// Writing to the client failed: it is gone.
+    gone: bool,
+    /// The hub dropped this client for not reading its messages: nothing more
+    /// is written, and the connection closes without flushing what is queued.
+    killed: bool,
+    metrics: Arc<Metrics>,
+}
+
+/// What the hub queues for this client, and the count of message bytes in it.
+struct HubFeed {
+    rx: mpsc::UnboundedReceiver<ToClient>,
+    open: bool,
+    queued: Arc<AtomicUsize>,
+    /// The last pub/sub command whose confirmations were queued for writing.
+    done: u64,
+    /// The hub's kill: polled once to register for it, then only once it
+    /// fired (as the drain is).
+    kill: CancellationToken,
+    killed: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+    kill_registered: bool,
+}
+
+impl HubFeed {
+    fn new(link: &Link, rx: mpsc::UnboundedReceiver<ToClient>) -> Self {
+        HubFeed {
+            rx,
+            open: true,
+            queued: link.queued.clone(),
+            done: 0,
+            kill: link.kill.clone(),
+            killed: Box::pin(link.kill.clone().cancelled_owned()),
+            kill_registered: false,
+        }
+    }
+
+    fn is_killed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.kill_registered && !self.kill.is_cancelled() {
+            return false;
+        }
+        self.kill_registered = true;
+        self.killed.as_mut().poll(cx).is_ready()
+    }
+
+    /// Take the next frame from the hub into `out`; false when there is none
+    /// now (the waker is then registered) or the queue is closed.
+    fn take_one(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut WriteQueue,
+        metrics: &Metrics,
+    ) -> bool {
+        if !self.open {
+            return false;
+        }
+        let bytes = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ToClient::Message(b))) => {
+                self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+                b
+            }
+            Poll::Ready(Some(ToClient::Reply { bytes, seq })) => {
+                self.done = seq;
+                bytes
+            }
+            Poll::Ready(None) => {
+                self.open = false;
+                return false;
+            }
+            Poll::Pending => return false,
+        };
+        metrics.bytes_out.inc_by(bytes.len() as u64);
+        out.push(bytes);
+        true
+    }
+}
+
+impl Client {
+    /// Read more commands only while the client is taking its replies.
+    fn may_read(&self) -> bool {
+        self.owed.len() < MAX_OWED && self.out.queued_bytes() < self.max_out
+    }
+
+    /// Queue the replies that have arrived, in command order, each pub/sub
+    /// command's confirmations in that command's place, and push frames and
+    /// pub/sub messages (only ever between whole replies); write what the
+    /// socket takes. Never waits: registers for wake-up on whatever is not
+    /// ready. Writes nothing more once the hub killed the client.
+    fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
+        loop {
+            if self.killed {
+                return;
+            }
+            if let Some(hub) = &mut self.hub {
+                if hub.is_killed(cx) {
+                    self.killed = true;
+                    self.gone = true;
+                    return;
+                }
+            }
+            let held_back = self.queue_out(cx);
+            if self.gone || self.out.is_idle() {
+                return;
+            }
+            match self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
+                Poll::Ready(Ok(())) if held_back => {}
+                Poll::Ready(Ok(())) | Poll::Pending => return,
+                Poll::Ready(Err(_)) => {
+                    self.gone = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Move what is ready to be written into `out`. True when pub/sub frames
+    /// were left in the hub's queue because `out` holds enough already (come
+    /// back once it is written).
+    fn queue_out(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        'owed: while let Some(front) = self.owed.front_mut() {
+            let bytes = match front {
+                Out::Now(b) => std::mem::take(b),
+                Out::Hub(seq) => {
+                    // The hub queued these confirmations before the session
+                    // queued this: everything up to them is in its channel.
+                    let seq = *seq;
+                    let Some(hub) = &mut self.hub else {
+                        self.owed.pop_front();
+                        continue;
+                    };
+                    while hub.done < seq && hub.open {
+                        if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                            return true;
+                        }
+                        if !hub.take_one(cx, &mut self.out, &self.metrics) && hub.open {
+                            // Not there yet: woken when it is.
+                            break 'owed;
+                        }
+                    }
+                    self.owed.pop_front();
+                    continue;
+                }
+                Out::Wait { rx, count, since } => {
+                    let res = match std::pin::Pin::new(rx).poll(cx) {
+                        Poll::Ready(r) => r.unwrap_or(Err(UpstreamError::Shutdown)),
+                        Poll::Pending => break,
+                    };
+                    self.waits -= 1;
+                    self.metrics
+                        .command_latency
+                        .observe(since.elapsed().as_secs_f64());
+                    match res {
+                        Ok(b) => b,
+                        Err(e) => {
+                            if matches!(e, UpstreamError::NoCredential { .. }) {
+                                self.metrics.error(ErrorKind::NoCredential);
+                            }
+                            let one = e.to_reply();
+                            let mut b = BytesMut::with_capacity(one.len() * *count);
+                            for _ in 0..*count {
+                                b.extend_from_slice(&one);
+                            }
+                            b.freeze()
+                        }
+                    }
+                }
+            };
+            self.owed.pop_front();
+            self.metrics.bytes_out.inc_by(bytes.len() as u64);
+            self.out.push(bytes);
+        }
+        while let Some(push) = &mut self.push {
+            match push.poll_recv(cx) {
+                Poll::Ready(Some(p)) => {
+                    self.metrics.bytes_out.inc_by(p.len() as u64);
+                    self.out.push(p);
+                }
+                Poll::Ready(None) => self.push = None,
+                Poll::Pending => break,
+            }
+        }
+        if let Some(hub) = &mut self.hub {
+            // Messages (and confirmations) between whole replies, as long as
+            // the client takes them.
+            loop {
+                if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                    return true;
+                }
+                if !hub.take_one(cx, &mut self.out, &self.metrics) {
+                    break;
+                }
+            }
+        }
+        false
+    }
 }
 
 impl Session {
-    async fn reply(&self, bytes: Bytes) {
+    async fn reply(&mut self, bytes: Bytes) {
         self.ctx.metrics.command(Route::Local);
-        let _ = self.out.send(Out::Now(bytes)).await;
+        self.client.owed.push_back(Out::Now(bytes));
     }
 
-    async fn protocol_error(&self, e: ScanError) {
+    async fn protocol_error(&mut self, e: ScanError) {
         let kind = match e {
             ScanError::Limit { .. } => ErrorKind::Limit,
             ScanError::Protocol(_) => ErrorKind::Protocol,
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
-        let _ = self
-            .out
-            .send(Out::Now(resp::error(&format!("ERR {e}"))))
-            .await;
-        let _ = self.out.send(Out::Close).await;
+        self.client
+            .owed
+            .push_back(Out::Now(resp::error(&format!("ERR {e}"))));
+    }
+
+    /// Write replies (and push frames) as they arrive until every reply due
+    /// from upstream has arrived; with `all`, until everything owed is written
+    /// too. Ends early if the client is gone.
+    async fn settle(&mut self, all: bool) {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            client.poll_out(cx);
+            let done = if all {
+                client.owed.is_empty() && client.out.is_idle()
+            } else {
+                client.waits == 0
+            };
+            if done || client.gone {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Await one reply outside the ordered queue (nothing else is owed),
+    /// writing push frames and pub/sub messages meanwhile. Gives up if the
+    /// client is gone (or was dropped by the hub).
+    async fn wait_reply(
+        &mut self,
+        mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
+    ) -> Result<Bytes, UpstreamError> {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(r.unwrap_or(Err(UpstreamError::Shutdown)));
+            }
+            client.poll_out(cx);
+            if client.gone {
+                return Poll::Ready(Err(UpstreamError::Lost {
+                    reason: "client gone".into(),
+                }));
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     async fn flush_batch(
@@ -365,9 +636,9 @@ impl Session {
             .clone()
     }
 
-    /// Queue `bytes` on an upstream connection; the writer awaits `replies`.
+    /// Queue `bytes` on an upstream connection; `replies` replies are owed.
     async fn send_upstream(
-        &self,
+        &mut self,
         tx: &mpsc::Sender<Request>,
         bytes: Bytes,
         count: usize,
@@ -376,7 +647,6 @@ impl Session {
         since: Instant,
     ) {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.outstanding.n.fetch_add(1, Ordering::AcqRel);
         let req = Request {
             bytes,
             count,
@@ -389,25 +659,19 @@ impl Session {
                 let _ = t.send(Err(UpstreamError::Shutdown));
             }
         }
-        let sent = self
-            .out
-            .send(Out::Wait {
-                rx: reply_rx,
-                count: replies,
-                since,
-            })
-            .await;
-        if sent.is_err() && self.outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The writer is gone (client closed): nobody will count this down.
-            self.outstanding.zero.notify_waiters();
-        }
+        self.client.owed.push_back(Out::Wait {
+            rx: reply_rx,
+            count: replies,
+            since,
+        });
+        self.client.waits += 1;
     }
 
     /// Move this client's commands to `target`, waiting for the replies still
     /// due on the other connection so that execution order is kept.
     async fn switch_to(&mut self, target: Target) {
         if self.st.last_target != target {
-            self.outstanding.wait_zero().await;
+            self.settle(false).await;
             self.st.last_target = target;
         }
     }
@@ -418,19 +682,28 @@ impl Session {
         }
         self.switch_to(Target::Pinned).await;
         let push = PushSink {
-            tx: self.push_tx.clone(),
+            tx: self.push_sender(),
         };
         let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
         self.st.pinned = Some(pinned);
         Ok(())
     }
 
+    /// The sender pinned connections get for push frames.
+    fn push_sender(&mut self) -> mpsc::UnboundedSender<Bytes> {
+        let client = &mut self.client;
+        self.push_tx
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                client.push = Some(rx);
+                tx
+            })
+            .clone()
+    }
+
     /// Let go of the pinned connection once it holds nothing the client needs.
     async fn maybe_unpin(&mut self) {
-        if self.st.pinned.is_some()
-            && !self.st.needs_pin()
-            && self.outstanding.n.load(Ordering::Acquire) == 0
-        {
+        if self.st.pinned.is_some() && !self.st.needs_pin() && self.client.waits == 0 {
             debug!(
                 id = self.st.id,
                 "client state cleared; releasing its pinned connection"
@@ -541,7 +814,7 @@ impl Session {
             self.forward_pinned(frame, 1, Instant::now()).await;
             return;
         };
-        self.outstanding.wait_zero().await;
+        self.settle(false).await;
         let start = Instant::now();
         let forever = client_timeout.is_zero();
         let mut issued = 0u32;
@@ -600,10 +873,9 @@ impl Session {
             if tx.send(req).await.is_err() {
                 break UpstreamError::Shutdown.to_reply();
             }
-            let reply = match reply_rx.await {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => break e.to_reply(),
-                Err(_) => break UpstreamError::Shutdown.to_reply(),
+            let reply = match self.wait_reply(reply_rx).await {
+                Ok(b) => b,
+                Err(e) => break e.to_reply(),
             };
             let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
             let client_done = !forever && start.elapsed() >= client_timeout;
@@ -625,6 +897,17 @@ impl Session {
             .await;
     }
 
+    /// The hub's way to this client, made on its first pub/sub command.
+    fn link(&mut self) -> Arc<Link> {
+        if let Some(link) = &self.st.link {
+            return link.clone();
+        }
+        let (link, rx) = Link::new(self.st.id, self.peer.to_string());
+        self.client.hub = Some(HubFeed::new(&link, rx));
+        self.st.link = Some(link.clone());
+        link
+    }
+
     /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, answered with the hub: the
     /// confirmations come as Redis sends them, in this command's place.
     async fn pubsub(&mut self, cmd: PubSub, args: &[Bytes]) -> bool {
@@ -642,7 +925,7 @@ impl Session {
                 "ERR wrong number of arguments for '{}' command",
                 String::from_utf8_lossy(&args[0]).to_lowercase()
             ));
-            let _ = self.out.send(Out::Now(reply)).await;
+            self.client.owed.push_back(Out::Now(reply));
             return true;
         }
         if self.st.in_multi {
@@ -650,21 +933,21 @@ impl Session {
                 "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
                 String::from_utf8_lossy(&args[0]).to_lowercase()
             ));
-            let _ = self.out.send(Out::Now(reply)).await;
+            self.client.owed.push_back(Out::Now(reply));
             return true;
         }
         // Commands run in order: replies still due come before these
-        // confirmations (which the writer may write as soon as they are queued).
-        self.outstanding.wait_zero().await;
+        // confirmations (which may be written as soon as they are queued).
+        self.settle(false).await;
         self.st.hub_seq += 1;
         let seq = self.st.hub_seq;
         let names = args[1..].to_vec();
+        let link = self.link();
         let hub = &self.ctx.hub;
         let res = if subscribe {
-            hub.subscribe(&self.st.link, self.st.proto, kind, names, seq)
-                .await
+            hub.subscribe(&link, self.st.proto, kind, names, seq).await
         } else {
-            hub.unsubscribe(&self.st.link, self.st.proto, kind, names, seq)
+            hub.unsubscribe(&link, self.st.proto, kind, names, seq)
                 .await
         };
         let item = match res {
@@ -675,7 +958,7 @@ impl Session {
             }
             Err(e) => Out::Now(e),
         };
-        let _ = self.out.send(item).await;
+        self.client.owed.push_back(item);
         true
     }
 
@@ -710,14 +993,15 @@ impl Session {
             }
             Local::Reset => {
                 if self.st.pinned.is_some() || self.st.subscribed() {
-                    self.outstanding.wait_zero().await;
+                    self.settle(false).await;
                 }
                 if self.st.subscribed() {
                     // No message of the old subscriptions after `+RESET`.
                     self.st.hub_seq += 1;
                     let seq = self.st.hub_seq;
-                    if self.ctx.hub.reset(&self.st.link, seq).await.is_ok() {
-                        let _ = self.out.send(Out::Hub(seq)).await;
+                    let link = self.link();
+                    if self.ctx.hub.reset(&link, seq).await.is_ok() {
+                        self.client.owed.push_back(Out::Hub(seq));
                     }
                     self.st.subs = 0;
                     self.st.shard_subs = 0;
@@ -899,7 +1183,7 @@ impl Session {
                 return;
             }
             // Replies already due come in the old protocol; wait for them.
-            self.outstanding.wait_zero().await;
+            self.settle(false).await;
             self.st.pinned = None;
             self.st.proto = proto;
             self.st.shared = None;
@@ -955,174 +1239,4 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// What the hub queues for this client, and the count of message bytes in it.
-struct HubFeed {
-    rx: mpsc::UnboundedReceiver<ToClient>,
-    queued: Arc<AtomicUsize>,
-}
-
-/// Write replies in order; push frames (invalidations, MONITOR lines) and
-/// pub/sub messages between whole replies as they come; each pub/sub command's
-/// confirmations in that command's place ([`Out::Hub`]).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut out: mpsc::Receiver<Out>,
-    mut push: mpsc::UnboundedReceiver<Bytes>,
-    mut hub: HubFeed,
-    outstanding: Arc<Outstanding>,
-    metrics: Arc<Metrics>,
-) {
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
-    let mut push_open = true;
-    let mut hub_open = true;
-    // The last pub/sub command whose confirmations were written.
-    let mut hub_done = 0u64;
-    // Write one frame from the hub; false when the client is gone.
-    async fn write_hub<W: AsyncWrite + Unpin>(
-        wr: &mut BufWriter<W>,
-        item: ToClient,
-        hub_done: &mut u64,
-        queued: &AtomicUsize,
-        metrics: &Metrics,
-    ) -> bool {
-        let bytes = match item {
-            ToClient::Message(b) => {
-                queued.fetch_sub(b.len(), Ordering::AcqRel);
-                b
-            }
-            ToClient::Reply { bytes, seq } => {
-                *hub_done = seq;
-                bytes
-            }
-        };
-        metrics.bytes_out.inc_by(bytes.len() as u64);
-        wr.write_all(&bytes).await.is_ok()
-    }
-    loop {
-        let item = tokio::select! {
-            biased;
-            o = out.recv() => match o { Some(o) => o, None => break },
-            p = push.recv(), if push_open => {
-                match p {
-                    Some(p) => {
-                        metrics.bytes_out.inc_by(p.len() as u64);
-                        if wr.write_all(&p).await.is_err() { break }
-                        if push.is_empty() && hub.rx.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
-                    }
-                    None => push_open = false,
-                }
-                continue;
-            }
-            h = hub.rx.recv(), if hub_open => {
-                match h {
-                    Some(h) => {
-                        if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await { break }
-                        if push.is_empty() && hub.rx.is_empty() && out.is_empty() && wr.flush().await.is_err() { break }
-                    }
-                    None => hub_open = false,
-                }
-                continue;
-            }
-        };
-        let bytes = match item {
-            Out::Now(b) => b,
-            Out::Close => {
-                let _ = wr.flush().await;
-                break;
-            }
-            Out::Hub(seq) => {
-                // The hub queued these confirmations before the session sent
-                // this: everything up to them is already in the channel.
-                let mut ok = true;
-                while hub_done < seq && hub_open {
-                    match hub.rx.recv().await {
-                        Some(h) => {
-                            if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await {
-                                ok = false;
-                                break;
-                            }
-                        }
-                        None => hub_open = false,
-                    }
-                }
-                if !ok || (out.is_empty() && wr.flush().await.is_err()) {
-                    break;
-                }
-                continue;
-            }
-            Out::Wait {
-                mut rx,
-                count,
-                since,
-            } => {
-                // Flush what we have before waiting on the network.
-                let res = match rx.try_recv() {
-                    Ok(r) => r,
-                    Err(oneshot::error::TryRecvError::Empty) => {
-                        if wr.flush().await.is_err() {
-                            break;
-                        }
-                        loop {
-                            tokio::select! {
-                                biased;
-                                r = &mut rx => break r.unwrap_or(Err(UpstreamError::Shutdown)),
-                                p = push.recv(), if push_open => match p {
-                                    Some(p) => {
-                                        metrics.bytes_out.inc_by(p.len() as u64);
-                                        if wr.write_all(&p).await.is_err() || wr.flush().await.is_err() { return }
-                                    }
-                                    None => push_open = false,
-                                },
-                                h = hub.rx.recv(), if hub_open => match h {
-                                    Some(h) => {
-                                        if !write_hub(&mut wr, h, &mut hub_done, &hub.queued, &metrics).await || wr.flush().await.is_err() { return }
-                                    }
-                                    None => hub_open = false,
-                                },
-                            }
-                        }
-                    }
-                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::Shutdown),
-                };
-                if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    outstanding.zero.notify_waiters();
-                }
-                metrics
-                    .command_latency
-                    .observe(since.elapsed().as_secs_f64());
-                match res {
-                    Ok(b) => b,
-                    Err(e) => {
-                        if matches!(e, UpstreamError::NoCredential { .. }) {
-                            metrics.error(ErrorKind::NoCredential);
-                        }
-                        let one = e.to_reply();
-                        let mut b = BytesMut::with_capacity(one.len() * count);
-                        for _ in 0..count {
-                            b.extend_from_slice(&one);
-                        }
-                        b.freeze()
-                    }
-                }
-            }
-        };
-        metrics.bytes_out.inc_by(bytes.len() as u64);
-        if wr.write_all(&bytes).await.is_err() {
-            break;
-        }
-        if out.is_empty() && wr.flush().await.is_err() {
-            break;
-        }
-    }
-    // Whatever is left still owes its outstanding count.
-    out.close();
-    while let Ok(item) = out.try_recv() {
-        if let Out::Wait { .. } = item {
-            if outstanding.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-                outstanding.zero.notify_waiters();
-            }
-        }
-    }
 }

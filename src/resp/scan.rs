@@ -54,9 +54,44 @@ pub struct Command {
     /// Number of arguments (the command name included).
     pub argc: usize,
     /// Positions (within the frame) of the first [`KEPT_ARGS`] arguments.
-    pub args: Vec<Range<usize>>,
+    pub args: ArgRanges,
     /// An inline command (`PING\r\n`): must be re-encoded before forwarding.
     pub inline: bool,
+}
+
+/// Positions of at most [`KEPT_ARGS`] arguments, held inline (no allocation
+/// per command); reads as a slice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArgRanges {
+    ranges: [Range<usize>; KEPT_ARGS],
+    len: usize,
+}
+
+impl ArgRanges {
+    /// Keeps the first [`KEPT_ARGS`]; later ones are dropped.
+    pub fn push(&mut self, r: Range<usize>) {
+        if self.len < KEPT_ARGS {
+            self.ranges[self.len] = r;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for ArgRanges {
+    type Target = [Range<usize>];
+    fn deref(&self) -> &[Range<usize>] {
+        &self.ranges[..self.len]
+    }
+}
+
+impl FromIterator<Range<usize>> for ArgRanges {
+    fn from_iter<I: IntoIterator<Item = Range<usize>>>(iter: I) -> Self {
+        let mut a = ArgRanges::default();
+        for r in iter {
+            a.push(r);
+        }
+        a
+    }
 }
 
 impl Command {
@@ -83,7 +118,7 @@ pub struct CommandScanner {
     pos: usize,
     argc: usize,
     remaining: usize,
-    args: Vec<Range<usize>>,
+    args: ArgRanges,
 }
 
 impl CommandScanner {
@@ -94,7 +129,7 @@ impl CommandScanner {
             pos: 0,
             argc: 0,
             remaining: 0,
-            args: Vec::new(),
+            args: ArgRanges::default(),
         }
     }
 
@@ -103,7 +138,7 @@ impl CommandScanner {
         self.pos = 0;
         self.argc = 0;
         self.remaining = 0;
-        self.args = Vec::new();
+        self.args = ArgRanges::default();
     }
 
     /// Find the first complete command in `buf`, which must start where the last
@@ -140,7 +175,7 @@ impl CommandScanner {
                         return Ok(Some(Command {
                             len,
                             argc: 0,
-                            args: Vec::new(),
+                            args: ArgRanges::default(),
                             inline: false,
                         }));
                     }
@@ -181,9 +216,7 @@ impl CommandScanner {
                     if &buf[end..end + 2] != b"\r\n" {
                         return Err(ScanError::Protocol("bulk string not followed by CRLF"));
                     }
-                    if self.args.len() < KEPT_ARGS {
-                        self.args.push(self.pos..end);
-                    }
+                    self.args.push(self.pos..end);
                     self.pos = end + 2;
                     self.remaining -= 1;
                     if self.remaining == 0 {

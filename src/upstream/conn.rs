@@ -2,11 +2,13 @@
 //!
 //! Requests (raw command bytes + how many replies they owe) arrive on a channel;
 //! the task writes them back to back, coalescing whatever is queued into one TLS
-//! write (auto-pipelining), and a reader task hands replies back FIFO. Push frames
-//! (RESP3 `>`) are out of band and go to the owner's push channel, if any. A
-//! request can instead be answered by push frames (the pub/sub hub's SUBSCRIBE
-//! and UNSUBSCRIBE: one `subscribe`/`unsubscribe` confirmation per channel, or
-//! one error reply), and is matched in the same FIFO.
+//! write (auto-pipelining), reads the replies and hands them back FIFO, all from
+//! one poll loop (no split stream, no reader task: a command costs no hand-off
+//! inside the connection). Push frames (RESP3 `>`) are out of band and go to the
+//! owner's push channel, if any. A request can instead be answered by push
+//! frames (the pub/sub hub's SUBSCRIBE and UNSUBSCRIBE: one
+//! `subscribe`/`unsubscribe` confirmation per channel, or one error reply), and
+//! is matched in the same FIFO.
 //!
 //! The task also owns the connection's credential: when the token source
 //! publishes a new generation it injects `AUTH <user> <token>` (after a jitter,
@@ -19,21 +21,18 @@ use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
 use crate::resp::scan::ReplyScanner;
 use crate::resp::{self, Proto};
+use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{info, warn};
-
-/// A re-AUTH written and awaiting its reply: (reply, generation, expiry).
-type AuthWait = (
-    oneshot::Receiver<Result<Bytes, UpstreamError>>,
-    u64,
-    Option<SystemTime>,
-);
 
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
@@ -72,7 +71,13 @@ pub struct PushSink {
 
 enum Sink {
     Client(Option<ReplyTx>),
-    Internal(oneshot::Sender<Result<Bytes, UpstreamError>>),
+    /// The proxy's own re-AUTH with this generation's credential.
+    Auth {
+        generation: u64,
+        expires_at: Option<SystemTime>,
+    },
+    /// A keepalive PING: the reply is dropped.
+    Ping,
 }
 
 struct Inflight {
@@ -83,390 +88,528 @@ struct Inflight {
     written_at: Instant,
 }
 
-/// Run `conn` until it fails or `rx` closes. Requests still in `rx` when the
-/// connection fails stay there (never written), so a supervisor can carry them
-/// to a new connection.
+/// Larger requests are written from their own buffer instead of being copied.
+const COPY_BELOW: usize = 64 * 1024;
+/// Requests taken from the channel per write.
+const BATCH: usize = 256;
+
+/// Run `conn` until it fails or `rx` closes. One task does everything: takes
+/// requests, writes them, reads replies and hands them out FIFO, re-AUTHs and
+/// keeps the connection alive. Requests still in `rx` when the connection
+/// fails were never written, and neither were those left in `pending` (taken,
+/// not yet written): a supervisor can carry both to a new connection. Requests
+/// in `pending` when called are written first.
 pub async fn run(
     conn: Authed,
     rx: &mut mpsc::Receiver<Request>,
     opts: &ConnOpts,
     push: Option<PushSink>,
-    pending: &mut Option<Request>,
+    pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
     let Authed {
         stream,
-        proto,
-        mut generation,
-        mut expires_at,
+        generation,
+        expires_at,
         leftover,
         ..
     } = conn;
-    let publish_expiry = |e: Option<SystemTime>| {
-        if let Some(out) = expiry_out {
-            out.store(unix_secs(e), Ordering::Release);
-        }
-    };
-    publish_expiry(expires_at);
-    let (rd, mut wr) = tokio::io::split(stream);
-    let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<Inflight>();
-    let mut reader = tokio::spawn(read_loop(
-        rd,
-        leftover,
-        inflight_rx,
-        push,
-        opts.reply_timeout,
-    ));
     let mut tokens = opts.tokens.clone();
     tokens.mark_unchanged();
-    let mut tokens_open = true;
-    let mut in_multi = false;
+    let now = Instant::now();
     // A connection handed over with an older credential re-AUTHs at once.
-    let mut reauth_at: Option<Instant> =
-        (tokens.borrow().generation != generation).then(Instant::now);
-    let mut auth_wait: Option<AuthWait> = None;
-    let mut last_write = Instant::now();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-
-    let result: Result<(), UpstreamError> = loop {
-        let keepalive_at = last_write + opts.keepalive;
-        tokio::select! {
-            // Cancel safety: `recv` loses nothing when another branch wins.
-            req = async {
-                match pending.take() {
-                    Some(r) => Some(r),
-                    None => rx.recv().await,
+    let reauth_at = (tokens.borrow().generation != generation).then_some(now);
+    let mut c = Conn {
+        stream,
+        rbuf: leftover,
+        scanner: ReplyScanner::new(),
+        got: 0,
+        got_len: 0,
+        inflight: VecDeque::new(),
+        staged: std::mem::take(pending),
+        holding: false,
+        out: WriteQueue::new(COPY_BELOW),
+        rx,
+        rx_open: true,
+        released_at: None,
+        push,
+        opts,
+        expiry_out,
+        tokens: tokens.clone(),
+        generation,
+        expires_at,
+        in_multi: false,
+        reauth_at,
+        auth_inflight: false,
+        last_write: now,
+        timer: Box::pin(tokio::time::sleep_until(now + opts.keepalive)),
+        armed: None,
+    };
+    c.publish_expiry();
+    let mut tokens_open = true;
+    let result = loop {
+        // A new credential is rare: `changed` is polled once to register for
+        // it and then only when the version moved (one atomic load) or it woke
+        // the task itself (another), rather than at every wake-up, which would
+        // lock its notifier each time. The second condition matters: a
+        // wake-up can come with nothing new (this registration raced the
+        // sender's notification of the version just taken, or the task's
+        // budget ran out), and unless `changed` is polled again then, it is
+        // no longer registered and the next credential would go unnoticed.
+        let event = {
+            let mut changed = pin!(tokens.changed());
+            let mut watch: Option<Arc<WatchWaker>> = None;
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = c.poll(cx) {
+                    return Poll::Ready(Err(r));
                 }
-            } => {
-                let Some(req) = req else { break Ok(()) };
-                buf.clear();
-                let mut batch = vec![req];
-                // Coalesce whatever else is queued into the same write.
-                while batch.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
+                if !tokens_open {
+                    return Poll::Pending;
+                }
+                let woke = watch.as_ref().is_none_or(|w| {
+                    w.woke.load(Ordering::Acquire) && w.woke.swap(false, Ordering::AcqRel)
+                });
+                if woke || c.tokens.has_changed().unwrap_or(true) {
+                    let w = Arc::new(WatchWaker {
+                        woke: AtomicBool::new(false),
+                        task: cx.waker().clone(),
+                    });
+                    let waker = Waker::from(w.clone());
+                    let res = changed.as_mut().poll(&mut Context::from_waker(&waker));
+                    watch = Some(w);
+                    if let Poll::Ready(r) = res {
+                        return Poll::Ready(Ok(r.is_ok()));
                     }
                 }
-                let mut big: Vec<Bytes> = Vec::new();
-                let now = Instant::now();
-                let mut iter = batch.into_iter();
-                while let Some(req) = iter.next() {
-                    let inflight = Inflight { count: req.count, pushes: req.pushes, sink: Sink::Client(req.reply), written_at: now };
-                    if let Err(mpsc::error::SendError(back)) = inflight_tx.send(inflight) {
-                        // The reader is gone: nothing of this request was written.
-                        let Sink::Client(reply) = back.sink else { unreachable!() };
-                        *pending = Some(Request { bytes: req.bytes, count: req.count, reply, in_multi_after: req.in_multi_after, pushes: req.pushes });
-                        // Later ones are lost to this connection; fail them clearly.
-                        for r in iter.by_ref() {
-                            fail(r.reply, UpstreamError::Lost { reason: "connection closed before the command was written".into() });
-                        }
-                        break;
-                    }
-                    in_multi = req.in_multi_after;
-                    if req.bytes.len() >= 64 * 1024 {
-                        big.push(req.bytes);
-                    } else if big.is_empty() {
-                        buf.extend_from_slice(&req.bytes);
-                    } else {
-                        big.push(req.bytes);
-                    }
-                }
-                if let Err(e) = write_all(&mut wr, &buf, &big).await {
-                    break Err(UpstreamError::Lost { reason: format!("write failed: {e}") });
-                }
-                last_write = Instant::now();
-                if reauth_at.is_some_and(|t| t <= last_write) && !in_multi {
-                    // Due while we were busy: goes right behind this batch.
-                    reauth_at = Some(last_write);
-                }
+                Poll::Pending
+            })
+            .await
+        };
+        match event {
+            Err(r) => break r,
+            Ok(false) => {
+                // The source is gone (shutdown): nothing will change any more.
+                tokens_open = false;
             }
-            res = &mut reader => {
-                let err = match res {
-                    Ok(e) => e,
-                    Err(e) => UpstreamError::Lost { reason: format!("reader task failed: {e}") },
-                };
-                break Err(err);
-            }
-            changed = tokens.changed(), if tokens_open => {
-                if changed.is_err() {
-                    // The source is gone (shutdown): nothing will change any more.
-                    tokens_open = false;
-                    continue;
-                }
+            Ok(true) => {
                 let state = tokens.borrow_and_update().clone();
-                if state.generation != generation && state.current.is_some() {
-                    reauth_at = Some(Instant::now() + reauth_jitter(expires_at));
+                c.tokens.mark_unchanged();
+                if state.generation != c.generation && state.current.is_some() {
+                    c.reauth_at = Some(Instant::now() + reauth_jitter(c.expires_at));
                 }
-            }
-            _ = sleep_opt(reauth_at), if reauth_at.is_some() && !in_multi && auth_wait.is_none() => {
-                reauth_at = None;
-                let state = tokens.borrow().clone();
-                let Some(cred) = state.usable(SystemTime::now()).cloned() else { continue };
-                let cmd = resp::command(&[b"AUTH", cred.username.as_bytes(), cred.password.expose().as_bytes()]);
-                let (tx, rx_auth) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, pushes: 0, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
-                    continue;
-                }
-                if let Err(e) = wr.write_all(&cmd).await.and(wr.flush().await) {
-                    break Err(UpstreamError::Lost { reason: format!("write failed: {e}") });
-                }
-                last_write = Instant::now();
-                auth_wait = Some((rx_auth, state.generation, cred.expires_at));
-            }
-            res = async { (&mut auth_wait.as_mut().expect("guarded").0).await }, if auth_wait.is_some() => {
-                let (_, gen, exp) = auth_wait.take().expect("guarded");
-                match res {
-                    Ok(Ok(reply)) if resp::error_text(&reply).is_none() => {
-                        generation = gen;
-                        expires_at = exp;
-                        publish_expiry(exp);
-                        opts.metrics.reauth("ok");
-                        info!(kind = opts.kind, generation, "upstream connection re-authenticated");
-                    }
-                    Ok(Ok(reply)) => {
-                        opts.metrics.reauth("failed");
-                        let reason = resp::error_text(&reply).unwrap_or_default();
-                        warn!(kind = opts.kind, %reason, "re-AUTH refused; retiring the connection");
-                        break Err(UpstreamError::Auth { addr: opts.addr.clone(), reason });
-                    }
-                    Ok(Err(e)) => { opts.metrics.reauth("failed"); break Err(e) }
-                    Err(_) => { opts.metrics.reauth("failed"); break Err(UpstreamError::Lost { reason: "re-AUTH reply lost".into() }) }
-                }
-            }
-            _ = tokio::time::sleep_until(keepalive_at) => {
-                // Idle: a PING keeps Azure from closing the connection.
-                let (tx, _ignored) = oneshot::channel();
-                if inflight_tx.send(Inflight { count: 1, pushes: 0, sink: Sink::Internal(tx), written_at: Instant::now() }).is_err() {
-                    continue;
-                }
-                if let Err(e) = wr.write_all(b"*1\r\n$4\r\nPING\r\n").await.and(wr.flush().await) {
-                    break Err(UpstreamError::Lost { reason: format!("keepalive write failed: {e}") });
-                }
-                last_write = Instant::now();
             }
         }
     };
-    drop(inflight_tx);
-    if result.is_ok() {
-        // Released by the owner: wait for the last replies so none is lost.
-        let _ = tokio::time::timeout(opts.reply_timeout, &mut reader).await;
-    } else {
-        reader.abort();
-    }
-    let _ = proto;
+    c.finish(&result);
+    *pending = std::mem::take(&mut c.staged);
     result
 }
 
-/// Seconds since the epoch, 0 for "never expires".
-pub fn unix_secs(t: Option<SystemTime>) -> u64 {
-    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs().max(1))
+/// The waker the credential watch is polled with: wakes the connection's
+/// task and notes that the watch did.
+struct WatchWaker {
+    woke: AtomicBool,
+    task: Waker,
 }
 
-/// Spread a pool's re-AUTHs over an eighth of the time the old credential has
-/// left (at most 30 s), so hundreds of connections do not AUTH in one burst and
-/// all finish well before the old token expires.
-fn reauth_jitter(old_expiry: Option<SystemTime>) -> Duration {
-    let left = old_expiry
-        .and_then(|e| e.duration_since(SystemTime::now()).ok())
-        .unwrap_or(Duration::from_secs(240));
-    let window = (left / 8).min(Duration::from_secs(30));
-    window.mul_f64(fastrand::f64())
-}
+impl Wake for WatchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
 
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.task.wake_by_ref();
     }
 }
 
-fn fail(reply: Option<ReplyTx>, e: UpstreamError) {
-    if let Some(tx) = reply {
-        let _ = tx.send(Err(e));
-    }
-}
-
-async fn write_all(wr: &mut WriteHalf<Stream>, small: &[u8], big: &[Bytes]) -> std::io::Result<()> {
-    if !small.is_empty() {
-        wr.write_all(small).await?;
-    }
-    for b in big {
-        wr.write_all(b).await?;
-    }
-    wr.flush().await
-}
-
-/// Read replies and hand them out FIFO. Returns why it stopped.
-async fn read_loop(
-    mut rd: ReadHalf<Stream>,
-    mut buf: BytesMut,
-    mut inflight: mpsc::UnboundedReceiver<Inflight>,
+/// One connection's state, driven by [`Conn::poll`].
+struct Conn<'a> {
+    stream: Stream,
+    rbuf: BytesMut,
+    scanner: ReplyScanner,
+    /// Replies gathered for the head of `inflight` so far (bytes at the front of `rbuf`).
+    got: usize,
+    got_len: usize,
+    /// Written and owing replies, oldest first.
+    inflight: VecDeque<Inflight>,
+    /// Taken from `rx`, not written yet.
+    staged: VecDeque<Request>,
+    /// Let other tasks run before writing `staged`, so that more requests
+    /// join the same write.
+    holding: bool,
+    out: WriteQueue,
+    rx: &'a mut mpsc::Receiver<Request>,
+    /// False once the owner let go: finish the replies owed, then end.
+    rx_open: bool,
+    released_at: Option<Instant>,
     push: Option<PushSink>,
-    reply_timeout: Duration,
-) -> UpstreamError {
-    let mut scanner = ReplyScanner::new();
-    let mut current: Option<Inflight> = None;
-    // Replies gathered for `current` so far (bytes at the front of `buf`).
-    let mut got = 0usize;
-    let mut got_len = 0usize;
-    let err = 'outer: loop {
-        // Hand out every complete reply in the buffer.
+    opts: &'a ConnOpts,
+    expiry_out: Option<&'a AtomicU64>,
+    tokens: TokenWatch,
+    generation: u64,
+    expires_at: Option<SystemTime>,
+    in_multi: bool,
+    reauth_at: Option<Instant>,
+    auth_inflight: bool,
+    last_write: Instant,
+    /// One timer for the reply timeout, keepalive, re-AUTH and release
+    /// deadlines: never later than the earliest of them.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Where `timer` is set; `None` once it fired.
+    armed: Option<Instant>,
+}
+
+impl Conn<'_> {
+    fn publish_expiry(&self) {
+        if let Some(out) = self.expiry_out {
+            out.store(unix_secs(self.expires_at), Ordering::Release);
+        }
+    }
+
+    /// Make progress on everything that is ready; `Ready` when the connection
+    /// ends (`Ok` once released and every reply is handed out).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         loop {
-            let reply = match scanner.scan(&buf[got_len..]) {
+            let mut again = false;
+            // Replies first: a connection the server closed is noticed before
+            // anything more is taken from `rx` for it.
+            resp::reserve_for_read(&mut self.rbuf);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(UpstreamError::Lost {
+                        reason: "server closed the connection".into(),
+                    }))
+                }
+                Poll::Ready(Ok(_)) => {
+                    if let Err(e) = self.hand_out() {
+                        return Poll::Ready(Err(e));
+                    }
+                    again = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(UpstreamError::Lost {
+                        reason: e.to_string(),
+                    }))
+                }
+                Poll::Pending => {}
+            }
+            // Take requests only when the last write went out: what waits in
+            // `rx` (or `staged`) was never written anywhere.
+            let held = std::mem::take(&mut self.holding);
+            if self.out.is_idle() && self.rx_open {
+                let mut taken = 0;
+                while self.staged.len() < BATCH {
+                    match self.rx.poll_recv(cx) {
+                        Poll::Ready(Some(req)) => {
+                            self.staged.push_back(req);
+                            taken += 1;
+                        }
+                        Poll::Ready(None) => {
+                            self.rx_open = false;
+                            self.released_at = Some(Instant::now());
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                // A full batch: come back for the rest (no waker registered).
+                let full = self.staged.len() >= BATCH;
+                again |= full;
+                // Requests arriving while others await their replies come from
+                // several clients at once: give the rest of them one turn of
+                // the scheduler to join this write (one TLS record, one
+                // syscall, one read for the server). A lone request is written
+                // at once.
+                self.holding =
+                    !held && taken > 0 && self.rx_open && !full && !self.inflight.is_empty();
+            }
+            if !self.holding {
+                if !self.staged.is_empty() {
+                    let now = Instant::now();
+                    while let Some(req) = self.staged.pop_front() {
+                        self.queue(req, now);
+                    }
+                }
+                if self.reauth_at.is_some_and(|t| t <= Instant::now()) && self.may_reauth() {
+                    // Due while we were busy: goes right behind this batch.
+                    self.queue_reauth();
+                }
+                if !self.out.is_idle() {
+                    match self.out.poll_write(Pin::new(&mut self.stream), cx) {
+                        Poll::Ready(Ok(())) => self.last_write = Instant::now(),
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(UpstreamError::Lost {
+                                reason: format!("write failed: {e}"),
+                            }))
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            if !self.rx_open && self.inflight.is_empty() && self.out.is_idle() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(deadline) = self.next_deadline() {
+                // Re-armed only when the deadline moves earlier (or the timer
+                // fired): a later one leaves the timer early, where it fires,
+                // finds nothing due and is re-armed. Cheaper than moving the
+                // timer for every command.
+                if self.armed.is_none_or(|a| deadline < a) {
+                    self.timer.as_mut().reset(deadline);
+                    self.armed = Some(deadline);
+                }
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    self.armed = None;
+                    if let Err(e) = self.on_timer() {
+                        return Poll::Ready(e);
+                    }
+                    again = true;
+                }
+            }
+            if self.holding {
+                // Back of the run queue: the clients already woken go first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !again {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Re-AUTH is allowed now: not inside MULTI, none in flight, not released.
+    fn may_reauth(&self) -> bool {
+        self.rx_open && !self.in_multi && !self.auth_inflight
+    }
+
+    /// The earliest of the deadlines that apply now; each one has something to
+    /// do when it passes, so the timer never fires twice for nothing.
+    fn next_deadline(&self) -> Option<Instant> {
+        let keepalive =
+            (self.rx_open && self.out.is_idle()).then(|| self.last_write + self.opts.keepalive);
+        let reply = self
+            .inflight
+            .front()
+            .map(|head| head.written_at + self.opts.reply_timeout);
+        let reauth = self.reauth_at.filter(|_| self.may_reauth());
+        let release = self.released_at.map(|t| t + self.opts.reply_timeout);
+        [keepalive, reply, reauth, release]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The timer fired: whatever is due. `Err` ends the connection.
+    fn on_timer(&mut self) -> Result<(), Result<(), UpstreamError>> {
+        let now = Instant::now();
+        if let Some(t) = self.released_at {
+            if t + self.opts.reply_timeout <= now {
+                // Released by the owner; the last replies did not come in time.
+                return Err(Ok(()));
+            }
+        }
+        if let Some(head) = self.inflight.front() {
+            if head.written_at + self.opts.reply_timeout <= now {
+                return Err(Err(UpstreamError::Timeout {
+                    addr: String::from("upstream"),
+                    secs: self.opts.reply_timeout.as_secs_f64(),
+                    during: "waiting for a reply",
+                }));
+            }
+        }
+        if self.reauth_at.is_some_and(|t| t <= now) && self.may_reauth() {
+            self.queue_reauth();
+        }
+        if self.rx_open && self.out.is_idle() && self.last_write + self.opts.keepalive <= now {
+            // Idle: a PING keeps Azure from closing the connection.
+            self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
+            self.inflight.push_back(Inflight {
+                count: 1,
+                pushes: 0,
+                sink: Sink::Ping,
+                written_at: now,
+            });
+        }
+        Ok(())
+    }
+
+    /// Add a request to the write queue (written by the caller's next step).
+    fn queue(&mut self, req: Request, now: Instant) {
+        self.in_multi = req.in_multi_after;
+        self.out.push(req.bytes);
+        if req.count == 0 && req.pushes == 0 {
+            // Owes nothing: complete as soon as it is written.
+            if let Some(tx) = req.reply {
+                let _ = tx.send(Ok(Bytes::new()));
+            }
+            return;
+        }
+        self.inflight.push_back(Inflight {
+            count: req.count,
+            pushes: req.pushes,
+            sink: Sink::Client(req.reply),
+            written_at: now,
+        });
+    }
+
+    fn queue_reauth(&mut self) {
+        self.reauth_at = None;
+        let state = self.tokens.borrow().clone();
+        let Some(cred) = state.usable(SystemTime::now()).cloned() else {
+            return;
+        };
+        let cmd = resp::command(&[
+            b"AUTH",
+            cred.username.as_bytes(),
+            cred.password.expose().as_bytes(),
+        ]);
+        self.out.push(cmd);
+        self.inflight.push_back(Inflight {
+            count: 1,
+            pushes: 0,
+            sink: Sink::Auth {
+                generation: state.generation,
+                expires_at: cred.expires_at,
+            },
+            written_at: Instant::now(),
+        });
+        self.auth_inflight = true;
+    }
+
+    fn on_auth_reply(
+        &mut self,
+        reply: &[u8],
+        generation: u64,
+        expires_at: Option<SystemTime>,
+    ) -> Result<(), UpstreamError> {
+        self.auth_inflight = false;
+        match resp::error_text(reply) {
+            None => {
+                self.generation = generation;
+                self.expires_at = expires_at;
+                self.publish_expiry();
+                self.opts.metrics.reauth("ok");
+                info!(
+                    kind = self.opts.kind,
+                    generation, "upstream connection re-authenticated"
+                );
+                Ok(())
+            }
+            Some(reason) => {
+                self.opts.metrics.reauth("failed");
+                warn!(kind = self.opts.kind, %reason, "re-AUTH refused; retiring the connection");
+                Err(UpstreamError::Auth {
+                    addr: self.opts.addr.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Hand out every complete reply in the read buffer, FIFO.
+    fn hand_out(&mut self) -> Result<(), UpstreamError> {
+        loop {
+            let reply = match self.scanner.scan(&self.rbuf[self.got_len..]) {
                 Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(e) => break 'outer UpstreamError::Protocol(e.to_string()),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
             };
             if reply.push {
                 // Out of band: never part of a request's replies.
+                let got_len = self.got_len;
                 let frame = if got_len == 0 {
-                    buf.split_to(reply.len)
+                    self.rbuf.split_to(reply.len)
                 } else {
-                    let f = BytesMut::from(&buf[got_len..got_len + reply.len]);
-                    let tail = buf.split_off(got_len + reply.len);
-                    buf.truncate(got_len);
-                    buf.unsplit(tail);
+                    let f = BytesMut::from(&self.rbuf[got_len..got_len + reply.len]);
+                    let tail = self.rbuf.split_off(got_len + reply.len);
+                    self.rbuf.truncate(got_len);
+                    self.rbuf.unsplit(tail);
                     f
                 }
                 .freeze();
                 // A pub/sub confirmation may be what the request at the head
                 // of the queue is waiting for.
                 if got_len == 0 && is_confirmation(&frame) {
-                    if current.is_none() {
-                        current = next_inflight(&mut inflight);
-                    }
-                    if let Some(cur) = current.as_mut().filter(|c| c.pushes > 0) {
-                        cur.pushes -= 1;
-                        if cur.pushes == 0 {
-                            let done = current.take().expect("just checked");
-                            complete(done.sink, Bytes::new());
+                    if let Some(head) = self.inflight.front_mut().filter(|h| h.pushes > 0) {
+                        head.pushes -= 1;
+                        if head.pushes == 0 {
+                            let done = self.inflight.pop_front().expect("checked above");
+                            self.complete(done.sink, Bytes::new())?;
                         }
                     }
                 }
-                if let Some(p) = &push {
+                if let Some(p) = &self.push {
                     let _ = p.tx.send(frame);
                 }
                 continue;
             }
-            if current.is_none() {
-                current = match next_inflight(&mut inflight) {
-                    Some(i) => Some(i),
-                    // A pinned connection in MONITOR mode streams lines nobody
-                    // asked for: they belong to its client, like push frames.
-                    None if push.is_some() && got_len == 0 => {
-                        let frame = buf.split_to(reply.len).freeze();
-                        if let Some(p) = &push {
-                            let _ = p.tx.send(frame);
-                        }
-                        continue;
-                    }
-                    None => {
-                        break 'outer UpstreamError::Protocol(
-                            "reply with no command waiting for it".into(),
-                        )
-                    }
-                };
-            }
-            if current.as_ref().is_some_and(|c| c.pushes > 0) {
-                // A request answered by confirmations got a reply instead: its
-                // error (it never has replies of its own).
-                let bytes = buf.split_to(reply.len).freeze();
-                let done = current.take().expect("just checked");
-                complete(done.sink, bytes);
-                continue;
-            }
-            got += 1;
-            got_len += reply.len;
-            let cur = current.as_ref().expect("set above");
-            if got >= cur.count {
-                let bytes = buf.split_to(got_len).freeze();
-                let cur = current.take().expect("set above");
-                complete(cur.sink, bytes);
-                got = 0;
-                got_len = 0;
-            }
-        }
-        // Requests owing nothing complete as soon as they are written.
-        if current.is_none() {
-            current = next_inflight(&mut inflight);
-        }
-        let waiting = current.as_ref().map(|c| c.written_at);
-        resp::reserve_for_read(&mut buf);
-        let read = rd.read_buf(&mut buf);
-        let n = match waiting {
-            Some(since) => {
-                let deadline = since + reply_timeout;
-                tokio::select! {
-                    r = read => r,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        break UpstreamError::Timeout { addr: String::from("upstream"), secs: reply_timeout.as_secs_f64(), during: "waiting for a reply" };
-                    }
-                }
-            }
-            None => tokio::select! {
-                r = read => r,
-                // A request owing replies was written: start its timer.
-                i = inflight.recv() => {
-                    match i {
-                        Some(i) if i.count == 0 && i.pushes == 0 => complete(i.sink, Bytes::new()),
-                        Some(i) => current = Some(i),
-                        None => break UpstreamError::Shutdown,
-                    }
+            let Some(cur) = self.inflight.front() else {
+                // A pinned connection in MONITOR mode streams lines nobody
+                // asked for: they belong to its client, like push frames.
+                if let (Some(p), 0) = (&self.push, self.got_len) {
+                    let _ = p.tx.send(self.rbuf.split_to(reply.len).freeze());
                     continue;
                 }
+                return Err(UpstreamError::Protocol(
+                    "reply with no command waiting for it".into(),
+                ));
+            };
+            if cur.pushes > 0 {
+                // A request answered by confirmations got a reply instead: its
+                // error (it never has replies of its own).
+                let bytes = self.rbuf.split_to(reply.len).freeze();
+                let done = self.inflight.pop_front().expect("checked above");
+                self.complete(done.sink, bytes)?;
+                continue;
+            }
+            self.got += 1;
+            self.got_len += reply.len;
+            if self.got < cur.count {
+                continue;
+            }
+            let bytes = self.rbuf.split_to(self.got_len).freeze();
+            self.got = 0;
+            self.got_len = 0;
+            let cur = self.inflight.pop_front().expect("checked above");
+            self.complete(cur.sink, bytes)?;
+        }
+    }
+
+    /// A request's replies are all in: hand them to where they go.
+    fn complete(&mut self, sink: Sink, bytes: Bytes) -> Result<(), UpstreamError> {
+        match sink {
+            Sink::Client(Some(tx)) => {
+                let _ = tx.send(Ok(bytes));
+            }
+            Sink::Client(None) | Sink::Ping => {}
+            Sink::Auth {
+                generation,
+                expires_at,
+            } => self.on_auth_reply(&bytes, generation, expires_at)?,
+        }
+        Ok(())
+    }
+
+    /// The connection ended: fail what it still owes, with the reason.
+    fn finish(&mut self, result: &Result<(), UpstreamError>) {
+        let err = match result {
+            Ok(()) => UpstreamError::Lost {
+                reason: "connection released".into(),
             },
+            Err(UpstreamError::Shutdown) => UpstreamError::Lost {
+                reason: "connection released".into(),
+            },
+            Err(e) => e.clone(),
         };
-        match n {
-            Ok(0) => {
-                break UpstreamError::Lost {
-                    reason: "server closed the connection".into(),
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                break UpstreamError::Lost {
-                    reason: e.to_string(),
-                }
+        info!(error = %err, "upstream connection closed");
+        for i in self.inflight.drain(..) {
+            match i.sink {
+                Sink::Client(reply) => fail(reply, err.clone()),
+                Sink::Auth { .. } => self.opts.metrics.reauth("failed"),
+                Sink::Ping => {}
             }
         }
-    };
-    info!(error = %err, "upstream connection closed");
-    let lost = |e: &UpstreamError| match e {
-        UpstreamError::Shutdown => UpstreamError::Lost {
-            reason: "connection released".into(),
-        },
-        other => other.clone(),
-    };
-    if let Some(cur) = current.take() {
-        fail_sink(cur.sink, lost(&err));
-    }
-    inflight.close();
-    while let Ok(i) = inflight.try_recv() {
-        fail_sink(i.sink, lost(&err));
-    }
-    err
-}
-
-/// The next request that owes something, completing on the way those that
-/// owe nothing (written, answered by nothing).
-fn next_inflight(inflight: &mut mpsc::UnboundedReceiver<Inflight>) -> Option<Inflight> {
-    loop {
-        match inflight.try_recv() {
-            Ok(i) if i.count == 0 && i.pushes == 0 => complete(i.sink, Bytes::new()),
-            Ok(i) => return Some(i),
-            Err(_) => return None,
-        }
-    }
-}
-
-fn complete(sink: Sink, bytes: Bytes) {
-    match sink {
-        Sink::Client(Some(tx)) | Sink::Internal(tx) => {
-            let _ = tx.send(Ok(bytes));
-        }
-        Sink::Client(None) => {}
     }
 }
 
@@ -487,12 +630,26 @@ pub fn is_confirmation(frame: &[u8]) -> bool {
     )
 }
 
-fn fail_sink(sink: Sink, e: UpstreamError) {
-    match sink {
-        Sink::Client(reply) => fail(reply, e),
-        Sink::Internal(tx) => {
-            let _ = tx.send(Err(e));
-        }
+/// Seconds since the epoch, 0 for "never expires".
+pub fn unix_secs(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs().max(1))
+}
+
+/// Spread a pool's re-AUTHs over an eighth of the time the old credential has
+/// left (at most 30 s), so hundreds of connections do not AUTH in one burst and
+/// all finish well before the old token expires.
+fn reauth_jitter(old_expiry: Option<SystemTime>) -> Duration {
+    let left = old_expiry
+        .and_then(|e| e.duration_since(SystemTime::now()).ok())
+        .unwrap_or(Duration::from_secs(240));
+    let window = (left / 8).min(Duration::from_secs(30));
+    window.mul_f64(fastrand::f64())
+}
+
+fn fail(reply: Option<ReplyTx>, e: UpstreamError) {
+    if let Some(tx) = reply {
+        let _ = tx.send(Err(e));
     }
 }
 
@@ -518,7 +675,7 @@ pub async fn supervise_shared(
     // Waiting for the first credential at startup is neither a connect error
     // nor a reconnect: those count only once a connection has been made.
     let mut ever_connected = false;
-    let mut pending: Option<Request> = None;
+    let mut pending: VecDeque<Request> = VecDeque::new();
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -570,7 +727,7 @@ pub async fn supervise_shared(
                     warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
                 }
                 // Fail what is waiting now, and whatever arrives during the backoff.
-                if let Some(r) = pending.take() {
+                for r in pending.drain(..) {
                     fail(r.reply, e.clone());
                 }
                 // Without a credential there is nothing to retry until the
@@ -597,7 +754,7 @@ pub async fn supervise_shared(
             }
         }
     }
-    if let Some(r) = pending.take() {
+    for r in pending.drain(..) {
         fail(r.reply, UpstreamError::Shutdown);
     }
 }

@@ -180,7 +180,7 @@ impl Pool {
             let _up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
-            let mut pending = None;
+            let mut pending = std::collections::VecDeque::new();
             if let Err(e) = conn::run(
                 conn,
                 &mut rx,
@@ -195,7 +195,7 @@ impl Pool {
                 // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
                 // connection: fail what is left rather than run it elsewhere.
                 rx.close();
-                if let Some(r) = pending.take() {
+                for r in pending.drain(..) {
                     if let Some(tx) = r.reply {
                         let _ = tx.send(Err(e.clone()));
                     }

@@ -114,14 +114,14 @@ impl Kind {
     }
 }
 
-/// Frames the hub queues for one client's writer.
+/// Frames the hub queues for one client's session to write.
 #[derive(Debug)]
 pub enum ToClient {
     /// A `message`/`pmessage`/`smessage`, counted in [`Link::queued`].
     Message(Bytes),
     /// The confirmations answering the client's pub/sub command number `seq`
-    /// (possibly none, for RESET). The writer writes them in the place of that
-    /// command's reply.
+    /// (possibly none, for RESET). The session writes them in the place of
+    /// that command's reply.
     Reply { bytes: Bytes, seq: u64 },
 }
 
@@ -130,8 +130,8 @@ pub struct Link {
     pub id: u64,
     pub peer: String,
     tx: mpsc::UnboundedSender<ToClient>,
-    /// Bytes of messages queued for the client and not yet written (the
-    /// writer subtracts what it writes).
+    /// Bytes of messages queued for the client and not yet taken for writing
+    /// (the session subtracts what it takes).
     pub queued: Arc<AtomicUsize>,
     /// Cancelled when the hub drops the client for being too slow: the
     /// session then closes the connection.
@@ -1155,7 +1155,7 @@ async fn supervise(
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
-                let mut pending = None;
+                let mut pending = std::collections::VecDeque::new();
                 let res = tokio::select! {
                     r = conn::run(conn, &mut req_rx, &opts, Some(PushSink { tx: push_tx }), &mut pending, None) => r,
                     _ = shutdown.cancelled() => Ok(()),

@@ -230,7 +230,7 @@ async fn one_upstream_subscription_for_many_clients_and_unsubscribe_with_the_las
         message(&mut c_rx).await,
         ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
     );
-    // Counted until the writer takes them off.
+    // Counted until the client's session takes them off.
     assert_eq!(a.queued.load(Ordering::Acquire), 38);
 
     // The first one leaving keeps the upstream subscription.
@@ -512,7 +512,7 @@ async fn a_subscriber_that_does_not_read_is_dropped_at_the_cap() {
         up.push(&["message", "c", &payload], None);
         let m = message(&mut fast_rx).await;
         assert_eq!(m.len(), 64);
-        // The fast one's writer takes it off its count.
+        // The fast one's session takes it off its count.
         fast.queued.fetch_sub(m.len(), Ordering::AcqRel);
     }
     tokio::time::timeout(T, slow.kill.cancelled())

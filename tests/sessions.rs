@@ -58,6 +58,38 @@ fn blpop_woken_by_another_client() {
     assert_eq!(a.call(&["PING"]), "+PONG\r\n");
 }
 
+/// A blocking wait longer than `upstream.reply_timeout` is the client's to ask
+/// for: the proxy waits server-side in pieces shorter than the reply timeout
+/// and re-issues, so neither a long BLPOP nor BLPOP 0 ends in a timeout error.
+#[test]
+fn blocking_waits_longer_than_the_reply_timeout() {
+    let redis = RedisServer::start(USER, TOKEN);
+    let mut env = static_env(&redis, USER, TOKEN);
+    env.push((
+        "REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT".into(),
+        "1500ms".into(),
+    ));
+    let proxy = Proxy::start(&env);
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    // Its own timeout (3 s, twice the reply timeout) ends in its own nil.
+    assert_eq!(a.call(&["BLPOP", "empty", "3"]), "*-1\r\n");
+    // Forever, woken after 3.5 s by another client.
+    a.send(&["BLPOP", "queue", "0"]);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(b.call(&["RPUSH", "queue", "late"]), ":1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&a.read()),
+        "*2\r\n$5\r\nqueue\r\n$4\r\nlate\r\n"
+    );
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    assert!(
+        !proxy.log_text().contains("timed out"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
 #[test]
 fn select_is_per_client() {
     let (_redis, proxy) = setup();

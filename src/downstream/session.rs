@@ -797,10 +797,11 @@ impl Session {
 
     /// A blocking command must not outlive the credential its connection is
     /// authenticated with: Azure would close the connection at expiry. Cap the
-    /// server-side timeout a little before that deadline; when the capped call
-    /// times out while the client's own timeout has not, re-issue it (by then
-    /// the connection has re-AUTHed). The client sees only its own result or
-    /// its own timeout.
+    /// server-side timeout a little before that deadline, and at two thirds of
+    /// `upstream.reply_timeout` (which would otherwise end a long wait as a
+    /// lost reply); when the capped call times out while the client's own
+    /// timeout has not, re-issue it (by then the connection has re-AUTHed). The
+    /// client sees only its own result or its own timeout.
     async fn blocking(&mut self, name: &[u8], frame: Bytes, args: &[Bytes]) {
         let Some(p) = &self.st.pinned else { return };
         let (tx, expiry) = (p.tx.clone(), p.expiry.clone());
@@ -809,7 +810,7 @@ impl Session {
             let v: f64 = std::str::from_utf8(args.get(i)?).ok()?.parse().ok()?;
             (v >= 0.0).then(|| std::time::Duration::from_secs_f64(if ms { v / 1000.0 } else { v }))
         });
-        // Unparsable timeout or a never-expiring credential: send as it is.
+        // A timeout the proxy cannot read: send as it is.
         let (Some((pos, ms)), Some(client_timeout)) = (pos, client_timeout) else {
             self.forward_pinned(frame, 1, Instant::now()).await;
             return;
@@ -817,12 +818,13 @@ impl Session {
         self.settle(false).await;
         let start = Instant::now();
         let forever = client_timeout.is_zero();
+        let chunk = self.ctx.pool.max_block();
         let mut issued = 0u32;
         let reply = loop {
             let exp = expiry.load(Ordering::Acquire);
             let left_client = client_timeout.saturating_sub(start.elapsed());
             let cap = if exp == 0 {
-                None
+                Some(chunk)
             } else {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -835,7 +837,8 @@ impl Session {
                 );
                 Some(
                     left.saturating_sub(margin)
-                        .max(std::time::Duration::from_millis(100)),
+                        .max(std::time::Duration::from_millis(100))
+                        .min(chunk),
                 )
             };
             let wait = match (forever, cap) {

@@ -295,6 +295,13 @@ impl Pool {
         }
     }
 
+    /// The longest a blocking command may wait server-side in one go: two
+    /// thirds of `upstream.reply_timeout` (at least 1 s), so that the reply
+    /// timeout never ends a wait the client asked for.
+    pub fn max_block(&self) -> Duration {
+        (self.opts.reply_timeout * 2 / 3).max(Duration::from_secs(1))
+    }
+
     pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
         self.connector.hello_fields()
     }

@@ -171,19 +171,13 @@ impl Counts {
 pub type OpResult = Result<Counts, Bytes>;
 
 enum Op {
-    Subscribe {
+    /// (P|S)SUBSCRIBE, or (P|S)UNSUBSCRIBE when `subscribe` is false.
+    Change {
+        subscribe: bool,
         link: Arc<Link>,
         proto: Proto,
         kind: Kind,
-        names: Vec<Bytes>,
-        seq: u64,
-        reply: oneshot::Sender<OpResult>,
-    },
-    Unsubscribe {
-        link: Arc<Link>,
-        proto: Proto,
-        kind: Kind,
-        /// Empty: every subscription of this kind.
+        /// Empty (unsubscribing only): every subscription of this kind.
         names: Vec<Bytes>,
         seq: u64,
         reply: oneshot::Sender<OpResult>,
@@ -307,16 +301,7 @@ impl Hub {
         names: Vec<Bytes>,
         seq: u64,
     ) -> OpResult {
-        let link = link.clone();
-        self.call(|reply| Op::Subscribe {
-            link,
-            proto,
-            kind,
-            names,
-            seq,
-            reply,
-        })
-        .await
+        self.change(true, link, proto, kind, names, seq).await
     }
 
     /// UNSUBSCRIBE / PUNSUBSCRIBE / SUNSUBSCRIBE `names` (none: all of `kind`).
@@ -328,8 +313,21 @@ impl Hub {
         names: Vec<Bytes>,
         seq: u64,
     ) -> OpResult {
+        self.change(false, link, proto, kind, names, seq).await
+    }
+
+    async fn change(
+        &self,
+        subscribe: bool,
+        link: &Arc<Link>,
+        proto: Proto,
+        kind: Kind,
+        names: Vec<Bytes>,
+        seq: u64,
+    ) -> OpResult {
         let link = link.clone();
-        self.call(|reply| Op::Unsubscribe {
+        self.call(|reply| Op::Change {
+            subscribe,
             link,
             proto,
             kind,
@@ -511,22 +509,21 @@ impl Actor {
 
     fn op(&mut self, op: Op) {
         match op {
-            Op::Subscribe {
+            Op::Change {
+                subscribe,
                 link,
                 proto,
                 kind,
                 names,
                 seq,
                 reply,
-            } => self.subscribe(link, proto, kind, names, seq, reply),
-            Op::Unsubscribe {
-                link,
-                proto,
-                kind,
-                names,
-                seq,
-                reply,
-            } => self.unsubscribe(link, proto, kind, names, seq, reply),
+            } => {
+                if subscribe {
+                    self.subscribe(link, proto, kind, names, seq, reply)
+                } else {
+                    self.unsubscribe(link, proto, kind, names, seq, reply)
+                }
+            }
             Op::Reset { link, seq, reply } => {
                 self.remove_client(link.id);
                 let _ = link.tx.send(ToClient::Reply {

@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
@@ -594,15 +594,18 @@ impl Conn<'_> {
     /// The connection ended: fail what it still owes, with the reason.
     fn finish(&mut self, result: &Result<(), UpstreamError>) {
         let err = match result {
-            Ok(()) => UpstreamError::Lost {
-                reason: "connection released".into(),
-            },
-            Err(UpstreamError::Shutdown) => UpstreamError::Lost {
-                reason: "connection released".into(),
-            },
-            Err(e) => e.clone(),
+            Ok(()) | Err(UpstreamError::Shutdown) => {
+                // Its owner let go (a pinned client done, or shutdown): routine.
+                debug!(kind = self.opts.kind, "upstream connection released");
+                UpstreamError::Lost {
+                    reason: "connection released".into(),
+                }
+            }
+            Err(e) => {
+                info!(kind = self.opts.kind, error = %e, "upstream connection closed");
+                e.clone()
+            }
         };
-        info!(error = %err, "upstream connection closed");
         for i in self.inflight.drain(..) {
             match i.sink {
                 Sink::Client(reply) => fail(reply, err.clone()),

@@ -167,6 +167,21 @@ async fn clients_get_a_fast_clear_error_until_the_first_token_then_service() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(http(admin, "GET", "/startup").0, 200);
+    // Waiting for the first token was neither a failed connect nor a
+    // reconnect; the clients that asked meanwhile were counted as such.
+    let metrics = http(admin, "GET", "/metrics").1;
+    assert!(
+        metrics.contains("redis_entra_proxy_upstream_reconnects_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"errors_total{kind="upstream_connect"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"errors_total{kind="no_credential"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,41 +12,13 @@ cd "$(dirname "$0")/.."
 reps="${REPS:-9}"
 tls_port="${TLS_PORT:-16380}"
 work=.bench-ab
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  return 1
-}
+# pids, cleanup (on exit), wait_port, redis_conf
+. scripts/local-stack.sh
 scripts/install-deps.sh >/dev/null
 rm -rf "$work"; mkdir -p "$work"
 cargo run --quiet --example testpki -- "$work/tls" >/dev/null
 token="ab-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-cat > "$work/redis.conf" <<CONF
-port 0
-tls-port $tls_port
-bind 127.0.0.1
-tls-cert-file $PWD/$work/tls/server.pem
-tls-key-file $PWD/$work/tls/server.key
-tls-ca-cert-file $PWD/$work/tls/ca.pem
-tls-auth-clients no
-save ""
-appendonly no
-dir $PWD/$work
-logfile $PWD/$work/redis.log
-maxclients 20000
-user default off
-user bench-identity on >$token ~* &* +@all
-CONF
-chmod 600 "$work/redis.conf"
+redis_conf "$tls_port" bench-identity "$token"
 redis-server "$work/redis.conf" &
 pids+=($!)
 wait_port "$tls_port"

@@ -41,6 +41,32 @@ admin_get() {
   exec 5<&-
 }
 
+# $work/redis.conf for a TLS-only redis-server on port $1 (no plaintext port,
+# default user off) with an ACL user per "name password" pair that follows.
+redis_conf() { # port [user password]...
+  local port=$1; shift
+  cat > "$work/redis.conf" <<CONF
+port 0
+tls-port $port
+bind 127.0.0.1
+tls-cert-file $PWD/$work/tls/server.pem
+tls-key-file $PWD/$work/tls/server.key
+tls-ca-cert-file $PWD/$work/tls/ca.pem
+tls-auth-clients no
+save ""
+appendonly no
+dir $PWD/$work
+logfile $PWD/$work/redis.log
+maxclients 20000
+user default off
+CONF
+  while [ $# -ge 2 ]; do
+    echo "user $1 on >$2 ~* &* +@all" >> "$work/redis.conf"
+    shift 2
+  done
+  chmod 600 "$work/redis.conf"
+}
+
 # redis-cli straight to the TLS port as the server's admin user.
 direct_cli() {
   REDISCLI_AUTH="$admin_pass" redis-cli --tls --cacert "$work/tls/ca.pem" -p "$TLS_PORT" --user admin "$@"
@@ -65,24 +91,11 @@ start_stack() {
   # Throwaway passwords for the server's admin and the static identity, never printed.
   admin_pass="adm-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
   static_pass="qs-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-  cat > "$work/redis.conf" <<CONF
-port 0
-tls-port $TLS_PORT
-bind 127.0.0.1
-tls-cert-file $PWD/$work/tls/server.pem
-tls-key-file $PWD/$work/tls/server.key
-tls-ca-cert-file $PWD/$work/tls/ca.pem
-tls-auth-clients no
-save ""
-appendonly no
-dir $PWD/$work
-logfile $PWD/$work/redis.log
-maxclients 20000
-user default off
-user admin on >$admin_pass ~* &* +@all
-CONF
-  [ "$STACK_AUTH" = static ] && echo "user quickstart-identity on >$static_pass ~* &* +@all" >> "$work/redis.conf"
-  chmod 600 "$work/redis.conf"
+  if [ "$STACK_AUTH" = static ]; then
+    redis_conf "$TLS_PORT" admin "$admin_pass" quickstart-identity "$static_pass"
+  else
+    redis_conf "$TLS_PORT" admin "$admin_pass"
+  fi
   echo "==> starting redis-server with TLS only on 127.0.0.1:$TLS_PORT (default user off)"
   redis-server "$work/redis.conf" &
   pids+=($!)

@@ -234,32 +234,7 @@ async fn tokens_rotate_into_every_live_connection_under_load() {
     .await;
     // Each generation: create its ACL user before the token is handed out, and
     // delete it when the token expires (Azure closes such connections).
-    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
-    let deleted = Arc::new(AtomicU64::new(0));
-    let deleted_hook = deleted.clone();
-    emu.on_issue(move |t: Issued| {
-        let ca = ca.clone();
-        let deleted = deleted_hook.clone();
-        async move {
-            let pass = format!(">{}", t.token);
-            let out = cli(
-                port,
-                &ca,
-                &["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"],
-            );
-            assert_eq!(out.trim(), "OK", "ACL SETUSER {}", t.oid);
-            let oid = t.oid.clone();
-            let expires = t.expires_at;
-            tokio::spawn(async move {
-                let wait = expires
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
-                tokio::time::sleep(wait).await;
-                cli(port, &ca, &["ACL", "DELUSER", &oid]);
-                deleted.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
+    let deleted = acl_users_deleted_at_expiry(&redis, &emu);
     let admin = free_port();
     let env = entra_env(&redis, &emu, admin);
     let proxy = Proxy::start(&env);

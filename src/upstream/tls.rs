@@ -45,6 +45,9 @@ pub struct Connector {
     last_hello: std::sync::Mutex<Arc<Vec<(String, resp::Value)>>>,
     /// What the server's `COMMAND` said, learned on the first connection.
     learned: std::sync::OnceLock<crate::command::Learned>,
+    /// Set while one connection is asking: connections dialled at the same
+    /// time (the shared slots at start) do not all fetch the table.
+    learning: std::sync::atomic::AtomicBool,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -110,6 +113,7 @@ impl Connector {
             tokens,
             last_hello: Default::default(),
             learned: Default::default(),
+            learning: Default::default(),
         })
     }
 
@@ -201,7 +205,22 @@ impl Connector {
                 reason: format!("{text} (as user `{}`)", cred.username),
             });
         }
-        if self.learned.get().is_none() {
+        use std::sync::atomic::Ordering;
+        if self.learned.get().is_none()
+            && self
+                .learning
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // Cleared however this ends (error, or the connect timeout dropping
+            // this future): a failed attempt lets the next connection try.
+            struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Clear<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _clear = Clear(&self.learning);
             self.learn_commands(&mut stream, &mut buf).await?;
         }
         let hello = Arc::new(parse_hello(&reply));

@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::proxy::{http, read_to_close, static_env, Proxy, Raw};
-use common::redis::{free_port, PlainRedis, RedisServer};
+use common::proxy::{enable_admin, http, metric_sum, read_to_close, static_env, Proxy, Raw};
+use common::redis::{PlainRedis, RedisServer};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -16,13 +16,8 @@ const TOKEN: &str = "pubsub-token";
 
 fn setup(extra: &[(&str, &str)]) -> (RedisServer, Proxy, u16) {
     let redis = RedisServer::start(USER, TOKEN);
-    let admin = free_port();
     let mut env = static_env(&redis, USER, TOKEN);
-    env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED".into(), "true".into()));
-    env.push((
-        "REDIS_ENTRA_PROXY_ADMIN__ADDRESS".into(),
-        format!("127.0.0.1:{admin}"),
-    ));
+    let admin = enable_admin(&mut env);
     for (k, v) in extra {
         env.push((k.to_string(), v.to_string()));
     }
@@ -32,12 +27,7 @@ fn setup(extra: &[(&str, &str)]) -> (RedisServer, Proxy, u16) {
 
 /// Sum of the samples of a metric whose line starts with `prefix`.
 fn metric(admin: u16, prefix: &str) -> f64 {
-    http(admin, "GET", "/metrics")
-        .1
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&http(admin, "GET", "/metrics").1, prefix)
 }
 
 /// Subscribers of `chan` as the server counts them.

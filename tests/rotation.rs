@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::proxy::{http, Proxy, Raw};
+use common::proxy::{http, metric_sum, Proxy, Raw};
 use common::redis::{free_port, RedisServer};
 use common::token_emulator::{EmulatorConfig, Fault, Issued, TokenEmulator};
 use std::collections::HashSet;
@@ -349,13 +349,7 @@ async fn tokens_rotate_into_every_live_connection_under_load() {
     let survived = ids_before.intersection(&ids_after).count();
     let auth_after = auth_calls(&redis);
     let metrics = http(admin, "GET", "/metrics").1;
-    let metric = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let metric = |name: &str| metric_sum(&metrics, name);
     let reauth_ok = metric("redis_entra_proxy_reauths_total{outcome=\"ok\"}");
     let reauth_failed = metric("redis_entra_proxy_reauths_total{outcome=\"failed\"}");
     let lost = metric("redis_entra_proxy_errors_total{kind=\"upstream_lost\"}");
@@ -567,13 +561,7 @@ async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_
         .unwrap();
     assert!(generation >= 4, "{hub_after:?}");
     let metrics = http(admin, "GET", "/metrics").1;
-    let metric = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let metric = |name: &str| metric_sum(&metrics, name);
     assert_eq!(
         metric("redis_entra_proxy_errors_total{kind=\"upstream_lost\"}"),
         0.0,

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::proxy::{http, static_env, Proxy, Raw};
-use common::redis::{free_port, RedisServer};
+use common::proxy::{enable_admin, http, static_env, Proxy, Raw};
+use common::redis::RedisServer;
 use std::time::Duration;
 
 const USER: &str = "proxyuser";
@@ -196,13 +196,8 @@ fn hello_3_and_client_tracking_invalidations() {
 #[test]
 fn admin_metrics_readiness_and_quitquitquit() {
     let redis = RedisServer::start(USER, TOKEN);
-    let admin = free_port();
     let mut env = static_env(&redis, USER, TOKEN);
-    env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED".into(), "true".into()));
-    env.push((
-        "REDIS_ENTRA_PROXY_ADMIN__ADDRESS".into(),
-        format!("127.0.0.1:{admin}"),
-    ));
+    let admin = enable_admin(&mut env);
     let mut proxy = Proxy::start(&env);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while http(admin, "GET", "/readyz").0 != 200 {

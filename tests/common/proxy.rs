@@ -182,6 +182,26 @@ impl Raw {
 }
 
 /// A plain HTTP/1.1 request to the admin port: (status, body).
+/// Turn the proxy's admin server on at a free loopback port; returns the port.
+pub fn enable_admin(env: &mut Vec<(String, String)>) -> u16 {
+    let admin = free_port();
+    env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED".into(), "true".into()));
+    env.push((
+        "REDIS_ENTRA_PROXY_ADMIN__ADDRESS".into(),
+        format!("127.0.0.1:{admin}"),
+    ));
+    admin
+}
+
+/// Sum of the samples in the metrics text whose lines start with `prefix`.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -94,6 +94,13 @@ fn entra_env(redis: &RedisServer, emu: &TokenEmulator, admin: u16) -> Vec<(Strin
 
 /// A Redis and a token emulator whose every generation gets its own ACL user.
 async fn redis_and_emulator(prefix: &str, lifetime: Duration) -> (RedisServer, TokenEmulator) {
+    let (redis, emu) = redis_and_bare_emulator(prefix, lifetime).await;
+    acl_user_per_generation(&redis, &emu);
+    (redis, emu)
+}
+
+/// A Redis and a token emulator with no ACL hook yet.
+async fn redis_and_bare_emulator(prefix: &str, lifetime: Duration) -> (RedisServer, TokenEmulator) {
     let redis = RedisServer::start("bootstrap", "bootstrap-unused");
     let emu = TokenEmulator::start(EmulatorConfig {
         lifetime,
@@ -101,7 +108,6 @@ async fn redis_and_emulator(prefix: &str, lifetime: Duration) -> (RedisServer, T
         ..Default::default()
     })
     .await;
-    acl_user_per_generation(&redis, &emu);
     (redis, emu)
 }
 
@@ -225,13 +231,7 @@ async fn readiness_turns_false_before_expiry_during_an_outage_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_rotate_into_every_live_connection_under_load() {
-    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
-    let emu = TokenEmulator::start(EmulatorConfig {
-        lifetime: LIFETIME,
-        oid_prefix: "gen-".into(),
-        ..Default::default()
-    })
-    .await;
+    let (redis, emu) = redis_and_bare_emulator("gen-", LIFETIME).await;
     // Each generation: create its ACL user before the token is handed out, and
     // delete it when the token expires (Azure closes such connections).
     let deleted = acl_users_deleted_at_expiry(&redis, &emu);
@@ -443,13 +443,7 @@ fn pubsub_conns(redis: &RedisServer) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_every_message_across_rotations_on_one_re_authenticated_connection() {
-    let redis = RedisServer::start("bootstrap", "bootstrap-unused");
-    let emu = TokenEmulator::start(EmulatorConfig {
-        lifetime: LIFETIME,
-        oid_prefix: "psgen-".into(),
-        ..Default::default()
-    })
-    .await;
+    let (redis, emu) = redis_and_bare_emulator("psgen-", LIFETIME).await;
     let deleted = acl_users_deleted_at_expiry(&redis, &emu);
     let admin = free_port();
     let proxy = Proxy::start(&entra_env(&redis, &emu, admin));

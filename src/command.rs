@@ -19,8 +19,20 @@ pub enum Local {
     ClientSetInfo,
     ClientId,
     ClientInfo,
+    /// CLIENT REPLY ON|OFF|SKIP: the proxy drops the replies itself, so the
+    /// upstream connection's reply matching never changes.
+    ClientReply,
     /// EXEC/DISCARD/UNWATCH: only meaningful on a pinned connection.
     TxEnd,
+}
+
+/// Why the proxy refuses a command rather than run it: what it would do to a
+/// connection other clients share, or an answer that would not be true of
+/// this client. The text follows `ERR ` in the reply.
+pub mod refusal {
+    pub const REPLICATION: &str = "replication commands (SYNC, PSYNC, REPLCONF) are not supported through redis-entra-proxy: they would turn a shared upstream connection into a replica";
+    pub const SCRIPT_DEBUG: &str = "SCRIPT DEBUG is not supported through redis-entra-proxy: it would put a shared upstream connection into the Lua debugger";
+    pub const WAIT: &str = "WAIT and WAITAOF are not supported through redis-entra-proxy: the proxy multiplexes clients' writes over shared upstream connections, so the server cannot tell which writes are this client's";
 }
 
 /// Why a client needs a dedicated upstream connection.
@@ -56,6 +68,8 @@ pub enum Class {
     Local(Local),
     /// Subscriptions, carried by the shared pub/sub hub.
     PubSub(PubSub),
+    /// Not run: the reason (see [`refusal`]).
+    Refuse(&'static str),
 }
 
 /// Command name (upper case) -> class, for every command that is not plain
@@ -79,8 +93,11 @@ pub const TABLE: &[(&str, Class)] = &[
     ("BZPOPMAX", Class::Pin(Pin::Blocking)),
     ("BLMPOP", Class::Pin(Pin::Blocking)),
     ("BZMPOP", Class::Pin(Pin::Blocking)),
-    ("WAIT", Class::Pin(Pin::Blocking)),
-    ("WAITAOF", Class::Pin(Pin::Blocking)),
+    ("WAIT", Class::Refuse(refusal::WAIT)),
+    ("WAITAOF", Class::Refuse(refusal::WAIT)),
+    ("SYNC", Class::Refuse(refusal::REPLICATION)),
+    ("PSYNC", Class::Refuse(refusal::REPLICATION)),
+    ("REPLCONF", Class::Refuse(refusal::REPLICATION)),
     ("MONITOR", Class::Pin(Pin::Monitor)),
     ("SUBSCRIBE", Class::PubSub(PubSub::Subscribe)),
     ("PSUBSCRIBE", Class::PubSub(PubSub::PSubscribe)),
@@ -102,7 +119,7 @@ pub const CLIENT_TABLE: &[(&str, Class)] = &[
     ("INFO", Class::Local(Local::ClientInfo)),
     ("TRACKING", Class::Pin(Pin::ClientMode)),
     ("CACHING", Class::Pin(Pin::ClientMode)),
-    ("REPLY", Class::Pin(Pin::ClientMode)),
+    ("REPLY", Class::Local(Local::ClientReply)),
     ("NO-EVICT", Class::Pin(Pin::ClientMode)),
     ("NO-TOUCH", Class::Pin(Pin::ClientMode)),
 ];
@@ -115,7 +132,7 @@ fn lookup(table: &[(&str, Class)], name: &[u8]) -> Option<Class> {
 }
 
 /// Commands whose class depends on their arguments ([`classify`] decides).
-const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP"];
+const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP", "SCRIPT"];
 
 /// Whether the routing table decides this command (by name or by arguments).
 pub fn listed(name: &[u8]) -> bool {
@@ -136,18 +153,36 @@ pub fn classify(args: &[&[u8]]) -> Class {
             .and_then(|sub| lookup(CLIENT_TABLE, sub))
             .unwrap_or(Class::Shared);
     }
+    if name.eq_ignore_ascii_case(b"SCRIPT") {
+        let debug = args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"DEBUG"));
+        let off = args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"NO"));
+        return if debug && !off {
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        } else {
+            Class::Shared
+        };
+    }
     if name.eq_ignore_ascii_case(b"XREAD") || name.eq_ignore_ascii_case(b"XREADGROUP") {
-        let blocks = args
-            .iter()
-            .skip(1)
-            .any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
-        return if blocks {
+        return if xread_block_pos(args).is_some() {
             Class::Pin(Pin::Blocking)
         } else {
             Class::Shared
         };
     }
     lookup(TABLE, name).unwrap_or(Class::Shared)
+}
+
+/// Where XREAD / XREADGROUP's `BLOCK <ms>` timeout is (the index of `<ms>`):
+/// among the options before `STREAMS` only, since every argument after it is
+/// a stream name or an id (a stream may be called `block`).
+pub fn xread_block_pos<A: AsRef<[u8]>>(args: &[A]) -> Option<usize> {
+    args.iter()
+        .skip(1)
+        .take_while(|a| !a.as_ref().eq_ignore_ascii_case(b"STREAMS"))
+        .position(|a| a.as_ref().eq_ignore_ascii_case(b"BLOCK"))
+        .map(|i| i + 2)
 }
 
 /// What the upstream's `COMMAND` reply says about commands the table does not
@@ -265,6 +300,44 @@ mod tests {
             Class::Pin(Pin::Blocking)
         );
         assert_eq!(classify(&[b"XREAD", b"STREAMS", b"s", b"0"]), Class::Shared);
+        // Regression: a stream named `block` was read as BLOCK (forever).
+        assert_eq!(
+            classify(&[b"XREAD", b"STREAMS", b"block", b"0"]),
+            Class::Shared
+        );
+        assert_eq!(
+            classify(&[b"XREAD", b"STREAMS", b"a", b"block", b"0", b"0"]),
+            Class::Shared
+        );
+        assert_eq!(
+            xread_block_pos(&[
+                &b"XREAD"[..],
+                b"COUNT",
+                b"1",
+                b"BLOCK",
+                b"5",
+                b"STREAMS",
+                b"s",
+                b"$"
+            ]),
+            Some(4)
+        );
+        assert_eq!(
+            classify(&[b"SCRIPT", b"DEBUG", b"YES"]),
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        );
+        assert_eq!(
+            classify(&[b"script", b"debug", b"sync"]),
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        );
+        assert_eq!(classify(&[b"SCRIPT", b"DEBUG", b"NO"]), Class::Shared);
+        assert_eq!(classify(&[b"SCRIPT", b"LOAD", b"return 1"]), Class::Shared);
+        for name in ["SYNC", "PSYNC", "REPLCONF", "WAIT", "WAITAOF"] {
+            assert!(
+                matches!(classify(&[name.as_bytes()]), Class::Refuse(_)),
+                "{name}"
+            );
+        }
         assert_eq!(
             classify(&[b"xreadgroup", b"GROUP", b"g", b"c", b"block", b"10"]),
             Class::Pin(Pin::Blocking)

@@ -270,7 +270,7 @@ fn oversized_bulk_and_malformed_frame_close_only_that_client() {
         .unwrap();
     let got = String::from_utf8_lossy(&read_to_close(&mut big)).into_owned();
     assert!(
-        got.starts_with("-ERR Protocol error: bulk length exceeds"),
+        got.starts_with("-ERR Protocol error: invalid bulk length (over the proxy's limit of 1024"),
         "{got}"
     );
     assert!(got.contains("limits.max_bulk_bytes"), "{got}");

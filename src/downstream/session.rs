@@ -58,6 +58,8 @@ enum Out {
         rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
         count: usize,
         since: Instant,
+        /// CLIENT REPLY OFF/SKIP: the reply is taken and dropped.
+        silent: bool,
     },
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
@@ -105,6 +107,37 @@ struct State {
     pinned: Option<Pinned>,
     shared: Option<Handle>,
     last_target: Target,
+    /// CLIENT REPLY: whether replies are written.
+    reply_mode: ReplyMode,
+    /// The transaction the client believes it is in (see [`Tx`]).
+    tx: Tx,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReplyMode {
+    On,
+    Off,
+    /// Drop the reply of the next command only.
+    Skip,
+}
+
+/// What the proxy keeps of a client's transaction, beside the pinned
+/// connection's own MULTI state.
+#[derive(Default)]
+struct Tx {
+    /// MULTI could not be given a connection: the client is "in MULTI" with
+    /// nothing upstream. Its commands are not run; EXEC answers EXECABORT.
+    doomed: Option<String>,
+    /// A command inside MULTI was refused by the proxy (as a command with a
+    /// syntax error is by Redis): EXEC discards the transaction instead.
+    abort: bool,
+    /// WATCH could not be given a connection: the next transaction aborts.
+    watch_failed: bool,
+    /// Commands queued since MULTI (forwarded and local).
+    queued: usize,
+    /// Commands the proxy answers itself, queued at these positions and run
+    /// when EXEC succeeds, their replies put in their place in its array.
+    locals: Vec<(usize, Local, Vec<Bytes>)>,
 }
 
 impl State {
@@ -135,6 +168,7 @@ where
             max_out: ctx.max_buffered_bytes,
             push: None,
             hub: None,
+            inbox: BytesMut::new(),
             gone: false,
             killed: false,
             metrics: ctx.metrics.clone(),
@@ -156,7 +190,10 @@ where
             pinned: None,
             shared: None,
             last_target: Target::Shared,
+            reply_mode: ReplyMode::On,
+            tx: Tx::default(),
         },
+        silent: false,
         peer,
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -244,23 +281,43 @@ where
                 }
                 continue;
             }
-            let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
-            let mut argn = 0;
-            for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
-                if let Some(a) = cmd.arg(frame, i) {
-                    *slot = a;
-                    argn += 1;
+            if cmd.inline {
+                // Telnet and redis-cli's inline form: made a RESP array (its
+                // quoted words unescaped as Redis does) and handled as one.
+                session
+                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                    .await;
+                let line = buf.split_to(cmd.len);
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let converted = scan::inline_args(line).and_then(|words| {
+                    let refs: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
+                    let frame = resp::command(&refs);
+                    let cmd = CommandScanner::new(ctx.limits).scan(&frame)?;
+                    Ok(cmd.map(|cmd| (frame, cmd)))
+                });
+                match converted {
+                    Ok(Some((frame, cmd))) => {
+                        if !session.dispatch(frame, &cmd, arrived).await {
+                            break 'read;
+                        }
+                        session.take_inbox(&mut buf);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        session.protocol_error(e).await;
+                        break 'read;
+                    }
                 }
+                continue;
             }
-            let class = match command::classify(&argv[..argn]) {
-                Class::Shared => ctx.pool.refine(argv[0]),
-                class => class,
-            };
+            let class = session.classify(frame, &cmd);
             let batchable = class == Class::Shared
-                && !cmd.inline
                 && session.st.authed
                 && session.st.pinned.is_none()
                 && session.st.last_target == Target::Shared
+                && session.st.reply_mode == ReplyMode::On
+                && session.st.tx.doomed.is_none()
                 // RESP2 subscribed mode refuses most commands: see `handle`.
                 && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
             if batchable {
@@ -272,22 +329,10 @@ where
                 .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
                 .await;
             let frame = buf.split_to(cmd.len).freeze();
-            let all_args: Vec<Bytes> = scan::args_of(&frame, &cmd)
-                .into_iter()
-                .map(|a| frame.slice_ref(a))
-                .collect();
-            let frame = if cmd.inline {
-                let refs: Vec<&[u8]> = all_args.iter().map(|a| &a[..]).collect();
-                resp::command(&refs)
-            } else {
-                frame
-            };
-            // Boxed: the handler's future (pinning may dial a connection) is
-            // several KB, and inline it would be copied into every client's
-            // task at accept (-k 0 clients pay that per command).
-            if !Box::pin(session.handle(class, frame, &all_args, arrived)).await {
+            if !session.dispatch(frame, &cmd, arrived).await {
                 break 'read;
             }
+            session.take_inbox(&mut buf);
         }
         session
             .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
@@ -331,6 +376,8 @@ struct Session {
     /// Where pinned connections send push frames; made on first use.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     st: State,
+    /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
+    silent: bool,
     peer: Peer,
 }
 
@@ -346,7 +393,10 @@ struct Client {
     push: Option<mpsc::UnboundedReceiver<Bytes>>,
     /// What the hub queues for this client; made with its [`Link`].
     hub: Option<HubFeed>,
-    /// Writing to the client failed: it is gone.
+    /// Bytes read from the client while a blocking command waited (to notice
+    /// it leaving): the session scans them next.
+    inbox: BytesMut,
+    /// Writing to the client failed, or it closed: it is gone.
     gone: bool,
     /// The hub dropped this client for not reading its messages: nothing more
     /// is written, and the connection closes without flushing what is queued.
@@ -486,11 +536,21 @@ impl Client {
                     self.owed.pop_front();
                     continue;
                 }
-                Out::Wait { rx, count, since } => {
+                Out::Wait {
+                    rx,
+                    count,
+                    since,
+                    silent,
+                } => {
                     let res = match std::pin::Pin::new(rx).poll(cx) {
-                        Poll::Ready(r) => r.unwrap_or(Err(UpstreamError::Shutdown)),
+                        Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
                         Poll::Pending => break,
                     };
+                    if *silent {
+                        self.waits -= 1;
+                        self.owed.pop_front();
+                        continue;
+                    }
                     self.waits -= 1;
                     self.metrics
                         .command_latency
@@ -542,15 +602,57 @@ impl Client {
 }
 
 impl Session {
+    /// Where a command goes, by the routing table and what the server's own
+    /// command table adds.
+    fn classify(&self, frame: &[u8], cmd: &scan::Command) -> Class {
+        let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
+        let mut argn = 0;
+        for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
+            if let Some(a) = cmd.arg(frame, i) {
+                *slot = a;
+                argn += 1;
+            }
+        }
+        match command::classify(&argv[..argn]) {
+            Class::Shared => self.ctx.pool.refine(argv[0]),
+            class => class,
+        }
+    }
+
+    /// Handle one whole command (RESP array) outside a shared batch. False
+    /// ends the session.
+    async fn dispatch(&mut self, frame: Bytes, cmd: &scan::Command, since: Instant) -> bool {
+        let class = self.classify(&frame, cmd);
+        let all_args: Vec<Bytes> = scan::args_of(&frame, cmd)
+            .into_iter()
+            .map(|a| frame.slice_ref(a))
+            .collect();
+        // Boxed: the handler's future (pinning may dial a connection) is
+        // several KB, and inline it would be copied into every client's task
+        // at accept (-k 0 clients pay that per command).
+        Box::pin(self.handle(class, frame, &all_args, since)).await
+    }
+
+    /// Bytes the client sent while a blocking command waited go behind those
+    /// not scanned yet.
+    fn take_inbox(&mut self, buf: &mut BytesMut) {
+        if !self.client.inbox.is_empty() {
+            buf.extend_from_slice(&self.client.inbox);
+            self.client.inbox.clear();
+        }
+    }
+
     async fn reply(&mut self, bytes: Bytes) {
         self.ctx.metrics.command(Route::Local);
-        self.client.owed.push_back(Out::Now(bytes));
+        if !self.silent {
+            self.client.owed.push_back(Out::Now(bytes));
+        }
     }
 
     async fn protocol_error(&mut self, e: ScanError) {
         let kind = match e {
             ScanError::Limit { .. } => ErrorKind::Limit,
-            ScanError::Protocol(_) => ErrorKind::Protocol,
+            ScanError::Protocol(_) | ScanError::Expected(_) => ErrorKind::Protocol,
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
@@ -590,7 +692,7 @@ impl Session {
         let client = &mut self.client;
         poll_fn(|cx| {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(r.unwrap_or(Err(UpstreamError::Shutdown)));
+                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
             }
             client.poll_out(cx);
             if client.gone {
@@ -601,6 +703,55 @@ impl Session {
             Poll::Pending
         })
         .await
+    }
+
+    /// Await a blocking command's reply, also reading the client so that its
+    /// leaving is noticed at once: then the pinned connection is closed, and
+    /// the server drops the wait before it can hand this client (now gone) an
+    /// element that another would have taken. What the client sends
+    /// meanwhile is kept for the session to scan next.
+    async fn wait_blocking(
+        &mut self,
+        mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
+    ) -> Result<Bytes, UpstreamError> {
+        const INBOX_MAX: usize = 64 * 1024;
+        let client = &mut self.client;
+        let res = poll_fn(|cx| loop {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
+            }
+            client.poll_out(cx);
+            if client.gone {
+                return Poll::Ready(Err(UpstreamError::Lost {
+                    reason: "client gone".into(),
+                }));
+            }
+            if client.inbox.len() >= INBOX_MAX {
+                return Poll::Pending;
+            }
+            client.inbox.reserve(512);
+            match tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut client.io),
+                cx,
+                &mut client.inbox,
+            ) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    client.gone = true;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.ctx.metrics.bytes_in.inc_by(n as u64);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        })
+        .await;
+        if self.client.gone {
+            if let Some(p) = self.st.pinned.take() {
+                debug!(peer = %self.peer, id = self.st.id, "client left while blocked; closing its upstream connection so the wait takes nothing");
+                p.abort.cancel();
+            }
+        }
+        res
     }
 
     async fn flush_batch(
@@ -663,6 +814,7 @@ impl Session {
             rx: reply_rx,
             count: replies,
             since,
+            silent: self.silent,
         });
         self.client.waits += 1;
     }
@@ -715,7 +867,90 @@ impl Session {
     /// Handle one command that is not part of a shared batch. Returns false to
     /// close the client.
     async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
+        if class == Class::Local(Local::ClientReply) && self.st.authed && !self.st.in_multi {
+            self.client_reply(args).await;
+            return true;
+        }
+        self.silent = match self.st.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.st.reply_mode = ReplyMode::On;
+                true
+            }
+        };
+        let keep = self.handle_command(class, frame, args, since).await;
+        self.silent = false;
+        keep && !self.client.gone
+    }
+
+    /// CLIENT REPLY ON|OFF|SKIP, kept by the proxy: OFF and SKIP have no
+    /// reply, ON answers +OK.
+    async fn client_reply(&mut self, args: &[Bytes]) {
+        let mode = args.get(2).map(|a| a.to_ascii_uppercase());
+        match (args.len(), mode.as_deref()) {
+            (3, Some(b"ON")) => {
+                self.st.reply_mode = ReplyMode::On;
+                self.reply(resp::ok()).await;
+            }
+            (3, Some(b"OFF")) => self.st.reply_mode = ReplyMode::Off,
+            (3, Some(b"SKIP")) => {
+                if self.st.reply_mode == ReplyMode::On {
+                    self.st.reply_mode = ReplyMode::Skip;
+                }
+            }
+            (3, _) => self.reply(resp::error("ERR syntax error")).await,
+            _ => {
+                self.reply(resp::error(
+                    "ERR wrong number of arguments for 'client|reply' command",
+                ))
+                .await
+            }
+        }
+    }
+
+    /// A command while the client's MULTI has no connection: nothing runs
+    /// until EXEC (EXECABORT) or DISCARD ends it.
+    async fn doomed(&mut self, name: &[u8], reason: String) -> bool {
+        let reply = match name {
+            b"EXEC" => {
+                self.st.tx = Tx::default();
+                resp::error("EXECABORT Transaction discarded because of previous errors.")
+            }
+            b"DISCARD" => {
+                self.st.tx = Tx::default();
+                resp::ok()
+            }
+            b"QUIT" => {
+                self.reply(resp::ok()).await;
+                return false;
+            }
+            b"MULTI" => resp::error("ERR MULTI calls can not be nested"),
+            _ => {
+                let reply = resp::error(&format!(
+                    "ERR not queued: this transaction's MULTI failed ({reason}); EXEC will discard it"
+                ));
+                self.st.tx.doomed = Some(reason);
+                reply
+            }
+        };
+        self.reply(reply).await;
+        true
+    }
+
+    async fn handle_command(
+        &mut self,
+        class: Class,
+        frame: Bytes,
+        args: &[Bytes],
+        since: Instant,
+    ) -> bool {
         let name = args[0].to_ascii_uppercase();
+        if let Some(reason) = self.st.tx.doomed.take() {
+            if name != b"RESET" {
+                return self.doomed(&name, reason).await;
+            }
+        }
         if !self.st.authed
             && !matches!(
                 class,
@@ -756,17 +991,77 @@ impl Session {
                 return true;
             }
         }
+        if self.st.in_multi {
+            match class {
+                Class::Local(
+                    local @ (Local::Auth
+                    | Local::ClientSetName
+                    | Local::ClientGetName
+                    | Local::ClientSetInfo
+                    | Local::ClientId
+                    | Local::ClientInfo),
+                ) => {
+                    // Queued as Redis queues it; run when EXEC succeeds.
+                    let at = self.st.tx.queued;
+                    self.st.tx.queued += 1;
+                    self.st.tx.locals.push((at, local, args.to_vec()));
+                    self.reply(resp::simple("QUEUED")).await;
+                    return true;
+                }
+                Class::Local(Local::ClientReply | Local::Hello) | Class::Refuse(_) => {
+                    self.st.tx.abort = true;
+                    let reply = match class {
+                        Class::Refuse(why) => resp::error(&format!("ERR {why}")),
+                        _ => resp::error(&format!(
+                            "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
+                            String::from_utf8_lossy(&args[0]).to_lowercase()
+                        )),
+                    };
+                    self.reply(reply).await;
+                    return true;
+                }
+                _ => {}
+            }
+        }
         match class {
+            Class::Refuse(why) => {
+                self.reply(resp::error(&format!("ERR {why}"))).await;
+            }
             Class::Local(local) => return self.local(local, &name, frame, args, since).await,
             Class::PubSub(cmd) => return self.pubsub(cmd, args).await,
             Class::Pin(pin) => {
                 if let Err(e) = self.ensure_pinned().await {
                     self.ctx.metrics.error(ErrorKind::UpstreamConnect);
+                    let reason = e.to_string();
+                    match pin {
+                        // A transaction runs whole or not at all.
+                        Pin::Transaction if !self.st.in_multi => self.st.tx.doomed = Some(reason),
+                        Pin::Watch => self.st.tx.watch_failed = true,
+                        _ => {}
+                    }
                     self.reply(e.to_reply()).await;
                     return true;
                 }
                 match pin {
-                    Pin::Transaction => self.st.in_multi = true,
+                    Pin::Transaction if !self.st.in_multi => {
+                        self.st.in_multi = true;
+                        self.ctx.metrics.command(Route::Pinned);
+                        self.forward_pinned(frame, 1, since).await;
+                        let watch_failed = self.st.tx.watch_failed;
+                        self.st.tx = Tx {
+                            abort: watch_failed,
+                            ..Tx::default()
+                        };
+                        return true;
+                    }
+                    Pin::Transaction | Pin::Watch if self.st.in_multi => {
+                        // Refused by the server at once (nested MULTI, WATCH
+                        // inside MULTI): not queued.
+                        self.ctx.metrics.command(Route::Pinned);
+                        self.forward_pinned(frame, 1, since).await;
+                        self.st.tx.queued -= 1;
+                        return true;
+                    }
                     Pin::Watch => self.st.watching = true,
                     Pin::ClientMode | Pin::Monitor | Pin::Cluster => self.st.sticky = true,
                     _ => {}
@@ -876,7 +1171,7 @@ impl Session {
             if tx.send(req).await.is_err() {
                 break UpstreamError::Shutdown.to_reply();
             }
-            let reply = match self.wait_reply(reply_rx).await {
+            let reply = match self.wait_blocking(reply_rx).await {
                 Ok(b) => b,
                 Err(e) => break e.to_reply(),
             };
@@ -896,6 +1191,9 @@ impl Session {
     async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
         let Some(p) = &self.st.pinned else { return };
         let tx = p.tx.clone();
+        if self.st.in_multi {
+            self.st.tx.queued += count;
+        }
         self.send_upstream(&tx, frame, count, count, self.st.in_multi, since)
             .await;
     }
@@ -974,21 +1272,16 @@ impl Session {
         since: Instant,
     ) -> bool {
         match local {
-            Local::Auth => {
-                let pass = match args.len() {
-                    2 => &args[1],
-                    3 => &args[2],
-                    _ => {
-                        self.reply(resp::error(
-                            "ERR wrong number of arguments for 'auth' command",
-                        ))
-                        .await;
-                        return true;
-                    }
-                };
-                let reply = self.check_password(pass);
+            Local::Auth
+            | Local::ClientSetName
+            | Local::ClientGetName
+            | Local::ClientSetInfo
+            | Local::ClientId
+            | Local::ClientInfo => {
+                let reply = self.local_reply(local, args);
                 self.reply(reply).await;
             }
+            Local::ClientReply => self.client_reply(args).await,
             Local::Hello => self.hello(args).await,
             Local::Quit => {
                 self.reply(resp::ok()).await;
@@ -1013,6 +1306,8 @@ impl Session {
                 self.st.in_multi = false;
                 self.st.watching = false;
                 self.st.sticky = false;
+                self.st.tx = Tx::default();
+                self.st.reply_mode = ReplyMode::On;
                 self.st.db = 0;
                 self.st.name = None;
                 if self.st.proto != Proto::Resp2 {
@@ -1050,15 +1345,36 @@ impl Session {
             }
             Local::TxEnd => {
                 if self.st.pinned.is_some() {
-                    if name == b"EXEC" || name == b"DISCARD" {
+                    self.ctx.metrics.command(Route::Pinned);
+                    if self.st.in_multi && (name == b"EXEC" || name == b"DISCARD") {
+                        let tx = std::mem::take(&mut self.st.tx);
                         self.st.in_multi = false;
                         self.st.watching = false;
+                        if name == b"DISCARD" {
+                            self.forward_pinned(frame, 1, since).await;
+                        } else if tx.abort {
+                            // What Redis does with a transaction one of
+                            // whose commands it refused.
+                            self.forward_silently(resp::command(&[b"DISCARD"]), since)
+                                .await;
+                            self.reply(resp::error(
+                                "EXECABORT Transaction discarded because of previous errors.",
+                            ))
+                            .await;
+                        } else if tx.locals.is_empty() {
+                            self.forward_pinned(frame, 1, since).await;
+                        } else {
+                            self.exec_with_locals(frame, tx).await;
+                        }
                     } else {
-                        self.st.watching = false;
+                        if name == b"UNWATCH" {
+                            self.st.watching = false;
+                            self.st.tx.watch_failed = false;
+                        }
+                        self.forward_pinned(frame, 1, since).await;
                     }
-                    self.ctx.metrics.command(Route::Pinned);
-                    self.forward_pinned(frame, 1, since).await;
                 } else {
+                    self.st.tx.watch_failed = false;
                     let reply = match name {
                         b"EXEC" => resp::error("ERR EXEC without MULTI"),
                         b"DISCARD" => resp::error("ERR DISCARD without MULTI"),
@@ -1067,41 +1383,41 @@ impl Session {
                     self.reply(reply).await;
                 }
             }
-            Local::ClientSetName => {
-                match args.get(2) {
-                    Some(n) if args.len() == 3 && !n.iter().any(|&c| c == b' ' || c == b'\n') => {
-                        self.st.name = (!n.is_empty()).then(|| n.clone());
-                        self.reply(resp::ok()).await;
-                    }
-                    Some(_) if args.len() == 3 => {
-                        self.reply(resp::error("ERR Client names cannot contain spaces, newlines or special characters.")).await;
-                    }
-                    _ => {
-                        self.reply(resp::error(
-                            "ERR wrong number of arguments for 'client|setname' command",
-                        ))
-                        .await;
-                    }
+        }
+        true
+    }
+
+    /// The reply of a command the proxy answers from the client's own state
+    /// (now, or at EXEC when it was queued in a transaction).
+    fn local_reply(&mut self, local: Local, args: &[Bytes]) -> Bytes {
+        let wrong_args = |cmd: &str| {
+            resp::error(&format!(
+                "ERR wrong number of arguments for '{cmd}' command"
+            ))
+        };
+        match local {
+            Local::Auth => match args.len() {
+                2 => self.check_password(&args[1]),
+                3 => self.check_password(&args[2]),
+                _ => wrong_args("auth"),
+            },
+            Local::ClientSetName => match args.get(2) {
+                Some(n) if args.len() == 3 && !n.iter().any(|&c| c == b' ' || c == b'\n') => {
+                    self.st.name = (!n.is_empty()).then(|| n.clone());
+                    resp::ok()
                 }
-            }
-            Local::ClientGetName => {
-                let reply = match &self.st.name {
-                    Some(n) => resp::bulk(n),
-                    None => resp::null(self.st.proto),
-                };
-                self.reply(reply).await;
-            }
-            Local::ClientSetInfo => {
-                if args.len() == 4 {
-                    self.reply(resp::ok()).await;
-                } else {
-                    self.reply(resp::error(
-                        "ERR wrong number of arguments for 'client|setinfo' command",
-                    ))
-                    .await;
-                }
-            }
-            Local::ClientId => self.reply(resp::integer(self.st.id as i64)).await,
+                Some(_) if args.len() == 3 => resp::error(
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                ),
+                _ => wrong_args("client|setname"),
+            },
+            Local::ClientGetName => match &self.st.name {
+                Some(n) => resp::bulk(n),
+                None => resp::null(self.st.proto),
+            },
+            Local::ClientSetInfo if args.len() == 4 => resp::ok(),
+            Local::ClientSetInfo => wrong_args("client|setinfo"),
+            Local::ClientId => resp::integer(self.st.id as i64),
             Local::ClientInfo => {
                 let info = format!(
                     "id={} addr={} laddr= fd=0 name={} db={} resp={} lib-name= lib-ver=\n",
@@ -1115,10 +1431,62 @@ impl Session {
                     self.st.db,
                     if self.st.proto == Proto::Resp3 { 3 } else { 2 },
                 );
-                self.reply(resp::bulk(info.as_bytes())).await;
+                resp::bulk(info.as_bytes())
             }
+            _ => resp::error("ERR internal: not a locally answered command"),
         }
-        true
+    }
+
+    /// One command of the proxy's own on the pinned connection (nothing else
+    /// owed): `Err` with the error reply to give the client if it failed.
+    async fn pinned_call(&mut self, frame: Bytes) -> Result<Bytes, Bytes> {
+        let Some(p) = &self.st.pinned else {
+            return Err(connection_ended().to_reply());
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let req = Request {
+            bytes: frame,
+            count: 1,
+            reply: Some(reply_tx),
+            in_multi_after: false,
+            pushes: 0,
+        };
+        if p.tx.send(req).await.is_err() {
+            return Err(connection_ended().to_reply());
+        }
+        match self.wait_reply(reply_rx).await {
+            Ok(b) if b.first() == Some(&b'-') || b.first() == Some(&b'!') => Err(b),
+            Ok(b) => Ok(b),
+            Err(e) => Err(e.to_reply()),
+        }
+    }
+
+    /// Send `frame` on the pinned connection, its reply dropped.
+    async fn forward_silently(&mut self, frame: Bytes, since: Instant) {
+        let silent = std::mem::replace(&mut self.silent, true);
+        let in_multi = std::mem::replace(&mut self.st.in_multi, false);
+        self.forward_pinned(frame, 1, since).await;
+        self.st.in_multi = in_multi;
+        self.silent = silent;
+    }
+
+    /// EXEC of a transaction with commands the proxy answers itself: once
+    /// the server's array is in, run them and put their replies in their
+    /// places. A transaction that did not run (nil: a WATCH conflict, or an
+    /// error) runs none of them.
+    async fn exec_with_locals(&mut self, frame: Bytes, tx: Tx) {
+        self.settle(false).await;
+        let reply = match self.pinned_call(frame).await {
+            Ok(b) if resp::array_len(&b).is_some() => {
+                let mut locals = Vec::with_capacity(tx.locals.len());
+                for (at, local, args) in &tx.locals {
+                    locals.push((*at, self.local_reply(*local, args)));
+                }
+                resp::splice_array(&b, &locals).unwrap_or(b)
+            }
+            Ok(b) | Err(b) => b,
+        };
+        self.reply(reply).await;
     }
 
     fn check_password(&mut self, given: &[u8]) -> Bytes {
@@ -1181,13 +1549,23 @@ impl Session {
             return;
         }
         if proto != self.st.proto {
-            if self.st.subscribed() || (self.st.pinned.is_some() && self.st.needs_pin()) {
-                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction, subscribed, or in a special mode; RESET first")).await;
+            if self.st.subscribed() || self.st.in_multi {
+                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction or subscribed; RESET first")).await;
                 return;
             }
             // Replies already due come in the old protocol; wait for them.
             self.settle(false).await;
-            self.st.pinned = None;
+            if self.st.pinned.is_some() && self.st.needs_pin() {
+                // Its state (database, tracking, ...) lives on its pinned
+                // connection: that connection changes protocol with it.
+                let v: &[u8] = if proto == Proto::Resp3 { b"3" } else { b"2" };
+                if let Err(e) = self.pinned_call(resp::command(&[b"HELLO", v])).await {
+                    self.reply(e).await;
+                    return;
+                }
+            } else {
+                self.st.pinned = None;
+            }
             self.st.proto = proto;
             self.st.shared = None;
         }
@@ -1229,11 +1607,15 @@ fn block_timeout_pos(name: &[u8], args: &[Bytes]) -> Option<(usize, bool)> {
             (args.len() >= 3).then(|| (args.len() - 1, false))
         }
         b"BLMPOP" | b"BZMPOP" => (args.len() >= 4).then_some((1, false)),
-        b"XREAD" | b"XREADGROUP" => args
-            .iter()
-            .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))
-            .map(|i| (i + 1, true)),
+        b"XREAD" | b"XREADGROUP" => command::xread_block_pos(args).map(|i| (i, true)),
         _ => None,
+    }
+}
+
+/// A reply channel dropped without an answer: its connection's task ended.
+fn connection_ended() -> UpstreamError {
+    UpstreamError::Lost {
+        reason: "the upstream connection ended".into(),
     }
 }
 

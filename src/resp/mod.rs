@@ -223,9 +223,66 @@ pub fn pubsub_confirmation(
     out.extend_from_slice(format!(":{count}\r\n").as_bytes());
 }
 
+/// The element count of a reply that is an array (`*N`, N >= 0).
+pub fn array_len(reply: &[u8]) -> Option<usize> {
+    let rest = reply.strip_prefix(b"*")?;
+    let end = memchr::memchr(b'\r', rest)?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// `array` (one whole `*N` reply) with the replies in `inserts` put at their
+/// positions (ascending, each an index in the result): EXEC's array with the
+/// replies of the commands the proxy answered itself. `None` if `array` is
+/// not a whole array.
+pub fn splice_array(array: &[u8], inserts: &[(usize, Bytes)]) -> Option<Bytes> {
+    let n = array_len(array)?;
+    let mut pos = memchr::memchr(b'\n', array)? + 1;
+    let total = n + inserts.len();
+    let mut out = BytesMut::with_capacity(
+        array.len() + 16 + inserts.iter().map(|(_, b)| b.len()).sum::<usize>(),
+    );
+    out.extend_from_slice(format!("*{total}\r\n").as_bytes());
+    let mut inserts = inserts.iter().peekable();
+    for i in 0..total {
+        if let Some((_, b)) = inserts.next_if(|(at, _)| *at == i) {
+            out.extend_from_slice(b);
+            continue;
+        }
+        let elem = scan::ReplyScanner::new().scan(array.get(pos..)?).ok()??;
+        out.extend_from_slice(&array[pos..pos + elem.len]);
+        pos += elem.len;
+    }
+    (pos == array.len() && inserts.next().is_none()).then(|| out.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splice_exec_arrays() {
+        let b = |s: &'static [u8]| Bytes::from_static(s);
+        let exec = b"*2\r\n+OK\r\n*2\r\n:1\r\n:2\r\n";
+        assert_eq!(array_len(exec), Some(2));
+        let got = splice_array(
+            exec,
+            &[(0, b(b"+A\r\n")), (2, b(b"$1\r\nx\r\n")), (4, b(b":9\r\n"))],
+        )
+        .unwrap();
+        assert_eq!(
+            &got[..],
+            b"*5\r\n+A\r\n+OK\r\n$1\r\nx\r\n*2\r\n:1\r\n:2\r\n:9\r\n"
+        );
+        assert_eq!(
+            &splice_array(b"*0\r\n", &[(0, b(b"+A\r\n"))]).unwrap()[..],
+            b"*1\r\n+A\r\n"
+        );
+        // Not an array, a short one, or an insert past the end: None.
+        assert!(splice_array(b"*-1\r\n", &[]).is_none());
+        assert!(splice_array(b"-EXECABORT x\r\n", &[]).is_none());
+        assert!(splice_array(b"*2\r\n+OK\r\n", &[]).is_none());
+        assert!(splice_array(b"*1\r\n+OK\r\n", &[(5, b(b"+A\r\n"))]).is_none());
+    }
 
     #[test]
     fn encodes_what_the_proxy_says() {

@@ -99,7 +99,44 @@ const BATCH: usize = 256;
 /// fails were never written, and neither were those left in `pending` (taken,
 /// not yet written): a supervisor can carry both to a new connection. Requests
 /// in `pending` when called are written first.
+///
+/// A panic inside (a bug: no byte from the server should cause one) ends this
+/// connection with an error, like any other failure, so its supervisor
+/// reconnects; requests it had taken get their errors when their reply
+/// channels drop.
 pub async fn run(
+    conn: Authed,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+) -> Result<(), UpstreamError> {
+    let task = Box::pin(run_inner(conn, rx, opts, push, pending, expiry_out));
+    catch_panic(task).await.unwrap_or_else(|msg| {
+        tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
+        Err(UpstreamError::Protocol(format!(
+            "internal error in the proxy's connection task: {msg}"
+        )))
+    })
+}
+
+/// Poll `f`, turning a panic into `Err` with its message.
+pub fn catch_panic<F: Future + Unpin>(mut f: F) -> impl Future<Output = Result<F::Output, String>> {
+    poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(&mut f).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(p) => Poll::Ready(Err(p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into()))),
+        }
+    })
+}
+
+async fn run_inner(
     conn: Authed,
     rx: &mut mpsc::Receiver<Request>,
     opts: &ConnOpts,
@@ -378,6 +415,12 @@ impl Conn<'_> {
         }
     }
 
+    /// A keepalive PING may be sent: idle, and not inside MULTI, where the
+    /// server would queue it and put its reply into the EXEC array.
+    fn may_ping(&self) -> bool {
+        self.rx_open && self.out.is_idle() && !self.in_multi
+    }
+
     /// Re-AUTH is allowed now: not inside MULTI, none in flight, not released.
     fn may_reauth(&self) -> bool {
         self.rx_open && !self.in_multi && !self.auth_inflight
@@ -386,8 +429,9 @@ impl Conn<'_> {
     /// The earliest of the deadlines that apply now; each one has something to
     /// do when it passes, so the timer never fires twice for nothing.
     fn next_deadline(&self) -> Option<Instant> {
-        let keepalive =
-            (self.rx_open && self.out.is_idle()).then(|| self.last_write + self.opts.keepalive);
+        let keepalive = self
+            .may_ping()
+            .then(|| self.last_write + self.opts.keepalive);
         let reply = self
             .inflight
             .front()
@@ -421,7 +465,7 @@ impl Conn<'_> {
         if self.reauth_at.is_some_and(|t| t <= now) && self.may_reauth() {
             self.queue_reauth();
         }
-        if self.rx_open && self.out.is_idle() && self.last_write + self.opts.keepalive <= now {
+        if self.may_ping() && self.last_write + self.opts.keepalive <= now {
             // Idle: a PING keeps Azure from closing the connection.
             self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
             self.inflight.push_back(Inflight {
@@ -684,9 +728,10 @@ pub async fn supervise_shared(
             break;
         }
         let conn = tokio::select! {
-            c = connector.connect(proto) => c,
+            c = connect_within_reply_timeout(&connector, proto, &mut rx, &mut pending, &opts) => c,
             _ = shutdown.cancelled() => break,
         };
+        let Some(conn) = conn else { return };
         match conn {
             Ok(conn) => {
                 if attempt > 0 && ever_connected {
@@ -762,9 +807,81 @@ pub async fn supervise_shared(
     }
 }
 
+/// Dial while requests wait: each waits at most `upstream.reply_timeout`
+/// (counted from when the dial began for those carried over from the lost
+/// connection), then fails with a timeout, so a server that accepts but does
+/// not answer the handshake holds no client longer than a reply would.
+/// `None` when the owner let go of the slot.
+async fn connect_within_reply_timeout(
+    connector: &super::tls::Connector,
+    proto: Proto,
+    rx: &mut mpsc::Receiver<Request>,
+    pending: &mut VecDeque<Request>,
+    opts: &ConnOpts,
+) -> Option<Result<Authed, UpstreamError>> {
+    let start = Instant::now();
+    let mut waiting: VecDeque<(Instant, Request)> = pending
+        .drain(..)
+        .map(|r| (start + opts.reply_timeout, r))
+        .collect();
+    let mut connect = pin!(connector.connect(proto));
+    let mut rx_open = true;
+    let timer = tokio::time::sleep(opts.reply_timeout);
+    let mut timer = pin!(timer);
+    let res = loop {
+        if let Some((deadline, _)) = waiting.front() {
+            timer.as_mut().reset(*deadline);
+        }
+        tokio::select! {
+            c = &mut connect => break Some(c),
+            r = rx.recv(), if rx_open => match r {
+                Some(r) => waiting.push_back((Instant::now() + opts.reply_timeout, r)),
+                None => rx_open = false,
+            },
+            _ = &mut timer, if !waiting.is_empty() => {
+                let now = Instant::now();
+                while waiting.front().is_some_and(|(d, _)| *d <= now) {
+                    if let Some((_, r)) = waiting.pop_front() {
+                        fail(r.reply, UpstreamError::Timeout {
+                            addr: opts.addr.clone(),
+                            secs: opts.reply_timeout.as_secs_f64(),
+                            during: "the upstream connection was being re-established",
+                        });
+                    }
+                }
+            }
+        }
+    };
+    pending.extend(waiting.into_iter().map(|(_, r)| r));
+    if !rx_open && pending.is_empty() {
+        return None;
+    }
+    res
+}
+
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7)))
         .min(Duration::from_secs(5));
     cap.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_becomes_an_error() {
+        let n = std::hint::black_box(1);
+        let got = catch_panic(Box::pin(async move {
+            if n == 1 {
+                panic!("boom at {n}");
+            }
+            7
+        }))
+        .await;
+        assert_eq!(got, Err("boom at 1".to_string()));
+        let ok = catch_panic(Box::pin(async { 7 })).await;
+        assert_eq!(ok, Ok(7));
+    }
 }

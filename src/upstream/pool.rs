@@ -175,22 +175,28 @@ impl Pool {
         let expiry_out = expiry.clone();
         let lost = CancellationToken::new();
         let lost_out = lost.clone();
+        let abort = CancellationToken::new();
+        let aborted = abort.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let _up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
             let mut pending = std::collections::VecDeque::new();
-            if let Err(e) = conn::run(
-                conn,
-                &mut rx,
-                &opts,
-                Some(push),
-                &mut pending,
-                Some(&expiry_out),
-            )
-            .await
-            {
+            let res = tokio::select! {
+                r = conn::run(
+                    conn,
+                    &mut rx,
+                    &opts,
+                    Some(push),
+                    &mut pending,
+                    Some(&expiry_out),
+                ) => r,
+                // Dropping the connection closes it: the server forgets the
+                // client's blocked wait.
+                _ = aborted.cancelled() => Ok(()),
+            };
+            if let Err(e) = res {
                 warn!(error = %e, "pinned upstream connection ended");
                 // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
                 // connection: fail what is left rather than run it elsewhere.
@@ -209,7 +215,12 @@ impl Pool {
             }
             gauge.dec();
         });
-        Ok(Pinned { tx, expiry, lost })
+        Ok(Pinned {
+            tx,
+            expiry,
+            lost,
+            abort,
+        })
     }
 
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
@@ -340,4 +351,7 @@ pub struct Pinned {
     pub expiry: Arc<AtomicU64>,
     /// Cancelled when the connection failed: the client's state on it is gone.
     pub lost: CancellationToken,
+    /// Cancel to close the connection at once, with whatever is in flight
+    /// (a blocked wait whose client left).
+    pub abort: CancellationToken,
 }

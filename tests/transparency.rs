@@ -1,0 +1,326 @@
+//! Every command does what it does on Redis, or gets a clear refusal, and no
+//! client can hurt another: regression tests for the defects found by running
+//! Redis's own test suite and hostile clients through the proxy, each against
+//! a real TLS redis-server.
+
+mod common;
+
+use common::proxy::{static_env, Proxy, Raw};
+use common::redis::RedisServer;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const USER: &str = "proxyuser";
+const TOKEN: &str = "transparency-token";
+
+fn env_with(redis: &RedisServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = static_env(redis, USER, TOKEN);
+    for (k, v) in extra {
+        env.push((format!("REDIS_ENTRA_PROXY_{k}"), v.to_string()));
+    }
+    env
+}
+
+fn setup(extra: &[(&str, &str)]) -> (RedisServer, Proxy) {
+    let redis = RedisServer::start(USER, TOKEN);
+    let proxy = Proxy::start(&env_with(&redis, extra));
+    (redis, proxy)
+}
+
+/// A worker blocked in BLPOP that goes away must not take the next job: its
+/// upstream wait is cancelled, so the element stays in the list (as it does
+/// when a direct client disconnects). Also for a wait the proxy re-issues in
+/// pieces (reply timeout shorter than the wait).
+#[test]
+fn a_blocked_client_that_leaves_consumes_nothing() {
+    let (redis, proxy) = setup(&[("UPSTREAM__REPLY_TIMEOUT", "1500ms")]);
+    for (i, key) in ["jobs", "jobs2"].iter().enumerate() {
+        let mut worker = Raw::connect(proxy.port);
+        worker.send(&["BLPOP", key, "0"]);
+        if i == 1 {
+            // Past one re-issued piece.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        drop(worker);
+        std::thread::sleep(Duration::from_millis(500));
+        let mut producer = Raw::connect(proxy.port);
+        assert_eq!(producer.call(&["RPUSH", key, "job"]), ":1\r\n");
+        // Past the next re-issue, had there been one.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            producer.call(&["LLEN", key]),
+            ":1\r\n",
+            "a disconnected worker consumed the job ({key})"
+        );
+    }
+    // Same for a stream consumer group.
+    assert_eq!(
+        redis
+            .cli(&["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"])
+            .trim(),
+        "OK"
+    );
+    let mut consumer = Raw::connect(proxy.port);
+    consumer.send(&[
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c1",
+        "BLOCK",
+        "0",
+        "STREAMS",
+        "s",
+        ">",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(consumer);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut producer = Raw::connect(proxy.port);
+    producer.call(&["XADD", "s", "*", "f", "v"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let pending = producer.call(&["XPENDING", "s", "g"]);
+    assert!(
+        pending.starts_with("*4\r\n:0\r\n"),
+        "a disconnected consumer took the entry: {pending}"
+    );
+}
+
+/// `XREAD STREAMS block 0` reads a stream named `block`: it does not block.
+#[test]
+fn a_stream_named_block_is_not_a_block_argument() {
+    let (_redis, proxy) = setup(&[]);
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["XREAD", "STREAMS", "block", "0"]), "*-1\r\n");
+    c.call(&["XADD", "block", "1-1", "f", "v"]);
+    let got = c.call(&["XREAD", "STREAMS", "block", "0"]);
+    assert!(got.contains("1-1"), "{got}");
+    // A real BLOCK before STREAMS still blocks (and times out as asked).
+    assert_eq!(
+        c.call(&["XREAD", "BLOCK", "100", "STREAMS", "block", "$"]),
+        "*-1\r\n"
+    );
+}
+
+/// When the proxy cannot give MULTI (or WATCH) a connection, the transaction
+/// runs not at all: no queued command runs alone, and EXEC says EXECABORT.
+#[test]
+fn a_transaction_that_cannot_be_pinned_runs_not_at_all() {
+    let (_redis, proxy) = setup(&[
+        ("UPSTREAM__MAX_PINNED", "0"),
+        ("UPSTREAM__WARM_PINNED", "0"),
+    ]);
+    let mut c = Raw::connect(proxy.port);
+    let multi = c.call(&["MULTI"]);
+    assert!(multi.starts_with("-ERR"), "{multi}");
+    let queued = c.call(&["SET", "tx:k", "v"]);
+    assert!(
+        queued.starts_with("-"),
+        "ran outside its transaction: {queued}"
+    );
+    let exec = c.call(&["EXEC"]);
+    assert!(exec.starts_with("-EXECABORT"), "{exec}");
+    assert_eq!(c.call(&["GET", "tx:k"]), "$-1\r\n");
+    // A failed WATCH dooms the transaction that follows it.
+    let watch = c.call(&["WATCH", "tx:w"]);
+    assert!(watch.starts_with("-ERR"), "{watch}");
+    assert!(c.call(&["MULTI"]).starts_with('-'));
+    assert!(c.call(&["INCR", "tx:w"]).starts_with('-'));
+    assert!(c.call(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(c.call(&["GET", "tx:w"]), "$-1\r\n");
+    // And the client is usable afterwards.
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+}
+
+/// The keepalive PING is never sent inside MULTI (its +PONG would be queued
+/// into the EXEC array).
+#[test]
+fn no_keepalive_inside_a_transaction() {
+    let (_redis, proxy) = setup(&[("UPSTREAM__KEEPALIVE", "300ms")]);
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["SET", "ka", "1"]), "+QUEUED\r\n");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(c.call(&["EXEC"]), "*1\r\n+OK\r\n");
+}
+
+/// WAIT and WAITAOF cannot be answered truthfully for one client's writes on
+/// multiplexed connections: they are refused with a reason, never answered
+/// with another connection's (zero) offset.
+#[test]
+fn wait_is_refused_clearly() {
+    let (_redis, proxy) = setup(&[]);
+    let mut c = Raw::connect(proxy.port);
+    c.call(&["SET", "w", "1"]);
+    for cmd in [&["WAIT", "1", "100"][..], &["WAITAOF", "0", "1", "100"][..]] {
+        let r = c.call(cmd);
+        assert!(r.starts_with("-ERR") && r.contains(cmd[0]), "{r}");
+    }
+}
+
+/// CLIENT REPLY OFF / SKIP / ON behave as on Redis.
+#[test]
+fn client_reply_modes() {
+    let (_redis, proxy) = setup(&[("UPSTREAM__REPLY_TIMEOUT", "1s")]);
+    let mut c = Raw::connect(proxy.port);
+    c.send(&["CLIENT", "REPLY", "OFF"]);
+    c.send(&["SET", "r1", "a"]);
+    c.send(&["GET", "r1"]);
+    assert_eq!(c.call(&["CLIENT", "REPLY", "ON"]), "+OK\r\n");
+    assert_eq!(c.call(&["GET", "r1"]), "$1\r\na\r\n");
+    c.send(&["CLIENT", "REPLY", "SKIP"]);
+    c.send(&["SET", "r2", "b"]);
+    assert_eq!(c.call(&["GET", "r2"]), "$1\r\nb\r\n");
+    // No reply is owed for the silenced commands: nothing times out later.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+    assert_eq!(c.call(&["INCR", "rn"]), ":1\r\n");
+    assert!(
+        !proxy.log_text().contains("timed out"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+/// Commands the proxy answers itself are QUEUED inside MULTI and answered in
+/// their place in the EXEC array.
+#[test]
+fn local_commands_inside_multi_are_queued() {
+    let (_redis, proxy) = setup(&[]);
+    let mut c = Raw::connect(proxy.port);
+    let id = c.call(&["CLIENT", "ID"]);
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["CLIENT", "SETNAME", "worker"]), "+QUEUED\r\n");
+    assert_eq!(c.call(&["SET", "m", "1"]), "+QUEUED\r\n");
+    assert_eq!(c.call(&["CLIENT", "GETNAME"]), "+QUEUED\r\n");
+    assert_eq!(c.call(&["CLIENT", "ID"]), "+QUEUED\r\n");
+    assert_eq!(
+        c.call(&["EXEC"]),
+        format!("*4\r\n+OK\r\n+OK\r\n$6\r\nworker\r\n{id}")
+    );
+    assert_eq!(c.call(&["CLIENT", "GETNAME"]), "$6\r\nworker\r\n");
+    // A discarded transaction applies none of them.
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["CLIENT", "SETNAME", "other"]), "+QUEUED\r\n");
+    assert_eq!(c.call(&["DISCARD"]), "+OK\r\n");
+    assert_eq!(c.call(&["CLIENT", "GETNAME"]), "$6\r\nworker\r\n");
+}
+
+/// Commands that would turn a shared connection into a replica or put it in
+/// the Lua debugger are refused; the other clients carry on.
+#[test]
+fn commands_that_would_change_a_shared_connection_are_refused() {
+    let (_redis, proxy) = setup(&[]);
+    let mut other = Raw::connect(proxy.port);
+    assert_eq!(other.call(&["SET", "o", "1"]), "+OK\r\n");
+    let mut c = Raw::connect(proxy.port);
+    for cmd in [
+        &["SYNC"][..],
+        &["PSYNC", "?", "-1"][..],
+        &["REPLCONF", "listening-port", "1"][..],
+        &["SCRIPT", "DEBUG", "YES"][..],
+        &["SCRIPT", "DEBUG", "SYNC"][..],
+    ] {
+        let r = c.call(cmd);
+        assert!(r.starts_with("-ERR"), "{cmd:?}: {r}");
+        assert!(r.contains("proxy"), "{cmd:?}: {r}");
+    }
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+    for _ in 0..100 {
+        assert_eq!(other.call(&["GET", "o"]), "$1\r\n1\r\n");
+    }
+}
+
+/// A reply timeout bounds every wait, also while the shared connection is
+/// being re-dialled to a server that does not answer.
+#[test]
+fn reply_timeout_bounds_the_wait_while_redialling() {
+    let (redis, proxy) = setup(&[
+        ("UPSTREAM__REPLY_TIMEOUT", "1s"),
+        ("UPSTREAM__CONNECT_TIMEOUT", "20s"),
+        ("UPSTREAM__POOL_SIZE", "1"),
+    ]);
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    redis.pause();
+    // The first command times out and retires the connection; the redial
+    // then hangs in its TLS handshake.
+    let r = a.call(&["GET", "x"]);
+    assert!(r.contains("timed out"), "{r}");
+    let mut b = Raw::connect(proxy.port);
+    let start = Instant::now();
+    let r = b.call(&["GET", "x"]);
+    let waited = start.elapsed();
+    redis.resume();
+    assert!(r.starts_with("-ERR"), "{r}");
+    // Bounded by the reply timeout (1 s), not by the connect timeout (20 s).
+    assert!(
+        waited < Duration::from_secs(10),
+        "waited {waited:?} for {r}"
+    );
+}
+
+/// HELLO 3 works after SELECT n (the pinned connection changes protocol).
+#[test]
+fn hello_3_after_select() {
+    let (_redis, proxy) = setup(&[]);
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["SELECT", "2"]), "+OK\r\n");
+    assert_eq!(c.call(&["SET", "h", "db2"]), "+OK\r\n");
+    let hello = c.call(&["HELLO", "3"]);
+    assert!(hello.starts_with('%'), "{hello}");
+    assert_eq!(c.call(&["GET", "h"]), "$3\r\ndb2\r\n");
+    // RESP3 replies on that connection now.
+    assert_eq!(c.call(&["HSET", "hh", "f", "v"]), ":1\r\n");
+    assert_eq!(c.call(&["HGETALL", "hh"]), "%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
+}
+
+/// Inline commands take quoted arguments as redis-cli and telnet send them,
+/// and protocol errors say what Redis says.
+#[test]
+fn inline_quotes_and_protocol_errors_as_redis() {
+    let (_redis, proxy) = setup(&[]);
+    let mut s = proxy.raw();
+    s.write_all(b"SET q \"a b\\n\" \r\nGET q\r\n").unwrap();
+    let got = common::proxy::read_n(&mut s, 5 + 9);
+    assert_eq!(got, b"+OK\r\n$4\r\na b\n\r\n");
+    s.write_all(b"SET q 'it''s'\r\n").unwrap();
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest);
+    assert_eq!(
+        rest,
+        "-ERR Protocol error: unbalanced quotes in request\r\n"
+    );
+    for (input, want) in [
+        (
+            &b"*1\r\nfoo\r\n"[..],
+            "-ERR Protocol error: expected '$', got 'f'\r\n",
+        ),
+        (
+            b"*3000000000\r\n",
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"*1\r\n$-10\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*1\r\n$blabla\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+    ] {
+        let mut s = proxy.raw();
+        s.write_all(input).unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        assert!(
+            got.starts_with(want.trim_end()),
+            "{:?}: {got}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    // A negative count is an empty command, ignored as Redis does.
+    let mut s = proxy.raw();
+    s.write_all(b"*-10\r\n*1\r\n$4\r\nPING\r\n").unwrap();
+    assert_eq!(common::proxy::read_n(&mut s, 7), b"+PONG\r\n");
+}

@@ -140,6 +140,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         limits: Limits::from(&cfg.limits),
         max_buffered_bytes: cfg.limits.max_buffered_bytes,
+        max_push_bytes: cfg.limits.max_pubsub_queued_bytes,
         password: cfg.listen.password.clone(),
         next_id: AtomicU64::new(1),
     });

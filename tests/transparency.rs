@@ -324,3 +324,82 @@ fn inline_quotes_and_protocol_errors_as_redis() {
     s.write_all(b"*-10\r\n*1\r\n$4\r\nPING\r\n").unwrap();
     assert_eq!(common::proxy::read_n(&mut s, 7), b"+PONG\r\n");
 }
+
+fn server_calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info = redis.cli(&["INFO", "commandstats"]);
+    info.lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client that pipelines many commands and reads none of the replies
+/// gets a bounded number of them run for it (the bound counts commands, not
+/// reads: one read of 1,500 GETs used to send all 1,500 and hold every
+/// reply in the proxy's memory). The kernel's socket buffers on loopback take
+/// up to about 36 MB of replies (180 of these) before the proxy sees the
+/// client is not reading.
+#[test]
+fn unread_pipelined_replies_are_bounded_by_command() {
+    let (redis, proxy) = setup(&[("LIMITS__MAX_BUFFERED_BYTES", "4194304")]);
+    let mut c = Raw::connect(proxy.port);
+    let value = "v".repeat(200_000);
+    assert_eq!(c.call(&["SET", "big", &value]), "+OK\r\n");
+    let before = server_calls(&redis, "get");
+    let mut s = proxy.raw();
+    let one: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n";
+    s.write_all(&one.repeat(1500)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let ran = server_calls(&redis, "get") - before;
+    assert!(ran > 0);
+    assert!(
+        ran <= 1100,
+        "{ran} GETs run for a client that read none of their replies"
+    );
+    // Reading lets the rest run, in order, all of them.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let want = 1500 * (value.len() + 11);
+    while got < want {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got += n;
+    }
+    assert_eq!(got, want);
+}
+
+/// A MONITOR client that does not read is disconnected once what waits for
+/// it passes `limits.max_pubsub_queued_bytes`; the proxy and the other
+/// clients carry on.
+#[test]
+fn a_monitor_that_does_not_read_is_cut_off() {
+    let (_redis, proxy) = setup(&[("LIMITS__MAX_PUBSUB_QUEUED_BYTES", "1048576")]);
+    let mut monitor = proxy.raw();
+    monitor.write_all(b"MONITOR\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = Raw::connect(proxy.port);
+    let value = "m".repeat(1000);
+    let mut s = proxy.raw();
+    let cmd = redis_entra_proxy::resp::command(&[b"SET", b"mk", value.as_bytes()]);
+    for _ in 0..40 {
+        s.write_all(&cmd.repeat(500)).unwrap();
+        common::proxy::read_n(&mut s, 5 * 500);
+    }
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+    // The monitor's connection was closed: reading drains what the kernel
+    // holds, then ends.
+    monitor
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match monitor.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("monitor still open after {total} bytes: {e}"),
+        }
+    }
+    assert!(total < 20_000_000, "{total}");
+    assert!(proxy.log_text().contains("limits.max_pubsub_queued_bytes"));
+}

@@ -46,6 +46,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_buffered_bytes: usize,
+    /// `limits.max_pubsub_queued_bytes`: also the cap on push frames
+    /// (MONITOR lines, invalidations) waiting for a pinned client.
+    pub max_push_bytes: usize,
     pub password: Option<Secret>,
     pub next_id: AtomicU64,
 }
@@ -166,6 +169,8 @@ where
             waits: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
+            max_push: ctx.max_push_bytes,
+            owed_replies: 0,
             push: None,
             hub: None,
             inbox: BytesMut::new(),
@@ -257,6 +262,16 @@ where
         let mut batch_len = 0usize;
         let mut batch_count = 0usize;
         loop {
+            if !session.client.may_send(batch_count + 1) {
+                // The client is not taking its replies: send nothing more for
+                // it until it does (bounded by command, not by read).
+                session
+                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                    .await;
+                if !session.backpressure().await {
+                    break 'read;
+                }
+            }
             let cmd = match scanner.scan(&buf[batch_len..]) {
                 Ok(Some(cmd)) => cmd,
                 Ok(None) => break,
@@ -389,6 +404,10 @@ struct Client {
     waits: usize,
     out: WriteQueue,
     max_out: usize,
+    /// Written push frames may wait up to this many bytes (MONITOR, tracking).
+    max_push: usize,
+    /// Replies owed to commands sent upstream (a batch counts each command).
+    owed_replies: usize,
     /// Push frames (invalidations, MONITOR lines) from the pinned connection.
     push: Option<mpsc::UnboundedReceiver<Bytes>>,
     /// What the hub queues for this client; made with its [`Link`].
@@ -472,9 +491,17 @@ impl HubFeed {
 }
 
 impl Client {
-    /// Read more commands only while the client is taking its replies.
+    /// Take more commands only while the client is taking its replies: fewer
+    /// than [`MAX_OWED`] owed (counted by command, with `more` about to be
+    /// sent) and less than `limits.max_buffered_bytes` waiting to be written.
+    fn may_send(&self, more: usize) -> bool {
+        self.owed_replies + more < MAX_OWED
+            && self.owed.len() < MAX_OWED
+            && self.out.queued_bytes() < self.max_out
+    }
+
     fn may_read(&self) -> bool {
-        self.owed.len() < MAX_OWED && self.out.queued_bytes() < self.max_out
+        self.may_send(0)
     }
 
     /// Queue the replies that have arrived, in command order, each pub/sub
@@ -546,6 +573,7 @@ impl Client {
                         Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
                         Poll::Pending => break,
                     };
+                    self.owed_replies -= *count;
                     if *silent {
                         self.waits -= 1;
                         self.owed.pop_front();
@@ -580,6 +608,18 @@ impl Client {
                 Poll::Ready(Some(p)) => {
                     self.metrics.bytes_out.inc_by(p.len() as u64);
                     self.out.push(p);
+                    if self.out.queued_bytes() > self.max_push {
+                        // MONITOR (or tracking) output the client does not
+                        // read: cut it off, as Redis's output buffer limit does.
+                        warn!(
+                            limit = self.max_push,
+                            "closing a client that does not read its MONITOR or tracking output (limits.max_pubsub_queued_bytes)"
+                        );
+                        self.metrics.error(ErrorKind::Limit);
+                        self.killed = true;
+                        self.gone = true;
+                        return false;
+                    }
                 }
                 Poll::Ready(None) => self.push = None,
                 Poll::Pending => break,
@@ -631,6 +671,22 @@ impl Session {
         // several KB, and inline it would be copied into every client's task
         // at accept (-k 0 clients pay that per command).
         Box::pin(self.handle(class, frame, &all_args, since)).await
+    }
+
+    /// Write replies until the client may send more; false if it is gone.
+    async fn backpressure(&mut self) -> bool {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            client.poll_out(cx);
+            if client.gone {
+                Poll::Ready(false)
+            } else if client.may_send(1) {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Bytes the client sent while a blocking command waited go behind those
@@ -816,6 +872,7 @@ impl Session {
             since,
             silent: self.silent,
         });
+        self.client.owed_replies += replies;
         self.client.waits += 1;
     }
 

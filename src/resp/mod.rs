@@ -14,9 +14,19 @@ use redis_protocol::resp3::types::BytesFrame as Frame3;
 
 /// Make room for the next socket read. Bytes handed out with `split_to` still
 /// share the old allocation, so without this a drained buffer would grow again
-/// by a few dozen bytes at a time and reads would shrink to match.
+/// by a few dozen bytes at a time and reads would shrink to match. A buffer
+/// that grew for one large frame is let go once drained, so that a single
+/// big reply or command does not hold its size for the connection's life.
 pub fn reserve_for_read(buf: &mut BytesMut) {
     const READ_CHUNK: usize = 64 * 1024;
+    const KEEP_AT_MOST: usize = 4 * READ_CHUNK;
+    if buf.capacity() > KEEP_AT_MOST && buf.len() < READ_CHUNK {
+        // Copy what is left (less than a read) into a fresh buffer; the old
+        // allocation goes once the frames split from it are dropped.
+        let mut fresh = BytesMut::with_capacity(READ_CHUNK);
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
@@ -258,6 +268,21 @@ pub fn splice_array(array: &[u8], inserts: &[(usize, Bytes)]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: one large pipelined read left each upstream connection
+    /// with a read buffer of its size (about 256 MB seen) for life.
+    #[test]
+    fn a_read_buffer_shrinks_back_after_a_large_frame() {
+        let mut buf = BytesMut::new();
+        reserve_for_read(&mut buf);
+        buf.extend_from_slice(&vec![b'x'; 32 << 20]);
+        reserve_for_read(&mut buf);
+        let frame = buf.split_to(buf.len() - 10);
+        drop(frame);
+        reserve_for_read(&mut buf);
+        assert!(buf.capacity() <= 256 * 1024, "{}", buf.capacity());
+        assert_eq!(&buf[..], b"xxxxxxxxxx");
+    }
 
     #[test]
     fn splice_exec_arrays() {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod downstream;
 pub mod metrics;
 pub mod resp;
+pub mod route;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

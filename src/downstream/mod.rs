@@ -1,6 +1,7 @@
 //! The client side: listeners (TCP, optional Unix socket) and one
 //! [`session`] per client connection.
 
+mod replies;
 pub mod session;
 
 use crate::metrics::Metrics;

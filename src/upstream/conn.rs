@@ -15,7 +15,7 @@
 //! and never inside MULTI) and consumes the reply; a failed re-AUTH retires the
 //! connection. Idle connections send PING so Azure does not close them.
 
-use super::tls::{Authed, Stream};
+use super::tls::Authed;
 use super::UpstreamError;
 use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -112,7 +113,43 @@ pub async fn run(
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
-    let task = Box::pin(run_inner(conn, rx, opts, push, pending, expiry_out));
+    let Authed {
+        stream,
+        generation,
+        expires_at,
+        leftover,
+        ..
+    } = conn;
+    let link = Link {
+        stream,
+        generation,
+        expires_at,
+        leftover,
+    };
+    run_on(link, rx, opts, push, pending, expiry_out).await
+}
+
+/// An authenticated byte stream to the server, whatever carries it: TLS to
+/// Azure, or an in-memory pipe to a scripted server in tests.
+pub struct Link<S> {
+    pub stream: S,
+    /// Credential generation it authenticated with.
+    pub generation: u64,
+    pub expires_at: Option<SystemTime>,
+    /// Bytes read past the handshake reply.
+    pub leftover: BytesMut,
+}
+
+/// [`run`] over any stream.
+pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+) -> Result<(), UpstreamError> {
+    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out));
     catch_panic(task).await.unwrap_or_else(|msg| {
         tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
         Err(UpstreamError::Protocol(format!(
@@ -136,21 +173,20 @@ pub fn catch_panic<F: Future + Unpin>(mut f: F) -> impl Future<Output = Result<F
     })
 }
 
-async fn run_inner(
-    conn: Authed,
+async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
+    link: Link<S>,
     rx: &mut mpsc::Receiver<Request>,
     opts: &ConnOpts,
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
-    let Authed {
+    let Link {
         stream,
         generation,
         expires_at,
         leftover,
-        ..
-    } = conn;
+    } = link;
     let mut tokens = opts.tokens.clone();
     tokens.mark_unchanged();
     let now = Instant::now();
@@ -261,8 +297,8 @@ impl Wake for WatchWaker {
 }
 
 /// One connection's state, driven by [`Conn::poll`].
-struct Conn<'a> {
-    stream: Stream,
+struct Conn<'a, S> {
+    stream: S,
     rbuf: BytesMut,
     scanner: ReplyScanner,
     /// Replies gathered for the head of `inflight` so far (bytes at the front of `rbuf`).
@@ -297,7 +333,7 @@ struct Conn<'a> {
     armed: Option<Instant>,
 }
 
-impl Conn<'_> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     fn publish_expiry(&self) {
         if let Some(out) = self.expiry_out {
             out.store(unix_secs(self.expires_at), Ordering::Release);
@@ -867,21 +903,4 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_panicking_task_becomes_an_error() {
-        let n = std::hint::black_box(1);
-        let got = catch_panic(Box::pin(async move {
-            if n == 1 {
-                panic!("boom at {n}");
-            }
-            7
-        }))
-        .await;
-        assert_eq!(got, Err("boom at 1".to_string()));
-        let ok = catch_panic(Box::pin(async { 7 })).await;
-        assert_eq!(ok, Ok(7));
-    }
-}
+mod tests;

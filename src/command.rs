@@ -32,6 +32,7 @@ pub enum Local {
 pub mod refusal {
     pub const REPLICATION: &str = "replication commands (SYNC, PSYNC, REPLCONF) are not supported through redis-entra-proxy: they would turn a shared upstream connection into a replica";
     pub const SCRIPT_DEBUG: &str = "SCRIPT DEBUG is not supported through redis-entra-proxy: it would put a shared upstream connection into the Lua debugger";
+    pub const UNPLACED: &str = "the proxy cannot place this command: the server flags it 'pubsub' (it would change a shared connection's mode) and redis-entra-proxy's routing table does not know it";
     pub const WAIT: &str = "WAIT and WAITAOF are not supported through redis-entra-proxy: the proxy multiplexes clients' writes over shared upstream connections, so the server cannot tell which writes are this client's";
 }
 
@@ -196,7 +197,15 @@ pub struct Learned {
     /// Blocking commands that [`classify`] would otherwise send to a shared
     /// connection, where they would hold up every other client on it.
     pub blocking: Vec<Vec<u8>>,
+    /// Commands the server flags `pubsub` that the table does not know:
+    /// on a shared connection they could put it in subscribed mode, so they
+    /// are refused rather than guessed at.
+    pub unplaced: Vec<Vec<u8>>,
 }
+
+/// Commands the server flags `pubsub` that are plain requests with one reply
+/// (the subscription commands themselves are in [`TABLE`]).
+const STATELESS_PUBSUB: &[&str] = &["PUBLISH", "SPUBLISH", "PUBSUB"];
 
 impl Learned {
     /// Learn from `COMMAND`'s reply: one array per command, name first and its
@@ -225,12 +234,22 @@ impl Learned {
                 Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
                 _ => Vec::new(),
             };
-            let blocking = flags.iter().any(|f| f.eq_ignore_ascii_case(b"blocking"));
-            if blocking && !listed(&name) {
+            let flagged = |flag: &[u8]| flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
+            let known = listed(&name)
+                || STATELESS_PUBSUB
+                    .iter()
+                    .any(|n| n.as_bytes().eq_ignore_ascii_case(&name));
+            if known {
+                continue;
+            }
+            if flagged(b"pubsub") {
+                learned.unplaced.push(name.to_ascii_lowercase());
+            } else if flagged(b"blocking") {
                 learned.blocking.push(name.to_ascii_lowercase());
             }
         }
         learned.blocking.sort();
+        learned.unplaced.sort();
         Some(learned)
     }
 
@@ -238,6 +257,8 @@ impl Learned {
     pub fn refine(&self, name: &[u8]) -> Class {
         if self.blocking.iter().any(|b| b.eq_ignore_ascii_case(name)) {
             Class::Pin(Pin::Blocking)
+        } else if self.unplaced.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+            Class::Refuse(refusal::UNPLACED)
         } else {
             Class::Shared
         }
@@ -261,6 +282,13 @@ mod tests {
         assert_eq!(l.blocking, vec![b"mymod.bwait".to_vec()]);
         assert_eq!(l.refine(b"MYMOD.BWAIT"), Class::Pin(Pin::Blocking));
         assert_eq!(l.refine(b"GET"), Class::Shared);
+        // A module command that could change a connection's mode: refused.
+        let pubsub = b"*2\r\n*3\r\n$7\r\nx.psub2\r\n:-2\r\n*2\r\n+pubsub\r\n+noscript\r\n\
+            *3\r\n$7\r\npublish\r\n:3\r\n*2\r\n+pubsub\r\n+fast\r\n";
+        let l = Learned::from_command_reply(pubsub).expect("parses");
+        assert_eq!(l.unplaced, vec![b"x.psub2".to_vec()]);
+        assert_eq!(l.refine(b"X.PSUB2"), Class::Refuse(refusal::UNPLACED));
+        assert_eq!(l.refine(b"PUBLISH"), Class::Shared);
         let resp3 = b"*1\r\n*3\r\n$6\r\nx.wait\r\n:-2\r\n~1\r\n+blocking\r\n";
         let l = Learned::from_command_reply(resp3).expect("parses");
         assert_eq!(l.blocking, vec![b"x.wait".to_vec()]);

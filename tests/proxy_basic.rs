@@ -375,4 +375,6 @@ fn the_routing_table_pins_every_blocking_command_of_a_real_redis() {
         .unwrap_or_else(|| panic!("no count in {line}"));
     assert!(known > 200, "{line}");
     assert!(line.contains("blocking_not_in_table=[]"), "{line}");
+    // Every pub/sub command of a real Redis is placed by the table.
+    assert!(line.contains("refused_unplaced=[]"), "{line}");
 }

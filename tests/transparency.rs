@@ -403,3 +403,43 @@ fn a_monitor_that_does_not_read_is_cut_off() {
     assert!(total < 20_000_000, "{total}");
     assert!(proxy.log_text().contains("limits.max_pubsub_queued_bytes"));
 }
+
+/// RESP2 client-side caching (how Jedis, Lettuce and redis-py do it without
+/// RESP3): one connection subscribes to `__redis__:invalidate`, another
+/// redirects its tracking there by the first one's CLIENT ID. Through the
+/// proxy the redirect names the hub's connection, and the invalidations
+/// reach the subscriber.
+#[test]
+fn client_tracking_redirect_for_resp2_caching() {
+    let (redis, proxy) = setup(&[]);
+    let mut inval = Raw::connect(proxy.port);
+    let id = inval.call(&["CLIENT", "ID"]);
+    let id = id.trim_start_matches(':').trim_end();
+    assert_eq!(
+        inval.call(&["SUBSCRIBE", "__redis__:invalidate"]),
+        "*3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n"
+    );
+    let mut cached = Raw::connect(proxy.port);
+    assert_eq!(
+        cached.call(&["CLIENT", "TRACKING", "on", "REDIRECT", id]),
+        "+OK\r\n"
+    );
+    assert_eq!(cached.call(&["SET", "tk", "1"]), "+OK\r\n");
+    assert_eq!(cached.call(&["GET", "tk"]), "$1\r\n1\r\n");
+    let mut writer = Raw::connect(proxy.port);
+    assert_eq!(writer.call(&["SET", "tk", "2"]), "+OK\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&inval.read()),
+        "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$2\r\ntk\r\n"
+    );
+    // The tracking connection itself gets no stray frame.
+    assert_eq!(cached.call(&["PING"]), "+PONG\r\n");
+    // The hub's connection goes: the redirect is broken, so the tracking
+    // client is closed (it reconnects and tracks again) rather than left
+    // caching without invalidations.
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.trim() != "0", "{killed}");
+    let mut rest = Vec::new();
+    let _ = cached.s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}

@@ -98,6 +98,9 @@ struct State {
     reply_mode: ReplyMode,
     /// The transaction the client believes it is in (see [`Tx`]).
     tx: Tx,
+    /// Its tracking is redirected to the hub's connection: cancelled when
+    /// that connection goes (and the redirect with it).
+    redirect_lost: Option<CancellationToken>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -181,6 +184,7 @@ where
             last_target: Target::Shared,
             reply_mode: ReplyMode::On,
             tx: Tx::default(),
+            redirect_lost: None,
         },
         silent: false,
         peer,
@@ -193,11 +197,23 @@ where
     let mut drained = pin!(drain.cancelled_owned());
     let mut drain_registered = false;
     'read: loop {
-        let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
+        // The connections holding the client's state: its pinned one, and
+        // the hub's when its tracking is redirected there.
+        let held = [
+            session.st.pinned.as_ref().map(|p| p.lost.clone()),
+            session.st.redirect_lost.clone(),
+        ];
         let mut lost = pin!(async move {
-            match lost {
-                Some(l) => l.cancelled_owned().await,
-                None => std::future::pending().await,
+            let [a, b] = held;
+            let gone = |t: Option<CancellationToken>| async move {
+                match t {
+                    Some(l) => l.cancelled_owned().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = gone(a) => {}
+                _ = gone(b) => {}
             }
         });
         // Write what has arrived; read when the client may send more.
@@ -759,6 +775,10 @@ impl Session {
             Pin::ClientMode | Pin::Monitor | Pin::Cluster => self.st.sticky = true,
             _ => {}
         }
+        let frame = match pin {
+            Pin::ClientMode => self.tracking_redirect(frame, args),
+            _ => frame,
+        };
         self.ctx.metrics.command(Route::Pinned);
         if pin == Pin::Blocking && !self.st.in_multi {
             self.blocking(name, frame, args).await;
@@ -766,6 +786,39 @@ impl Session {
             self.forward_pinned(frame, 1, since).await;
         }
         true
+    }
+
+    /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy (the
+    /// one subscribed to `__redis__:invalidate`); upstream it must name the
+    /// hub's connection, which carries that subscription and fans the
+    /// invalidations out to its local subscribers. Other frames pass as they
+    /// are.
+    fn tracking_redirect(&mut self, frame: Bytes, args: &[Bytes]) -> Bytes {
+        let is_tracking = args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"));
+        let Some(at) = args
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(b"REDIRECT"))
+            .filter(|_| is_tracking)
+            .map(|i| i + 1)
+            .filter(|i| *i < args.len())
+        else {
+            return frame;
+        };
+        let Some((hub_id, gone)) = self.ctx.hub.redirect_target() else {
+            // No local client subscribes to anything: the server answers
+            // that the client to redirect to does not exist, as it would.
+            return frame;
+        };
+        self.st.redirect_lost = Some(gone);
+        let id = hub_id.to_string();
+        let refs: Vec<&[u8]> = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if i == at { id.as_bytes() } else { &a[..] })
+            .collect();
+        resp::command(&refs)
     }
 
     async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {

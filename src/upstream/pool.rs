@@ -301,7 +301,7 @@ impl Pool {
     /// server's command table says (blocking module commands are pinned).
     pub fn refine(&self, name: &[u8]) -> crate::command::Class {
         match self.connector.learned() {
-            Some(l) if !l.blocking.is_empty() => l.refine(name),
+            Some(l) if !l.blocking.is_empty() || !l.unplaced.is_empty() => l.refine(name),
             _ => crate::command::Class::Shared,
         }
     }

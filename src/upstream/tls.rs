@@ -289,6 +289,7 @@ impl Connector {
                 tracing::info!(
                     commands = l.known,
                     blocking_not_in_table = ?l.blocking.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
+                    refused_unplaced = ?l.unplaced.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
                     "learned the server's command table"
                 );
                 l

@@ -51,6 +51,7 @@ impl Session {
                 self.st.sticky = false;
                 self.st.tx = Tx::default();
                 self.st.reply_mode = ReplyMode::On;
+                self.st.redirect_lost = None;
                 self.st.db = 0;
                 self.st.name = None;
                 if self.st.proto != Proto::Resp2 {

@@ -19,6 +19,11 @@ pub enum Local {
     ClientSetInfo,
     ClientId,
     ClientInfo,
+    /// CLIENT LIST / KILL / UNBLOCK: on the proxy's own clients (see
+    /// `downstream::clients`), never on the upstream connections.
+    ClientList,
+    ClientKill,
+    ClientUnblock,
     /// CLIENT REPLY ON|OFF|SKIP: the proxy drops the replies itself, so the
     /// upstream connection's reply matching never changes.
     ClientReply,
@@ -118,6 +123,9 @@ pub const CLIENT_TABLE: &[(&str, Class)] = &[
     ("SETINFO", Class::Local(Local::ClientSetInfo)),
     ("ID", Class::Local(Local::ClientId)),
     ("INFO", Class::Local(Local::ClientInfo)),
+    ("LIST", Class::Local(Local::ClientList)),
+    ("KILL", Class::Local(Local::ClientKill)),
+    ("UNBLOCK", Class::Local(Local::ClientUnblock)),
     ("TRACKING", Class::Pin(Pin::ClientMode)),
     ("CACHING", Class::Pin(Pin::ClientMode)),
     ("REPLY", Class::Local(Local::ClientReply)),
@@ -321,7 +329,7 @@ mod tests {
     #[test]
     fn argument_dependent_cases() {
         assert_eq!(classify(&[b"GET", b"k"]), Class::Shared);
-        assert_eq!(classify(&[b"CLIENT", b"LIST"]), Class::Shared);
+        assert_eq!(classify(&[b"CLIENT", b"PAUSE", b"10"]), Class::Shared);
         assert_eq!(classify(&[b"CLIENT"]), Class::Shared);
         assert_eq!(
             classify(&[b"XREAD", b"COUNT", b"1", b"BLOCK", b"0", b"STREAMS", b"s", b"$"]),

@@ -96,9 +96,13 @@ pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {
                 | Local::ClientGetName
                 | Local::ClientSetInfo
                 | Local::ClientId
-                | Local::ClientInfo),
+                | Local::ClientInfo
+                | Local::ClientList
+                | Local::ClientKill),
             ) => return Action::QueueLocal(local),
-            Class::Local(Local::ClientReply | Local::Hello) => return Action::RefuseInMulti(None),
+            Class::Local(Local::ClientReply | Local::Hello | Local::ClientUnblock) => {
+                return Action::RefuseInMulti(None)
+            }
             Class::Refuse(why) => return Action::RefuseInMulti(Some(why)),
             _ => {}
         }
@@ -149,6 +153,14 @@ mod tests {
             go(c, &[b"CLIENT", b"REPLY", b"OFF"]),
             Action::Local(Local::ClientReply)
         );
+        for (sub, local) in [
+            (&b"LIST"[..], Local::ClientList),
+            (b"KILL", Local::ClientKill),
+            (b"UNBLOCK", Local::ClientUnblock),
+            (b"INFO", Local::ClientInfo),
+        ] {
+            assert_eq!(go(c, &[b"CLIENT", sub]), Action::Local(local));
+        }
     }
 
     #[test]
@@ -214,6 +226,14 @@ mod tests {
             Action::RefuseInMulti(None)
         );
         assert_eq!(go(c, &[b"HELLO", b"3"]), Action::RefuseInMulti(None));
+        assert_eq!(
+            go(c, &[b"CLIENT", b"LIST"]),
+            Action::QueueLocal(Local::ClientList)
+        );
+        assert_eq!(
+            go(c, &[b"CLIENT", b"UNBLOCK", b"7"]),
+            Action::RefuseInMulti(None)
+        );
         // EXEC, DISCARD, QUIT and RESET act at once.
         assert_eq!(go(c, &[b"EXEC"]), Action::Local(Local::TxEnd));
         assert_eq!(go(c, &[b"DISCARD"]), Action::Local(Local::TxEnd));

@@ -143,6 +143,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         max_push_bytes: cfg.limits.max_pubsub_queued_bytes,
         password: cfg.listen.password.clone(),
         next_id: AtomicU64::new(1),
+        clients: Default::default(),
+        laddr: cfg.listen.address.as_str().into(),
     });
     let admission = Arc::new(Admission::new(cfg.listen.max_clients));
     let tracker = TaskTracker::new();

@@ -443,3 +443,52 @@ fn client_tracking_redirect_for_resp2_caching() {
     let _ = cached.s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
+
+/// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
+/// on Redis's, and never on the upstream connections other clients share (a
+/// forwarded `CLIENT KILL TYPE normal` closed every shared connection).
+#[test]
+fn client_list_kill_and_unblock_see_the_proxys_clients() {
+    let (_redis, proxy) = setup(&[]);
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["CLIENT", "SETNAME", "alpha"]), "+OK\r\n");
+    let b_id = b.call(&["CLIENT", "ID"]);
+    let b_id = b_id.trim_start_matches(':').trim_end().to_string();
+    let list = a.call(&["CLIENT", "LIST"]);
+    assert!(list.contains(" name=alpha "), "{list}");
+    assert!(list.contains(&format!("id={b_id} ")), "{list}");
+    assert_eq!(
+        list.lines().filter(|l| l.starts_with("id=")).count(),
+        2,
+        "{list}"
+    );
+    // Another client's command keeps running while clients are killed.
+    let mut c = Raw::connect(proxy.port);
+    c.send(&["BLPOP", "ulist", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = a.call(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+    assert_eq!(killed, ":2\r\n");
+    let mut rest = Vec::new();
+    let _ = b.s.read_to_end(&mut rest);
+    // The killer carries on, on the same shared connections.
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    assert_eq!(a.call(&["CLIENT", "KILL", "ID", &b_id]), ":0\r\n");
+    // CLIENT UNBLOCK of a blocked client of the proxy: its own nil, at once.
+    let mut d = Raw::connect(proxy.port);
+    let d_id = d.call(&["CLIENT", "ID"]);
+    let d_id = d_id.trim_start_matches(':').trim_end().to_string();
+    d.send(&["BLPOP", "unblockme", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let list = a.call(&["CLIENT", "LIST", "ID", &d_id]);
+    assert!(list.contains(" flags=b "), "{list}");
+    assert_eq!(a.call(&["CLIENT", "UNBLOCK", &d_id]), ":1\r\n");
+    assert_eq!(String::from_utf8_lossy(&d.read()), "*-1\r\n");
+    assert_eq!(d.call(&["PING"]), "+PONG\r\n");
+    d.send(&["BLPOP", "unblockme", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.call(&["CLIENT", "UNBLOCK", &d_id, "ERROR"]), ":1\r\n");
+    let err = String::from_utf8_lossy(&d.read()).into_owned();
+    assert!(err.starts_with("-UNBLOCKED"), "{err}");
+    assert_eq!(a.call(&["CLIENT", "UNBLOCK", &d_id]), ":0\r\n");
+}

@@ -1,6 +1,7 @@
 //! The client side: listeners (TCP, optional Unix socket) and one
 //! [`session`] per client connection.
 
+pub mod clients;
 mod replies;
 pub mod session;
 

@@ -64,6 +64,10 @@ pub struct Context {
     pub max_push_bytes: usize,
     pub password: Option<Secret>,
     pub next_id: AtomicU64,
+    /// The proxy's clients, for CLIENT LIST / KILL / UNBLOCK.
+    pub clients: Arc<super::clients::Clients>,
+    /// The client listener's address (`laddr` in CLIENT LIST).
+    pub laddr: Arc<str>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -148,6 +152,14 @@ pub async fn run<S>(stream: S, peer: Peer, ctx: Arc<Context>, drain: Cancellatio
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    // CLIENT KILL ends the session as a drain does (its own token, also
+    // cancelled by the drain).
+    let kill = drain.child_token();
+    let reg = ctx
+        .clients
+        .register(id, peer, ctx.laddr.clone(), kill.clone());
+    let drain = kill.clone();
     let mut session = Session {
         ctx: ctx.clone(),
         client: Client {
@@ -167,7 +179,7 @@ where
         },
         push_tx: None,
         st: State {
-            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             proto: Proto::Resp2,
             authed: ctx.password.is_none(),
             name: None,
@@ -188,6 +200,8 @@ where
         },
         silent: false,
         peer,
+        reg,
+        kill,
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
@@ -394,6 +408,10 @@ struct Session {
     /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
     silent: bool,
     peer: Peer,
+    /// This client in the proxy's client table.
+    reg: super::clients::Registration,
+    /// Cancelled by CLIENT KILL (or the drain).
+    kill: CancellationToken,
 }
 
 impl Session {
@@ -426,6 +444,20 @@ impl Session {
         // several KB, and inline it would be copied into every client's task
         // at accept (-k 0 clients pay that per command).
         Box::pin(self.handle(class, frame, &all_args, since)).await
+    }
+
+    /// What CLIENT LIST shows of this client, after a command that may have
+    /// changed it (not after plain reads and writes).
+    fn publish(&self) {
+        let st = &self.st;
+        self.reg.entry.update(|s| {
+            s.name = st.name.clone();
+            s.db = st.db;
+            s.resp = if st.proto == Proto::Resp3 { 3 } else { 2 };
+            s.multi = st.in_multi;
+            s.subs = st.subs;
+            s.shard_subs = st.shard_subs;
+        });
     }
 
     /// Write replies until the client may send more; false if it is gone.
@@ -654,6 +686,9 @@ impl Session {
         };
         let keep = self.handle_command(action, &name, frame, args, since).await;
         self.silent = false;
+        if !matches!(action, Action::Shared | Action::Pinned) {
+            self.publish();
+        }
         keep && !self.client.gone
     }
 

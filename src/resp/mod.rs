@@ -88,6 +88,21 @@ pub fn integer(i: i64) -> Bytes {
     encode2(&Frame2::Integer(i))
 }
 
+/// Text as Redis sends CLIENT LIST and INFO: a bulk string in RESP2, a
+/// verbatim string (`=`, format `txt`) in RESP3.
+pub fn verbatim(proto: Proto, text: &[u8]) -> Bytes {
+    match proto {
+        Proto::Resp2 => bulk(text),
+        Proto::Resp3 => {
+            let mut b = BytesMut::with_capacity(text.len() + 16);
+            b.extend_from_slice(format!("={}\r\ntxt:", text.len() + 4).as_bytes());
+            b.extend_from_slice(text);
+            b.extend_from_slice(b"\r\n");
+            b.freeze()
+        }
+    }
+}
+
 /// A null reply in the client's protocol.
 pub fn null(proto: Proto) -> Bytes {
     match proto {

@@ -167,6 +167,10 @@ impl Pool {
             Some(c) => c,
             None => self.connector.connect(proto).await?,
         };
+        let upstream_id = conn.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
+            _ => None,
+        });
         let (tx, mut rx) = mpsc::channel::<Request>(1024);
         let mut opts = self.opts.clone();
         opts.kind = "pinned";
@@ -220,6 +224,7 @@ impl Pool {
             expiry,
             lost,
             abort,
+            upstream_id,
         })
     }
 
@@ -354,4 +359,6 @@ pub struct Pinned {
     /// Cancel to close the connection at once, with whatever is in flight
     /// (a blocked wait whose client left).
     pub abort: CancellationToken,
+    /// The server's id for this connection (what `CLIENT UNBLOCK` names).
+    pub upstream_id: Option<u64>,
 }

@@ -28,6 +28,10 @@ impl Session {
             return;
         };
         self.settle(false).await;
+        // Shown as blocked (CLIENT LIST flag b) and reachable by CLIENT
+        // UNBLOCK while it waits.
+        let upstream_id = self.st.pinned.as_ref().and_then(|p| p.upstream_id);
+        self.reg.entry.update(|s| s.blocked_on = upstream_id);
         let start = Instant::now();
         let forever = client_timeout.is_zero();
         let chunk = self.ctx.pool.max_block();
@@ -94,7 +98,14 @@ impl Session {
             };
             let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
             let client_done = !forever && start.elapsed() >= client_timeout;
-            if !(timed_out && capped && !client_done) {
+            // Unblocked by CLIENT UNBLOCK: the answer is final.
+            let unblocked = self
+                .reg
+                .entry
+                .unblock
+                .swap(crate::downstream::clients::UNBLOCK_NONE, Ordering::AcqRel)
+                != crate::downstream::clients::UNBLOCK_NONE;
+            if unblocked || !(timed_out && capped && !client_done) {
                 break reply;
             }
             debug!(
@@ -102,6 +113,7 @@ impl Session {
                 "blocking command capped at the token deadline; re-issuing"
             );
         };
+        self.reg.entry.update(|s| s.blocked_on = None);
         self.reply(reply).await;
     }
 
@@ -116,11 +128,16 @@ impl Session {
     ) -> Result<Bytes, UpstreamError> {
         const INBOX_MAX: usize = 64 * 1024;
         let client = &mut self.client;
+        // CLIENT KILL of this client ends the wait as its leaving does.
+        let mut killed = std::pin::pin!(self.kill.clone().cancelled_owned());
         let res = poll_fn(|cx| loop {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
                 return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
             }
             client.poll_out(cx);
+            if killed.as_mut().poll(cx).is_ready() {
+                client.gone = true;
+            }
             if client.gone {
                 return Poll::Ready(Err(UpstreamError::Lost {
                     reason: "client gone".into(),

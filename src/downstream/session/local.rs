@@ -6,6 +6,59 @@
 use super::*;
 
 impl Session {
+    /// CLIENT UNBLOCK <id> [TIMEOUT|ERROR]: for a client of the proxy blocked
+    /// on its pinned connection, the server is asked to unblock that
+    /// connection, and the client's session takes the result as final (no
+    /// re-issue). `:0` for a client that is not blocked.
+    async fn client_unblock(&mut self, args: &[Bytes], since: Instant) {
+        use super::super::clients::{UNBLOCK_ERROR, UNBLOCK_TIMEOUT};
+        if !(3..=4).contains(&args.len()) {
+            self.reply(resp::error(
+                "ERR wrong number of arguments for 'client|unblock' command",
+            ))
+            .await;
+            return;
+        }
+        let mode = args.get(3).map(|m| m.to_ascii_uppercase());
+        let (flag, word): (u8, &[u8]) = match mode.as_deref() {
+            None | Some(b"TIMEOUT") => (UNBLOCK_TIMEOUT, b"TIMEOUT"),
+            Some(b"ERROR") => (UNBLOCK_ERROR, b"ERROR"),
+            Some(_) => {
+                self.reply(resp::error(
+                    "ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR",
+                ))
+                .await;
+                return;
+            }
+        };
+        let Some(id) = std::str::from_utf8(&args[2])
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            self.reply(resp::error("ERR value is not an integer or out of range"))
+                .await;
+            return;
+        };
+        let target = self.ctx.clients.get(id).and_then(|e| {
+            let up = e.shown.lock().expect("not poisoned").blocked_on?;
+            Some((e, up))
+        });
+        let Some((entry, upstream)) = target else {
+            self.reply(resp::integer(0)).await;
+            return;
+        };
+        entry
+            .unblock
+            .store(flag, std::sync::atomic::Ordering::Release);
+        let up = upstream.to_string();
+        let frame = resp::command(&[b"CLIENT", b"UNBLOCK", up.as_bytes(), word]);
+        self.switch_to(Target::Shared).await;
+        self.ctx.metrics.command(Route::Shared);
+        let handle = self.shared_handle();
+        self.send_upstream(&handle.tx, frame, 1, 1, false, since)
+            .await;
+    }
+
     pub(super) async fn local(
         &mut self,
         local: Local,
@@ -20,10 +73,18 @@ impl Session {
             | Local::ClientGetName
             | Local::ClientSetInfo
             | Local::ClientId
-            | Local::ClientInfo => {
+            | Local::ClientInfo
+            | Local::ClientList
+            | Local::ClientKill => {
                 let reply = self.local_reply(local, args);
                 self.reply(reply).await;
+                if self.kill.is_cancelled() {
+                    // CLIENT KILL ... SKIPME no: this client too, once its
+                    // reply is written.
+                    return false;
+                }
             }
+            Local::ClientUnblock => self.client_unblock(args, since).await,
             Local::ClientReply => self.client_reply(args).await,
             Local::Hello => self.hello(args).await,
             Local::Quit => {
@@ -163,19 +224,36 @@ impl Session {
             Local::ClientSetInfo => wrong_args("client|setinfo"),
             Local::ClientId => resp::integer(self.st.id as i64),
             Local::ClientInfo => {
-                let info = format!(
-                    "id={} addr={} laddr= fd=0 name={} db={} resp={} lib-name= lib-ver=\n",
-                    self.st.id,
-                    self.peer,
-                    self.st
-                        .name
-                        .as_ref()
-                        .map(|n| String::from_utf8_lossy(n).into_owned())
-                        .unwrap_or_default(),
-                    self.st.db,
-                    if self.st.proto == Proto::Resp3 { 3 } else { 2 },
-                );
-                resp::bulk(info.as_bytes())
+                self.publish();
+                let line = self.reg.entry.line() + "\n";
+                resp::verbatim(self.st.proto, line.as_bytes())
+            }
+            Local::ClientList => {
+                self.publish();
+                let refs: Vec<&[u8]> = args.iter().skip(2).map(|a| &a[..]).collect();
+                match self.ctx.clients.list(&refs) {
+                    Ok(text) => resp::verbatim(self.st.proto, text.as_bytes()),
+                    Err(e) => resp::error(e),
+                }
+            }
+            Local::ClientKill => {
+                let refs: Vec<&[u8]> = args.iter().skip(2).map(|a| &a[..]).collect();
+                match super::super::clients::KillFilter::parse(&refs) {
+                    Ok(f) => {
+                        let n = self.ctx.clients.kill(&f, self.st.id);
+                        if refs.len() == 1 {
+                            // The old form: one address, OK or an error.
+                            if n > 0 {
+                                resp::ok()
+                            } else {
+                                resp::error("ERR No such client")
+                            }
+                        } else {
+                            resp::integer(n as i64)
+                        }
+                    }
+                    Err(e) => resp::error(e),
+                }
             }
             _ => resp::error("ERR internal: not a locally answered command"),
         }

@@ -51,6 +51,11 @@ pub enum Pin {
     ClientMode,
     Monitor,
     Cluster,
+    /// Must not wait behind what a shared connection is running: SCRIPT
+    /// KILL / FUNCTION KILL, sent while a script holds the server (and
+    /// perhaps the very shared connection that ran it). A connection of its
+    /// own for this command, let go right after.
+    Urgent,
 }
 
 /// Subscription commands: answered by the session with the pub/sub hub's
@@ -141,7 +146,7 @@ fn lookup(table: &[(&str, Class)], name: &[u8]) -> Option<Class> {
 }
 
 /// Commands whose class depends on their arguments ([`classify`] decides).
-const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP", "SCRIPT"];
+const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP", "SCRIPT", "FUNCTION"];
 
 /// Whether the routing table decides this command (by name or by arguments).
 pub fn listed(name: &[u8]) -> bool {
@@ -161,6 +166,10 @@ pub fn classify(args: &[&[u8]]) -> Class {
             .get(1)
             .and_then(|sub| lookup(CLIENT_TABLE, sub))
             .unwrap_or(Class::Shared);
+    }
+    let kill = args.get(1).is_some_and(|a| a.eq_ignore_ascii_case(b"KILL"));
+    if kill && (name.eq_ignore_ascii_case(b"SCRIPT") || name.eq_ignore_ascii_case(b"FUNCTION")) {
+        return Class::Pin(Pin::Urgent);
     }
     if name.eq_ignore_ascii_case(b"SCRIPT") {
         let debug = args
@@ -368,6 +377,9 @@ mod tests {
         );
         assert_eq!(classify(&[b"SCRIPT", b"DEBUG", b"NO"]), Class::Shared);
         assert_eq!(classify(&[b"SCRIPT", b"LOAD", b"return 1"]), Class::Shared);
+        assert_eq!(classify(&[b"script", b"kill"]), Class::Pin(Pin::Urgent));
+        assert_eq!(classify(&[b"FUNCTION", b"KILL"]), Class::Pin(Pin::Urgent));
+        assert_eq!(classify(&[b"FUNCTION", b"LIST"]), Class::Shared);
         for name in ["SYNC", "PSYNC", "REPLCONF", "WAIT", "WAITAOF"] {
             assert!(
                 matches!(classify(&[name.as_bytes()]), Class::Refuse(_)),

@@ -41,9 +41,11 @@ fn a_blocked_client_that_leaves_consumes_nothing() {
             // Past one re-issued piece.
             std::thread::sleep(Duration::from_millis(1500));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        wait_blocked(&redis, 1);
         drop(worker);
-        std::thread::sleep(Duration::from_millis(500));
+        // The server forgets the wait (its connection is closed) before
+        // anything is pushed; with the defect it never did.
+        wait_blocked(&redis, 0);
         let mut producer = Raw::connect(proxy.port);
         assert_eq!(producer.call(&["RPUSH", key, "job"]), ":1\r\n");
         // Past the next re-issue, had there been one.
@@ -73,9 +75,9 @@ fn a_blocked_client_that_leaves_consumes_nothing() {
         "s",
         ">",
     ]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_blocked(&redis, 1);
     drop(consumer);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_blocked(&redis, 0);
     let mut producer = Raw::connect(proxy.port);
     producer.call(&["XADD", "s", "*", "f", "v"]);
     std::thread::sleep(Duration::from_millis(1500));
@@ -84,6 +86,24 @@ fn a_blocked_client_that_leaves_consumes_nothing() {
         pending.starts_with("*4\r\n:0\r\n"),
         "a disconnected consumer took the entry: {pending}"
     );
+}
+
+/// Wait (up to 20 s) until the server has `n` blocked clients.
+fn wait_blocked(redis: &RedisServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = redis.cli(&["INFO", "clients"]);
+        if info.contains(&format!("blocked_clients:{n}\r"))
+            || info.contains(&format!("blocked_clients:{n}\n"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {n} blocked clients: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `XREAD STREAMS block 0` reads a stream named `block`: it does not block.
@@ -491,4 +511,29 @@ fn client_list_kill_and_unblock_see_the_proxys_clients() {
     let err = String::from_utf8_lossy(&d.read()).into_owned();
     assert!(err.starts_with("-UNBLOCKED"), "{err}");
     assert_eq!(a.call(&["CLIENT", "UNBLOCK", &d_id]), ":0\r\n");
+}
+
+/// SCRIPT KILL reaches the server while a script holds it, also when the
+/// script runs on the shared connection the killer's commands use (it used
+/// to wait behind the script until the reply timeout).
+#[test]
+fn script_kill_does_not_wait_behind_the_script() {
+    let (_redis, proxy) = setup(&[
+        ("UPSTREAM__POOL_SIZE", "1"),
+        ("UPSTREAM__REPLY_TIMEOUT", "4s"),
+    ]);
+    let mut admin = Raw::connect(proxy.port);
+    assert_eq!(
+        admin.call(&["CONFIG", "SET", "lua-time-limit", "10"]),
+        "+OK\r\n"
+    );
+    let mut runner = Raw::connect(proxy.port);
+    runner.send(&["EVAL", "while true do end", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut killer = Raw::connect(proxy.port);
+    assert_eq!(killer.call(&["SCRIPT", "KILL"]), "+OK\r\n");
+    let killed = String::from_utf8_lossy(&runner.read()).into_owned();
+    assert!(killed.contains("killed"), "{killed}");
+    assert_eq!(killer.call(&["PING"]), "+PONG\r\n");
+    assert_eq!(runner.call(&["PING"]), "+PONG\r\n");
 }

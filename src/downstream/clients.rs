@@ -44,8 +44,11 @@ pub struct Entry {
     pub addr: Peer,
     pub laddr: Arc<str>,
     pub since: Instant,
-    /// Cancelled by `CLIENT KILL`: the session closes.
+    /// Cancelled by `CLIENT KILL` only (a blocked wait ends on it, as it
+    /// does when the client leaves; a drain lets the wait finish).
     pub kill: CancellationToken,
+    /// The session's end: cancelled by `CLIENT KILL` and by the drain.
+    pub stop: CancellationToken,
     pub unblock: AtomicU8,
     pub shown: Mutex<Shown>,
 }
@@ -216,6 +219,7 @@ impl Clients {
         addr: Peer,
         laddr: Arc<str>,
         kill: CancellationToken,
+        stop: CancellationToken,
     ) -> Registration {
         let entry = Arc::new(Entry {
             id,
@@ -223,6 +227,7 @@ impl Clients {
             laddr,
             since: Instant::now(),
             kill,
+            stop,
             unblock: AtomicU8::new(UNBLOCK_NONE),
             shown: Mutex::new(Shown {
                 resp: 2,
@@ -305,6 +310,7 @@ impl Clients {
         for e in map.values() {
             if filter.matches(e, me) {
                 e.kill.cancel();
+                e.stop.cancel();
                 n += 1;
             }
         }
@@ -324,6 +330,7 @@ mod tests {
                     id,
                     Peer::Tcp(format!("127.0.0.1:{}", 5000 + id).parse().unwrap()),
                     "127.0.0.1:6379".into(),
+                    CancellationToken::new(),
                     CancellationToken::new(),
                 )
             })

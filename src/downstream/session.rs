@@ -153,13 +153,14 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-    // CLIENT KILL ends the session as a drain does (its own token, also
-    // cancelled by the drain).
-    let kill = drain.child_token();
+    // CLIENT KILL ends the session as a drain does (`stop`, also cancelled
+    // by the drain) and ends a blocked wait at once (`kill`, its own).
+    let kill = CancellationToken::new();
+    let stop = drain.child_token();
     let reg = ctx
         .clients
-        .register(id, peer, ctx.laddr.clone(), kill.clone());
-    let drain = kill.clone();
+        .register(id, peer, ctx.laddr.clone(), kill.clone(), stop.clone());
+    let drain = stop;
     let mut session = Session {
         ctx: ctx.clone(),
         client: Client {
@@ -410,7 +411,7 @@ struct Session {
     peer: Peer,
     /// This client in the proxy's client table.
     reg: super::clients::Registration,
-    /// Cancelled by CLIENT KILL (or the drain).
+    /// Cancelled by CLIENT KILL (not by the drain).
     kill: CancellationToken,
 }
 

@@ -75,13 +75,14 @@ extern "C" fn kill_all_at_exit() {
 /// SIGKILL as its parent-death signal (the parent being that thread, which
 /// ends only with the process).
 fn spawn_node(conf: PathBuf) -> u32 {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<(PathBuf, mpsc::Sender<u32>)>>> = OnceLock::new();
+    type SpawnRequest = (PathBuf, mpsc::Sender<u32>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
         // SAFETY: registering a plain extern "C" function.
         unsafe {
             libc::atexit(kill_all_at_exit);
         }
-        let (tx, rx) = mpsc::channel::<(PathBuf, mpsc::Sender<u32>)>();
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
             .name("cluster-spawner".into())
             .spawn(move || {

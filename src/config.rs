@@ -185,6 +185,17 @@ pub struct UpstreamConfig {
     pub pool_size: usize,
     pub warm_pinned: usize,
     pub max_pinned: usize,
+    /// Whether the upstream is a Redis Cluster (OSS cluster policy).
+    pub cluster: ClusterMode,
+}
+
+/// `upstream.cluster`: find out from the first connection, or say so.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -307,6 +318,7 @@ impl Default for UpstreamConfig {
             pool_size: 2,
             warm_pinned: 2,
             max_pinned: 256,
+            cluster: ClusterMode::Auto,
         }
     }
 }

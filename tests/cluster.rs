@@ -76,3 +76,219 @@ fn keys_in_every_slot_round_trip() {
     let log = proxy.log_text();
     assert!(log.contains("Redis Cluster"), "{log}");
 }
+
+/// Every key SCAN returns, from cursor 0 until it says 0 (bounded).
+fn scan_all(r: &mut Raw) -> Vec<String> {
+    let mut cursor = "0".to_string();
+    let mut keys = Vec::new();
+    for _ in 0..10_000 {
+        r.send(&["SCAN", &cursor, "COUNT", "3"]);
+        let reply = String::from_utf8(r.read()).unwrap();
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        // *2, $n, cursor, *k, then $len/key pairs.
+        cursor = lines[2].to_string();
+        keys.extend(lines[4..].iter().skip(1).step_by(2).map(|s| s.to_string()));
+        if cursor == "0" {
+            keys.retain(|k| !k.is_empty());
+            keys.sort();
+            keys.dedup();
+            return keys;
+        }
+    }
+    panic!("SCAN did not finish");
+}
+
+fn sorted_array(reply: &str) -> Vec<String> {
+    let mut v: Vec<String> = reply
+        .split("\r\n")
+        .skip(1)
+        .skip(1)
+        .step_by(2)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn multi_key_and_fan_out_commands_answer_like_one_redis() {
+    let c = cluster::shared(Announce::Hostname);
+    let proxy = proxy_for(c);
+    let plain = common::redis::PlainRedis::start();
+    let mut p = Raw::connect(proxy.port);
+    let mut r = Raw::connect(plain.port);
+    let lib = "#!lua name=mylib\nredis.register_function('echo1', function(keys, args) return args[1] end)";
+    let script: Vec<Vec<&str>> = vec![
+        vec!["FLUSHALL"],
+        vec!["MSET", "a", "1", "b", "2", "c", "3", "{a}d", "4", "e", "5"],
+        vec!["MGET", "a", "b", "nope", "c", "{a}d", "e"],
+        vec!["EXISTS", "a", "b", "nope", "c", "a"],
+        vec!["TOUCH", "a", "b", "nope"],
+        vec!["DBSIZE"],
+        vec!["DEL", "a", "nope", "b"],
+        vec!["UNLINK", "c", "{a}d"],
+        vec!["DBSIZE"],
+        vec!["SADD", "{t}a", "x", "y"],
+        vec!["SADD", "{t}b", "y", "z"],
+        vec!["SUNIONSTORE", "{t}d", "{t}a", "{t}b"],
+        vec!["SINTERCARD", "2", "{t}a", "{t}b"],
+        vec!["EVAL", "return redis.call('get', KEYS[1])", "1", "e"],
+        vec!["SCRIPT", "LOAD", "return 42"],
+        vec!["EVALSHA", "1fa00e76656cc152ad327c13fe365858fd7be306", "0"],
+        vec![
+            "SCRIPT",
+            "EXISTS",
+            "1fa00e76656cc152ad327c13fe365858fd7be306",
+            "ffffffffffffffffffffffffffffffffffffffff",
+        ],
+        vec!["SCRIPT", "FLUSH"],
+        vec![
+            "SCRIPT",
+            "EXISTS",
+            "1fa00e76656cc152ad327c13fe365858fd7be306",
+        ],
+        vec!["FUNCTION", "LOAD", lib],
+        vec!["FCALL", "echo1", "0", "hello"],
+        vec!["FUNCTION", "DELETE", "mylib"],
+        vec!["FUNCTION", "LOAD", lib],
+        vec!["FUNCTION", "FLUSH"],
+        vec!["FCALL", "echo1", "0", "hello"],
+        vec!["FLUSHDB"],
+        vec!["DBSIZE"],
+        vec!["RANDOMKEY"],
+        vec!["MGET", "a", "b"],
+    ];
+    for cmd in &script {
+        let got = p.call(cmd);
+        let want = r.call(cmd);
+        assert_eq!(got, want, "{cmd:?}");
+    }
+    // Many keys over every shard: KEYS, SCAN, RANDOMKEY, DBSIZE.
+    let keys: Vec<String> = (0..300).map(|i| format!("fan:{i}")).collect();
+    for k in &keys {
+        assert_eq!(p.call(&["SET", k, "v"]), r.call(&["SET", k, "v"]));
+    }
+    assert_eq!(p.call(&["DBSIZE"]), ":300\r\n");
+    assert_eq!(
+        sorted_array(&p.call(&["KEYS", "fan:*"])),
+        sorted_array(&r.call(&["KEYS", "fan:*"]))
+    );
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(scan_all(&mut p), want);
+    let rk = p.call(&["RANDOMKEY"]);
+    assert!(rk.contains("fan:"), "{rk}");
+    // The shards really hold them apart.
+    let per_node: Vec<usize> = c
+        .primaries()
+        .iter()
+        .map(|&port| c.cli(port, &["DBSIZE"]).trim().parse().unwrap())
+        .collect();
+    assert!(per_node.iter().all(|&n| n > 50), "{per_node:?}");
+    // Refused as the Enterprise policy's proxy refuses them.
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    assert_eq!(p.call(&["SUNION", "fan:1", "fan:2"]), crossslot);
+    assert_eq!(p.call(&["MSETNX", "x1", "1", "x2", "2"]), crossslot);
+    assert!(p
+        .call(&["CLUSTER", "SLOTS"])
+        .starts_with("-ERR This instance has cluster support disabled"));
+    // A client's HELLO shows one plain server.
+    let hello = p.call(&["HELLO", "3"]);
+    assert!(
+        hello.contains("standalone") && !hello.contains("cluster"),
+        "{hello}"
+    );
+    assert_eq!(p.call(&["FLUSHALL"]), "+OK\r\n");
+    assert_eq!(p.call(&["DBSIZE"]), ":0\r\n");
+}
+
+#[test]
+fn transactions_and_blocking_commands_run_on_the_node_of_their_keys() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    // A transaction on one slot (whichever node owns it).
+    for tag in ["tx1", "tx2", "tx3", "tx4"] {
+        let k = format!("{{{tag}}}n");
+        assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.call(&["SET", &k, "1"]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["INCR", &k]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["EXEC"]), "*3\r\n+OK\r\n:2\r\n+PONG\r\n");
+        assert_eq!(b.call(&["GET", &k]), "$1\r\n2\r\n");
+    }
+    // Keyless first, keys after: the queue waits for a node.
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["INCR", "{tx1}n"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*2\r\n+PONG\r\n:3\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*1\r\n+PONG\r\n");
+    // Another slot inside the transaction: CROSSSLOT, and EXEC discards.
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["INCR", "{tx1}n"]), "+QUEUED\r\n");
+    assert!(a.call(&["INCR", "{tx2}n"]).starts_with("-CROSSSLOT"));
+    assert!(a.call(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(b.call(&["GET", "{tx1}n"]), "$1\r\n3\r\n");
+    // WATCH pins to its key's node; a change by another client aborts.
+    assert_eq!(a.call(&["WATCH", "{tx3}n"]), "+OK\r\n");
+    assert_eq!(b.call(&["SET", "{tx3}n", "9"]), "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["SET", "{tx3}n", "10"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*-1\r\n");
+    assert_eq!(a.call(&["WATCH", "{tx3}n"]), "+OK\r\n");
+    assert!(a.call(&["GET", "{tx4}n"]).starts_with("-CROSSSLOT"));
+    assert_eq!(a.call(&["UNWATCH"]), "+OK\r\n");
+    assert_eq!(a.call(&["GET", "{tx4}n"]), "$1\r\n2\r\n");
+    // Blocking commands wait on the owner of their keys, wherever it is.
+    for (i, q) in ["q:a", "q:b", "q:c", "q:d", "q:e"].iter().enumerate() {
+        a.send(&["BLPOP", q, "10"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let v = format!("v{i}");
+        assert_eq!(b.call(&["RPUSH", q, &v]), ":1\r\n");
+        assert_eq!(
+            String::from_utf8(a.read()).unwrap(),
+            format!("*2\r\n${}\r\n{q}\r\n$2\r\n{v}\r\n", q.len())
+        );
+        assert_eq!(a.call(&["GET", "{tx1}n"]), "$1\r\n3\r\n");
+    }
+    assert!(a
+        .call(&["BLPOP", "q:a", "q:b", "1"])
+        .starts_with("-CROSSSLOT"));
+    assert_eq!(a.call(&["BLPOP", "{q}a", "{q}b", "0.1"]), "*-1\r\n");
+}
+
+#[test]
+fn redis_benchmark_through_the_proxy_sees_no_error() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &proxy.port.to_string()])
+        .args(["-r", "100000", "-n", "20000", "-c", "20", "-P", "4", "-q"])
+        .args([
+            "-t",
+            "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,zadd,lrange_100,mset",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for t in [
+        "SET",
+        "GET",
+        "INCR",
+        "MSET (10 keys)",
+        "LRANGE_100 (first 100 elements)",
+    ] {
+        assert!(text.contains(&format!("{t}:")), "{t} missing: {text}");
+    }
+    for bad in ["MOVED", "ASK", "CROSSSLOT", "ERR", "rror"] {
+        assert!(!text.contains(bad), "{bad}: {text}");
+    }
+}

@@ -50,6 +50,9 @@ struct Virtual {
     sticky: bool,
     /// MULTI and the keyless commands after it, not yet sent (no node yet).
     queued: Vec<Bytes>,
+    /// A command of the open transaction was refused here (CROSSSLOT): EXEC
+    /// discards it, as Redis does after an error while queueing.
+    tx_failed: bool,
     spread: usize,
 }
 
@@ -78,6 +81,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         watching: false,
         sticky: false,
         queued: Vec::new(),
+        tx_failed: false,
         spread: fastrand::usize(..1024),
     };
     tokio::spawn(v.run(rx));
@@ -137,13 +141,24 @@ impl Virtual {
         ) {
             self.sticky = true;
         }
+        if name == b"EXEC" && self.in_multi && self.tx_failed {
+            if self.bound.is_some() {
+                let _ = self.send(resp::command(&[b"DISCARD"])).await;
+            }
+            self.end_tx();
+            return resp::error("EXECABORT Transaction discarded because of previous errors.");
+        }
         let plan = route::plan(self.cluster.table(), &refs);
         let slot = match plan {
             Plan::Slot(s) => Some(s),
-            Plan::Split { .. } => return resp::error(route::CROSSSLOT),
-            Plan::Refuse(e) => return e,
+            Plan::Split { .. } => return self.refuse(resp::error(route::CROSSSLOT)),
+            Plan::Refuse(e) => return self.refuse(e),
             Plan::Any | Plan::FanOut(_) => None,
         };
+        if name == b"MULTI" && !self.watching && !self.sticky && !self.in_multi {
+            // A new transaction goes to the node of its own first key.
+            self.bound = None;
+        }
         match &name[..] {
             b"MULTI" if self.bound.is_none() => {
                 self.in_multi = true;
@@ -158,9 +173,9 @@ impl Virtual {
         }
         if let Some(s) = slot {
             if self.held() && self.slot.is_some_and(|b| b != s) && !self.sticky {
-                return resp::error(route::CROSSSLOT);
+                return self.refuse(resp::error(route::CROSSSLOT));
             }
-            if self.in_multi || self.watching {
+            if self.in_multi || self.watching || name == b"WATCH" {
                 self.slot = Some(s);
             }
         }
@@ -181,12 +196,22 @@ impl Virtual {
             }
             b"MULTI" => self.in_multi = true,
             b"WATCH" if !reply.starts_with(b"-") => self.watching = true,
+            b"WATCH" if !self.watching && !self.in_multi => self.slot = None,
             _ => {}
         }
         reply
     }
 
+    /// A refusal; inside MULTI it also dooms the transaction.
+    fn refuse(&mut self, e: Bytes) -> Bytes {
+        if self.in_multi {
+            self.tx_failed = true;
+        }
+        e
+    }
+
     fn end_tx(&mut self) {
+        self.tx_failed = false;
         self.in_multi = false;
         self.watching = false;
         self.slot = None;

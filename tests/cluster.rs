@@ -7,7 +7,7 @@
 mod common;
 
 use common::cluster::{self, proxy_env, Announce, Cluster};
-use common::proxy::{Proxy, Raw};
+use common::proxy::{enable_admin, http, metric_sum, Proxy, Raw};
 use std::sync::RwLock;
 
 static EXCLUSIVE: RwLock<()> = RwLock::new(());
@@ -445,4 +445,180 @@ fn resharding_and_failover_under_load_lose_no_acknowledged_write() {
     for e in &errors {
         assert!(e.contains("may or may not have been executed"), "{e}");
     }
+}
+
+/// The proxy's connections on every node: (node port, client id, user).
+fn proxy_conns(c: &Cluster, prefix: &str) -> Vec<(u16, String, String)> {
+    let mut out = Vec::new();
+    for &p in &c.ports {
+        for l in c.cli(p, &["CLIENT", "LIST"]).lines() {
+            let field = |n: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(n))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let user = field("user=");
+            if user.starts_with(prefix) {
+                out.push((p, field("id="), user));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rotate_into_every_nodes_connections_under_load() {
+    use common::token_emulator::{EmulatorConfig, Issued, TokenEmulator};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+    const LIFETIME: Duration = Duration::from_secs(8);
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: LIFETIME,
+        oid_prefix: "cgen-".into(),
+        ..Default::default()
+    })
+    .await;
+    // Each generation is an ACL user on every node, made before its token is
+    // handed out and deleted when it expires (the server then closes any
+    // connection still authenticated as it, as Azure does).
+    emu.on_issue(move |t: Issued| async move {
+        let pass = format!(">{}", t.token);
+        let c = cluster::shared(Announce::Ip);
+        c.on_every_node(&["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"]);
+        tokio::spawn(async move {
+            let wait = t
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            tokio::task::spawn_blocking(move || {
+                cluster::shared(Announce::Ip).on_every_node(&["ACL", "DELUSER", &t.oid])
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let mut env: Vec<(String, String)> = proxy_env(c)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_AUTH__"))
+        .collect();
+    for (k, v) in [
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".to_string()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
+            "managed-identity".into(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__ATTEMPT_TIMEOUT",
+            "2s".into(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__ENTRA__MAX_BACKOFF", "1s".into()),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let admin = enable_admin(&mut env);
+    let proxy = Proxy::start(&env);
+    emu.wait_issued(1, Duration::from_secs(10)).await;
+    let pport = proxy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..6u64 {
+        let stop = stop.clone();
+        load.push(tokio::task::spawn_blocking(move || {
+            let mut r = Raw::connect(pport);
+            let keys: Vec<String> = (0..64).map(|k| format!("rot:{i}:{k}")).collect();
+            let mut n = 0u64;
+            let mut errors = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                // One INCR per key (all slots of this client), pipelined.
+                for k in &keys {
+                    r.send(&["INCR", k]);
+                }
+                n += 1;
+                for k in &keys {
+                    let got = String::from_utf8(r.read()).unwrap();
+                    if got != format!(":{n}\r\n") {
+                        errors.push(format!("{k}: {got}"));
+                    }
+                }
+                let got = r.call(&["MGET", &keys[0], &keys[1], &keys[2]]);
+                if !got.starts_with("*3\r\n") {
+                    errors.push(got);
+                }
+            }
+            (n, errors)
+        }));
+    }
+    // A transaction and a BLPOP on other nodes' slots across the rotations too.
+    let blpop = tokio::task::spawn_blocking(move || {
+        let mut r = Raw::connect(pport);
+        r.s.set_read_timeout(Some(LIFETIME * 8)).unwrap();
+        r.call(&["BLPOP", "rot:queue", "0"])
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_start = proxy_conns(c, "cgen-");
+    let last = emu.wait_issued(4, LIFETIME * 5).await;
+    // Past the expiry of the generation before the last (its users deleted).
+    let wait = last.issued_at + LIFETIME / 2;
+    tokio::time::sleep(wait.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let tx = tokio::task::spawn_blocking(move || {
+        let mut r = Raw::connect(pport);
+        let a = r.call(&["MULTI"]);
+        let b = r.call(&["INCR", "{rot}tx"]);
+        let e = r.call(&["EXEC"]);
+        let p = r.call(&["RPUSH", "rot:queue", "x"]);
+        (a, b, e, p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(tx.0, "+OK\r\n");
+    assert_eq!(tx.1, "+QUEUED\r\n");
+    assert!(tx.2.starts_with("*1\r\n:"), "{tx:?}");
+    assert_eq!(tx.3, ":1\r\n");
+    assert_eq!(blpop.await.unwrap(), "*2\r\n$9\r\nrot:queue\r\n$1\r\nx\r\n");
+    stop.store(true, Ordering::Relaxed);
+    let mut rounds = 0;
+    for l in load {
+        let (n, errors) = l.await.unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        rounds += n;
+    }
+    // The shared connections that were up at the start are still up, on
+    // every primary, authenticated as a newer generation.
+    let now = proxy_conns(c, "cgen-");
+    let nodes_at_start: std::collections::HashSet<u16> = at_start.iter().map(|x| x.0).collect();
+    assert!(nodes_at_start.len() >= 3, "{at_start:?}");
+    let metrics = http(admin, "GET", "/metrics").1;
+    let reconnects = metric_sum(&metrics, "redis_entra_proxy_upstream_reconnects_total");
+    let reauths = metric_sum(&metrics, "redis_entra_proxy_reauth");
+    eprintln!(
+        "rotation over the cluster: {} generations, {rounds} rounds of 64 INCRs per client, {} proxy connections on {} nodes, {reauths} re-AUTH samples, {reconnects} reconnects",
+        last.generation,
+        now.len(),
+        nodes_at_start.len()
+    );
+    assert_eq!(reconnects, 0.0, "{metrics}");
+    for (node, id, user) in &now {
+        assert_ne!(
+            user, "cgen-1",
+            "node {node} connection {id} still on the first token"
+        );
+    }
+    let kept = at_start
+        .iter()
+        .filter(|(p, id, _)| now.iter().any(|(q, j, _)| p == q && id == j))
+        .count();
+    assert!(
+        kept >= 6,
+        "shared connections replaced instead of re-authenticated: {at_start:?} -> {now:?}"
+    );
 }

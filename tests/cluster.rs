@@ -625,3 +625,53 @@ async fn tokens_rotate_into_every_nodes_connections_under_load() {
         "shared connections replaced instead of re-authenticated: {at_start:?} -> {now:?}"
     );
 }
+
+#[test]
+fn every_shard_certificate_is_checked_against_the_caches_name() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    // The nodes' certificate names only `localhost`, the topology names
+    // 127.0.0.1: the keys test above reaches every shard because the proxy
+    // checks (and sends as SNI) `upstream.server_name`. Another name fails.
+    let mut env = proxy_env(c);
+    for (k, v) in env.iter_mut() {
+        if k == "REDIS_ENTRA_PROXY_UPSTREAM__SERVER_NAME" {
+            *v = "other.example".into();
+        }
+    }
+    let proxy = Proxy::start(&env);
+    let reply = Raw::connect(proxy.port).call(&["GET", "k"]);
+    assert!(reply.contains("certificate not valid for name"), "{reply}");
+}
+
+#[test]
+fn channel_subscriptions_get_messages_published_on_any_shard() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let mut sub = Raw::connect(proxy.port);
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "news"]),
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    let mut publisher = Raw::connect(proxy.port);
+    // PUBLISH through the proxy, and straight to each primary: Redis Cluster
+    // broadcasts it, the proxy's one subscription hears all.
+    let n: usize = publisher.call(&["PUBLISH", "news", "via-proxy"])[1..]
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(n >= 1);
+    let primaries = c.primaries();
+    for p in &primaries {
+        c.cli(*p, &["PUBLISH", "news", &format!("from-{p}")]);
+    }
+    let mut got = vec![String::from_utf8(sub.read()).unwrap()];
+    for _ in &primaries {
+        got.push(String::from_utf8(sub.read()).unwrap());
+    }
+    assert!(got[0].ends_with("$9\r\nvia-proxy\r\n"), "{got:?}");
+    for (p, m) in primaries.iter().zip(&got[1..]) {
+        assert!(m.contains(&format!("from-{p}")), "{got:?}");
+    }
+}

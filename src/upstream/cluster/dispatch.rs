@@ -130,40 +130,42 @@ impl Links {
     }
 }
 
-/// The router half: runs until the session side closes.
+/// The router half: runs until the session side closes. A request that
+/// comes while the upstream is not (known to be) a cluster goes to the
+/// seed's own connection as it is.
 pub async fn run(
     cluster: Arc<Cluster>,
     proto: Proto,
     index: usize,
     mut rx: mpsc::Receiver<Request>,
 ) {
-    if !cluster.is_cluster().await {
-        // Not a cluster after all: pass everything to the seed's connection.
-        let seed = cluster.seed.shared_direct(proto);
-        while let Some(req) = rx.recv().await {
-            if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
-                if let Some(t) = req.reply {
-                    let _ = t.send(Err(UpstreamError::Shutdown));
-                }
-            }
-        }
-        return;
-    }
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
-    let links = Links {
-        cluster: cluster.clone(),
-        proto,
-        handles: HashMap::new(),
-    };
-    tokio::spawn(complete(cluster.clone(), proto, index, jobs_rx));
-    let mut links = links;
+    let seed = cluster.seed.shared_direct(proto);
+    let mut router: Option<(mpsc::Sender<Job>, Links)> = None;
     let limits = Limits {
         max_bulk_bytes: usize::MAX,
         max_line_bytes: usize::MAX,
         max_elements: usize::MAX,
     };
     while let Some(req) = rx.recv().await {
-        let items = route_batch(&cluster, &mut links, index, &req.bytes, limits).await;
+        if !cluster.is_cluster().await {
+            if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
+                if let Some(t) = req.reply {
+                    let _ = t.send(Err(UpstreamError::Shutdown));
+                }
+            }
+            continue;
+        }
+        let (jobs_tx, links) = router.get_or_insert_with(|| {
+            let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
+            tokio::spawn(complete(cluster.clone(), proto, index, jobs_rx));
+            let links = Links {
+                cluster: cluster.clone(),
+                proto,
+                handles: HashMap::new(),
+            };
+            (jobs_tx, links)
+        });
+        let items = route_batch(&cluster, links, index, &req.bytes, limits).await;
         let job = Job {
             reply: req.reply,
             items,

@@ -69,6 +69,8 @@ pub struct Cluster {
     refresh: Notify,
     dispatchers: [OnceLock<Vec<Handle>>; 2],
     next: AtomicUsize,
+    /// The last attempt to ask the seed (while undecided) failed.
+    seed_failing: std::sync::atomic::AtomicBool,
 }
 
 fn idx(proto: Proto) -> usize {
@@ -127,6 +129,7 @@ impl Cluster {
             refresh: Notify::new(),
             dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
+            seed_failing: Default::default(),
         });
         seed.install_cluster(c.clone());
         tokio::spawn(c.clone().decide(mode == ClusterMode::On));
@@ -138,14 +141,27 @@ impl Cluster {
         *self.decision.borrow() == Decision::Cluster
     }
 
-    /// Wait until it is known whether the upstream is a cluster.
+    /// Whether the upstream is a cluster, waiting for the answer while the
+    /// seed is being asked, but not while it cannot be reached: then `false`,
+    /// so the client's command goes to the seed and gets its clear error at
+    /// once instead of waiting (and `upstream.connect_timeout` at most).
     pub async fn is_cluster(&self) -> bool {
+        let bound = Instant::now() + self.cfg.upstream.connect_timeout;
         let mut rx = self.decision.subscribe();
-        let d = match rx.wait_for(|d| *d != Decision::Undecided).await {
-            Ok(d) => *d,
-            Err(_) => Decision::Standalone,
-        };
-        d == Decision::Cluster
+        loop {
+            match *rx.borrow_and_update() {
+                Decision::Cluster => return true,
+                Decision::Standalone => return false,
+                Decision::Undecided => {}
+            }
+            if self.seed_failing.load(Ordering::Acquire) || Instant::now() >= bound {
+                return false;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return false },
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
     }
 
     /// A client's shared connection: a dispatcher while the upstream is (or
@@ -231,7 +247,11 @@ impl Cluster {
             if forced {
                 break true;
             }
-            match self.ask_seed(&[b"INFO", b"cluster"]).await {
+            let asked = self.ask_seed(&[b"INFO", b"cluster"]).await;
+            if asked.is_ok() {
+                self.seed_failing.store(false, Ordering::Release);
+            }
+            match asked {
                 Ok(reply) if reply.first() != Some(&b'-') => {
                     let fields = self.seed.hello_fields_direct();
                     let hello_mode = fields
@@ -256,6 +276,7 @@ impl Cluster {
                     break false;
                 }
                 Err(e) => {
+                    self.seed_failing.store(true, Ordering::Release);
                     attempt = attempt.saturating_add(1);
                     tracing::debug!(error = %e, "cluster detection waits for an upstream connection");
                     tokio::select! {

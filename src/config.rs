@@ -42,6 +42,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.pool_size", "2"),
     ("upstream.warm_pinned", "2"),
     ("upstream.max_pinned", "256"),
+    ("upstream.cluster", "auto"),
     ("auth.source", "entra"),
     ("auth.username", "oid claim of each token"),
     ("auth.static.password", "none"),

@@ -152,7 +152,7 @@ impl Pool {
         push: PushSink,
     ) -> Result<Pinned, UpstreamError> {
         if let Some(c) = self.cluster.get() {
-            if c.is_cluster().await {
+            if c.is_cluster().await? {
                 return c.pin(proto, push).await;
             }
         }

@@ -130,22 +130,24 @@ impl Cluster {
             .keep();
         DIRS.lock().unwrap().push(dir.clone());
         let pki = certs::make(&dir, "cluster", CERT_NAMES);
-        let mut ports = Vec::new();
-        while ports.len() < 6 {
+        // Six client ports and six bus ports, all distinct.
+        let mut all = Vec::new();
+        while all.len() < 12 {
             let p = free_port();
-            // The bus port is chosen apart; keep the client ports distinct.
-            if !ports.contains(&p) {
-                ports.push(p);
+            if !all.contains(&p) {
+                all.push(p);
             }
         }
+        let ports = all[..6].to_vec();
+        let bus_ports = all[6..].to_vec();
         let cluster = Cluster {
             ports,
             pki,
             dir,
             announce,
         };
-        for &port in &cluster.ports {
-            cluster.start_node(port);
+        for (&port, &bus) in cluster.ports.iter().zip(&bus_ports) {
+            cluster.start_node(port, bus);
         }
         for &port in &cluster.ports {
             cluster.wait_ready(port);
@@ -167,10 +169,9 @@ impl Cluster {
         self.dir.join(format!("node-{port}"))
     }
 
-    fn start_node(&self, port: u16) {
+    fn start_node(&self, port: u16, bus: u16) {
         let nd = self.node_dir(port);
         std::fs::create_dir_all(&nd).unwrap();
-        let bus = free_port();
         let announce = match self.announce {
             Announce::Ip => String::new(),
             Announce::Hostname => {

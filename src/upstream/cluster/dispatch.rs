@@ -147,7 +147,16 @@ pub async fn run(
         max_elements: usize::MAX,
     };
     while let Some(req) = rx.recv().await {
-        if !cluster.is_cluster().await {
+        let is_cluster = match cluster.is_cluster().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(t) = req.reply {
+                    let _ = t.send(Err(e));
+                }
+                continue;
+            }
+        };
+        if !is_cluster {
             if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
                 if let Some(t) = req.reply {
                     let _ = t.send(Err(UpstreamError::Shutdown));

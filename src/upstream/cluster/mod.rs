@@ -69,8 +69,8 @@ pub struct Cluster {
     refresh: Notify,
     dispatchers: [OnceLock<Vec<Handle>>; 2],
     next: AtomicUsize,
-    /// The last attempt to ask the seed (while undecided) failed.
-    seed_failing: std::sync::atomic::AtomicBool,
+    /// Why the last attempt to ask the seed (while undecided) failed.
+    seed_error: Mutex<Option<UpstreamError>>,
 }
 
 fn idx(proto: Proto) -> usize {
@@ -129,7 +129,7 @@ impl Cluster {
             refresh: Notify::new(),
             dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
-            seed_failing: Default::default(),
+            seed_error: Mutex::new(None),
         });
         seed.install_cluster(c.clone());
         tokio::spawn(c.clone().decide(mode == ClusterMode::On));
@@ -142,23 +142,38 @@ impl Cluster {
     }
 
     /// Whether the upstream is a cluster, waiting for the answer while the
-    /// seed is being asked, but not while it cannot be reached: then `false`,
-    /// so the client's command goes to the seed and gets its clear error at
-    /// once instead of waiting (and `upstream.connect_timeout` at most).
-    pub async fn is_cluster(&self) -> bool {
+    /// seed is being asked (at most `upstream.connect_timeout`; then it is
+    /// taken as not one). While the seed cannot be reached, its error at once,
+    /// so a client gets a clear answer instead of waiting, and no command goes
+    /// to the seed unrouted.
+    pub async fn is_cluster(&self) -> Result<bool, UpstreamError> {
         let bound = Instant::now() + self.cfg.upstream.connect_timeout;
         let mut rx = self.decision.subscribe();
         loop {
             match *rx.borrow_and_update() {
-                Decision::Cluster => return true,
-                Decision::Standalone => return false,
+                Decision::Cluster => return Ok(true),
+                Decision::Standalone => return Ok(false),
                 Decision::Undecided => {}
             }
-            if self.seed_failing.load(Ordering::Acquire) || Instant::now() >= bound {
-                return false;
+            let failing = self.seed_error.lock().expect("not poisoned").clone();
+            if let Some(e) = failing {
+                // "No credential" is stale once one has arrived: wait instead.
+                let stale = matches!(e, UpstreamError::NoCredential { .. })
+                    && self
+                        .connector
+                        .tokens()
+                        .borrow()
+                        .usable(std::time::SystemTime::now())
+                        .is_some();
+                if !stale {
+                    return Err(e);
+                }
+            }
+            if Instant::now() >= bound {
+                return Ok(false);
             }
             tokio::select! {
-                r = rx.changed() => if r.is_err() { return false },
+                r = rx.changed() => if r.is_err() { return Ok(false) },
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
@@ -247,9 +262,13 @@ impl Cluster {
             if forced {
                 break true;
             }
+            // Watch for a new credential from before asking: one that lands
+            // while the question fails must still wake the retry below.
+            let mut tokens = self.connector.tokens().clone();
+            tokens.mark_unchanged();
             let asked = self.ask_seed(&[b"INFO", b"cluster"]).await;
             if asked.is_ok() {
-                self.seed_failing.store(false, Ordering::Release);
+                *self.seed_error.lock().expect("not poisoned") = None;
             }
             match asked {
                 Ok(reply) if reply.first() != Some(&b'-') => {
@@ -276,13 +295,16 @@ impl Cluster {
                     break false;
                 }
                 Err(e) => {
-                    self.seed_failing.store(true, Ordering::Release);
-                    attempt = attempt.saturating_add(1);
                     tracing::debug!(error = %e, "cluster detection waits for an upstream connection");
+                    *self.seed_error.lock().expect("not poisoned") = Some(e);
+                    attempt = attempt.saturating_add(1);
                     tokio::select! {
                         _ = tokio::time::sleep(super::conn::backoff(attempt + 3)) => {}
+                        // A new credential: ask again now, clients wait meanwhile.
+                        Ok(()) = tokens.changed() => {}
                         _ = self.shutdown.cancelled() => return,
                     }
+                    *self.seed_error.lock().expect("not poisoned") = None;
                 }
             }
         };

@@ -314,7 +314,8 @@ async fn route_batch(
                 }
                 Item::Fan { kind, parts }
             }
-            Plan::Slot(_) | Plan::Any => unreachable!("handled above"),
+            // Sent with the group above; never reached.
+            Plan::Slot(_) | Plan::Any => continue,
         };
         items.push(item);
     }

@@ -185,7 +185,7 @@ pub fn scan_reply(reply: &[u8], shard: usize, shards: usize) -> Bytes {
         return bad("SCAN cursor");
     };
     let Some(node_cursor) = cursor
-        .get(at..at + len.max(0) as usize)
+        .get(at..at.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)))
         .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok())
     else {
         return bad("SCAN cursor");
@@ -292,5 +292,8 @@ mod tests {
         assert_eq!(&scan_reply(done, 2, 3)[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
         assert!(scan_reply(b"*1\r\n:1\r\n", 0, 1).starts_with(b"-ERR"));
         assert!(scan_reply(b"*2\r\n$1\r\nz\r\n*0\r\n", 0, 1).starts_with(b"-ERR"));
+        // A cursor length no reply can have: an error, not an overflow.
+        let huge = b"*2\r\n$9223372036854775807\r\n0\r\n*0\r\n";
+        assert!(scan_reply(huge, 0, 1).starts_with(b"-ERR"));
     }
 }

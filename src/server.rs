@@ -129,7 +129,16 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     );
     let pool = Pool::new(
         cfg,
+        connector.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
+    // A clustered cache: the cluster layer takes the pool's clients over.
+    crate::upstream::cluster::Cluster::start(
+        cfg,
         connector,
+        pool.clone(),
         metrics.clone(),
         health.clone(),
         shutdown.clone(),

@@ -47,6 +47,9 @@ pub struct Pool {
     pinned: Arc<AtomicUsize>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    /// Set on the seed pool when the upstream may be a cluster: shared and
+    /// pinned connections then come from the cluster layer.
+    cluster: OnceLock<Arc<super::cluster::Cluster>>,
 }
 
 fn idx(proto: Proto) -> usize {
@@ -89,6 +92,7 @@ impl Pool {
             pinned: Arc::new(AtomicUsize::new(0)),
             health,
             shutdown,
+            cluster: OnceLock::new(),
         });
         // RESP2 is what nearly every client speaks: open it at start so the
         // first command does not pay for TLS and AUTH.
@@ -116,8 +120,21 @@ impl Pool {
         })
     }
 
+    /// Hand shared and pinned connections over to the cluster layer.
+    pub fn install_cluster(&self, cluster: Arc<super::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
     /// A shared connection for a new client (round-robin).
     pub fn shared(&self, proto: Proto) -> Handle {
+        if let Some(h) = self.cluster.get().and_then(|c| c.shared(proto)) {
+            return h;
+        }
+        self.shared_direct(proto)
+    }
+
+    /// A shared connection to this pool's own address, cluster or not.
+    pub fn shared_direct(&self, proto: Proto) -> Handle {
         let slots = self.shared_slots(proto);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
         slots[i].clone()
@@ -134,6 +151,11 @@ impl Pool {
         proto: Proto,
         push: PushSink,
     ) -> Result<Pinned, UpstreamError> {
+        if let Some(c) = self.cluster.get() {
+            if c.is_cluster().await? {
+                return c.pin(proto, push).await;
+            }
+        }
         let prev = self.pinned.fetch_add(1, Ordering::AcqRel);
         let guard = PinGuard {
             count: self.pinned.clone(),
@@ -318,8 +340,17 @@ impl Pool {
         (self.opts.reply_timeout * 2 / 3).max(Duration::from_secs(1))
     }
 
-    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+    /// The HELLO fields of this pool's own address, as the server sent them.
+    pub fn hello_fields_direct(&self) -> Arc<Vec<(String, resp::Value)>> {
         self.connector.hello_fields()
+    }
+
+    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+        let fields = self.connector.hello_fields();
+        match self.cluster.get() {
+            Some(c) if c.active() => super::cluster::standalone_hello(&fields),
+            _ => fields,
+        }
     }
 }
 

@@ -5,15 +5,22 @@
 //!
 //! - `static`: an access key or fixed password, published once, never expires.
 //! - `entra`: a rotator ([`rotator`]) fetches Microsoft Entra ID tokens from the
-//!   source [`entra`] configures ([`sources`]) and publishes each new one well
-//!   before the previous one expires; the username is the token's `oid` ([`jwt`]).
+//!   source [`entra`] configures (through `azure_identity`, [`azure`], or by hand
+//!   where the crate cannot serve, [`sources`]; `auto` chooses in [`auto`]) and
+//!   publishes each new one well before the previous one expires; the username is
+//!   the token's `oid` ([`jwt`]).
 
+pub mod auto;
+pub mod azure;
+pub mod cert;
 pub mod entra;
+pub mod http;
 pub mod jwt;
 pub mod rotator;
 pub mod sources;
 
 pub use entra::EntraEnv;
+pub use rotator::RefreshNow;
 
 use crate::config::{AuthConfig, AuthSource};
 use crate::metrics::Metrics;
@@ -81,6 +88,18 @@ pub fn start_with_env(
     env: EntraEnv,
     shutdown: CancellationToken,
 ) -> Result<TokenWatch, AuthError> {
+    start_with_refresh(cfg, metrics, env, RefreshNow::new(), shutdown)
+}
+
+/// [`start_with_env`] with a [`RefreshNow`] handle: `refresh.refresh_now()` makes an
+/// Entra rotator fetch at once (for SIGHUP); for a static credential it does nothing.
+pub fn start_with_refresh(
+    cfg: &AuthConfig,
+    metrics: Arc<Metrics>,
+    env: EntraEnv,
+    refresh: RefreshNow,
+    shutdown: CancellationToken,
+) -> Result<TokenWatch, AuthError> {
     match cfg.source {
         AuthSource::Static => {
             let password = cfg
@@ -107,7 +126,7 @@ pub fn start_with_env(
         }
         AuthSource::Entra => {
             let (tx, rx) = watch::channel(TokenState::default());
-            entra::spawn(cfg, metrics, env, tx, shutdown)?;
+            entra::spawn(cfg, metrics, env, tx, refresh, shutdown)?;
             Ok(rx)
         }
     }

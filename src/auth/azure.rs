@@ -345,12 +345,26 @@ fn map_error(e: &azure_core::Error, seen: Option<Exchange>, cli: bool) -> FetchE
         None => {}
     }
     let message = one_line(e);
+    // The crate wraps the cause (a parse error, an I/O error) in a Credential error.
+    let mut kinds = vec![e.kind().clone()];
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(inner) = c.downcast_ref::<azure_core::Error>() {
+            kinds.push(inner.kind().clone());
+        }
+        cause = c.source();
+    }
+    let data = kinds.contains(&ErrorKind::DataConversion);
+    let io = kinds
+        .iter()
+        .any(|k| matches!(k, ErrorKind::Io | ErrorKind::Connection));
     match e.kind() {
-        ErrorKind::DataConversion if cli => FetchError::Malformed(
-            "the tool's output is not a token response (is it up to date?)".into(),
+        _ if data && cli => FetchError::Malformed(
+            "the tool's output is not JSON or not a token response (is it up to date?)".into(),
         ),
-        ErrorKind::DataConversion => FetchError::Malformed(
-            "the token endpoint answered with success but the body is not a token response".into(),
+        _ if data => FetchError::Malformed(
+            "the token endpoint answered with success but the body is not JSON or not a token response"
+                .into(),
         ),
         _ if cli => {
             // Not logged in, wrong tenant, consent missing, tool missing: a person must act.
@@ -371,7 +385,7 @@ fn map_error(e: &azure_core::Error, seen: Option<Exchange>, cli: bool) -> FetchE
                 FetchError::Network(message)
             }
         }
-        ErrorKind::Io | ErrorKind::Connection => FetchError::Network(message),
+        _ if io && !cli => FetchError::Network(message),
         _ => FetchError::Config(message),
     }
 }
@@ -492,9 +506,13 @@ mod tests {
         assert_eq!(m.retry_after(), Some(std::time::Duration::from_secs(4)));
         let m = map_error(&e, Some(Exchange::Unreachable("refused".into())), false);
         assert_eq!(m.reason(), "network");
-        let parse = azure_core::Error::with_message(
-            ErrorKind::DataConversion,
-            "invalid type: string \"SECRETTOKEN\"",
+        let parse = azure_core::Error::with_error(
+            ErrorKind::Credential,
+            azure_core::Error::with_message(
+                ErrorKind::DataConversion,
+                "invalid type: string \"SECRETTOKEN\"",
+            ),
+            "ManagedIdentityCredential authentication failed. invalid type: string \"SECRETTOKEN\"",
         );
         let m = map_error(&parse, None, false);
         assert_eq!(m.reason(), "malformed");

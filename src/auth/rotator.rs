@@ -313,14 +313,17 @@ pub struct RotatorConfig {
 }
 
 /// How long to wait after the endpoint handed back the token already held, with
-/// `remaining` life left: a sixteenth of it, between [`SAME_TOKEN_FLOOR`] and
-/// [`SAME_TOKEN_CEILING`], less up to 10% jitter. IMDS, App Service and `az` return
-/// their cached token until close to its expiry; asking again on a short floor
-/// finds the new one soon after it exists without hammering the endpoint.
+/// `remaining` life left: a sixteenth of it, between [`SAME_TOKEN_FLOOR`] (or a
+/// quarter of what is left, for short tokens) and [`SAME_TOKEN_CEILING`], less up
+/// to 10% jitter, never below [`MIN_RETRY`]. IMDS, App Service and `az` return
+/// their cached token until close to its expiry; asking again on a floor finds
+/// the new one soon after it exists without hammering the endpoint, and the
+/// schedule of the next really new token starts from its own lifetime.
 pub fn same_token_delay(remaining: Duration, jitter: f64) -> Duration {
-    let base = (remaining / 16).clamp(SAME_TOKEN_FLOOR, SAME_TOKEN_CEILING);
+    let floor = SAME_TOKEN_FLOOR.min(remaining / 4);
+    let base = (remaining / 16).clamp(floor, SAME_TOKEN_CEILING);
     base.mul_f64(1.0 - 0.1 * jitter.clamp(0.0, 1.0))
-        .max(SAME_TOKEN_FLOOR.mul_f64(0.9))
+        .max(MIN_RETRY)
 }
 
 /// Run the rotator until `shutdown` is cancelled. Publishes every new credential on

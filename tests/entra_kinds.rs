@@ -185,14 +185,14 @@ async fn client_certificate_assertion_is_signed_and_checked() {
         c.client_id = Some(e.client_id.clone());
         c.client_certificate_file = Some(dir.path().join("cert-only.pem"));
     });
-    let err = auth::start_with_env(
+    let Err(err) = auth::start_with_env(
         &bad,
         Arc::new(Metrics::new()),
         EntraEnv::default(),
         CancellationToken::new(),
-    )
-    .err()
-    .expect("refused");
+    ) else {
+        panic!("an unusable certificate file was accepted")
+    };
     assert!(
         err.to_string()
             .contains("auth.entra.client_certificate_file"),

@@ -14,6 +14,7 @@ pub mod auto;
 pub mod azure;
 pub mod cert;
 pub mod entra;
+pub mod env;
 pub mod http;
 pub mod jwt;
 pub mod rotator;
@@ -29,6 +30,27 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// The crates under the Entra sources whose logging is held at `warn`: the proxy
+/// builds a fresh credential per fetch, and `azure_identity` logs its choice at
+/// `info` each time; the proxy logs each fetch itself.
+pub const SDK_LOG_TARGETS: &[&str] = &["azure_identity", "azure_core", "typespec_client_core"];
+
+/// `level` (a `tracing` filter) with `<target>=warn` added for each of
+/// [`SDK_LOG_TARGETS`] it does not name itself.
+pub fn log_filter(level: &str) -> String {
+    let mut filter = level.trim().to_string();
+    for target in SDK_LOG_TARGETS {
+        if !level.contains(target) {
+            if !filter.is_empty() {
+                filter.push(',');
+            }
+            filter.push_str(target);
+            filter.push_str("=warn");
+        }
+    }
+    filter
+}
 
 /// What the proxy sends upstream as `AUTH <username> <password>`.
 #[derive(Debug, Clone)]
@@ -129,5 +151,20 @@ pub fn start_with_refresh(
             entra::spawn(cfg, metrics, env, tx, refresh, shutdown)?;
             Ok(rx)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sdk_logs_are_held_at_warn_unless_named() {
+        assert_eq!(
+            super::log_filter("info"),
+            "info,azure_identity=warn,azure_core=warn,typespec_client_core=warn"
+        );
+        assert_eq!(
+            super::log_filter("debug,azure_identity=debug"),
+            "debug,azure_identity=debug,azure_core=warn,typespec_client_core=warn"
+        );
     }
 }

@@ -662,7 +662,7 @@ async fn refresh_now_fetches_at_once() {
 fn same_token_waits_have_a_floor_and_a_ceiling() {
     assert_eq!(same_token_delay(secs(12 * HOUR), 0.0), SAME_TOKEN_CEILING);
     assert_eq!(same_token_delay(secs(HOUR), 0.0), secs(225));
-    assert_eq!(same_token_delay(secs(600), 0.0), SAME_TOKEN_FLOOR);
+    assert_eq!(same_token_delay(secs(300), 0.0), SAME_TOKEN_FLOOR);
     // Short tokens: a quarter of what is left, never a hot loop.
     assert_eq!(same_token_delay(secs(60), 0.0), secs(15));
     assert_eq!(same_token_delay(Duration::ZERO, 0.0), MIN_RETRY);

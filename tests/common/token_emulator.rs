@@ -1,5 +1,6 @@
-//! A token-endpoint emulator for the tests: the three HTTP shapes Azure hands out
-//! Entra tokens through, on loopback only, minting unsigned JWT-shaped tokens.
+//! A token-endpoint emulator for the tests: the HTTP shapes Azure hands out Entra
+//! tokens through (IMDS, App Service, Arc, Cloud Shell, Entra v2), on loopback
+//! only, minting unsigned JWT-shaped tokens.
 //!
 //! - IMDS: `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=R`
 //!   with `Metadata: true` ([`TokenEmulator::imds_endpoint`]).

@@ -46,7 +46,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth.source", "entra"),
     ("auth.username", "oid claim of each token"),
     ("auth.static.password", "none"),
-    ("auth.entra.credential", "managed-identity"),
+    ("auth.entra.credential", "auto"),
     ("auth.entra.client_id", "none"),
     ("auth.entra.object_id", "none"),
     ("auth.entra.resource_id", "none"),
@@ -61,6 +61,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("auth.entra.client_secret", "none"),
     ("auth.entra.client_secret_file", "none"),
+    (
+        "auth.entra.client_certificate_file",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+    ),
+    ("auth.entra.client_certificate_send_chain", "false"),
+    ("auth.entra.arc_key_directory", "/var/opt/azcmagent/tokens"),
     ("auth.entra.scope", "https://redis.azure.com/.default"),
     (
         "auth.entra.imds_endpoint",
@@ -225,10 +231,17 @@ pub struct StaticAuthConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum EntraCredentialKind {
+    /// Chosen from the environment at start, as `DefaultAzureCredential` would.
+    Auto,
     ManagedIdentity,
     WorkloadIdentity,
     ClientSecret,
+    ClientCertificate,
     AzureCli,
+    #[serde(alias = "azd")]
+    AzureDeveloperCli,
+    /// `az`, then `azd`.
+    DeveloperTools,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +256,9 @@ pub struct EntraConfig {
     pub federated_token_file: Option<PathBuf>,
     pub client_secret: Option<Secret>,
     pub client_secret_file: Option<PathBuf>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub client_certificate_send_chain: bool,
+    pub arc_key_directory: PathBuf,
     pub scope: String,
     pub imds_endpoint: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -338,7 +354,7 @@ impl Default for AuthConfig {
 impl Default for EntraConfig {
     fn default() -> Self {
         EntraConfig {
-            credential: EntraCredentialKind::ManagedIdentity,
+            credential: EntraCredentialKind::Auto,
             client_id: None,
             object_id: None,
             resource_id: None,
@@ -347,6 +363,9 @@ impl Default for EntraConfig {
             federated_token_file: None,
             client_secret: None,
             client_secret_file: None,
+            client_certificate_file: None,
+            client_certificate_send_chain: false,
+            arc_key_directory: PathBuf::from("/var/opt/azcmagent/tokens"),
             scope: "https://redis.azure.com/.default".into(),
             imds_endpoint: None,
             ca_file: None,

@@ -530,19 +530,24 @@ fn text(status: StatusCode, mut body: String) -> Response<Full<Bytes>> {
 /// is probed on loopback. Blocking, std only: call it before starting a runtime.
 pub fn healthcheck(addr: SocketAddr, path: &str) -> i32 {
     match probe(addr, path, Duration::from_secs(5)) {
+        // Written without `println!`, which panics on a closed stdout.
         Ok((200, body)) => {
-            println!("200 {}", body.trim_end());
+            stdout_line(&format!("200 {}", body.trim_end()));
             0
         }
         Ok((status, body)) => {
-            println!("{status} {}", body.trim_end());
+            stdout_line(&format!("{status} {}", body.trim_end()));
             1
         }
         Err(e) => {
-            println!("healthcheck: {addr}{path}: {e}");
+            stdout_line(&format!("healthcheck: {addr}{path}: {e}"));
             1
         }
     }
+}
+
+fn stdout_line(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// One blocking HTTP/1.1 GET with a total deadline; returns (status, body).

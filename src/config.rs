@@ -72,6 +72,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("admin.address", "127.0.0.1:9090"),
     ("log.format", "text"),
     ("log.level", "info"),
+    ("log.max_per_minute", "20"),
     ("shutdown.grace", "30s"),
     ("shutdown.min_delay", "0s"),
 ];
@@ -259,6 +260,9 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// Lines of one kind (call site) per minute, in a burst or spread; the rest are
+    /// dropped and counted. 0: no limit. Debug and trace lines are never limited.
+    pub max_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,6 +361,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
+            max_per_minute: 20,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod command;
 pub mod config;
 pub mod downstream;
+pub mod logging;
 pub mod metrics;
 pub mod resp;
 pub mod secret;

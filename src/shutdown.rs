@@ -78,11 +78,13 @@ impl StopSignals {
 /// first signal and exits the process at once (status 128 + signal number) on the
 /// second. Call it early in `main`, inside the runtime: handlers are installed
 /// before this returns, so no signal is missed.
-pub fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<JoinHandle<()>> {
+/// `exit` ends the process (`main` flushes the log first).
+pub fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    exit: impl FnOnce(i32) + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
     let signals = StopSignals::install()?;
-    Ok(tokio::spawn(handle_signals(signals, shutdown, |status| {
-        std::process::exit(status)
-    })))
+    Ok(tokio::spawn(handle_signals(signals, shutdown, exit)))
 }
 
 /// The signal policy, with `exit` injected so tests can watch it instead of dying.
@@ -91,12 +93,13 @@ async fn handle_signals(
     shutdown: CancellationToken,
     exit: impl FnOnce(i32),
 ) {
+    // Act first, log after: nothing a log line does may delay or prevent the act.
     let first = signals.recv().await;
+    shutdown.cancel();
     tracing::info!(
         signal = first.name(),
         "shutdown: draining; send the signal again to exit at once"
     );
-    shutdown.cancel();
     let second = signals.recv().await;
     tracing::warn!(
         signal = second.name(),

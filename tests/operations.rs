@@ -1,0 +1,131 @@
+//! What the environment around a sidecar can do to the proxy, on the real binary:
+//! a log pipe whose reader is gone, signals (SIGHUP, SIGTERM), systemd's
+//! readiness socket, both loopbacks. Each test starts its own proxy (and token
+//! emulator) on free loopback ports and stops them.
+
+mod common;
+
+use common::proxy::http;
+use common::redis::free_port;
+use common::token_emulator::{EmulatorConfig, TokenEmulator};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The proxy binary with `env` (nothing else from this process's environment),
+/// its stderr given by the caller.
+fn spawn(env: &[(String, String)], stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start redis-entra-proxy")
+}
+
+/// Settings for a proxy that takes Entra tokens from `emu` (IMDS shape) and whose
+/// upstream does not answer (nothing listens on its port): enough to exercise the
+/// rotator, the admin server and signals without Redis.
+fn entra_env(emu: &TokenEmulator, listen: u16, admin: u16) -> Vec<(String, String)> {
+    [
+        (
+            "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+            format!("127.0.0.1:{listen}"),
+        ),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "127.0.0.1".into()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", free_port().to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "1s".into()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__ENTRA__MAX_BACKOFF", "1s".into()),
+        ("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "true".into()),
+        (
+            "REDIS_ENTRA_PROXY_ADMIN__ADDRESS",
+            format!("127.0.0.1:{admin}"),
+        ),
+        ("REDIS_ENTRA_PROXY_LOG__LEVEL", "debug".into()),
+        ("REDIS_ENTRA_PROXY_SHUTDOWN__GRACE", "2s".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn wait_listening(child: &mut Child, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("proxy exited with {status} before listening");
+        }
+        assert!(Instant::now() < deadline, "proxy did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Wait up to `limit` for the child to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Kills the child when a test fails half-way.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A log shipper that died (`| logger` gone, a crashed sidecar): stderr is a pipe
+/// whose reader is closed, so every log line fails with EPIPE. The proxy must keep
+/// refreshing tokens, answering probes, and stop cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_never_stops_the_proxy() {
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (listen, admin) = (free_port(), free_port());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut proxy = Reaper(spawn(&entra_env(&emu, listen, admin), writer.into()));
+    wait_listening(&mut proxy.0, listen);
+    // Tokens of 2 s are refreshed about every 1.5 s: a rotator that logs each one
+    // (and each upstream reconnect fails, and logs) keeps going.
+    emu.wait_requests(5, Duration::from_secs(30)).await;
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    let status = status.expect("SIGTERM ends the proxy within 15 s");
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -5,6 +5,12 @@
 //! [`KEYS`] is the single list of every key: unknown keys are rejected against it,
 //! and a test checks that the example config documents each of them.
 
+mod environment;
+mod secrets;
+
+pub use environment::is_service_link;
+pub use secrets::{read_secret_file, SECRET_KEYS};
+
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -22,9 +28,10 @@ pub const EX_CONFIG: i32 = 78;
 
 /// Every configuration key, with its default as the example file shows it.
 pub const KEYS: &[(&str, &str)] = &[
-    ("listen.address", "127.0.0.1:6379"),
+    ("listen.address", "localhost:6379"),
     ("listen.unix_socket", "none"),
     ("listen.password", "none"),
+    ("listen.password_file", "none"),
     ("listen.max_clients", "10000"),
     ("limits.max_bulk_bytes", "536870912"),
     ("limits.max_line_bytes", "65536"),
@@ -45,6 +52,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth.source", "entra"),
     ("auth.username", "oid claim of each token"),
     ("auth.static.password", "none"),
+    ("auth.static.password_file", "none"),
     ("auth.entra.credential", "managed-identity"),
     ("auth.entra.client_id", "none"),
     ("auth.entra.object_id", "none"),
@@ -70,6 +78,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth.entra.max_backoff", "60s"),
     ("admin.enabled", "false"),
     ("admin.address", "127.0.0.1:9090"),
+    ("admin.readiness", "credential"),
     ("log.format", "text"),
     ("log.level", "info"),
     ("log.max_per_minute", "20"),
@@ -153,6 +162,7 @@ pub struct ListenConfig {
     pub address: String,
     pub unix_socket: Option<PathBuf>,
     pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
     pub max_clients: usize,
 }
 
@@ -209,6 +219,8 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StaticAuthConfig {
     pub password: Option<Secret>,
+    /// Read at start and again on SIGHUP.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -246,6 +258,22 @@ pub struct EntraConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub address: SocketAddr,
+    pub readiness: Readiness,
+}
+
+/// What `/readyz` (and the container `HEALTHCHECK`, and the `ready` metric) waits
+/// for, beyond "listening and not draining". A sidecar's readiness is its pod's: a
+/// condition every pod shares (a cache failover) must not take them all out of
+/// their Service at once, so the default does not look at upstream connections.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readiness {
+    /// Listening and not draining.
+    Listening,
+    /// Also a credential with enough time left (see `admin::token_margin`).
+    Credential,
+    /// Also at least one connected, authenticated upstream connection.
+    Upstream,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -277,9 +305,10 @@ pub struct ShutdownConfig {
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
-            address: "127.0.0.1:6379".into(),
+            address: "localhost:6379".into(),
             unix_socket: None,
             password: None,
+            password_file: None,
             max_clients: 10_000,
         }
     }
@@ -352,6 +381,7 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: false,
             address: "127.0.0.1:9090".parse().expect("literal address"),
+            readiness: Readiness::Credential,
         }
     }
 }
@@ -375,6 +405,23 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The TCP addresses of `listen.address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs {
+    /// Failing to listen on one of these is an error.
+    pub required: Vec<SocketAddr>,
+    /// Listened on when the machine has them (IPv6 loopback may be turned off in a
+    /// container); skipped, with a log line, when it does not.
+    pub if_available: Vec<SocketAddr>,
+}
+
+impl ListenAddrs {
+    /// Every address, required first.
+    pub fn all(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.required.iter().chain(&self.if_available)
+    }
+}
+
 /// Where a configuration comes from. `env` is passed in (tests give a map; `main`
 /// gives the process environment), never read here.
 pub struct Sources<'a> {
@@ -395,11 +442,12 @@ impl Config {
                     .required(true),
             );
         }
-        // Only our own variables: the rest of the environment is none of our business.
+        // Only our own variables: the rest of the environment is none of our
+        // business, and so are Kubernetes service links that share our prefix.
         let ours: config::Map<String, String> = sources
             .env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .filter(|(k, v)| k.starts_with(&format!("{ENV_PREFIX}_")) && !is_service_link(k, v))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -418,9 +466,21 @@ impl Config {
         })?;
         check_known_keys(&merged)?;
         if let Some(path) = sources.file {
-            refuse_secret_in_file(path)?;
+            secrets::refuse_in_file(path)?;
         }
-        let cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
+        let admin_address_set = merged.get::<String>("admin.address").is_ok();
+        let admin_enabled_set = merged.get::<String>("admin.enabled").is_ok();
+        let mut cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
+        if admin_address_set && !admin_enabled_set {
+            return Err(invalid(
+                "admin.address",
+                format!(
+                    "is set but the admin server is off: set {} = true (or remove admin.address)",
+                    describe_key("admin.enabled")
+                ),
+            ));
+        }
+        secrets::resolve(&mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -432,15 +492,17 @@ impl Config {
         if self.upstream.port == 0 {
             return Err(invalid("upstream.port", "must be 1-65535"));
         }
-        let addr = self.listen_addr()?;
-        if !addr.ip().is_loopback() && self.listen.password.is_none() {
-            return Err(invalid(
-                "listen.address",
-                format!(
-                    "{addr} is not a loopback address: set {} so that only your clients can use the proxy",
-                    describe_key("listen.password")
-                ),
-            ));
+        let addrs = self.listen_addrs()?;
+        if let Some(addr) = addrs.all().find(|a| !a.ip().is_loopback()) {
+            if self.listen.password.is_none() {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{addr} is not a loopback address: set {} so that only your clients can use the proxy",
+                        describe_key("listen.password")
+                    ),
+                ));
+            }
         }
         if self.auth.source == AuthSource::Static
             && self
@@ -489,14 +551,41 @@ impl Config {
         Ok(())
     }
 
-    /// The TCP listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen.address.parse().map_err(|e| {
-            invalid(
-                "listen.address",
-                format!("`{}` is not HOST:PORT: {e}", self.listen.address),
-            )
+    /// The TCP addresses to listen on. `localhost:PORT` (the default) is
+    /// 127.0.0.1 and, where the machine has IPv6, [::1] (clients that resolve
+    /// `localhost` to `::1` first, as Node.js 17+ does, must find the proxy there
+    /// too). Otherwise a comma-separated list of `HOST:PORT`, every one required.
+    pub fn listen_addrs(&self) -> Result<ListenAddrs, ConfigError> {
+        let text = self.listen.address.trim();
+        if let Some(port) = text.strip_prefix("localhost:") {
+            let port: u16 = port
+                .parse()
+                .map_err(|e| invalid("listen.address", format!("`{text}`: bad port: {e}")))?;
+            return Ok(ListenAddrs {
+                required: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+                if_available: vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))],
+            });
+        }
+        let required = text
+            .split(',')
+            .map(|a| {
+                a.trim().parse().map_err(|e| {
+                    invalid(
+                        "listen.address",
+                        format!("`{}` is not HOST:PORT (or localhost:PORT): {e}", a.trim()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<SocketAddr>, _>>()?;
+        Ok(ListenAddrs {
+            required,
+            if_available: vec![],
         })
+    }
+
+    /// The first TCP listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        Ok(self.listen_addrs()?.required[0])
     }
 
     /// The name the upstream certificate must carry (and the SNI we send).
@@ -533,28 +622,6 @@ fn check_known_keys(merged: &config::Config) -> Result<(), ConfigError> {
                 }
             }
         }
-    }
-    Ok(())
-}
-
-/// A client secret belongs in the environment or its own file, never in the TOML
-/// file that gets committed and copied around.
-fn refuse_secret_in_file(path: &Path) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let parsed: toml::Table = match text.parse() {
-        Ok(t) => t,
-        Err(_) => return Ok(()),
-    };
-    let in_file = parsed
-        .get("auth")
-        .and_then(|a| a.get("entra"))
-        .and_then(|e| e.get("client_secret"))
-        .is_some();
-    if in_file {
-        return Err(invalid(
-            "auth.entra.client_secret",
-            "is not accepted in the config file: set the environment variable or auth.entra.client_secret_file",
-        ));
     }
     Ok(())
 }
@@ -627,7 +694,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.upstream.host, "cache.example");
         assert_eq!(c.upstream.port, 6380);
-        assert_eq!(c.listen.address, "127.0.0.1:6379");
+        assert_eq!(c.listen.address, "localhost:6379");
         assert_eq!(
             c.listen.unix_socket.as_deref(),
             Some(Path::new("/tmp/x.sock"))
@@ -760,5 +827,142 @@ mod tests {
             overrides: vec![],
         })
         .unwrap();
+    }
+
+    /// kubelet's service links for a Service named `redis-entra-proxy` (and one
+    /// named `redis-entra-proxy-admin`) in the namespace.
+    const SERVICE_LINKS: &[(&str, &str)] = &[
+        ("REDIS_ENTRA_PROXY_SERVICE_HOST", "10.0.0.7"),
+        ("REDIS_ENTRA_PROXY_SERVICE_PORT", "6379"),
+        ("REDIS_ENTRA_PROXY_SERVICE_PORT_REDIS", "6379"),
+        ("REDIS_ENTRA_PROXY_PORT", "tcp://10.0.0.7:6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP", "tcp://10.0.0.7:6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PROTO", "tcp"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PORT", "6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_ADDR", "10.0.0.7"),
+        ("REDIS_ENTRA_PROXY_ADMIN_SERVICE_HOST", "10.0.0.8"),
+        ("REDIS_ENTRA_PROXY_ADMIN_PORT_9090_TCP_ADDR", "10.0.0.8"),
+    ];
+
+    #[test]
+    fn kubernetes_service_links_are_not_config_but_look_alikes_still_fail() {
+        let mut env = SERVICE_LINKS.to_vec();
+        env.push(("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"));
+        let c = load(&env, None).unwrap();
+        assert_eq!(c.upstream.host, "h");
+        // One underscore where two belong: ours, mistyped.
+        env.push(("REDIS_ENTRA_PROXY_UPSTREAM_PORT", "6380"));
+        let e = load(&env, None).unwrap_err();
+        assert!(e.to_string().contains("unknown key `upstream_port`"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_refused_in_the_file_and_read_from_their_own_files() {
+        for (section, key) in [
+            ("listen", "password"),
+            ("auth.static", "password"),
+            ("auth.entra", "client_secret"),
+        ] {
+            let e = load(
+                &[],
+                Some(&format!(
+                    "[upstream]\nhost=\"h\"\n[{section}]\n{key}=\"s\"\n"
+                )),
+            )
+            .unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(&format!("`{section}.{key}`"))
+                    && m.contains(&format!("{section}.{key}_file")),
+                "{m}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let listen = dir.path().join("listen");
+        let access = dir.path().join("access");
+        std::fs::write(&listen, "client pw\n").unwrap();
+        std::fs::write(&access, "access-key\r\n").unwrap();
+        let (l, a) = (listen.display().to_string(), access.display().to_string());
+        let base = [
+            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+            ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static"),
+            ("REDIS_ENTRA_PROXY_LISTEN__PASSWORD_FILE", l.as_str()),
+            ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD_FILE", a.as_str()),
+        ];
+        let c = load(&base, None).unwrap();
+        assert_eq!(c.listen.password.unwrap().expose(), "client pw");
+        assert_eq!(c.auth.static_.password.unwrap().expose(), "access-key");
+        // Both a secret and its file; an empty file; a missing one.
+        let mut both = base.to_vec();
+        both.push(("REDIS_ENTRA_PROXY_LISTEN__PASSWORD", "x"));
+        assert!(load(&both, None)
+            .unwrap_err()
+            .to_string()
+            .contains("set only one"));
+        std::fs::write(&access, "\n").unwrap();
+        let e = load(&base, None).unwrap_err().to_string();
+        assert!(
+            e.contains("auth.static.password_file") && e.contains("empty"),
+            "{e}"
+        );
+        std::fs::remove_file(&access).unwrap();
+        let e = load(&base, None).unwrap_err().to_string();
+        assert!(
+            e.contains("auth.static.password_file") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_address_without_admin_enabled_is_an_error() {
+        let base = [("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h")];
+        let mut env = base.to_vec();
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ADDRESS", "[::]:9090"));
+        let e = load(&env, None).unwrap_err().to_string();
+        assert!(
+            e.contains("`admin.address`") && e.contains("admin.enabled"),
+            "{e}"
+        );
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "true"));
+        let c = load(&env, None).unwrap();
+        assert!(c.admin.enabled);
+        // Turned off on purpose, with the address left in place: fine.
+        env.pop();
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "false"));
+        assert!(!load(&env, None).unwrap().admin.enabled);
+    }
+
+    #[test]
+    fn listen_defaults_to_both_loopbacks() {
+        let c = load(&[("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h")], None).unwrap();
+        let a = c.listen_addrs().unwrap();
+        assert_eq!(a.required, vec!["127.0.0.1:6379".parse().unwrap()]);
+        assert_eq!(a.if_available, vec!["[::1]:6379".parse().unwrap()]);
+        let c = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                (
+                    "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+                    "127.0.0.1:7000, [::1]:7001",
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        let a = c.listen_addrs().unwrap();
+        assert_eq!(a.required.len(), 2);
+        assert!(a.if_available.is_empty());
+        let e = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                (
+                    "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+                    "127.0.0.1:7000,[::]:7001",
+                ),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[::]:7001 is not a loopback"), "{e}");
     }
 }

@@ -163,7 +163,9 @@ async fn run(cfg: Config, log: LogSink) -> i32 {
     let stop = running.stop.clone();
     // First SIGTERM/SIGINT cancels `stop` (as /quitquitquit does); a second one exits at once.
     let exit_now = move |status| exit(&log, status);
-    if let Err(e) = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone(), exit_now) {
+    let installed = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone(), exit_now)
+        .and_then(|_| redis_entra_proxy::shutdown::spawn_hangup_handler(running.tokens.clone()));
+    if let Err(e) = installed {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }

@@ -11,6 +11,9 @@
 //!    `shutdown.grace` to finish with [`drain`], which says when the grace runs out;
 //! 4. cancels the admin server's own token last (kubelet probes `/livez` during the
 //!    drain) and returns exit status 0.
+//!
+//! SIGHUP never stops the proxy: [`spawn_hangup_handler`] turns it into a refresh
+//! of the upstream credential (secret files re-read).
 
 use std::future::Future;
 use std::time::Duration;
@@ -106,6 +109,23 @@ async fn handle_signals(
         "shutdown: second signal; exiting now without waiting for in-flight commands"
     );
     exit(second.exit_status());
+}
+
+/// Install a SIGHUP handler and spawn a task that, on every SIGHUP, asks the
+/// credential source for a new credential now through `tokens` (which re-reads the
+/// secret files: `auth.static.password_file`, `auth.entra.client_secret_file`, the
+/// federated token file). SIGHUP never stops the proxy; without a handler its
+/// default action would kill the process with no drain.
+pub fn spawn_hangup_handler(tokens: crate::auth::TokenWatch) -> std::io::Result<JoinHandle<()>> {
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tokens.borrow().refresh.request();
+            tracing::info!(
+                "SIGHUP: re-reading the secret files and refreshing the upstream credential now"
+            );
+        }
+    }))
 }
 
 /// Keep the listener open for `delay` after shutdown began (`shutdown.min_delay`),

@@ -158,7 +158,7 @@ fn exposes_the_default_ports() {
         .collect();
     exposed.sort_unstable();
     let defaults = Config::default();
-    let listen: std::net::SocketAddr = defaults.listen.address.parse().unwrap();
+    let listen = defaults.listen_addr().unwrap();
     let mut expected = vec![listen.port(), defaults.admin.address.port()];
     expected.sort_unstable();
     assert_eq!(exposed, expected);

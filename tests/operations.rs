@@ -129,3 +129,45 @@ async fn a_closed_log_pipe_never_stops_the_proxy() {
     let status = status.expect("SIGTERM ends the proxy within 15 s");
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// SIGHUP (systemd's `ExecReload`, an operator who replaced a secret file): the
+/// proxy stays up, says so, and fetches a new token at once, well before its
+/// schedule (tokens here live an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refreshes_the_token_and_never_exits() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("proxy.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut proxy = Reaper(spawn(&entra_env(&emu, listen, admin), file.into()));
+    wait_listening(&mut proxy.0, listen);
+    emu.wait_issued(1, Duration::from_secs(20)).await;
+    for n in 2..=3 {
+        signal(&proxy.0, "-HUP");
+        emu.wait_issued(n, Duration::from_secs(20)).await;
+    }
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the proxy"
+    );
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGHUP: re-reading the secret files")
+            && text.contains("token refresh requested (SIGHUP)"),
+        "{text}"
+    );
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
+}

@@ -10,10 +10,12 @@
 
 pub mod entra;
 pub mod jwt;
+pub mod refresh;
 pub mod rotator;
 pub mod sources;
 
 pub use entra::EntraEnv;
+pub use refresh::RefreshRequests;
 
 use crate::config::{AuthConfig, AuthSource};
 use crate::metrics::Metrics;
@@ -41,6 +43,8 @@ pub struct TokenState {
     pub generation: u64,
     /// Why the last attempt to get a credential failed, if it did (never contains a secret).
     pub last_error: Option<String>,
+    /// Ask the source for a new credential now (SIGHUP): see [`refresh`].
+    pub refresh: RefreshRequests,
 }
 
 impl TokenState {
@@ -96,13 +100,12 @@ pub fn start_with_env(
                     expires_at: None,
                 })),
                 generation: 1,
-                last_error: None,
+                ..TokenState::default()
             });
-            // Keep the sender until shutdown so receivers see "no change", not "closed".
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                drop(tx);
-            });
+            // Keeps the sender until shutdown (receivers see "no change", not
+            // "closed"), and re-reads auth.static.password_file when asked.
+            let file = cfg.static_.password_file.clone();
+            tokio::spawn(refresh::serve_static(tx, file, shutdown));
             Ok(rx)
         }
         AuthSource::Entra => {

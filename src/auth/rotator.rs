@@ -351,10 +351,8 @@ pub async fn run(
             .and_then(|e| e.duration_since(SystemTime::now()).ok())
             .unwrap_or_default();
         metrics.set_token_expiry_seconds(Some(remaining.as_secs_f64()));
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !super::refresh::sleep_or_refresh(delay, &tx, &shutdown).await {
+            return;
         }
     }
 }

@@ -17,5 +17,6 @@ pub mod resp;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod upstream;
 pub mod write_queue;

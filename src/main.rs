@@ -169,7 +169,13 @@ async fn run(cfg: Config, log: LogSink) -> i32 {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    let systemd = redis_entra_proxy::systemd::Notifier::new(std::env::var("NOTIFY_SOCKET").ok());
+    systemd.notify(&format!(
+        "READY=1\nSTATUS=listening on {:?}",
+        running.tcp_addrs
+    ));
     stop.cancelled().await;
+    systemd.notify("STOPPING=1\nSTATUS=draining");
     tracing::info!(
         grace_secs = cfg.shutdown.grace.as_secs_f64(),
         min_delay_secs = cfg.shutdown.min_delay.as_secs_f64(),

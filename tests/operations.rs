@@ -171,3 +171,66 @@ async fn sighup_refreshes_the_token_and_never_exits() {
     .0;
     assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
 }
+
+/// systemd `Type=notify`: the proxy says READY=1 on `$NOTIFY_SOCKET` once its
+/// listener is up, and STOPPING=1 when it starts draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut env = entra_env(&emu, listen, admin);
+    env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    let proxy = Reaper(spawn(&env, Stdio::null()));
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a datagram within 20 s");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok(),
+        "ready means listening"
+    );
+    signal(&proxy.0, "-TERM");
+    let n = socket.recv(&mut buf).expect("a second datagram");
+    let second = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(second.lines().any(|l| l == "STOPPING=1"), "{second:?}");
+}
+
+/// Clients that resolve `localhost` to ::1 first (Node.js 17+) find the proxy
+/// there too with the default listen.address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_listener_answers_on_both_loopbacks() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.retain(|(k, _)| k != "REDIS_ENTRA_PROXY_LISTEN__ADDRESS");
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__ADDRESS".into(),
+        format!("localhost:{listen}"),
+    ));
+    let mut proxy = Reaper(spawn(&env, Stdio::null()));
+    wait_listening(&mut proxy.0, listen);
+    for addr in [format!("127.0.0.1:{listen}"), format!("[::1]:{listen}")] {
+        let reply = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr)
+                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            reply.starts_with('-') || reply.starts_with('+'),
+            "{reply:?}"
+        );
+    }
+}

@@ -234,3 +234,134 @@ async fn the_default_listener_answers_on_both_loopbacks() {
         );
     }
 }
+
+/// An upstream outage: every connection retries with backoff and warns each time.
+/// With `log.max_per_minute = 3` the log gets three such lines a minute, however
+/// many attempts there are; with the limit off (0) the same outage writes more,
+/// which shows the attempts happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_warnings_in_an_outage_are_rate_limited() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for limit in ["3", "0"] {
+        let (listen, admin) = (free_port(), free_port());
+        let mut env = entra_env(&emu, listen, admin);
+        env.push(("REDIS_ENTRA_PROXY_LOG__MAX_PER_MINUTE".into(), limit.into()));
+        env.push(("REDIS_ENTRA_PROXY_LOG__LEVEL".into(), "info".into()));
+        let log = dir.path().join(format!("proxy-{limit}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut proxy = Reaper(spawn(&env, file.into()));
+        wait_listening(&mut proxy.0, listen);
+        runs.push((limit, log, proxy));
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let count = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("cannot open upstream connection"))
+            .count()
+    };
+    let limited = count(&runs[0].1);
+    let unlimited = count(&runs[1].1);
+    eprintln!("reconnect warnings in 6 s: {limited} with the limit, {unlimited} without");
+    assert!(
+        limited <= 3,
+        "{limited} reconnect warnings with a limit of 3 a minute"
+    );
+    assert!(
+        unlimited > 3,
+        "only {unlimited} warnings without a limit: the outage did not retry"
+    );
+}
+
+/// The image's `ENV` settings (the final stage's `NAME=value` pairs).
+fn image_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let last = &text[text.rfind("\nFROM ").unwrap()..];
+    let joined = last.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|args| {
+            args.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.to_string(), v.trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+/// What Docker would run as the image's HEALTHCHECK, with the image's environment
+/// (its admin port moved to a free one). The image cannot be built here (no
+/// Docker daemon), so its settings are exercised on the binary it ships.
+fn healthcheck(env: &[(String, String)]) -> Option<i32> {
+    Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("healthcheck")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .code()
+}
+
+/// The image's HEALTHCHECK follows `admin.readiness`: by default a proxy holding a
+/// token is healthy while the cache is unreachable (every pod would otherwise
+/// fail together); with `upstream` it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_healthcheck_follows_the_readiness_setting() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let mut codes = Vec::new();
+    for readiness in [None, Some("upstream")] {
+        let (listen, admin) = (free_port(), free_port());
+        let mut env = entra_env(&emu, listen, admin);
+        env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
+        for (k, v) in image_env() {
+            env.push((k, v.replace(":9090", &format!(":{admin}"))));
+        }
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "REDIS_ENTRA_PROXY_ADMIN__ADDRESS" && v.starts_with("[::]")),
+            "{env:?}"
+        );
+        if let Some(r) = readiness {
+            env.push(("REDIS_ENTRA_PROXY_ADMIN__READINESS".into(), r.into()));
+        }
+        let mut proxy = Reaper(spawn(&env, Stdio::null()));
+        wait_listening(&mut proxy.0, listen);
+        // /startup passes once the first token is in.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::task::spawn_blocking(move || http(admin, "GET", "/startup"))
+            .await
+            .unwrap()
+            .0
+            != 200
+        {
+            assert!(Instant::now() < deadline, "no first token");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let e = env.clone();
+        codes.push(
+            tokio::task::spawn_blocking(move || healthcheck(&e))
+                .await
+                .unwrap(),
+        );
+        drop(proxy);
+        let e = env.clone();
+        let gone = tokio::task::spawn_blocking(move || healthcheck(&e))
+            .await
+            .unwrap();
+        assert_eq!(gone, Some(1), "nothing listening is unhealthy");
+    }
+    assert_eq!(
+        codes,
+        vec![Some(0), Some(1)],
+        "default: healthy; upstream: not"
+    );
+}

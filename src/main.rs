@@ -150,6 +150,14 @@ fn exit(log: &LogSink, code: i32) -> ! {
 }
 
 async fn run(cfg: Config, log: LogSink) -> i32 {
+    // Before anything listens: a SIGHUP from then on must find its handler.
+    let hangups = match redis_entra_proxy::shutdown::Hangups::install() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot install the SIGHUP handler: {e}");
+            return 1;
+        }
+    };
     let running = match redis_entra_proxy::server::start(&cfg).await {
         Ok(r) => r,
         Err(e) => {
@@ -163,12 +171,11 @@ async fn run(cfg: Config, log: LogSink) -> i32 {
     let stop = running.stop.clone();
     // First SIGTERM/SIGINT cancels `stop` (as /quitquitquit does); a second one exits at once.
     let exit_now = move |status| exit(&log, status);
-    let installed = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone(), exit_now)
-        .and_then(|_| redis_entra_proxy::shutdown::spawn_hangup_handler(running.tokens.clone()));
-    if let Err(e) = installed {
+    if let Err(e) = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone(), exit_now) {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    hangups.spawn(running.tokens.clone());
     let systemd = redis_entra_proxy::systemd::Notifier::new(std::env::var("NOTIFY_SOCKET").ok());
     systemd.notify(&format!(
         "READY=1\nSTATUS=listening on {:?}",

@@ -12,7 +12,7 @@
 //! 4. cancels the admin server's own token last (kubelet probes `/livez` during the
 //!    drain) and returns exit status 0.
 //!
-//! SIGHUP never stops the proxy: [`spawn_hangup_handler`] turns it into a refresh
+//! SIGHUP never stops the proxy: [`Hangups`] turns it into a refresh
 //! of the upstream credential (secret files re-read).
 
 use std::future::Future;
@@ -111,21 +111,32 @@ async fn handle_signals(
     exit(second.exit_status());
 }
 
-/// Install a SIGHUP handler and spawn a task that, on every SIGHUP, asks the
-/// credential source for a new credential now through `tokens` (which re-reads the
-/// secret files: `auth.static.password_file`, `auth.entra.client_secret_file`, the
-/// federated token file). SIGHUP never stops the proxy; without a handler its
-/// default action would kill the process with no drain.
-pub fn spawn_hangup_handler(tokens: crate::auth::TokenWatch) -> std::io::Result<JoinHandle<()>> {
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tokens.borrow().refresh.request();
-            tracing::info!(
-                "SIGHUP: re-reading the secret files and refreshing the upstream credential now"
-            );
-        }
-    }))
+/// The SIGHUP handler. Installed before anything listens, so that no SIGHUP can
+/// find the process without it (the default action would kill it with no drain).
+#[derive(Debug)]
+pub struct Hangups(Signal);
+
+impl Hangups {
+    /// Install the handler: from now on SIGHUP no longer kills the process.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Hangups(signal(SignalKind::hangup())?))
+    }
+
+    /// Spawn a task that, on every SIGHUP (including any received since
+    /// [`Hangups::install`]), asks the credential source for a new credential now
+    /// through `tokens`, which re-reads the secret files
+    /// (`auth.static.password_file`, `auth.entra.client_secret_file`, the federated
+    /// token file). SIGHUP never stops the proxy.
+    pub fn spawn(mut self, tokens: crate::auth::TokenWatch) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while self.0.recv().await.is_some() {
+                tokens.borrow().refresh.request();
+                tracing::info!(
+                    "SIGHUP: re-reading the secret files and refreshing the upstream credential now"
+                );
+            }
+        })
+    }
 }
 
 /// Keep the listener open for `delay` after shutdown began (`shutdown.min_delay`),

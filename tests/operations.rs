@@ -365,3 +365,57 @@ async fn the_image_healthcheck_follows_the_readiness_setting() {
         "default: healthy; upstream: not"
     );
 }
+
+/// A log shipper that hangs (alive, reading nothing): stderr is a pipe whose
+/// buffer fills. Logging must not block the runtime: the proxy keeps answering
+/// clients and probes, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_never_blocks_the_proxy() {
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (listen, admin) = (free_port(), free_port());
+    let (_reader, mut writer) = std::io::pipe().unwrap();
+    // Full from the start: Linux pipes hold 64 KiB, so every write the proxy
+    // makes to stderr would wait for a reader that never comes.
+    std::io::Write::write_all(&mut writer, &vec![b'.'; 65536]).unwrap();
+    let mut env = entra_env(&emu, listen, admin);
+    env.push(("REDIS_ENTRA_PROXY_LOG__LEVEL".into(), "trace".into()));
+    env.push(("REDIS_ENTRA_PROXY_LOG__MAX_PER_MINUTE".into(), "0".into()));
+    let mut proxy = Reaper(spawn(&env, writer.into()));
+    wait_listening(&mut proxy.0, listen);
+    let pings = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut answered = 0;
+        for _ in 0..200 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            if s.read(&mut buf).is_ok_and(|n| n > 0) {
+                answered += 1;
+            }
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    assert_eq!(pings, 200, "every client answered");
+    emu.wait_requests(4, Duration::from_secs(30)).await;
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
+}

@@ -6,9 +6,11 @@
 //! and a test checks that the example config documents each of them.
 
 mod environment;
+mod listen;
 mod secrets;
 
 pub use environment::is_service_link;
+pub use listen::ListenAddrs;
 pub use secrets::{read_secret_file, SECRET_KEYS};
 
 use crate::secret::Secret;
@@ -405,23 +407,6 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// The TCP addresses of `listen.address`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenAddrs {
-    /// Failing to listen on one of these is an error.
-    pub required: Vec<SocketAddr>,
-    /// Listened on when the machine has them (IPv6 loopback may be turned off in a
-    /// container); skipped, with a log line, when it does not.
-    pub if_available: Vec<SocketAddr>,
-}
-
-impl ListenAddrs {
-    /// Every address, required first.
-    pub fn all(&self) -> impl Iterator<Item = &SocketAddr> {
-        self.required.iter().chain(&self.if_available)
-    }
-}
-
 /// Where a configuration comes from. `env` is passed in (tests give a map; `main`
 /// gives the process environment), never read here.
 pub struct Sources<'a> {
@@ -551,43 +536,6 @@ impl Config {
         Ok(())
     }
 
-    /// The TCP addresses to listen on. `localhost:PORT` (the default) is
-    /// 127.0.0.1 and, where the machine has IPv6, [::1] (clients that resolve
-    /// `localhost` to `::1` first, as Node.js 17+ does, must find the proxy there
-    /// too). Otherwise a comma-separated list of `HOST:PORT`, every one required.
-    pub fn listen_addrs(&self) -> Result<ListenAddrs, ConfigError> {
-        let text = self.listen.address.trim();
-        if let Some(port) = text.strip_prefix("localhost:") {
-            let port: u16 = port
-                .parse()
-                .map_err(|e| invalid("listen.address", format!("`{text}`: bad port: {e}")))?;
-            return Ok(ListenAddrs {
-                required: vec![SocketAddr::from(([127, 0, 0, 1], port))],
-                if_available: vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))],
-            });
-        }
-        let required = text
-            .split(',')
-            .map(|a| {
-                a.trim().parse().map_err(|e| {
-                    invalid(
-                        "listen.address",
-                        format!("`{}` is not HOST:PORT (or localhost:PORT): {e}", a.trim()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<SocketAddr>, _>>()?;
-        Ok(ListenAddrs {
-            required,
-            if_available: vec![],
-        })
-    }
-
-    /// The first TCP listen address.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        Ok(self.listen_addrs()?.required[0])
-    }
-
     /// The name the upstream certificate must carry (and the SNI we send).
     pub fn tls_server_name(&self) -> &str {
         self.upstream
@@ -651,7 +599,7 @@ fn map_deserialize_error(e: config::ConfigError) -> ConfigError {
 mod tests {
     use super::*;
 
-    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+    pub(super) fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         if let Some(text) = file {
@@ -827,90 +775,6 @@ mod tests {
             overrides: vec![],
         })
         .unwrap();
-    }
-
-    /// kubelet's service links for a Service named `redis-entra-proxy` (and one
-    /// named `redis-entra-proxy-admin`) in the namespace.
-    const SERVICE_LINKS: &[(&str, &str)] = &[
-        ("REDIS_ENTRA_PROXY_SERVICE_HOST", "10.0.0.7"),
-        ("REDIS_ENTRA_PROXY_SERVICE_PORT", "6379"),
-        ("REDIS_ENTRA_PROXY_SERVICE_PORT_REDIS", "6379"),
-        ("REDIS_ENTRA_PROXY_PORT", "tcp://10.0.0.7:6379"),
-        ("REDIS_ENTRA_PROXY_PORT_6379_TCP", "tcp://10.0.0.7:6379"),
-        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PROTO", "tcp"),
-        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PORT", "6379"),
-        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_ADDR", "10.0.0.7"),
-        ("REDIS_ENTRA_PROXY_ADMIN_SERVICE_HOST", "10.0.0.8"),
-        ("REDIS_ENTRA_PROXY_ADMIN_PORT_9090_TCP_ADDR", "10.0.0.8"),
-    ];
-
-    #[test]
-    fn kubernetes_service_links_are_not_config_but_look_alikes_still_fail() {
-        let mut env = SERVICE_LINKS.to_vec();
-        env.push(("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"));
-        let c = load(&env, None).unwrap();
-        assert_eq!(c.upstream.host, "h");
-        // One underscore where two belong: ours, mistyped.
-        env.push(("REDIS_ENTRA_PROXY_UPSTREAM_PORT", "6380"));
-        let e = load(&env, None).unwrap_err();
-        assert!(e.to_string().contains("unknown key `upstream_port`"), "{e}");
-    }
-
-    #[test]
-    fn secrets_are_refused_in_the_file_and_read_from_their_own_files() {
-        for (section, key) in [
-            ("listen", "password"),
-            ("auth.static", "password"),
-            ("auth.entra", "client_secret"),
-        ] {
-            let e = load(
-                &[],
-                Some(&format!(
-                    "[upstream]\nhost=\"h\"\n[{section}]\n{key}=\"s\"\n"
-                )),
-            )
-            .unwrap_err();
-            let m = e.to_string();
-            assert!(
-                m.contains(&format!("`{section}.{key}`"))
-                    && m.contains(&format!("{section}.{key}_file")),
-                "{m}"
-            );
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let listen = dir.path().join("listen");
-        let access = dir.path().join("access");
-        std::fs::write(&listen, "client pw\n").unwrap();
-        std::fs::write(&access, "access-key\r\n").unwrap();
-        let (l, a) = (listen.display().to_string(), access.display().to_string());
-        let base = [
-            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
-            ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static"),
-            ("REDIS_ENTRA_PROXY_LISTEN__PASSWORD_FILE", l.as_str()),
-            ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD_FILE", a.as_str()),
-        ];
-        let c = load(&base, None).unwrap();
-        assert_eq!(c.listen.password.unwrap().expose(), "client pw");
-        assert_eq!(c.auth.static_.password.unwrap().expose(), "access-key");
-        // Both a secret and its file; an empty file; a missing one.
-        let mut both = base.to_vec();
-        both.push(("REDIS_ENTRA_PROXY_LISTEN__PASSWORD", "x"));
-        assert!(load(&both, None)
-            .unwrap_err()
-            .to_string()
-            .contains("set only one"));
-        std::fs::write(&access, "\n").unwrap();
-        let e = load(&base, None).unwrap_err().to_string();
-        assert!(
-            e.contains("auth.static.password_file") && e.contains("empty"),
-            "{e}"
-        );
-        std::fs::remove_file(&access).unwrap();
-        let e = load(&base, None).unwrap_err().to_string();
-        assert!(
-            e.contains("auth.static.password_file") && e.contains("cannot read"),
-            "{e}"
-        );
     }
 
     #[test]

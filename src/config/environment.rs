@@ -80,4 +80,31 @@ mod tests {
             assert!(!is_service_link(name, value), "{name}={value}");
         }
     }
+
+    /// kubelet's service links for a Service named `redis-entra-proxy` (and one
+    /// named `redis-entra-proxy-admin`) in the namespace.
+    const SERVICE_LINKS: &[(&str, &str)] = &[
+        ("REDIS_ENTRA_PROXY_SERVICE_HOST", "10.0.0.7"),
+        ("REDIS_ENTRA_PROXY_SERVICE_PORT", "6379"),
+        ("REDIS_ENTRA_PROXY_SERVICE_PORT_REDIS", "6379"),
+        ("REDIS_ENTRA_PROXY_PORT", "tcp://10.0.0.7:6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP", "tcp://10.0.0.7:6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PROTO", "tcp"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_PORT", "6379"),
+        ("REDIS_ENTRA_PROXY_PORT_6379_TCP_ADDR", "10.0.0.7"),
+        ("REDIS_ENTRA_PROXY_ADMIN_SERVICE_HOST", "10.0.0.8"),
+        ("REDIS_ENTRA_PROXY_ADMIN_PORT_9090_TCP_ADDR", "10.0.0.8"),
+    ];
+
+    #[test]
+    fn kubernetes_service_links_are_not_config_but_look_alikes_still_fail() {
+        let mut env = SERVICE_LINKS.to_vec();
+        env.push(("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"));
+        let c = super::super::tests::load(&env, None).unwrap();
+        assert_eq!(c.upstream.host, "h");
+        // One underscore where two belong: ours, mistyped.
+        env.push(("REDIS_ENTRA_PROXY_UPSTREAM_PORT", "6380"));
+        let e = super::super::tests::load(&env, None).unwrap_err();
+        assert!(e.to_string().contains("unknown key `upstream_port`"), "{e}");
+    }
 }

@@ -81,3 +81,65 @@ pub(super) fn resolve(cfg: &mut Config) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::load;
+
+    #[test]
+    fn secrets_are_refused_in_the_file_and_read_from_their_own_files() {
+        for (section, key) in [
+            ("listen", "password"),
+            ("auth.static", "password"),
+            ("auth.entra", "client_secret"),
+        ] {
+            let e = load(
+                &[],
+                Some(&format!(
+                    "[upstream]\nhost=\"h\"\n[{section}]\n{key}=\"s\"\n"
+                )),
+            )
+            .unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(&format!("`{section}.{key}`"))
+                    && m.contains(&format!("{section}.{key}_file")),
+                "{m}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let listen = dir.path().join("listen");
+        let access = dir.path().join("access");
+        std::fs::write(&listen, "client pw\n").unwrap();
+        std::fs::write(&access, "access-key\r\n").unwrap();
+        let (l, a) = (listen.display().to_string(), access.display().to_string());
+        let base = [
+            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+            ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static"),
+            ("REDIS_ENTRA_PROXY_LISTEN__PASSWORD_FILE", l.as_str()),
+            ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD_FILE", a.as_str()),
+        ];
+        let c = load(&base, None).unwrap();
+        assert_eq!(c.listen.password.unwrap().expose(), "client pw");
+        assert_eq!(c.auth.static_.password.unwrap().expose(), "access-key");
+        // Both a secret and its file; an empty file; a missing one.
+        let mut both = base.to_vec();
+        both.push(("REDIS_ENTRA_PROXY_LISTEN__PASSWORD", "x"));
+        assert!(load(&both, None)
+            .unwrap_err()
+            .to_string()
+            .contains("set only one"));
+        std::fs::write(&access, "\n").unwrap();
+        let e = load(&base, None).unwrap_err().to_string();
+        assert!(
+            e.contains("auth.static.password_file") && e.contains("empty"),
+            "{e}"
+        );
+        std::fs::remove_file(&access).unwrap();
+        let e = load(&base, None).unwrap_err().to_string();
+        assert!(
+            e.contains("auth.static.password_file") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+}

@@ -17,11 +17,13 @@ pub mod entra;
 pub mod env;
 pub mod http;
 pub mod jwt;
+pub mod refresh;
 pub mod rotator;
 pub mod sources;
 
 pub use entra::EntraEnv;
 pub use rotator::RefreshNow;
+pub use refresh::RefreshRequests;
 
 use crate::config::{AuthConfig, AuthSource};
 use crate::metrics::Metrics;
@@ -70,6 +72,8 @@ pub struct TokenState {
     pub generation: u64,
     /// Why the last attempt to get a credential failed, if it did (never contains a secret).
     pub last_error: Option<String>,
+    /// Ask the source for a new credential now (SIGHUP): see [`refresh`].
+    pub refresh: RefreshRequests,
 }
 
 impl TokenState {
@@ -137,13 +141,12 @@ pub fn start_with_refresh(
                     expires_at: None,
                 })),
                 generation: 1,
-                last_error: None,
+                ..TokenState::default()
             });
-            // Keep the sender until shutdown so receivers see "no change", not "closed".
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                drop(tx);
-            });
+            // Keeps the sender until shutdown (receivers see "no change", not
+            // "closed"), and re-reads auth.static.password_file when asked.
+            let file = cfg.static_.password_file.clone();
+            tokio::spawn(refresh::serve_static(tx, file, shutdown));
             Ok(rx)
         }
         AuthSource::Entra => {

@@ -486,6 +486,8 @@ async fn wait(
 ) -> bool {
     let mono_due = tokio::time::Instant::now() + delay;
     let wall_due = clock.now() + delay;
+    // SIGHUP's request travels in the published state.
+    let requests = tx.borrow().refresh.clone();
     loop {
         let now = clock.now();
         record_expiry(tx, metrics, now);
@@ -509,6 +511,13 @@ async fn wait(
             _ = shutdown.cancelled() => return false,
             _ = refresh.0.notified() => {
                 info!("token refresh requested; fetching now");
+                return true;
+            }
+            _ = requests.requested() => {
+                info!(
+                    scheduled_in_s = mono_left.as_secs_f64(),
+                    "token refresh requested (SIGHUP): fetching a new token now"
+                );
                 return true;
             }
             _ = tokio::time::sleep(step) => {}

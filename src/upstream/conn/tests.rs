@@ -19,6 +19,7 @@ fn state(generation: u64, password: &str) -> TokenState {
         })),
         generation,
         last_error: None,
+        ..TokenState::default()
     }
 }
 

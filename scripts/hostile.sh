@@ -36,7 +36,13 @@ fi
 # The driver restarts redis-server itself (upstream-kill-restart) and leaves the
 # new pid here; stop that one too.
 stop_all() {
-  if [ -s "$work/redis.pid" ]; then kill "$(cat "$work/redis.pid")" 2>/dev/null || true; fi
+  if [ -s "$work/redis.pid" ]; then
+    local p; p="$(cat "$work/redis.pid")"
+    kill "$p" 2>/dev/null || true
+    # Not our child: wait for it by polling (it writes its log as it stops).
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$work/redis.pid"
+  fi
   cleanup
 }
 trap stop_all EXIT

@@ -95,7 +95,11 @@ machine="$(mktemp)"
 } > "$machine"
 mkdir -p "$(dirname "$out_md")"
 cp "$tmp_csv" "$out_csv"
+# The "## Findings" section is written by hand: kept across runs.
+findings="$(mktemp)"
+[ -e "$out_md" ] && awk '/^## Findings/ {f = 1} f' "$out_md" > "$findings"
 python3 scripts/hostile.py report --csv "$out_csv" --machine "$machine" \
   --command "scripts/hostile.sh $runs" > "$out_md"
-rm -f "$tmp_csv" "$machine"
+if [ -s "$findings" ]; then { echo; cat "$findings"; } >> "$out_md"; fi
+rm -f "$tmp_csv" "$machine" "$findings"
 echo "wrote $out_md and $out_csv" >&2

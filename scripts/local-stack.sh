@@ -81,7 +81,7 @@ start_stack() {
   rm -rf "$work"; mkdir -p "$work"
   cargo build --release --quiet --bin redis-entra-proxy
   cargo build --quiet --example testpki --example token_emulator
-  target/debug/examples/testpki "$work/tls" >/dev/null
+  "${CARGO_TARGET_DIR:-target}"/debug/examples/testpki "$work/tls" >/dev/null
   for port in "$PROXY_PORT" "$TLS_PORT" "$ADMIN_PORT"; do
     if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
       echo "port $port is already in use (a local redis?): stop it and run again" >&2
@@ -103,7 +103,7 @@ start_stack() {
   local auth_env
   if [ "$STACK_AUTH" = entra ]; then
     echo "==> starting the token-endpoint emulator (IMDS shape; tokens valid ${TOKEN_LIFETIME}s; log: $work/emulator.log)"
-    EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" target/debug/examples/token_emulator \
+    EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" "${CARGO_TARGET_DIR:-target}"/debug/examples/token_emulator \
       --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$TOKEN_LIFETIME" \
       --endpoint-file "$work/endpoint" > "$work/emulator.log" 2>&1 &
     pids+=($!)
@@ -129,7 +129,7 @@ start_stack() {
   REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$PROXY_PORT" \
   REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
   REDIS_ENTRA_PROXY_ADMIN__ADDRESS="127.0.0.1:$ADMIN_PORT" \
-    target/release/redis-entra-proxy --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
+    "${CARGO_TARGET_DIR:-target}"/release/redis-entra-proxy --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
   pids+=($!)
   proxy_pid=$!
   wait_port "$PROXY_PORT"

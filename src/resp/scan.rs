@@ -321,6 +321,17 @@ impl CommandScanner {
             nl
         };
         let line = &buf[..line_end];
+        // An HTTP request (a browser page can send one to 127.0.0.1): Redis
+        // closes a connection whose command is POST or Host: so that nothing
+        // after it runs; so does the proxy (this error closes the client).
+        let first = line.split(|&b| is_blank(b)).find(|w| !w.is_empty());
+        if first
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"post") || w.eq_ignore_ascii_case(b"host:"))
+        {
+            return Err(ScanError::Protocol(
+                "POST or Host: (an HTTP request?) is not a Redis command; connection closed",
+            ));
+        }
         // Quoted words are unescaped by [`inline_args`]: their positions in
         // the line are not their bytes, so none are kept (the session turns
         // every inline command into a RESP array with `inline_args`).
@@ -445,8 +456,11 @@ pub fn inline_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ScanError> {
                     _ => word.push(c),
                 }
             } else {
+                // A NUL byte is part of its word (as in split_inline): Redis
+                // reads inline lines as C strings, and breaking here without
+                // moving on looped for ever pushing empty words.
                 match c {
-                    c if is_blank(c) || c == 0 => break,
+                    c if is_blank(c) => break,
                     b'"' => dq = true,
                     b'\'' => sq = true,
                     _ => word.push(c),
@@ -894,6 +908,7 @@ mod tests {
         );
         assert_eq!(words(br#"x"y z""#), [&b"xy z"[..]]);
         assert_eq!(words(b""), Vec::<Vec<u8>>::new());
+        assert_eq!(words(b"\0 a\0b"), [&b"\0"[..], b"a\0b"]);
         assert_eq!(words(br#""""#), [&b""[..]]);
         for bad in [&br#""abc"#[..], br#"'abc"#, br#""a"b"#, br#"'a'b"#] {
             assert!(

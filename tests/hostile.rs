@@ -88,3 +88,46 @@ fn an_http_request_is_closed_and_runs_nothing() {
     );
     assert_eq!(other.call(&["INCR", "other"]), ":2\r\n");
 }
+
+/// A client that pipelines large reads and reads none of the replies: once
+/// more than `limits.max_buffered_bytes` of replies wait for it, it is
+/// closed (as a MONITOR client over its limit is), instead of the proxy
+/// holding every reply for as long as the client stays connected. The
+/// count bound (1,024 commands owed) never came into play: 200 GETs of
+/// 1 MB, sent in one read, all ran and all 200 MB were held.
+#[test]
+fn unread_large_replies_over_the_byte_limit_close_the_client() {
+    let redis = RedisServer::start(USER, TOKEN);
+    let mut env = static_env(&redis, USER, TOKEN);
+    env.push((
+        "REDIS_ENTRA_PROXY_LIMITS__MAX_BUFFERED_BYTES".into(),
+        "4194304".into(),
+    ));
+    let proxy = Proxy::start(&env);
+    let mut c = Raw::connect(proxy.port);
+    let value = "v".repeat(1 << 20);
+    assert_eq!(c.call(&["SET", "big", &value]), "+OK\r\n");
+    let mut s = proxy.raw();
+    let one: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n";
+    s.write_all(&one.repeat(200)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // What reaches the client: what the kernel's socket buffers held plus
+    // at most the limit, then the close; never all 200 MB.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("still open after {total} bytes: {e}"),
+        }
+        assert!(
+            total < 100 << 20,
+            "{total} bytes of replies held for a client that did not read"
+        );
+    }
+    assert!(proxy.log_text().contains("limits.max_buffered_bytes"));
+    // The other client is fine.
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+}

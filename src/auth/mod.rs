@@ -22,8 +22,8 @@ pub mod rotator;
 pub mod sources;
 
 pub use entra::EntraEnv;
-pub use rotator::RefreshNow;
 pub use refresh::RefreshRequests;
+pub use rotator::RefreshNow;
 
 use crate::config::{AuthConfig, AuthSource};
 use crate::metrics::Metrics;

@@ -102,9 +102,12 @@ start_proxy() { # port admin-port log auth-env...
     "${PROXY_BIN:-$target/release/redis-entra-proxy}" --config config/redis-entra-proxy.example.toml 2>"$log" &
   pids+=($!)
   proxy_pid=$!
-  wait_port "$port"
+  for _ in $(seq 1 "${READY_TRIES:-100}"); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
+    sleep 0.1
+  done
   # Ready: a credential and a healthy upstream connection.
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 "${READY_TRIES:-100}"); do
     ADMIN_PORT=$admin admin_get /readyz 2>/dev/null | grep -q '^ready' && return 0
     sleep 0.1
   done

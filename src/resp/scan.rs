@@ -639,6 +639,21 @@ mod tests {
     }
 
     #[test]
+    fn reply_lines_longer_than_32_bytes() {
+        let line = format!("+{}\r\n", "a".repeat(100));
+        let reply = format!("*2\r\n{line}-ERR {}\r\n", "e".repeat(40));
+        for cut in 0..reply.len() {
+            let mut s = ReplyScanner::new();
+            assert_eq!(s.scan(&reply.as_bytes()[..cut]), Ok(None), "cut at {cut}");
+            let r = s.scan(reply.as_bytes()).unwrap().unwrap();
+            assert_eq!(r.len, reply.len());
+        }
+        let mut s = ReplyScanner::new();
+        let bad = format!("+{}\n", "a".repeat(40));
+        assert!(s.scan(bad.as_bytes()).is_err());
+    }
+
+    #[test]
     fn deep_nesting_in_client_input_is_refused_without_recursion() {
         // `*1\r\n` repeated: a recursive decoder would descend once per level.
         let input = b"*1\r\n".repeat(100_000);

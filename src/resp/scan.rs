@@ -275,7 +275,16 @@ impl CommandScanner {
         too_big: &'static str,
     ) -> Result<Option<(i64, usize)>, LineError> {
         let window = &buf[from.min(buf.len())..];
-        let Some(cr) = memchr(b'\r', window) else {
+        // A length line is a few bytes: a plain loop over the first 33 costs
+        // less than memchr's set-up, and this runs for every argument; longer
+        // lines (never a valid length) are searched only up to Redis's limit.
+        let near = window.iter().take(33).position(|&b| b == b'\r');
+        let cr = near.or_else(|| {
+            (window.len() > 33)
+                .then(|| memchr(b'\r', &window[..window.len().min(MAX_HEADER_LINE + 1)]))
+                .flatten()
+        });
+        let Some(cr) = cr else {
             if window.len() > MAX_HEADER_LINE {
                 return Err(LineError::Scan(ScanError::Protocol(too_big)));
             }
@@ -759,6 +768,59 @@ mod tests {
             let mut s = CommandScanner::new(limits());
             assert!(s.scan(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn length_lines_up_to_32_bytes() {
+        let ok = format!("*1\r\n${}4\r\nPING\r\n", "0".repeat(18));
+        let mut s = CommandScanner::new(limits());
+        assert_eq!(s.scan(ok.as_bytes()).unwrap().unwrap().len, ok.len());
+        // A CR in the first 33 bytes is found by the short loop, later ones
+        // by memchr up to Redis's 64 KB: too many digits either way is Redis's
+        // "invalid bulk length"; no CR yet, under 64 KB: wait for more.
+        let cases = [
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(32)),
+                Err("invalid bulk length"),
+            ),
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(33)),
+                Err("invalid bulk length"),
+            ),
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(1000)),
+                Err("invalid bulk length"),
+            ),
+            (format!("*1\r\n${}", "1".repeat(33)), Ok(())),
+            (format!("*1\r\n${}", "1".repeat(32)), Ok(())),
+            (
+                format!("*1\r\n${}", "1".repeat(70_000)),
+                Err("too big bulk count string"),
+            ),
+        ];
+        for (input, want) in cases {
+            let mut s = CommandScanner::new(limits());
+            let got = s.scan(input.as_bytes());
+            match want {
+                Ok(()) => assert_eq!(got, Ok(None), "{input:?}"),
+                Err(e) => assert_eq!(got, Err(ScanError::Protocol(e)), "{input:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reply_lines_longer_than_32_bytes() {
+        let line = format!("+{}\r\n", "a".repeat(100));
+        let reply = format!("*2\r\n{line}-ERR {}\r\n", "e".repeat(40));
+        for cut in 0..reply.len() {
+            let mut s = ReplyScanner::new();
+            assert_eq!(s.scan(&reply.as_bytes()[..cut]), Ok(None), "cut at {cut}");
+            let r = s.scan(reply.as_bytes()).unwrap().unwrap();
+            assert_eq!(r.len, reply.len());
+        }
+        let mut s = ReplyScanner::new();
+        let bad = format!("+{}\n", "a".repeat(40));
+        assert!(s.scan(bad.as_bytes()).is_err());
     }
 
     #[test]

@@ -106,6 +106,7 @@ fn start(reply_timeout: Duration, keepalive: Duration) -> Harness {
             None,
         )
         .await
+        .map(|_| ())
     });
     Harness {
         server: Server {

@@ -35,6 +35,28 @@ pub enum StartError {
 }
 
 /// A started proxy.
+/// The clients' password as SIGHUP re-reads it from `listen.password_file`:
+/// clients that authenticate from then on use the new one (those already
+/// authenticated stay so, as with Redis's `CONFIG SET requirepass`).
+#[derive(Clone)]
+pub struct ListenPassword {
+    ctx: Arc<Context>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl ListenPassword {
+    pub fn reload(&self) {
+        let Some(path) = &self.file else { return };
+        match crate::config::read_secret_file("listen.password_file", path) {
+            Ok(p) => {
+                *self.ctx.password.write().expect("not poisoned") = Some(p);
+                tracing::info!("SIGHUP: listen.password_file re-read");
+            }
+            Err(e) => tracing::error!("SIGHUP: keeping the clients' password: {e}"),
+        }
+    }
+}
+
 pub struct Running {
     /// The first TCP listener's address (127.0.0.1 by default).
     pub tcp_addr: SocketAddr,
@@ -43,6 +65,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub tokens: TokenWatch,
+    /// Re-reads `listen.password_file` (SIGHUP).
+    pub listen_password: ListenPassword,
     pub admin_addr: Option<SocketAddr>,
     /// Cancelled by `/quitquitquit` (and by main on a signal): time to drain.
     pub stop: CancellationToken,
@@ -144,7 +168,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         limits: Limits::from(&cfg.limits),
         max_buffered_bytes: cfg.limits.max_buffered_bytes,
         max_push_bytes: cfg.limits.max_pubsub_queued_bytes,
-        password: cfg.listen.password.clone(),
+        password: std::sync::RwLock::new(cfg.listen.password.clone()),
         next_id: AtomicU64::new(1),
         clients: Default::default(),
         laddr: cfg.listen.address.as_str().into(),
@@ -167,7 +191,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if let Some(u) = unix {
         tokio::spawn(downstream::serve(
             Listener::Unix(u),
-            ctx,
+            ctx.clone(),
             admission,
             tracker.clone(),
             stop_accepting.clone(),
@@ -190,6 +214,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         metrics,
         health,
         tokens,
+        listen_password: ListenPassword {
+            ctx: ctx.clone(),
+            file: cfg.listen.password_file.clone(),
+        },
         admin_addr,
         stop,
         min_delay: cfg.shutdown.min_delay,

@@ -127,9 +127,14 @@ impl Hangups {
     /// through `tokens`, which re-reads the secret files
     /// (`auth.static.password_file`, `auth.entra.client_secret_file`, the federated
     /// token file). SIGHUP never stops the proxy.
-    pub fn spawn(mut self, tokens: crate::auth::TokenWatch) -> JoinHandle<()> {
+    pub fn spawn(
+        mut self,
+        tokens: crate::auth::TokenWatch,
+        listen_password: crate::server::ListenPassword,
+    ) -> JoinHandle<()> {
         tokio::spawn(async move {
             while self.0.recv().await.is_some() {
+                listen_password.reload();
                 tokens.borrow().refresh.request();
                 tracing::info!(
                     "SIGHUP: re-reading the secret files and refreshing the upstream credential now"

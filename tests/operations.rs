@@ -419,3 +419,58 @@ async fn a_log_pipe_nobody_reads_never_blocks_the_proxy() {
     .0;
     assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
 }
+
+/// SIGHUP re-reads `listen.password_file` too: clients that authenticate
+/// afterwards need the new password, and the old one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_clients_password_file() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pass_file = dir.path().join("listen-password");
+    std::fs::write(&pass_file, "first-client-pass\n").unwrap();
+    let mut env = entra_env(&emu, listen, admin);
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__PASSWORD_FILE".into(),
+        pass_file.display().to_string(),
+    ));
+    let mut proxy = Reaper(spawn(&env, Stdio::null()));
+    wait_listening(&mut proxy.0, listen);
+    let auth = move |pass: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("AUTH {pass}\r\n").as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = tokio::task::spawn_blocking(move || auth("first-client-pass"))
+        .await
+        .unwrap();
+    assert_eq!(first, "+OK\r\n");
+    std::fs::write(&pass_file, "second-client-pass\n").unwrap();
+    signal(&proxy.0, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = tokio::task::spawn_blocking(move || auth("second-client-pass"))
+            .await
+            .unwrap();
+        if got == "+OK\r\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new password never accepted: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = tokio::task::spawn_blocking(move || auth("first-client-pass"))
+        .await
+        .unwrap();
+    assert!(old.starts_with("-WRONGPASS"), "{old}");
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the proxy"
+    );
+}

@@ -67,7 +67,8 @@ pub struct Context {
     /// `limits.max_pubsub_queued_bytes`: also the cap on push frames
     /// (MONITOR lines, invalidations) waiting for a pinned client.
     pub max_push_bytes: usize,
-    pub password: Option<Secret>,
+    /// `listen.password`: swapped when SIGHUP re-reads `listen.password_file`.
+    pub password: std::sync::RwLock<Option<Secret>>,
     pub next_id: AtomicU64,
     /// The proxy's clients, for CLIENT LIST / KILL / UNBLOCK.
     pub clients: Arc<super::clients::Clients>,
@@ -187,7 +188,7 @@ where
         st: State {
             id,
             proto: Proto::Resp2,
-            authed: ctx.password.is_none(),
+            authed: ctx.password.read().expect("not poisoned").is_none(),
             name: None,
             db: 0,
             in_multi: false,

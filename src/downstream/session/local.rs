@@ -119,7 +119,7 @@ impl Session {
                     self.st.proto = Proto::Resp2;
                     self.st.shared = None;
                 }
-                self.st.authed = self.ctx.password.is_none();
+                self.st.authed = self.ctx.password.read().expect("not poisoned").is_none();
                 self.st.last_target = Target::Shared;
                 self.reply(resp::simple("RESET")).await;
             }
@@ -285,7 +285,8 @@ impl Session {
     }
 
     fn check_password(&mut self, given: &[u8]) -> Bytes {
-        match &self.ctx.password {
+        let password = self.ctx.password.read().expect("not poisoned").clone();
+        match &password {
             None => {
                 // No local password: accept and drop whatever the app sends
                 // (often an old access key). It never goes upstream.

@@ -37,7 +37,8 @@
 # Environment: REDISRS_JOBS (tests at a time, default 2), REDISRS_TESTS
 # (space-separated test binaries), REDISRS_FILTER (extended regexp on
 # "binary<TAB>executable<TAB>test name"), REDISRS_COMPARE_ONLY=1 (compare the
-# last run's results again), PROTOCOL=RESP3 (the suite's clients speak RESP3).
+# last run's results again), REDISRS_PROXY (a proxy binary to test instead of
+# this checkout's release build), PROTOCOL=RESP3 (the suite's clients speak RESP3).
 set -euo pipefail
 orig_pwd=$PWD
 cd "$(dirname "$0")/.."
@@ -168,9 +169,13 @@ if ! (cd "$suite" && CARGO_TARGET_DIR="$rs_target" cargo test -q --no-run \
   echo "building the suite failed; see target/redisrs-build.log" >&2
   exit 1
 fi
-cargo build --release --quiet --bin redis-entra-proxy
 cargo build --quiet --example testpki
-proxy_bin="$target/release/redis-entra-proxy"
+if [ -n "${REDISRS_PROXY:-}" ]; then
+  proxy_bin=$(realpath "$REDISRS_PROXY")   # another build of the proxy, e.g. of another branch
+else
+  cargo build --release --quiet --bin redis-entra-proxy
+  proxy_bin="$target/release/redis-entra-proxy"
+fi
 
 # REDISRS_COMPARE_ONLY=1 compares (and retries) the results of the last run again.
 compare_only="${REDISRS_COMPARE_ONLY:-}"

@@ -19,8 +19,26 @@ pub enum Local {
     ClientSetInfo,
     ClientId,
     ClientInfo,
+    /// CLIENT LIST / KILL / UNBLOCK: on the proxy's own clients (see
+    /// `downstream::clients`), never on the upstream connections.
+    ClientList,
+    ClientKill,
+    ClientUnblock,
+    /// CLIENT REPLY ON|OFF|SKIP: the proxy drops the replies itself, so the
+    /// upstream connection's reply matching never changes.
+    ClientReply,
     /// EXEC/DISCARD/UNWATCH: only meaningful on a pinned connection.
     TxEnd,
+}
+
+/// Why the proxy refuses a command rather than run it: what it would do to a
+/// connection other clients share, or an answer that would not be true of
+/// this client. The text follows `ERR ` in the reply.
+pub mod refusal {
+    pub const REPLICATION: &str = "replication commands (SYNC, PSYNC, REPLCONF) are not supported through redis-entra-proxy: they would turn a shared upstream connection into a replica";
+    pub const SCRIPT_DEBUG: &str = "SCRIPT DEBUG is not supported through redis-entra-proxy: it would put a shared upstream connection into the Lua debugger";
+    pub const UNPLACED: &str = "the proxy cannot place this command: the server flags it 'pubsub' (it would change a shared connection's mode) and redis-entra-proxy's routing table does not know it";
+    pub const WAIT: &str = "WAIT and WAITAOF are not supported through redis-entra-proxy: the proxy multiplexes clients' writes over shared upstream connections, so the server cannot tell which writes are this client's";
 }
 
 /// Why a client needs a dedicated upstream connection.
@@ -33,6 +51,11 @@ pub enum Pin {
     ClientMode,
     Monitor,
     Cluster,
+    /// Must not wait behind what a shared connection is running: SCRIPT
+    /// KILL / FUNCTION KILL, sent while a script holds the server (and
+    /// perhaps the very shared connection that ran it). A connection of its
+    /// own for this command, let go right after.
+    Urgent,
 }
 
 /// Subscription commands: answered by the session with the pub/sub hub's
@@ -56,6 +79,8 @@ pub enum Class {
     Local(Local),
     /// Subscriptions, carried by the shared pub/sub hub.
     PubSub(PubSub),
+    /// Not run: the reason (see [`refusal`]).
+    Refuse(&'static str),
 }
 
 /// Command name (upper case) -> class, for every command that is not plain
@@ -79,8 +104,11 @@ pub const TABLE: &[(&str, Class)] = &[
     ("BZPOPMAX", Class::Pin(Pin::Blocking)),
     ("BLMPOP", Class::Pin(Pin::Blocking)),
     ("BZMPOP", Class::Pin(Pin::Blocking)),
-    ("WAIT", Class::Pin(Pin::Blocking)),
-    ("WAITAOF", Class::Pin(Pin::Blocking)),
+    ("WAIT", Class::Refuse(refusal::WAIT)),
+    ("WAITAOF", Class::Refuse(refusal::WAIT)),
+    ("SYNC", Class::Refuse(refusal::REPLICATION)),
+    ("PSYNC", Class::Refuse(refusal::REPLICATION)),
+    ("REPLCONF", Class::Refuse(refusal::REPLICATION)),
     ("MONITOR", Class::Pin(Pin::Monitor)),
     ("SUBSCRIBE", Class::PubSub(PubSub::Subscribe)),
     ("PSUBSCRIBE", Class::PubSub(PubSub::PSubscribe)),
@@ -100,9 +128,12 @@ pub const CLIENT_TABLE: &[(&str, Class)] = &[
     ("SETINFO", Class::Local(Local::ClientSetInfo)),
     ("ID", Class::Local(Local::ClientId)),
     ("INFO", Class::Local(Local::ClientInfo)),
+    ("LIST", Class::Local(Local::ClientList)),
+    ("KILL", Class::Local(Local::ClientKill)),
+    ("UNBLOCK", Class::Local(Local::ClientUnblock)),
     ("TRACKING", Class::Pin(Pin::ClientMode)),
     ("CACHING", Class::Pin(Pin::ClientMode)),
-    ("REPLY", Class::Pin(Pin::ClientMode)),
+    ("REPLY", Class::Local(Local::ClientReply)),
     ("NO-EVICT", Class::Pin(Pin::ClientMode)),
     ("NO-TOUCH", Class::Pin(Pin::ClientMode)),
 ];
@@ -115,7 +146,7 @@ fn lookup(table: &[(&str, Class)], name: &[u8]) -> Option<Class> {
 }
 
 /// Commands whose class depends on their arguments ([`classify`] decides).
-const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP"];
+const BY_ARGUMENTS: &[&str] = &["CLIENT", "XREAD", "XREADGROUP", "SCRIPT", "FUNCTION"];
 
 /// Whether the routing table decides this command (by name or by arguments).
 pub fn listed(name: &[u8]) -> bool {
@@ -136,18 +167,40 @@ pub fn classify(args: &[&[u8]]) -> Class {
             .and_then(|sub| lookup(CLIENT_TABLE, sub))
             .unwrap_or(Class::Shared);
     }
+    let kill = args.get(1).is_some_and(|a| a.eq_ignore_ascii_case(b"KILL"));
+    if kill && (name.eq_ignore_ascii_case(b"SCRIPT") || name.eq_ignore_ascii_case(b"FUNCTION")) {
+        return Class::Pin(Pin::Urgent);
+    }
+    if name.eq_ignore_ascii_case(b"SCRIPT") {
+        let debug = args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"DEBUG"));
+        let off = args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"NO"));
+        return if debug && !off {
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        } else {
+            Class::Shared
+        };
+    }
     if name.eq_ignore_ascii_case(b"XREAD") || name.eq_ignore_ascii_case(b"XREADGROUP") {
-        let blocks = args
-            .iter()
-            .skip(1)
-            .any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
-        return if blocks {
+        return if xread_block_pos(args).is_some() {
             Class::Pin(Pin::Blocking)
         } else {
             Class::Shared
         };
     }
     lookup(TABLE, name).unwrap_or(Class::Shared)
+}
+
+/// Where XREAD / XREADGROUP's `BLOCK <ms>` timeout is (the index of `<ms>`):
+/// among the options before `STREAMS` only, since every argument after it is
+/// a stream name or an id (a stream may be called `block`).
+pub fn xread_block_pos<A: AsRef<[u8]>>(args: &[A]) -> Option<usize> {
+    args.iter()
+        .skip(1)
+        .take_while(|a| !a.as_ref().eq_ignore_ascii_case(b"STREAMS"))
+        .position(|a| a.as_ref().eq_ignore_ascii_case(b"BLOCK"))
+        .map(|i| i + 2)
 }
 
 /// What the upstream's `COMMAND` reply says about commands the table does not
@@ -161,7 +214,15 @@ pub struct Learned {
     /// Blocking commands that [`classify`] would otherwise send to a shared
     /// connection, where they would hold up every other client on it.
     pub blocking: Vec<Vec<u8>>,
+    /// Commands the server flags `pubsub` that the table does not know:
+    /// on a shared connection they could put it in subscribed mode, so they
+    /// are refused rather than guessed at.
+    pub unplaced: Vec<Vec<u8>>,
 }
+
+/// Commands the server flags `pubsub` that are plain requests with one reply
+/// (the subscription commands themselves are in [`TABLE`]).
+const STATELESS_PUBSUB: &[&str] = &["PUBLISH", "SPUBLISH", "PUBSUB"];
 
 impl Learned {
     /// Learn from `COMMAND`'s reply: one array per command, name first and its
@@ -190,12 +251,22 @@ impl Learned {
                 Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
                 _ => Vec::new(),
             };
-            let blocking = flags.iter().any(|f| f.eq_ignore_ascii_case(b"blocking"));
-            if blocking && !listed(&name) {
+            let flagged = |flag: &[u8]| flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
+            let known = listed(&name)
+                || STATELESS_PUBSUB
+                    .iter()
+                    .any(|n| n.as_bytes().eq_ignore_ascii_case(&name));
+            if known {
+                continue;
+            }
+            if flagged(b"pubsub") {
+                learned.unplaced.push(name.to_ascii_lowercase());
+            } else if flagged(b"blocking") {
                 learned.blocking.push(name.to_ascii_lowercase());
             }
         }
         learned.blocking.sort();
+        learned.unplaced.sort();
         Some(learned)
     }
 
@@ -203,6 +274,8 @@ impl Learned {
     pub fn refine(&self, name: &[u8]) -> Class {
         if self.blocking.iter().any(|b| b.eq_ignore_ascii_case(name)) {
             Class::Pin(Pin::Blocking)
+        } else if self.unplaced.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+            Class::Refuse(refusal::UNPLACED)
         } else {
             Class::Shared
         }
@@ -226,6 +299,13 @@ mod tests {
         assert_eq!(l.blocking, vec![b"mymod.bwait".to_vec()]);
         assert_eq!(l.refine(b"MYMOD.BWAIT"), Class::Pin(Pin::Blocking));
         assert_eq!(l.refine(b"GET"), Class::Shared);
+        // A module command that could change a connection's mode: refused.
+        let pubsub = b"*2\r\n*3\r\n$7\r\nx.psub2\r\n:-2\r\n*2\r\n+pubsub\r\n+noscript\r\n\
+            *3\r\n$7\r\npublish\r\n:3\r\n*2\r\n+pubsub\r\n+fast\r\n";
+        let l = Learned::from_command_reply(pubsub).expect("parses");
+        assert_eq!(l.unplaced, vec![b"x.psub2".to_vec()]);
+        assert_eq!(l.refine(b"X.PSUB2"), Class::Refuse(refusal::UNPLACED));
+        assert_eq!(l.refine(b"PUBLISH"), Class::Shared);
         let resp3 = b"*1\r\n*3\r\n$6\r\nx.wait\r\n:-2\r\n~1\r\n+blocking\r\n";
         let l = Learned::from_command_reply(resp3).expect("parses");
         assert_eq!(l.blocking, vec![b"x.wait".to_vec()]);
@@ -258,13 +338,54 @@ mod tests {
     #[test]
     fn argument_dependent_cases() {
         assert_eq!(classify(&[b"GET", b"k"]), Class::Shared);
-        assert_eq!(classify(&[b"CLIENT", b"LIST"]), Class::Shared);
+        assert_eq!(classify(&[b"CLIENT", b"PAUSE", b"10"]), Class::Shared);
         assert_eq!(classify(&[b"CLIENT"]), Class::Shared);
         assert_eq!(
             classify(&[b"XREAD", b"COUNT", b"1", b"BLOCK", b"0", b"STREAMS", b"s", b"$"]),
             Class::Pin(Pin::Blocking)
         );
         assert_eq!(classify(&[b"XREAD", b"STREAMS", b"s", b"0"]), Class::Shared);
+        // Regression: a stream named `block` was read as BLOCK (forever).
+        assert_eq!(
+            classify(&[b"XREAD", b"STREAMS", b"block", b"0"]),
+            Class::Shared
+        );
+        assert_eq!(
+            classify(&[b"XREAD", b"STREAMS", b"a", b"block", b"0", b"0"]),
+            Class::Shared
+        );
+        assert_eq!(
+            xread_block_pos(&[
+                &b"XREAD"[..],
+                b"COUNT",
+                b"1",
+                b"BLOCK",
+                b"5",
+                b"STREAMS",
+                b"s",
+                b"$"
+            ]),
+            Some(4)
+        );
+        assert_eq!(
+            classify(&[b"SCRIPT", b"DEBUG", b"YES"]),
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        );
+        assert_eq!(
+            classify(&[b"script", b"debug", b"sync"]),
+            Class::Refuse(refusal::SCRIPT_DEBUG)
+        );
+        assert_eq!(classify(&[b"SCRIPT", b"DEBUG", b"NO"]), Class::Shared);
+        assert_eq!(classify(&[b"SCRIPT", b"LOAD", b"return 1"]), Class::Shared);
+        assert_eq!(classify(&[b"script", b"kill"]), Class::Pin(Pin::Urgent));
+        assert_eq!(classify(&[b"FUNCTION", b"KILL"]), Class::Pin(Pin::Urgent));
+        assert_eq!(classify(&[b"FUNCTION", b"LIST"]), Class::Shared);
+        for name in ["SYNC", "PSYNC", "REPLCONF", "WAIT", "WAITAOF"] {
+            assert!(
+                matches!(classify(&[name.as_bytes()]), Class::Refuse(_)),
+                "{name}"
+            );
+        }
         assert_eq!(
             classify(&[b"xreadgroup", b"GROUP", b"g", b"c", b"block", b"10"]),
             Class::Pin(Pin::Blocking)

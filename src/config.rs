@@ -42,6 +42,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.pool_size", "2"),
     ("upstream.warm_pinned", "2"),
     ("upstream.max_pinned", "256"),
+    ("upstream.cluster", "auto"),
     ("auth.source", "entra"),
     ("auth.username", "oid claim of each token"),
     ("auth.static.password", "none"),
@@ -185,6 +186,17 @@ pub struct UpstreamConfig {
     pub pool_size: usize,
     pub warm_pinned: usize,
     pub max_pinned: usize,
+    /// Whether the upstream is a Redis Cluster (OSS cluster policy).
+    pub cluster: ClusterMode,
+}
+
+/// `upstream.cluster`: find out from the first connection, or say so.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -307,6 +319,7 @@ impl Default for UpstreamConfig {
             pool_size: 2,
             warm_pinned: 2,
             max_pinned: 256,
+            cluster: ClusterMode::Auto,
         }
     }
 }

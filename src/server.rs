@@ -129,7 +129,16 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     );
     let pool = Pool::new(
         cfg,
+        connector.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
+    // A clustered cache: the cluster layer takes the pool's clients over.
+    crate::upstream::cluster::Cluster::start(
+        cfg,
         connector,
+        pool.clone(),
         metrics.clone(),
         health.clone(),
         shutdown.clone(),
@@ -140,8 +149,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         limits: Limits::from(&cfg.limits),
         max_buffered_bytes: cfg.limits.max_buffered_bytes,
+        max_push_bytes: cfg.limits.max_pubsub_queued_bytes,
         password: cfg.listen.password.clone(),
         next_id: AtomicU64::new(1),
+        clients: Default::default(),
+        laddr: cfg.listen.address.as_str().into(),
     });
     let admission = Arc::new(Admission::new(cfg.listen.max_clients));
     let tracker = TaskTracker::new();

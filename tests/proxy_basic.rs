@@ -270,7 +270,7 @@ fn oversized_bulk_and_malformed_frame_close_only_that_client() {
         .unwrap();
     let got = String::from_utf8_lossy(&read_to_close(&mut big)).into_owned();
     assert!(
-        got.starts_with("-ERR Protocol error: bulk length exceeds"),
+        got.starts_with("-ERR Protocol error: invalid bulk length (over the proxy's limit of 1024"),
         "{got}"
     );
     assert!(got.contains("limits.max_bulk_bytes"), "{got}");
@@ -375,4 +375,6 @@ fn the_routing_table_pins_every_blocking_command_of_a_real_redis() {
         .unwrap_or_else(|| panic!("no count in {line}"));
     assert!(known > 200, "{line}");
     assert!(line.contains("blocking_not_in_table=[]"), "{line}");
+    // Every pub/sub command of a real Redis is placed by the table.
+    assert!(line.contains("refused_unplaced=[]"), "{line}");
 }

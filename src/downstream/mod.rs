@@ -1,6 +1,8 @@
 //! The client side: listeners (TCP, optional Unix socket) and one
 //! [`session`] per client connection.
 
+pub mod clients;
+mod replies;
 pub mod session;
 
 use crate::metrics::Metrics;

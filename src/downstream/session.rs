@@ -14,29 +14,42 @@
 //! which queues the client's confirmations and messages on a channel of their
 //! own; the session puts each command's confirmations in that command's place
 //! among the replies, and messages between whole replies.
+//!
+//! A command's way through: `resp::scan` frames it, [`crate::command`]
+//! classifies it, [`crate::route::route`] decides what happens to it, and
+//! this file carries the decision out: shared batches and pinned connections
+//! here, [`local`] for what the proxy answers itself, [`blocking`] for
+//! blocking commands, [`subscribe`] for the hub; the replies owed, in order
+//! and within their budgets, are in [`super::replies`].
 
+use super::replies::{connection_ended, Client, HubFeed, Out, COPY_BELOW};
 use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
+use crate::route::{route, Action, ClientView};
 use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
-use crate::upstream::pubsub::{Hub, Kind, Link, ToClient};
+use crate::upstream::pubsub::{Hub, Kind, Link};
 use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
+
+mod blocking;
+mod local;
+mod subscribe;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// What every session shares.
@@ -46,36 +59,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_buffered_bytes: usize,
+    /// `limits.max_pubsub_queued_bytes`: also the cap on push frames
+    /// (MONITOR lines, invalidations) waiting for a pinned client.
+    pub max_push_bytes: usize,
     pub password: Option<Secret>,
     pub next_id: AtomicU64,
+    /// The proxy's clients, for CLIENT LIST / KILL / UNBLOCK.
+    pub clients: Arc<super::clients::Clients>,
+    /// The client listener's address (`laddr` in CLIENT LIST).
+    pub laddr: Arc<str>,
 }
-
-/// A reply owed to the client, in order.
-enum Out {
-    Now(Bytes),
-    /// Replies to `count` commands, coming from upstream.
-    Wait {
-        rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
-        count: usize,
-        since: Instant,
-    },
-    /// The confirmations of pub/sub command `seq`, queued by the hub: write
-    /// the hub's frames up to them.
-    Hub(u64),
-}
-
-/// Stop reading a client that owes this many replies (it is not reading them).
-const MAX_OWED: usize = 1024;
-/// Replies of at least this many bytes are written without a copy.
-const COPY_BELOW: usize = 16 * 1024;
-/// Pub/sub messages are taken from the hub's queue only while fewer bytes than
-/// this wait to be written: the rest stay in that queue, where they count
-/// against `limits.max_pubsub_queued_bytes`.
-const HUB_WRITE_AHEAD: usize = 64 * 1024;
-
-/// A client's byte stream, whichever listener it came from.
-trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -105,6 +98,40 @@ struct State {
     pinned: Option<Pinned>,
     shared: Option<Handle>,
     last_target: Target,
+    /// CLIENT REPLY: whether replies are written.
+    reply_mode: ReplyMode,
+    /// The transaction the client believes it is in (see [`Tx`]).
+    tx: Tx,
+    /// Its tracking is redirected to the hub's connection: cancelled when
+    /// that connection goes (and the redirect with it).
+    redirect_lost: Option<CancellationToken>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReplyMode {
+    On,
+    Off,
+    /// Drop the reply of the next command only.
+    Skip,
+}
+
+/// What the proxy keeps of a client's transaction, beside the pinned
+/// connection's own MULTI state.
+#[derive(Default)]
+struct Tx {
+    /// MULTI could not be given a connection: the client is "in MULTI" with
+    /// nothing upstream. Its commands are not run; EXEC answers EXECABORT.
+    doomed: Option<String>,
+    /// A command inside MULTI was refused by the proxy (as a command with a
+    /// syntax error is by Redis): EXEC discards the transaction instead.
+    abort: bool,
+    /// WATCH could not be given a connection: the next transaction aborts.
+    watch_failed: bool,
+    /// Commands queued since MULTI (forwarded and local).
+    queued: usize,
+    /// Commands the proxy answers itself, queued at these positions and run
+    /// when EXEC succeeds, their replies put in their place in its array.
+    locals: Vec<(usize, Local, Vec<Bytes>)>,
 }
 
 impl State {
@@ -125,6 +152,15 @@ pub async fn run<S>(stream: S, peer: Peer, ctx: Arc<Context>, drain: Cancellatio
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    // CLIENT KILL ends the session as a drain does (`stop`, also cancelled
+    // by the drain) and ends a blocked wait at once (`kill`, its own).
+    let kill = CancellationToken::new();
+    let stop = drain.child_token();
+    let reg = ctx
+        .clients
+        .register(id, peer, ctx.laddr.clone(), kill.clone(), stop.clone());
+    let drain = stop;
     let mut session = Session {
         ctx: ctx.clone(),
         client: Client {
@@ -133,15 +169,18 @@ where
             waits: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
+            max_push: ctx.max_push_bytes,
+            owed_replies: 0,
             push: None,
             hub: None,
+            inbox: BytesMut::new(),
             gone: false,
             killed: false,
             metrics: ctx.metrics.clone(),
         },
         push_tx: None,
         st: State {
-            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             proto: Proto::Resp2,
             authed: ctx.password.is_none(),
             name: None,
@@ -156,8 +195,14 @@ where
             pinned: None,
             shared: None,
             last_target: Target::Shared,
+            reply_mode: ReplyMode::On,
+            tx: Tx::default(),
+            redirect_lost: None,
         },
+        silent: false,
         peer,
+        reg,
+        kill,
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = CommandScanner::new(ctx.limits);
@@ -167,11 +212,23 @@ where
     let mut drained = pin!(drain.cancelled_owned());
     let mut drain_registered = false;
     'read: loop {
-        let lost = session.st.pinned.as_ref().map(|p| p.lost.clone());
+        // The connections holding the client's state: its pinned one, and
+        // the hub's when its tracking is redirected there.
+        let held = [
+            session.st.pinned.as_ref().map(|p| p.lost.clone()),
+            session.st.redirect_lost.clone(),
+        ];
         let mut lost = pin!(async move {
-            match lost {
-                Some(l) => l.cancelled_owned().await,
-                None => std::future::pending().await,
+            let [a, b] = held;
+            let gone = |t: Option<CancellationToken>| async move {
+                match t {
+                    Some(l) => l.cancelled_owned().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = gone(a) => {}
+                _ = gone(b) => {}
             }
         });
         // Write what has arrived; read when the client may send more.
@@ -220,6 +277,16 @@ where
         let mut batch_len = 0usize;
         let mut batch_count = 0usize;
         loop {
+            if !session.client.may_send(batch_count + 1) {
+                // The client is not taking its replies: send nothing more for
+                // it until it does (bounded by command, not by read).
+                session
+                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                    .await;
+                if !session.backpressure().await {
+                    break 'read;
+                }
+            }
             let cmd = match scanner.scan(&buf[batch_len..]) {
                 Ok(Some(cmd)) => cmd,
                 Ok(None) => break,
@@ -244,23 +311,43 @@ where
                 }
                 continue;
             }
-            let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
-            let mut argn = 0;
-            for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
-                if let Some(a) = cmd.arg(frame, i) {
-                    *slot = a;
-                    argn += 1;
+            if cmd.inline {
+                // Telnet and redis-cli's inline form: made a RESP array (its
+                // quoted words unescaped as Redis does) and handled as one.
+                session
+                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                    .await;
+                let line = buf.split_to(cmd.len);
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let converted = scan::inline_args(line).and_then(|words| {
+                    let refs: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
+                    let frame = resp::command(&refs);
+                    let cmd = CommandScanner::new(ctx.limits).scan(&frame)?;
+                    Ok(cmd.map(|cmd| (frame, cmd)))
+                });
+                match converted {
+                    Ok(Some((frame, cmd))) => {
+                        if !session.dispatch(frame, &cmd, arrived).await {
+                            break 'read;
+                        }
+                        session.take_inbox(&mut buf);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        session.protocol_error(e).await;
+                        break 'read;
+                    }
                 }
+                continue;
             }
-            let class = match command::classify(&argv[..argn]) {
-                Class::Shared => ctx.pool.refine(argv[0]),
-                class => class,
-            };
+            let class = session.classify(frame, &cmd);
             let batchable = class == Class::Shared
-                && !cmd.inline
                 && session.st.authed
                 && session.st.pinned.is_none()
                 && session.st.last_target == Target::Shared
+                && session.st.reply_mode == ReplyMode::On
+                && session.st.tx.doomed.is_none()
                 // RESP2 subscribed mode refuses most commands: see `handle`.
                 && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
             if batchable {
@@ -272,22 +359,10 @@ where
                 .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
                 .await;
             let frame = buf.split_to(cmd.len).freeze();
-            let all_args: Vec<Bytes> = scan::args_of(&frame, &cmd)
-                .into_iter()
-                .map(|a| frame.slice_ref(a))
-                .collect();
-            let frame = if cmd.inline {
-                let refs: Vec<&[u8]> = all_args.iter().map(|a| &a[..]).collect();
-                resp::command(&refs)
-            } else {
-                frame
-            };
-            // Boxed: the handler's future (pinning may dial a connection) is
-            // several KB, and inline it would be copied into every client's
-            // task at accept (-k 0 clients pay that per command).
-            if !Box::pin(session.handle(class, frame, &all_args, arrived)).await {
+            if !session.dispatch(frame, &cmd, arrived).await {
                 break 'read;
             }
+            session.take_inbox(&mut buf);
         }
         session
             .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
@@ -331,226 +406,97 @@ struct Session {
     /// Where pinned connections send push frames; made on first use.
     push_tx: Option<mpsc::UnboundedSender<Bytes>>,
     st: State,
+    /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
+    silent: bool,
     peer: Peer,
-}
-
-/// The client connection and the replies it is owed, in order.
-struct Client {
-    io: Box<dyn ClientIo>,
-    owed: VecDeque<Out>,
-    /// `Out::Wait` entries in `owed`: replies still due from upstream.
-    waits: usize,
-    out: WriteQueue,
-    max_out: usize,
-    /// Push frames (invalidations, MONITOR lines) from the pinned connection.
-    push: Option<mpsc::UnboundedReceiver<Bytes>>,
-    /// What the hub queues for this client; made with its [`Link`].
-    hub: Option<HubFeed>,
-    /// Writing to the client failed: it is gone.
-    gone: bool,
-    /// The hub dropped this client for not reading its messages: nothing more
-    /// is written, and the connection closes without flushing what is queued.
-    killed: bool,
-    metrics: Arc<Metrics>,
-}
-
-/// What the hub queues for this client, and the count of message bytes in it.
-struct HubFeed {
-    rx: mpsc::UnboundedReceiver<ToClient>,
-    open: bool,
-    queued: Arc<AtomicUsize>,
-    /// The last pub/sub command whose confirmations were queued for writing.
-    done: u64,
-    /// The hub's kill: polled once to register for it, then only once it
-    /// fired (as the drain is).
+    /// This client in the proxy's client table.
+    reg: super::clients::Registration,
+    /// Cancelled by CLIENT KILL (not by the drain).
     kill: CancellationToken,
-    killed: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
-    kill_registered: bool,
-}
-
-impl HubFeed {
-    fn new(link: &Link, rx: mpsc::UnboundedReceiver<ToClient>) -> Self {
-        HubFeed {
-            rx,
-            open: true,
-            queued: link.queued.clone(),
-            done: 0,
-            kill: link.kill.clone(),
-            killed: Box::pin(link.kill.clone().cancelled_owned()),
-            kill_registered: false,
-        }
-    }
-
-    fn is_killed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        if self.kill_registered && !self.kill.is_cancelled() {
-            return false;
-        }
-        self.kill_registered = true;
-        self.killed.as_mut().poll(cx).is_ready()
-    }
-
-    /// Take the next frame from the hub into `out`; false when there is none
-    /// now (the waker is then registered) or the queue is closed.
-    fn take_one(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        out: &mut WriteQueue,
-        metrics: &Metrics,
-    ) -> bool {
-        if !self.open {
-            return false;
-        }
-        let bytes = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(ToClient::Message(b))) => {
-                self.queued.fetch_sub(b.len(), Ordering::AcqRel);
-                b
-            }
-            Poll::Ready(Some(ToClient::Reply { bytes, seq })) => {
-                self.done = seq;
-                bytes
-            }
-            Poll::Ready(None) => {
-                self.open = false;
-                return false;
-            }
-            Poll::Pending => return false,
-        };
-        metrics.bytes_out.inc_by(bytes.len() as u64);
-        out.push(bytes);
-        true
-    }
-}
-
-impl Client {
-    /// Read more commands only while the client is taking its replies.
-    fn may_read(&self) -> bool {
-        self.owed.len() < MAX_OWED && self.out.queued_bytes() < self.max_out
-    }
-
-    /// Queue the replies that have arrived, in command order, each pub/sub
-    /// command's confirmations in that command's place, and push frames and
-    /// pub/sub messages (only ever between whole replies); write what the
-    /// socket takes. Never waits: registers for wake-up on whatever is not
-    /// ready. Writes nothing more once the hub killed the client.
-    fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
-        loop {
-            if self.killed {
-                return;
-            }
-            if let Some(hub) = &mut self.hub {
-                if hub.is_killed(cx) {
-                    self.killed = true;
-                    self.gone = true;
-                    return;
-                }
-            }
-            let held_back = self.queue_out(cx);
-            if self.gone || self.out.is_idle() {
-                return;
-            }
-            match self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
-                Poll::Ready(Ok(())) if held_back => {}
-                Poll::Ready(Ok(())) | Poll::Pending => return,
-                Poll::Ready(Err(_)) => {
-                    self.gone = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Move what is ready to be written into `out`. True when pub/sub frames
-    /// were left in the hub's queue because `out` holds enough already (come
-    /// back once it is written).
-    fn queue_out(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        'owed: while let Some(front) = self.owed.front_mut() {
-            let bytes = match front {
-                Out::Now(b) => std::mem::take(b),
-                Out::Hub(seq) => {
-                    // The hub queued these confirmations before the session
-                    // queued this: everything up to them is in its channel.
-                    let seq = *seq;
-                    let Some(hub) = &mut self.hub else {
-                        self.owed.pop_front();
-                        continue;
-                    };
-                    while hub.done < seq && hub.open {
-                        if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
-                            return true;
-                        }
-                        if !hub.take_one(cx, &mut self.out, &self.metrics) && hub.open {
-                            // Not there yet: woken when it is.
-                            break 'owed;
-                        }
-                    }
-                    self.owed.pop_front();
-                    continue;
-                }
-                Out::Wait { rx, count, since } => {
-                    let res = match std::pin::Pin::new(rx).poll(cx) {
-                        Poll::Ready(r) => r.unwrap_or(Err(UpstreamError::Shutdown)),
-                        Poll::Pending => break,
-                    };
-                    self.waits -= 1;
-                    self.metrics
-                        .command_latency
-                        .observe(since.elapsed().as_secs_f64());
-                    match res {
-                        Ok(b) => b,
-                        Err(e) => {
-                            if matches!(e, UpstreamError::NoCredential { .. }) {
-                                self.metrics.error(ErrorKind::NoCredential);
-                            }
-                            let one = e.to_reply();
-                            let mut b = BytesMut::with_capacity(one.len() * *count);
-                            for _ in 0..*count {
-                                b.extend_from_slice(&one);
-                            }
-                            b.freeze()
-                        }
-                    }
-                }
-            };
-            self.owed.pop_front();
-            self.metrics.bytes_out.inc_by(bytes.len() as u64);
-            self.out.push(bytes);
-        }
-        while let Some(push) = &mut self.push {
-            match push.poll_recv(cx) {
-                Poll::Ready(Some(p)) => {
-                    self.metrics.bytes_out.inc_by(p.len() as u64);
-                    self.out.push(p);
-                }
-                Poll::Ready(None) => self.push = None,
-                Poll::Pending => break,
-            }
-        }
-        if let Some(hub) = &mut self.hub {
-            // Messages (and confirmations) between whole replies, as long as
-            // the client takes them.
-            loop {
-                if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
-                    return true;
-                }
-                if !hub.take_one(cx, &mut self.out, &self.metrics) {
-                    break;
-                }
-            }
-        }
-        false
-    }
 }
 
 impl Session {
+    /// Where a command goes, by the routing table and what the server's own
+    /// command table adds.
+    fn classify(&self, frame: &[u8], cmd: &scan::Command) -> Class {
+        let mut argv: [&[u8]; scan::KEPT_ARGS] = [&[]; scan::KEPT_ARGS];
+        let mut argn = 0;
+        for (slot, i) in argv.iter_mut().zip(0..cmd.args.len()) {
+            if let Some(a) = cmd.arg(frame, i) {
+                *slot = a;
+                argn += 1;
+            }
+        }
+        match command::classify(&argv[..argn]) {
+            Class::Shared => self.ctx.pool.refine(argv[0]),
+            class => class,
+        }
+    }
+
+    /// Handle one whole command (RESP array) outside a shared batch. False
+    /// ends the session.
+    async fn dispatch(&mut self, frame: Bytes, cmd: &scan::Command, since: Instant) -> bool {
+        let class = self.classify(&frame, cmd);
+        let all_args: Vec<Bytes> = scan::args_of(&frame, cmd)
+            .into_iter()
+            .map(|a| frame.slice_ref(a))
+            .collect();
+        // Boxed: the handler's future (pinning may dial a connection) is
+        // several KB, and inline it would be copied into every client's task
+        // at accept (-k 0 clients pay that per command).
+        Box::pin(self.handle(class, frame, &all_args, since)).await
+    }
+
+    /// What CLIENT LIST shows of this client, after a command that may have
+    /// changed it (not after plain reads and writes).
+    fn publish(&self) {
+        let st = &self.st;
+        self.reg.entry.update(|s| {
+            s.name = st.name.clone();
+            s.db = st.db;
+            s.resp = if st.proto == Proto::Resp3 { 3 } else { 2 };
+            s.multi = st.in_multi;
+            s.subs = st.subs;
+            s.shard_subs = st.shard_subs;
+        });
+    }
+
+    /// Write replies until the client may send more; false if it is gone.
+    async fn backpressure(&mut self) -> bool {
+        let client = &mut self.client;
+        poll_fn(|cx| {
+            client.poll_out(cx);
+            if client.gone {
+                Poll::Ready(false)
+            } else if client.may_send(1) {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Bytes the client sent while a blocking command waited go behind those
+    /// not scanned yet.
+    fn take_inbox(&mut self, buf: &mut BytesMut) {
+        if !self.client.inbox.is_empty() {
+            buf.extend_from_slice(&self.client.inbox);
+            self.client.inbox.clear();
+        }
+    }
+
     async fn reply(&mut self, bytes: Bytes) {
         self.ctx.metrics.command(Route::Local);
-        self.client.owed.push_back(Out::Now(bytes));
+        if !self.silent {
+            self.client.owed.push_back(Out::Now(bytes));
+        }
     }
 
     async fn protocol_error(&mut self, e: ScanError) {
         let kind = match e {
             ScanError::Limit { .. } => ErrorKind::Limit,
-            ScanError::Protocol(_) => ErrorKind::Protocol,
+            ScanError::Protocol(_) | ScanError::Expected(_) => ErrorKind::Protocol,
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
@@ -590,7 +536,7 @@ impl Session {
         let client = &mut self.client;
         poll_fn(|cx| {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(r.unwrap_or(Err(UpstreamError::Shutdown)));
+                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
             }
             client.poll_out(cx);
             if client.gone {
@@ -663,7 +609,9 @@ impl Session {
             rx: reply_rx,
             count: replies,
             since,
+            silent: self.silent,
         });
+        self.client.owed_replies += replies;
         self.client.waits += 1;
     }
 
@@ -716,69 +664,92 @@ impl Session {
     /// close the client.
     async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
         let name = args[0].to_ascii_uppercase();
-        if !self.st.authed
-            && !matches!(
-                class,
-                Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
-            )
-        {
-            self.ctx.metrics.error(ErrorKind::ClientAuth);
-            self.reply(resp::error("NOAUTH Authentication required."))
-                .await;
+        let view = ClientView {
+            authed: self.st.authed,
+            resp2_subscribed: self.st.proto == Proto::Resp2 && self.st.subscribed(),
+            in_multi: self.st.in_multi,
+            doomed: self.st.tx.doomed.is_some(),
+            needs_pin: self.st.pinned.is_some() && self.st.needs_pin(),
+        };
+        let action = route(&view, class, &name);
+        if action == Action::Local(Local::ClientReply) {
+            // Sets whether the next replies are written: not silenced itself.
+            self.client_reply(args).await;
             return true;
         }
-        // RESP2 subscribed mode allows only these, as Redis does.
-        if self.st.proto == Proto::Resp2 && self.st.subscribed() {
-            let allowed = [
-                &b"SUBSCRIBE"[..],
-                b"PSUBSCRIBE",
-                b"SSUBSCRIBE",
-                b"UNSUBSCRIBE",
-                b"PUNSUBSCRIBE",
-                b"SUNSUBSCRIBE",
-                b"PING",
-                b"QUIT",
-                b"RESET",
-            ];
-            if !allowed.contains(&&name[..]) {
+        self.silent = match self.st.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.st.reply_mode = ReplyMode::On;
+                true
+            }
+        };
+        let keep = self.handle_command(action, &name, frame, args, since).await;
+        self.silent = false;
+        if !matches!(action, Action::Shared | Action::Pinned) {
+            self.publish();
+        }
+        keep && !self.client.gone
+    }
+
+    /// Carry out the router's decision for one command.
+    async fn handle_command(
+        &mut self,
+        action: Action,
+        name: &[u8],
+        frame: Bytes,
+        args: &[Bytes],
+        since: Instant,
+    ) -> bool {
+        match action {
+            Action::Doomed => {
+                let reason = self.st.tx.doomed.take().unwrap_or_default();
+                return self.doomed(name, reason).await;
+            }
+            Action::NoAuth => {
+                self.ctx.metrics.error(ErrorKind::ClientAuth);
+                self.reply(resp::error("NOAUTH Authentication required."))
+                    .await;
+            }
+            Action::NotWhileSubscribed => {
                 self.reply(resp::error(&format!(
                     "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
                     String::from_utf8_lossy(&args[0]).to_lowercase()
                 )))
                 .await;
-                return true;
             }
-            if name == b"PING" {
+            Action::SubscribedPing => {
                 let payload = args.get(1).cloned().unwrap_or_default();
                 let mut b = BytesMut::from(&b"*2\r\n$4\r\npong\r\n"[..]);
                 b.extend_from_slice(&resp::bulk(&payload));
                 self.reply(b.freeze()).await;
-                return true;
             }
-        }
-        match class {
-            Class::Local(local) => return self.local(local, &name, frame, args, since).await,
-            Class::PubSub(cmd) => return self.pubsub(cmd, args).await,
-            Class::Pin(pin) => {
-                if let Err(e) = self.ensure_pinned().await {
-                    self.ctx.metrics.error(ErrorKind::UpstreamConnect);
-                    self.reply(e.to_reply()).await;
-                    return true;
-                }
-                match pin {
-                    Pin::Transaction => self.st.in_multi = true,
-                    Pin::Watch => self.st.watching = true,
-                    Pin::ClientMode | Pin::Monitor | Pin::Cluster => self.st.sticky = true,
-                    _ => {}
-                }
-                self.ctx.metrics.command(Route::Pinned);
-                if pin == Pin::Blocking && !self.st.in_multi {
-                    self.blocking(&name, frame, args).await;
-                } else {
-                    self.forward_pinned(frame, 1, since).await;
-                }
+            Action::QueueLocal(local) => {
+                // Queued as Redis queues it; run when EXEC succeeds.
+                let at = self.st.tx.queued;
+                self.st.tx.queued += 1;
+                self.st.tx.locals.push((at, local, args.to_vec()));
+                self.reply(resp::simple("QUEUED")).await;
             }
-            Class::Shared => {
+            Action::RefuseInMulti(why) => {
+                self.st.tx.abort = true;
+                let reply = match why {
+                    Some(why) => resp::error(&format!("ERR {why}")),
+                    None => resp::error(&format!(
+                        "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
+                        String::from_utf8_lossy(&args[0]).to_lowercase()
+                    )),
+                };
+                self.reply(reply).await;
+            }
+            Action::Refuse(why) => {
+                self.reply(resp::error(&format!("ERR {why}"))).await;
+            }
+            Action::Local(local) => return self.local(local, name, frame, args, since).await,
+            Action::Hub(cmd) => return self.pubsub(cmd, args).await,
+            Action::Pin(pin) => return self.pinned_command(pin, name, frame, args, since).await,
+            Action::Pinned | Action::Shared => {
                 self.maybe_unpin().await;
                 if self.st.pinned.is_some() {
                     self.ctx.metrics.command(Route::Pinned);
@@ -795,451 +766,137 @@ impl Session {
         true
     }
 
-    /// A blocking command must not outlive the credential its connection is
-    /// authenticated with: Azure would close the connection at expiry. Cap the
-    /// server-side timeout a little before that deadline, and at two thirds of
-    /// `upstream.reply_timeout` (which would otherwise end a long wait as a
-    /// lost reply); when the capped call times out while the client's own
-    /// timeout has not, re-issue it (by then the connection has re-AUTHed). The
-    /// client sees only its own result or its own timeout.
-    async fn blocking(&mut self, name: &[u8], frame: Bytes, args: &[Bytes]) {
-        let Some(p) = &self.st.pinned else { return };
-        let (tx, expiry) = (p.tx.clone(), p.expiry.clone());
-        let pos = block_timeout_pos(name, args);
-        let client_timeout = pos.and_then(|(i, ms)| {
-            let v: f64 = std::str::from_utf8(args.get(i)?).ok()?.parse().ok()?;
-            (v >= 0.0).then(|| std::time::Duration::from_secs_f64(if ms { v / 1000.0 } else { v }))
-        });
-        // A timeout the proxy cannot read: send as it is.
-        let (Some((pos, ms)), Some(client_timeout)) = (pos, client_timeout) else {
-            self.forward_pinned(frame, 1, Instant::now()).await;
-            return;
-        };
-        self.settle(false).await;
-        let start = Instant::now();
-        let forever = client_timeout.is_zero();
-        let chunk = self.ctx.pool.max_block();
-        let mut issued = 0u32;
-        let reply = loop {
-            let exp = expiry.load(Ordering::Acquire);
-            let left_client = client_timeout.saturating_sub(start.elapsed());
-            let cap = if exp == 0 {
-                Some(chunk)
-            } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                let left = std::time::Duration::from_secs(exp).saturating_sub(now);
-                // Leave a tenth of what is left (0.5 s to 10 s) for the re-AUTH.
-                let margin = (left / 10).clamp(
-                    std::time::Duration::from_millis(500),
-                    std::time::Duration::from_secs(10),
-                );
-                Some(
-                    left.saturating_sub(margin)
-                        .max(std::time::Duration::from_millis(100))
-                        .min(chunk),
-                )
-            };
-            let wait = match (forever, cap) {
-                (true, Some(c)) => c,
-                (true, None) => std::time::Duration::ZERO,
-                (false, Some(c)) => left_client.min(c),
-                (false, None) => left_client,
-            };
-            let capped =
-                !(forever && cap.is_none()) && (forever || cap.is_some_and(|c| c < left_client));
-            let bytes = if issued == 0 && !capped {
-                frame.clone()
-            } else {
-                let t = if ms {
-                    format!("{}", wait.as_millis().max(1))
-                } else {
-                    format!("{:.3}", wait.as_secs_f64().max(0.001))
-                };
-                let refs: Vec<&[u8]> = args
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| if i == pos { t.as_bytes() } else { &a[..] })
-                    .collect();
-                resp::command(&refs)
-            };
-            issued += 1;
-            let (reply_tx, reply_rx) = oneshot::channel();
-            let req = Request {
-                bytes,
-                count: 1,
-                reply: Some(reply_tx),
-                in_multi_after: false,
-                pushes: 0,
-            };
-            if tx.send(req).await.is_err() {
-                break UpstreamError::Shutdown.to_reply();
-            }
-            let reply = match self.wait_reply(reply_rx).await {
-                Ok(b) => b,
-                Err(e) => break e.to_reply(),
-            };
-            let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
-            let client_done = !forever && start.elapsed() >= client_timeout;
-            if !(timed_out && capped && !client_done) {
-                break reply;
-            }
-            debug!(
-                issued,
-                "blocking command capped at the token deadline; re-issuing"
-            );
-        };
-        self.reply(reply).await;
-    }
-
-    async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
-        let Some(p) = &self.st.pinned else { return };
-        let tx = p.tx.clone();
-        self.send_upstream(&tx, frame, count, count, self.st.in_multi, since)
-            .await;
-    }
-
-    /// The hub's way to this client, made on its first pub/sub command.
-    fn link(&mut self) -> Arc<Link> {
-        if let Some(link) = &self.st.link {
-            return link.clone();
-        }
-        let (link, rx) = Link::new(self.st.id, self.peer.to_string());
-        self.client.hub = Some(HubFeed::new(&link, rx));
-        self.st.link = Some(link.clone());
-        link
-    }
-
-    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, answered with the hub: the
-    /// confirmations come as Redis sends them, in this command's place.
-    async fn pubsub(&mut self, cmd: PubSub, args: &[Bytes]) -> bool {
-        self.ctx.metrics.command(Route::PubSub);
-        let (kind, subscribe) = match cmd {
-            PubSub::Subscribe => (Kind::Channel, true),
-            PubSub::PSubscribe => (Kind::Pattern, true),
-            PubSub::SSubscribe => (Kind::Shard, true),
-            PubSub::Unsubscribe => (Kind::Channel, false),
-            PubSub::PUnsubscribe => (Kind::Pattern, false),
-            PubSub::SUnsubscribe => (Kind::Shard, false),
-        };
-        if subscribe && args.len() < 2 {
-            let reply = resp::error(&format!(
-                "ERR wrong number of arguments for '{}' command",
-                String::from_utf8_lossy(&args[0]).to_lowercase()
-            ));
-            self.client.owed.push_back(Out::Now(reply));
-            return true;
-        }
-        if self.st.in_multi {
-            let reply = resp::error(&format!(
-                "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
-                String::from_utf8_lossy(&args[0]).to_lowercase()
-            ));
-            self.client.owed.push_back(Out::Now(reply));
-            return true;
-        }
-        // Commands run in order: replies still due come before these
-        // confirmations (which may be written as soon as they are queued).
-        self.settle(false).await;
-        self.st.hub_seq += 1;
-        let seq = self.st.hub_seq;
-        let names = args[1..].to_vec();
-        let link = self.link();
-        let hub = &self.ctx.hub;
-        let res = if subscribe {
-            hub.subscribe(&link, self.st.proto, kind, names, seq).await
-        } else {
-            hub.unsubscribe(&link, self.st.proto, kind, names, seq)
-                .await
-        };
-        let item = match res {
-            Ok(counts) => {
-                self.st.subs = counts.subs;
-                self.st.shard_subs = counts.shard;
-                Out::Hub(seq)
-            }
-            Err(e) => Out::Now(e),
-        };
-        self.client.owed.push_back(item);
-        true
-    }
-
-    async fn local(
+    /// A command that needs the client's own connection.
+    async fn pinned_command(
         &mut self,
-        local: Local,
+        pin: Pin,
         name: &[u8],
         frame: Bytes,
         args: &[Bytes],
         since: Instant,
     ) -> bool {
-        match local {
-            Local::Auth => {
-                let pass = match args.len() {
-                    2 => &args[1],
-                    3 => &args[2],
-                    _ => {
-                        self.reply(resp::error(
-                            "ERR wrong number of arguments for 'auth' command",
-                        ))
-                        .await;
-                        return true;
-                    }
-                };
-                let reply = self.check_password(pass);
-                self.reply(reply).await;
+        if let Err(e) = self.ensure_pinned().await {
+            self.ctx.metrics.error(ErrorKind::UpstreamConnect);
+            let reason = e.to_string();
+            match pin {
+                // A transaction runs whole or not at all.
+                Pin::Transaction if !self.st.in_multi => self.st.tx.doomed = Some(reason),
+                Pin::Watch => self.st.tx.watch_failed = true,
+                _ => {}
             }
-            Local::Hello => self.hello(args).await,
-            Local::Quit => {
-                self.reply(resp::ok()).await;
-                return false;
-            }
-            Local::Reset => {
-                if self.st.pinned.is_some() || self.st.subscribed() {
-                    self.settle(false).await;
-                }
-                if self.st.subscribed() {
-                    // No message of the old subscriptions after `+RESET`.
-                    self.st.hub_seq += 1;
-                    let seq = self.st.hub_seq;
-                    let link = self.link();
-                    if self.ctx.hub.reset(&link, seq).await.is_ok() {
-                        self.client.owed.push_back(Out::Hub(seq));
-                    }
-                    self.st.subs = 0;
-                    self.st.shard_subs = 0;
-                }
-                self.st.pinned = None;
-                self.st.in_multi = false;
-                self.st.watching = false;
-                self.st.sticky = false;
-                self.st.db = 0;
-                self.st.name = None;
-                if self.st.proto != Proto::Resp2 {
-                    self.st.proto = Proto::Resp2;
-                    self.st.shared = None;
-                }
-                self.st.authed = self.ctx.password.is_none();
-                self.st.last_target = Target::Shared;
-                self.reply(resp::simple("RESET")).await;
-            }
-            Local::Select => {
-                let Some(db) = args
-                    .get(1)
-                    .and_then(|a| std::str::from_utf8(a).ok())
-                    .and_then(|s| s.parse::<i64>().ok())
-                else {
-                    self.reply(resp::error("ERR value is not an integer or out of range"))
-                        .await;
-                    return true;
-                };
-                if self.st.pinned.is_none() && db == 0 {
-                    self.st.db = 0;
-                    self.reply(resp::ok()).await;
-                    return true;
-                }
-                if let Err(e) = self.ensure_pinned().await {
-                    self.reply(e.to_reply()).await;
-                    return true;
-                }
-                // Optimistic: a failing SELECT (bad index) leaves db as it was on
-                // the server; the client sees the server's error either way.
-                self.st.db = db;
+            self.reply(e.to_reply()).await;
+            return true;
+        }
+        match pin {
+            Pin::Transaction if !self.st.in_multi => {
+                self.st.in_multi = true;
                 self.ctx.metrics.command(Route::Pinned);
                 self.forward_pinned(frame, 1, since).await;
-            }
-            Local::TxEnd => {
-                if self.st.pinned.is_some() {
-                    if name == b"EXEC" || name == b"DISCARD" {
-                        self.st.in_multi = false;
-                        self.st.watching = false;
-                    } else {
-                        self.st.watching = false;
-                    }
-                    self.ctx.metrics.command(Route::Pinned);
-                    self.forward_pinned(frame, 1, since).await;
-                } else {
-                    let reply = match name {
-                        b"EXEC" => resp::error("ERR EXEC without MULTI"),
-                        b"DISCARD" => resp::error("ERR DISCARD without MULTI"),
-                        _ => resp::ok(),
-                    };
-                    self.reply(reply).await;
-                }
-            }
-            Local::ClientSetName => {
-                match args.get(2) {
-                    Some(n) if args.len() == 3 && !n.iter().any(|&c| c == b' ' || c == b'\n') => {
-                        self.st.name = (!n.is_empty()).then(|| n.clone());
-                        self.reply(resp::ok()).await;
-                    }
-                    Some(_) if args.len() == 3 => {
-                        self.reply(resp::error("ERR Client names cannot contain spaces, newlines or special characters.")).await;
-                    }
-                    _ => {
-                        self.reply(resp::error(
-                            "ERR wrong number of arguments for 'client|setname' command",
-                        ))
-                        .await;
-                    }
-                }
-            }
-            Local::ClientGetName => {
-                let reply = match &self.st.name {
-                    Some(n) => resp::bulk(n),
-                    None => resp::null(self.st.proto),
+                let watch_failed = self.st.tx.watch_failed;
+                self.st.tx = Tx {
+                    abort: watch_failed,
+                    ..Tx::default()
                 };
-                self.reply(reply).await;
+                return true;
             }
-            Local::ClientSetInfo => {
-                if args.len() == 4 {
-                    self.reply(resp::ok()).await;
-                } else {
-                    self.reply(resp::error(
-                        "ERR wrong number of arguments for 'client|setinfo' command",
-                    ))
-                    .await;
-                }
+            Pin::Transaction | Pin::Watch if self.st.in_multi => {
+                // Refused by the server at once (nested MULTI, WATCH
+                // inside MULTI): not queued.
+                self.ctx.metrics.command(Route::Pinned);
+                self.forward_pinned(frame, 1, since).await;
+                self.st.tx.queued -= 1;
+                return true;
             }
-            Local::ClientId => self.reply(resp::integer(self.st.id as i64)).await,
-            Local::ClientInfo => {
-                let info = format!(
-                    "id={} addr={} laddr= fd=0 name={} db={} resp={} lib-name= lib-ver=\n",
-                    self.st.id,
-                    self.peer,
-                    self.st
-                        .name
-                        .as_ref()
-                        .map(|n| String::from_utf8_lossy(n).into_owned())
-                        .unwrap_or_default(),
-                    self.st.db,
-                    if self.st.proto == Proto::Resp3 { 3 } else { 2 },
-                );
-                self.reply(resp::bulk(info.as_bytes())).await;
-            }
+            Pin::Watch => self.st.watching = true,
+            Pin::ClientMode | Pin::Monitor | Pin::Cluster => self.st.sticky = true,
+            _ => {}
+        }
+        let frame = match pin {
+            Pin::ClientMode => self.tracking_redirect(frame, args),
+            _ => frame,
+        };
+        self.ctx.metrics.command(Route::Pinned);
+        if pin == Pin::Blocking && !self.st.in_multi {
+            self.blocking(name, frame, args).await;
+        } else {
+            self.forward_pinned(frame, 1, since).await;
         }
         true
     }
 
-    fn check_password(&mut self, given: &[u8]) -> Bytes {
-        match &self.ctx.password {
-            None => {
-                // No local password: accept and drop whatever the app sends
-                // (often an old access key). It never goes upstream.
-                self.st.authed = true;
-                resp::ok()
-            }
-            Some(p) if constant_time_eq(p.expose().as_bytes(), given) => {
-                self.st.authed = true;
-                resp::ok()
-            }
-            Some(_) => {
-                self.ctx.metrics.error(ErrorKind::ClientAuth);
-                resp::error("WRONGPASS invalid username-password pair or user is disabled.")
-            }
-        }
-    }
-
-    async fn hello(&mut self, args: &[Bytes]) {
-        let mut proto = self.st.proto;
-        if let Some(v) = args.get(1) {
-            match &v[..] {
-                b"2" => proto = Proto::Resp2,
-                b"3" => proto = Proto::Resp3,
-                _ => {
-                    self.reply(resp::error("NOPROTO unsupported protocol version"))
-                        .await;
-                    return;
-                }
-            }
-        }
-        let mut i = 2;
-        let mut new_name = None;
-        while i < args.len() {
-            let opt = args[i].to_ascii_uppercase();
-            if opt == b"AUTH" && i + 2 < args.len() {
-                let r = self.check_password(&args[i + 2]);
-                if r.first() == Some(&b'-') {
-                    self.reply(r).await;
-                    return;
-                }
-                i += 3;
-            } else if opt == b"SETNAME" && i + 1 < args.len() {
-                new_name = Some(args[i + 1].clone());
-                i += 2;
-            } else {
-                self.reply(resp::error(&format!(
-                    "ERR Syntax error in HELLO option '{}'",
-                    String::from_utf8_lossy(&args[i])
-                )))
-                .await;
-                return;
-            }
-        }
-        if !self.st.authed {
-            self.reply(resp::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")).await;
-            return;
-        }
-        if proto != self.st.proto {
-            if self.st.subscribed() || (self.st.pinned.is_some() && self.st.needs_pin()) {
-                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction, subscribed, or in a special mode; RESET first")).await;
-                return;
-            }
-            // Replies already due come in the old protocol; wait for them.
-            self.settle(false).await;
-            self.st.pinned = None;
-            self.st.proto = proto;
-            self.st.shared = None;
-        }
-        if let Some(n) = new_name {
-            self.st.name = (!n.is_empty()).then_some(n);
-        }
-        let fields = self.ctx.pool.hello_fields();
-        let get = |k: &str, default: resp::Value| {
-            fields
-                .iter()
-                .find(|(f, _)| f == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or(default)
-        };
-        let s = |v: &'static str| resp::Value::Str(Bytes::from_static(v.as_bytes()));
-        let map = resp::map(
-            proto,
-            &[
-                ("server", get("server", s("redis"))),
-                ("version", get("version", s("7.0.0"))),
-                (
-                    "proto",
-                    resp::Value::Int(if proto == Proto::Resp3 { 3 } else { 2 }),
-                ),
-                ("id", resp::Value::Int(self.st.id as i64)),
-                ("mode", get("mode", s("standalone"))),
-                ("role", get("role", s("master"))),
-                ("modules", get("modules", resp::Value::List(vec![]))),
-            ],
-        );
-        self.reply(map).await;
-    }
-}
-
-/// Where a blocking command's timeout sits: (argument index, in milliseconds).
-fn block_timeout_pos(name: &[u8], args: &[Bytes]) -> Option<(usize, bool)> {
-    match name {
-        b"BLPOP" | b"BRPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BLMOVE" | b"BRPOPLPUSH" => {
-            (args.len() >= 3).then(|| (args.len() - 1, false))
-        }
-        b"BLMPOP" | b"BZMPOP" => (args.len() >= 4).then_some((1, false)),
-        b"XREAD" | b"XREADGROUP" => args
+    /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy (the
+    /// one subscribed to `__redis__:invalidate`); upstream it must name the
+    /// hub's connection, which carries that subscription and fans the
+    /// invalidations out to its local subscribers. Other frames pass as they
+    /// are.
+    fn tracking_redirect(&mut self, frame: Bytes, args: &[Bytes]) -> Bytes {
+        let is_tracking = args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"));
+        let Some(at) = args
             .iter()
-            .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))
-            .map(|i| (i + 1, true)),
-        _ => None,
+            .position(|a| a.eq_ignore_ascii_case(b"REDIRECT"))
+            .filter(|_| is_tracking)
+            .map(|i| i + 1)
+            .filter(|i| *i < args.len())
+        else {
+            return frame;
+        };
+        let Some((hub_id, gone)) = self.ctx.hub.redirect_target() else {
+            // No local client subscribes to anything: the server answers
+            // that the client to redirect to does not exist, as it would.
+            return frame;
+        };
+        self.st.redirect_lost = Some(gone);
+        let id = hub_id.to_string();
+        let refs: Vec<&[u8]> = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if i == at { id.as_bytes() } else { &a[..] })
+            .collect();
+        resp::command(&refs)
     }
-}
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
+        let Some(p) = &self.st.pinned else { return };
+        let tx = p.tx.clone();
+        if self.st.in_multi {
+            self.st.tx.queued += count;
+        }
+        self.send_upstream(&tx, frame, count, count, self.st.in_multi, since)
+            .await;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+
+    /// One command of the proxy's own on the pinned connection (nothing else
+    /// owed): `Err` with the error reply to give the client if it failed.
+    async fn pinned_call(&mut self, frame: Bytes) -> Result<Bytes, Bytes> {
+        let Some(p) = &self.st.pinned else {
+            return Err(connection_ended().to_reply());
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let req = Request {
+            bytes: frame,
+            count: 1,
+            reply: Some(reply_tx),
+            in_multi_after: false,
+            pushes: 0,
+        };
+        if p.tx.send(req).await.is_err() {
+            return Err(connection_ended().to_reply());
+        }
+        match self.wait_reply(reply_rx).await {
+            Ok(b) if b.first() == Some(&b'-') || b.first() == Some(&b'!') => Err(b),
+            Ok(b) => Ok(b),
+            Err(e) => Err(e.to_reply()),
+        }
+    }
+
+    /// Send `frame` on the pinned connection, its reply dropped.
+    async fn forward_silently(&mut self, frame: Bytes, since: Instant) {
+        let silent = std::mem::replace(&mut self.silent, true);
+        let in_multi = std::mem::replace(&mut self.st.in_multi, false);
+        self.forward_pinned(frame, 1, since).await;
+        self.st.in_multi = in_multi;
+        self.silent = silent;
+    }
 }

@@ -14,9 +14,19 @@ use redis_protocol::resp3::types::BytesFrame as Frame3;
 
 /// Make room for the next socket read. Bytes handed out with `split_to` still
 /// share the old allocation, so without this a drained buffer would grow again
-/// by a few dozen bytes at a time and reads would shrink to match.
+/// by a few dozen bytes at a time and reads would shrink to match. A buffer
+/// that grew for one large frame is let go once drained, so that a single
+/// big reply or command does not hold its size for the connection's life.
 pub fn reserve_for_read(buf: &mut BytesMut) {
     const READ_CHUNK: usize = 64 * 1024;
+    const KEEP_AT_MOST: usize = 4 * READ_CHUNK;
+    if buf.capacity() > KEEP_AT_MOST && buf.len() < READ_CHUNK {
+        // Copy what is left (less than a read) into a fresh buffer; the old
+        // allocation goes once the frames split from it are dropped.
+        let mut fresh = BytesMut::with_capacity(READ_CHUNK);
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
@@ -76,6 +86,21 @@ pub fn bulk(b: &[u8]) -> Bytes {
 
 pub fn integer(i: i64) -> Bytes {
     encode2(&Frame2::Integer(i))
+}
+
+/// Text as Redis sends CLIENT LIST and INFO: a bulk string in RESP2, a
+/// verbatim string (`=`, format `txt`) in RESP3.
+pub fn verbatim(proto: Proto, text: &[u8]) -> Bytes {
+    match proto {
+        Proto::Resp2 => bulk(text),
+        Proto::Resp3 => {
+            let mut b = BytesMut::with_capacity(text.len() + 16);
+            b.extend_from_slice(format!("={}\r\ntxt:", text.len() + 4).as_bytes());
+            b.extend_from_slice(text);
+            b.extend_from_slice(b"\r\n");
+            b.freeze()
+        }
+    }
 }
 
 /// A null reply in the client's protocol.
@@ -223,9 +248,81 @@ pub fn pubsub_confirmation(
     out.extend_from_slice(format!(":{count}\r\n").as_bytes());
 }
 
+/// The element count of a reply that is an array (`*N`, N >= 0).
+pub fn array_len(reply: &[u8]) -> Option<usize> {
+    let rest = reply.strip_prefix(b"*")?;
+    let end = memchr::memchr(b'\r', rest)?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// `array` (one whole `*N` reply) with the replies in `inserts` put at their
+/// positions (ascending, each an index in the result): EXEC's array with the
+/// replies of the commands the proxy answered itself. `None` if `array` is
+/// not a whole array.
+pub fn splice_array(array: &[u8], inserts: &[(usize, Bytes)]) -> Option<Bytes> {
+    let n = array_len(array)?;
+    let mut pos = memchr::memchr(b'\n', array)? + 1;
+    let total = n + inserts.len();
+    let mut out = BytesMut::with_capacity(
+        array.len() + 16 + inserts.iter().map(|(_, b)| b.len()).sum::<usize>(),
+    );
+    out.extend_from_slice(format!("*{total}\r\n").as_bytes());
+    let mut inserts = inserts.iter().peekable();
+    for i in 0..total {
+        if let Some((_, b)) = inserts.next_if(|(at, _)| *at == i) {
+            out.extend_from_slice(b);
+            continue;
+        }
+        let elem = scan::ReplyScanner::new().scan(array.get(pos..)?).ok()??;
+        out.extend_from_slice(&array[pos..pos + elem.len]);
+        pos += elem.len;
+    }
+    (pos == array.len() && inserts.next().is_none()).then(|| out.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: one large pipelined read left each upstream connection
+    /// with a read buffer of its size (about 256 MB seen) for life.
+    #[test]
+    fn a_read_buffer_shrinks_back_after_a_large_frame() {
+        let mut buf = BytesMut::new();
+        reserve_for_read(&mut buf);
+        buf.extend_from_slice(&vec![b'x'; 32 << 20]);
+        reserve_for_read(&mut buf);
+        let frame = buf.split_to(buf.len() - 10);
+        drop(frame);
+        reserve_for_read(&mut buf);
+        assert!(buf.capacity() <= 256 * 1024, "{}", buf.capacity());
+        assert_eq!(&buf[..], b"xxxxxxxxxx");
+    }
+
+    #[test]
+    fn splice_exec_arrays() {
+        let b = |s: &'static [u8]| Bytes::from_static(s);
+        let exec = b"*2\r\n+OK\r\n*2\r\n:1\r\n:2\r\n";
+        assert_eq!(array_len(exec), Some(2));
+        let got = splice_array(
+            exec,
+            &[(0, b(b"+A\r\n")), (2, b(b"$1\r\nx\r\n")), (4, b(b":9\r\n"))],
+        )
+        .unwrap();
+        assert_eq!(
+            &got[..],
+            b"*5\r\n+A\r\n+OK\r\n$1\r\nx\r\n*2\r\n:1\r\n:2\r\n:9\r\n"
+        );
+        assert_eq!(
+            &splice_array(b"*0\r\n", &[(0, b(b"+A\r\n"))]).unwrap()[..],
+            b"*1\r\n+A\r\n"
+        );
+        // Not an array, a short one, or an insert past the end: None.
+        assert!(splice_array(b"*-1\r\n", &[]).is_none());
+        assert!(splice_array(b"-EXECABORT x\r\n", &[]).is_none());
+        assert!(splice_array(b"*2\r\n+OK\r\n", &[]).is_none());
+        assert!(splice_array(b"*1\r\n+OK\r\n", &[(5, b(b"+A\r\n"))]).is_none());
+    }
 
     #[test]
     fn encodes_what_the_proxy_says() {

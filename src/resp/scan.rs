@@ -34,7 +34,11 @@ impl From<&crate::config::LimitsConfig> for Limits {
 pub enum ScanError {
     #[error("Protocol error: {0}")]
     Protocol(&'static str),
-    #[error("Protocol error: {what} exceeds the proxy's limit of {limit} ({key})")]
+    /// Redis's own words for a missing bulk header.
+    #[error("Protocol error: expected '$', got '{}'", char::from(*.0))]
+    Expected(u8),
+    /// `what` says it as Redis would (`invalid bulk length`, ...).
+    #[error("Protocol error: {what} (over the proxy's limit of {limit}, {key})")]
     Limit {
         what: &'static str,
         limit: usize,
@@ -101,6 +105,25 @@ impl Command {
     }
 }
 
+/// The longest `*<count>` or `$<len>` line Redis reads before it gives up
+/// (`PROTO_INLINE_MAX_SIZE`).
+const MAX_HEADER_LINE: usize = 64 * 1024;
+
+/// Why a header line could not be read.
+enum LineError {
+    Scan(ScanError),
+    NotANumber,
+}
+
+impl LineError {
+    fn or(self, not_a_number: &'static str) -> ScanError {
+        match self {
+            LineError::Scan(e) => e,
+            LineError::NotANumber => ScanError::Protocol(not_a_number),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CmdState {
     Start,
@@ -154,22 +177,26 @@ impl CommandScanner {
                     if first != b'*' {
                         return self.scan_inline(buf);
                     }
-                    let Some((n, next)) = self.line_int(buf, 1)? else {
+                    let Some((n, next)) = self
+                        .line_int(buf, 1, "too big mbulk count string")
+                        .map_err(|e| e.or("invalid multibulk length"))?
+                    else {
                         return Ok(None);
                     };
-                    if n < 0 {
+                    if n > i64::from(i32::MAX) {
                         return Err(ScanError::Protocol("invalid multibulk length"));
                     }
-                    let n = n as usize;
+                    let n = n.max(0) as usize;
                     if n > self.limits.max_elements {
                         return Err(ScanError::Limit {
-                            what: "number of arguments",
+                            what: "invalid multibulk length",
                             limit: self.limits.max_elements,
                             key: "limits.max_elements",
                         });
                     }
                     if n == 0 {
-                        // `*0\r\n` is an empty command: Redis ignores it, so do we.
+                        // `*0\r\n` (or a negative count) is an empty command:
+                        // Redis ignores it, so do we.
                         let len = next;
                         self.reset();
                         return Ok(Some(Command {
@@ -189,9 +216,12 @@ impl CommandScanner {
                         return Ok(None);
                     };
                     if first != b'$' {
-                        return Err(ScanError::Protocol("expected '$', got something else"));
+                        return Err(ScanError::Expected(first));
                     }
-                    let Some((len, next)) = self.line_int(buf, self.pos + 1)? else {
+                    let Some((len, next)) = self
+                        .line_int(buf, self.pos + 1, "too big bulk count string")
+                        .map_err(|e| e.or("invalid bulk length"))?
+                    else {
                         return Ok(None);
                     };
                     if len < 0 {
@@ -200,7 +230,7 @@ impl CommandScanner {
                     let len = len as usize;
                     if len > self.limits.max_bulk_bytes {
                         return Err(ScanError::Limit {
-                            what: "bulk length",
+                            what: "invalid bulk length",
                             limit: self.limits.max_bulk_bytes,
                             key: "limits.max_bulk_bytes",
                         });
@@ -213,9 +243,8 @@ impl CommandScanner {
                     if buf.len() < end + 2 {
                         return Ok(None);
                     }
-                    if &buf[end..end + 2] != b"\r\n" {
-                        return Err(ScanError::Protocol("bulk string not followed by CRLF"));
-                    }
+                    // Like Redis, take the two bytes after the bulk as its
+                    // CRLF without looking at them.
                     self.args.push(self.pos..end);
                     self.pos = end + 2;
                     self.remaining -= 1;
@@ -237,24 +266,31 @@ impl CommandScanner {
 
     /// Read a `<int>\r\n` header line starting at `from`. Returns the value and
     /// the position after the CRLF.
-    fn line_int(&self, buf: &[u8], from: usize) -> Result<Option<(i64, usize)>, ScanError> {
+    /// A line without CR in its first 64 KB gets `too_big` (Redis's words);
+    /// a line that is not a number gets [`LineError::NotANumber`].
+    fn line_int(
+        &self,
+        buf: &[u8],
+        from: usize,
+        too_big: &'static str,
+    ) -> Result<Option<(i64, usize)>, LineError> {
         let window = &buf[from.min(buf.len())..];
         let Some(cr) = memchr(b'\r', window) else {
-            if window.len() > 32 {
-                return Err(ScanError::Protocol("length line too long"));
+            if window.len() > MAX_HEADER_LINE {
+                return Err(LineError::Scan(ScanError::Protocol(too_big)));
             }
             return Ok(None);
         };
-        if cr > 32 {
-            return Err(ScanError::Protocol("length line too long"));
+        if cr > MAX_HEADER_LINE {
+            return Err(LineError::Scan(ScanError::Protocol(too_big)));
         }
         let Some(&lf) = window.get(cr + 1) else {
             return Ok(None);
         };
         if lf != b'\n' {
-            return Err(ScanError::Protocol("expected CRLF after length"));
+            return Err(LineError::NotANumber);
         }
-        let n = parse_int(&window[..cr]).ok_or(ScanError::Protocol("invalid length"))?;
+        let n = parse_int(&window[..cr]).ok_or(LineError::NotANumber)?;
         Ok(Some((n, from + cr + 2)))
     }
 
@@ -264,7 +300,7 @@ impl CommandScanner {
         let Some(nl) = memchr(b'\n', &buf[search_from..]).map(|i| i + search_from) else {
             if buf.len() > self.limits.max_line_bytes {
                 return Err(ScanError::Limit {
-                    what: "inline command length",
+                    what: "too big inline request",
                     limit: self.limits.max_line_bytes,
                     key: "limits.max_line_bytes",
                 });
@@ -274,7 +310,7 @@ impl CommandScanner {
         };
         if nl > self.limits.max_line_bytes {
             return Err(ScanError::Limit {
-                what: "inline command length",
+                what: "too big inline request",
                 limit: self.limits.max_line_bytes,
                 key: "limits.max_line_bytes",
             });
@@ -284,17 +320,26 @@ impl CommandScanner {
         } else {
             nl
         };
-        let words = split_inline(&buf[..line_end])?;
-        if words.len() > self.limits.max_elements {
+        let line = &buf[..line_end];
+        // Quoted words are unescaped by [`inline_args`]: their positions in
+        // the line are not their bytes, so none are kept (the session turns
+        // every inline command into a RESP array with `inline_args`).
+        let (argc, words) = if memchr::memchr2(b'"', b'\'', line).is_some() {
+            (inline_args(line)?.len(), Vec::new())
+        } else {
+            let words = split_inline(line);
+            (words.len(), words)
+        };
+        if argc > self.limits.max_elements {
             return Err(ScanError::Limit {
-                what: "number of arguments",
+                what: "invalid multibulk length",
                 limit: self.limits.max_elements,
                 key: "limits.max_elements",
             });
         }
         let cmd = Command {
             len: nl + 1,
-            argc: words.len(),
+            argc,
             args: words.into_iter().take(KEPT_ARGS).collect(),
             inline: true,
         };
@@ -303,29 +348,114 @@ impl CommandScanner {
     }
 }
 
-/// Split an inline command line into word ranges. Quotes are not supported
-/// beyond what telnet users need: a word is a run of non-blank bytes.
-fn split_inline(line: &[u8]) -> Result<Vec<Range<usize>>, ScanError> {
+fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// Word ranges of an inline line without quotes: runs of non-blank bytes.
+fn split_inline(line: &[u8]) -> Vec<Range<usize>> {
     let mut words = Vec::new();
     let mut i = 0;
     while i < line.len() {
-        while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
+        while i < line.len() && is_blank(line[i]) {
             i += 1;
         }
         let start = i;
-        while i < line.len() && line[i] != b' ' && line[i] != b'\t' {
-            if line[i] == b'"' || line[i] == b'\'' {
-                return Err(ScanError::Protocol(
-                    "quoted inline arguments are not supported by the proxy; send a RESP array",
-                ));
-            }
+        while i < line.len() && !is_blank(line[i]) {
             i += 1;
         }
         if i > start {
             words.push(start..i);
         }
     }
-    Ok(words)
+    words
+}
+
+/// The words of an inline command line as Redis reads them (its
+/// `sdssplitargs`): blanks separate words; `"..."` takes the escapes `\n`,
+/// `\r`, `\t`, `\b`, `\a`, `\\`, `\"` and `\xHH`; `'...'` takes `\'`; a
+/// closing quote must end its word. An open quote is Redis's "unbalanced
+/// quotes" error.
+pub fn inline_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ScanError> {
+    const UNBALANCED: ScanError = ScanError::Protocol("unbalanced quotes in request");
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut words = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && is_blank(line[i]) {
+            i += 1;
+        }
+        if i >= line.len() {
+            return Ok(words);
+        }
+        let mut word = Vec::new();
+        let (mut dq, mut sq) = (false, false);
+        loop {
+            let Some(&c) = line.get(i) else {
+                if dq || sq {
+                    return Err(UNBALANCED);
+                }
+                break;
+            };
+            if dq {
+                match c {
+                    b'\\'
+                        if i + 3 < line.len()
+                            && line[i + 1] == b'x'
+                            && hex(line[i + 2]).is_some()
+                            && hex(line[i + 3]).is_some() =>
+                    {
+                        let (h, l) = (hex(line[i + 2]), hex(line[i + 3]));
+                        word.push(h.unwrap_or(0) * 16 + l.unwrap_or(0));
+                        i += 3;
+                    }
+                    b'\\' if i + 1 < line.len() => {
+                        i += 1;
+                        word.push(match line[i] {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                    }
+                    b'"' => {
+                        if line.get(i + 1).is_some_and(|&n| !is_blank(n)) {
+                            return Err(UNBALANCED);
+                        }
+                        i += 1;
+                        break;
+                    }
+                    _ => word.push(c),
+                }
+            } else if sq {
+                match c {
+                    b'\\' if line.get(i + 1) == Some(&b'\'') => {
+                        i += 1;
+                        word.push(b'\'');
+                    }
+                    b'\'' => {
+                        if line.get(i + 1).is_some_and(|&n| !is_blank(n)) {
+                            return Err(UNBALANCED);
+                        }
+                        i += 1;
+                        break;
+                    }
+                    _ => word.push(c),
+                }
+            } else {
+                match c {
+                    c if is_blank(c) || c == 0 => break,
+                    b'"' => dq = true,
+                    b'\'' => sq = true,
+                    _ => word.push(c),
+                }
+            }
+            i += 1;
+        }
+        words.push(word);
+    }
 }
 
 /// Every argument of a complete command frame, for the few commands that need
@@ -337,7 +467,7 @@ pub fn args_of<'a>(frame: &'a [u8], cmd: &Command) -> Vec<&'a [u8]> {
         while end > 0 && (frame[end - 1] == b'\n' || frame[end - 1] == b'\r') {
             end -= 1;
         }
-        let words = split_inline(&frame[..end]).unwrap_or_default();
+        let words = split_inline(&frame[..end]);
         return words.into_iter().map(|r| &frame[r]).collect();
     }
     if cmd.inline || cmd.argc <= KEPT_ARGS {
@@ -424,8 +554,10 @@ impl ReplyScanner {
                 return Ok(None);
             };
             let line_end = self.pos + cr; // index of '\n'
-            if cr < 1 || buf[line_end - 1] != b'\r' {
-                return Err(ReplyError("line not terminated by CRLF"));
+                                          // A line is at least its type byte and CRLF: an empty line
+                                          // (`\r\n`) is not a reply.
+            if cr < 2 || buf[line_end - 1] != b'\r' {
+                return Err(ReplyError("empty line or line not terminated by CRLF"));
             }
             let body = &buf[self.pos + 1..line_end - 1];
             let next = line_end + 1;
@@ -439,7 +571,10 @@ impl ReplyScanner {
                     if n < 0 {
                         self.pos = next;
                     } else {
-                        let end = next + n as usize + 2;
+                        let end = usize::try_from(n)
+                            .ok()
+                            .and_then(|n| next.checked_add(n)?.checked_add(2))
+                            .ok_or(ReplyError("bad bulk length"))?;
                         if buf.len() < end {
                             return Ok(None);
                         }
@@ -453,7 +588,14 @@ impl ReplyScanner {
                     self.remaining -= 1;
                     if n > 0 {
                         let n = n as usize;
-                        self.remaining += if kind == b'%' { 2 * n } else { n };
+                        let add = if kind == b'%' {
+                            n.checked_mul(2)
+                        } else {
+                            Some(n)
+                        };
+                        self.remaining = add
+                            .and_then(|a| self.remaining.checked_add(a))
+                            .ok_or(ReplyError("bad aggregate length"))?;
                     }
                 }
                 b'|' => {
@@ -461,7 +603,10 @@ impl ReplyScanner {
                     // their pairs without taking the element's place.
                     let n = parse_int(body).ok_or(ReplyError("bad attribute length"))?;
                     self.pos = next;
-                    self.remaining += 2 * n.max(0) as usize;
+                    self.remaining = (n.max(0) as usize)
+                        .checked_mul(2)
+                        .and_then(|a| self.remaining.checked_add(a))
+                        .ok_or(ReplyError("bad attribute length"))?;
                 }
                 _ => return Err(ReplyError("unknown reply type byte")),
             }
@@ -592,12 +737,10 @@ mod tests {
     fn malformed_frames() {
         for bad in [
             &b"*1\r\n+PING\r\n"[..],
-            b"*-5\r\n",
             b"*1\r\n$-1\r\n",
-            b"*1\r\n$4\r\nPINGxx",
             b"*x\r\n",
             b"*1\r\r",
-            b"SET \"k\" v\r\n",
+            b"SET \"k\"v\r\n",
         ] {
             let mut s = CommandScanner::new(limits());
             assert!(s.scan(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
@@ -609,7 +752,7 @@ mod tests {
         // `*1\r\n` repeated: a recursive decoder would descend once per level.
         let input = b"*1\r\n".repeat(100_000);
         let mut s = CommandScanner::new(limits());
-        assert!(matches!(s.scan(&input), Err(ScanError::Protocol(_))));
+        assert!(matches!(s.scan(&input), Err(ScanError::Expected(b'*'))));
     }
 
     #[test]
@@ -659,5 +802,105 @@ mod tests {
         assert!(s.scan(b"-ERR\r\n").unwrap().unwrap().error);
         let mut s = ReplyScanner::new();
         assert!(s.scan(b"?x\r\n").is_err());
+    }
+
+    /// Regression: an empty line from the server (`\r\n`, alone or inside an
+    /// aggregate) panicked the scanner, and with it the shared connection's
+    /// task. Any bytes give a reply, `None` or an error.
+    #[test]
+    fn no_server_bytes_panic_the_reply_scanner() {
+        for bad in [
+            &b"\r\n"[..],
+            b"*2\r\n\r\n",
+            b"\n",
+            b"*1\r\n\n",
+            b"$9223372036854775807\r\n",
+            b"*9223372036854775807\r\n",
+            b"%9223372036854775807\r\n",
+            b"*9223372036854775807\r\n*9223372036854775807\r\n",
+            b"|9223372036854775807\r\n",
+        ] {
+            let mut s = ReplyScanner::new();
+            let _ = s.scan(bad);
+        }
+        assert!(ReplyScanner::new().scan(b"\r\n").is_err());
+        assert!(ReplyScanner::new().scan(b"*2\r\n\r\n").is_err());
+        // Every short byte string, in every split.
+        let alphabet = b"*$%>|+-:_\r\n019";
+        let mut input = [0u8; 4];
+        for n in 0..alphabet.len().pow(4) {
+            let mut k = n;
+            for b in input.iter_mut() {
+                *b = alphabet[k % alphabet.len()];
+                k /= alphabet.len();
+            }
+            let mut s = ReplyScanner::new();
+            let _ = s.scan(&input[..2]);
+            let _ = s.scan(&input);
+        }
+    }
+
+    #[test]
+    fn protocol_errors_say_what_redis_says() {
+        let err = |input: &[u8]| {
+            CommandScanner::new(limits())
+                .scan(input)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(b"*1\r\nfoo\r\n"),
+            "Protocol error: expected '$', got 'f'"
+        );
+        assert_eq!(
+            err(b"*3000000000\r\n"),
+            "Protocol error: invalid multibulk length"
+        );
+        assert_eq!(err(b"*x\r\n"), "Protocol error: invalid multibulk length");
+        assert_eq!(
+            err(b"*1\r\n$-10\r\n"),
+            "Protocol error: invalid bulk length"
+        );
+        assert_eq!(
+            err(b"*1\r\n$blabla\r\n"),
+            "Protocol error: invalid bulk length"
+        );
+        assert!(err(b"*17\r\n").starts_with("Protocol error: invalid multibulk length ("));
+        assert!(err(b"*1\r\n$1025\r\n").starts_with("Protocol error: invalid bulk length ("));
+        assert!(err(&[b'a'; 65]).starts_with("Protocol error: too big inline request ("));
+        let mut long = b"*".to_vec();
+        long.extend(std::iter::repeat_n(b'1', 70_000));
+        assert_eq!(err(&long), "Protocol error: too big mbulk count string");
+        assert_eq!(
+            err(b"SET k \"v\r\n"),
+            "Protocol error: unbalanced quotes in request"
+        );
+        // A negative count is an empty command, as in Redis.
+        let cmd = CommandScanner::new(limits())
+            .scan(b"*-10\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((cmd.argc, cmd.len), (0, 6));
+    }
+
+    #[test]
+    fn inline_arguments_as_redis_splits_them() {
+        let words = |line: &[u8]| inline_args(line).unwrap();
+        assert_eq!(words(b"set k \"a b\""), [&b"set"[..], b"k", b"a b"]);
+        assert_eq!(words(b"  a\t'b c'  "), [&b"a"[..], b"b c"]);
+        assert_eq!(
+            words(br#""\x41\n\\\"" 'it\'s'"#),
+            [&b"A\n\\\""[..], b"it's"]
+        );
+        assert_eq!(words(br#"x"y z""#), [&b"xy z"[..]]);
+        assert_eq!(words(b""), Vec::<Vec<u8>>::new());
+        assert_eq!(words(br#""""#), [&b""[..]]);
+        for bad in [&br#""abc"#[..], br#"'abc"#, br#""a"b"#, br#"'a'b"#] {
+            assert!(
+                inline_args(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@
 //! and never inside MULTI) and consumes the reply; a failed re-AUTH retires the
 //! connection. Idle connections send PING so Azure does not close them.
 
-use super::tls::{Authed, Stream};
+use super::tls::Authed;
 use super::UpstreamError;
 use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -99,6 +100,11 @@ const BATCH: usize = 256;
 /// fails were never written, and neither were those left in `pending` (taken,
 /// not yet written): a supervisor can carry both to a new connection. Requests
 /// in `pending` when called are written first.
+///
+/// A panic inside (a bug: no byte from the server should cause one) ends this
+/// connection with an error, like any other failure, so its supervisor
+/// reconnects; requests it had taken get their errors when their reply
+/// channels drop.
 pub async fn run(
     conn: Authed,
     rx: &mut mpsc::Receiver<Request>,
@@ -114,6 +120,73 @@ pub async fn run(
         leftover,
         ..
     } = conn;
+    let link = Link {
+        stream,
+        generation,
+        expires_at,
+        leftover,
+    };
+    run_on(link, rx, opts, push, pending, expiry_out).await
+}
+
+/// An authenticated byte stream to the server, whatever carries it: TLS to
+/// Azure, or an in-memory pipe to a scripted server in tests.
+pub struct Link<S> {
+    pub stream: S,
+    /// Credential generation it authenticated with.
+    pub generation: u64,
+    pub expires_at: Option<SystemTime>,
+    /// Bytes read past the handshake reply.
+    pub leftover: BytesMut,
+}
+
+/// [`run`] over any stream.
+pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+) -> Result<(), UpstreamError> {
+    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out));
+    catch_panic(task).await.unwrap_or_else(|msg| {
+        tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
+        Err(UpstreamError::Protocol(format!(
+            "internal error in the proxy's connection task: {msg}"
+        )))
+    })
+}
+
+/// Poll `f`, turning a panic into `Err` with its message.
+pub fn catch_panic<F: Future + Unpin>(mut f: F) -> impl Future<Output = Result<F::Output, String>> {
+    poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(&mut f).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(p) => Poll::Ready(Err(p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into()))),
+        }
+    })
+}
+
+async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+) -> Result<(), UpstreamError> {
+    let Link {
+        stream,
+        generation,
+        expires_at,
+        leftover,
+    } = link;
     let mut tokens = opts.tokens.clone();
     tokens.mark_unchanged();
     let now = Instant::now();
@@ -224,8 +297,8 @@ impl Wake for WatchWaker {
 }
 
 /// One connection's state, driven by [`Conn::poll`].
-struct Conn<'a> {
-    stream: Stream,
+struct Conn<'a, S> {
+    stream: S,
     rbuf: BytesMut,
     scanner: ReplyScanner,
     /// Replies gathered for the head of `inflight` so far (bytes at the front of `rbuf`).
@@ -260,7 +333,7 @@ struct Conn<'a> {
     armed: Option<Instant>,
 }
 
-impl Conn<'_> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     fn publish_expiry(&self) {
         if let Some(out) = self.expiry_out {
             out.store(unix_secs(self.expires_at), Ordering::Release);
@@ -378,6 +451,12 @@ impl Conn<'_> {
         }
     }
 
+    /// A keepalive PING may be sent: idle, and not inside MULTI, where the
+    /// server would queue it and put its reply into the EXEC array.
+    fn may_ping(&self) -> bool {
+        self.rx_open && self.out.is_idle() && !self.in_multi
+    }
+
     /// Re-AUTH is allowed now: not inside MULTI, none in flight, not released.
     fn may_reauth(&self) -> bool {
         self.rx_open && !self.in_multi && !self.auth_inflight
@@ -386,8 +465,9 @@ impl Conn<'_> {
     /// The earliest of the deadlines that apply now; each one has something to
     /// do when it passes, so the timer never fires twice for nothing.
     fn next_deadline(&self) -> Option<Instant> {
-        let keepalive =
-            (self.rx_open && self.out.is_idle()).then(|| self.last_write + self.opts.keepalive);
+        let keepalive = self
+            .may_ping()
+            .then(|| self.last_write + self.opts.keepalive);
         let reply = self
             .inflight
             .front()
@@ -421,7 +501,7 @@ impl Conn<'_> {
         if self.reauth_at.is_some_and(|t| t <= now) && self.may_reauth() {
             self.queue_reauth();
         }
-        if self.rx_open && self.out.is_idle() && self.last_write + self.opts.keepalive <= now {
+        if self.may_ping() && self.last_write + self.opts.keepalive <= now {
             // Idle: a PING keeps Azure from closing the connection.
             self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
             self.inflight.push_back(Inflight {
@@ -684,9 +764,10 @@ pub async fn supervise_shared(
             break;
         }
         let conn = tokio::select! {
-            c = connector.connect(proto) => c,
+            c = connect_within_reply_timeout(&connector, proto, &mut rx, &mut pending, &opts) => c,
             _ = shutdown.cancelled() => break,
         };
+        let Some(conn) = conn else { return };
         match conn {
             Ok(conn) => {
                 if attempt > 0 && ever_connected {
@@ -762,9 +843,64 @@ pub async fn supervise_shared(
     }
 }
 
+/// Dial while requests wait: each waits at most `upstream.reply_timeout`
+/// (counted from when the dial began for those carried over from the lost
+/// connection), then fails with a timeout, so a server that accepts but does
+/// not answer the handshake holds no client longer than a reply would.
+/// `None` when the owner let go of the slot.
+async fn connect_within_reply_timeout(
+    connector: &super::tls::Connector,
+    proto: Proto,
+    rx: &mut mpsc::Receiver<Request>,
+    pending: &mut VecDeque<Request>,
+    opts: &ConnOpts,
+) -> Option<Result<Authed, UpstreamError>> {
+    let start = Instant::now();
+    let mut waiting: VecDeque<(Instant, Request)> = pending
+        .drain(..)
+        .map(|r| (start + opts.reply_timeout, r))
+        .collect();
+    let mut connect = pin!(connector.connect(proto));
+    let mut rx_open = true;
+    let timer = tokio::time::sleep(opts.reply_timeout);
+    let mut timer = pin!(timer);
+    let res = loop {
+        if let Some((deadline, _)) = waiting.front() {
+            timer.as_mut().reset(*deadline);
+        }
+        tokio::select! {
+            c = &mut connect => break Some(c),
+            r = rx.recv(), if rx_open => match r {
+                Some(r) => waiting.push_back((Instant::now() + opts.reply_timeout, r)),
+                None => rx_open = false,
+            },
+            _ = &mut timer, if !waiting.is_empty() => {
+                let now = Instant::now();
+                while waiting.front().is_some_and(|(d, _)| *d <= now) {
+                    if let Some((_, r)) = waiting.pop_front() {
+                        fail(r.reply, UpstreamError::Timeout {
+                            addr: opts.addr.clone(),
+                            secs: opts.reply_timeout.as_secs_f64(),
+                            during: "the upstream connection was being re-established",
+                        });
+                    }
+                }
+            }
+        }
+    };
+    pending.extend(waiting.into_iter().map(|(_, r)| r));
+    if !rx_open && pending.is_empty() {
+        return None;
+    }
+    res
+}
+
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7)))
         .min(Duration::from_secs(5));
     cap.mul_f64(0.5 + fastrand::f64() / 2.0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,10 +9,12 @@
 //! - [`pubsub`]: the pub/sub hub, one RESP3 connection carrying every client's
 //!   subscriptions, each channel subscribed once however many clients share it.
 
+pub mod cluster;
 pub mod conn;
 pub mod pool;
 pub mod pubsub;
 pub mod tls;
+pub mod topology;
 
 /// What went wrong on the upstream side. The `Display` text is what the client
 /// sees after `-ERR ` (or `-NOAUTH `, etc.): it names the cause, never a secret.

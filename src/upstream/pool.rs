@@ -47,6 +47,9 @@ pub struct Pool {
     pinned: Arc<AtomicUsize>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    /// Set on the seed pool when the upstream may be a cluster: shared and
+    /// pinned connections then come from the cluster layer.
+    cluster: OnceLock<Arc<super::cluster::Cluster>>,
 }
 
 fn idx(proto: Proto) -> usize {
@@ -89,6 +92,7 @@ impl Pool {
             pinned: Arc::new(AtomicUsize::new(0)),
             health,
             shutdown,
+            cluster: OnceLock::new(),
         });
         // RESP2 is what nearly every client speaks: open it at start so the
         // first command does not pay for TLS and AUTH.
@@ -116,8 +120,21 @@ impl Pool {
         })
     }
 
+    /// Hand shared and pinned connections over to the cluster layer.
+    pub fn install_cluster(&self, cluster: Arc<super::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
     /// A shared connection for a new client (round-robin).
     pub fn shared(&self, proto: Proto) -> Handle {
+        if let Some(h) = self.cluster.get().and_then(|c| c.shared(proto)) {
+            return h;
+        }
+        self.shared_direct(proto)
+    }
+
+    /// A shared connection to this pool's own address, cluster or not.
+    pub fn shared_direct(&self, proto: Proto) -> Handle {
         let slots = self.shared_slots(proto);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
         slots[i].clone()
@@ -134,6 +151,11 @@ impl Pool {
         proto: Proto,
         push: PushSink,
     ) -> Result<Pinned, UpstreamError> {
+        if let Some(c) = self.cluster.get() {
+            if c.is_cluster().await? {
+                return c.pin(proto, push).await;
+            }
+        }
         let prev = self.pinned.fetch_add(1, Ordering::AcqRel);
         let guard = PinGuard {
             count: self.pinned.clone(),
@@ -167,6 +189,10 @@ impl Pool {
             Some(c) => c,
             None => self.connector.connect(proto).await?,
         };
+        let upstream_id = conn.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
+            _ => None,
+        });
         let (tx, mut rx) = mpsc::channel::<Request>(1024);
         let mut opts = self.opts.clone();
         opts.kind = "pinned";
@@ -175,22 +201,28 @@ impl Pool {
         let expiry_out = expiry.clone();
         let lost = CancellationToken::new();
         let lost_out = lost.clone();
+        let abort = CancellationToken::new();
+        let aborted = abort.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let _up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
             let mut pending = std::collections::VecDeque::new();
-            if let Err(e) = conn::run(
-                conn,
-                &mut rx,
-                &opts,
-                Some(push),
-                &mut pending,
-                Some(&expiry_out),
-            )
-            .await
-            {
+            let res = tokio::select! {
+                r = conn::run(
+                    conn,
+                    &mut rx,
+                    &opts,
+                    Some(push),
+                    &mut pending,
+                    Some(&expiry_out),
+                ) => r,
+                // Dropping the connection closes it: the server forgets the
+                // client's blocked wait.
+                _ = aborted.cancelled() => Ok(()),
+            };
+            if let Err(e) = res {
                 warn!(error = %e, "pinned upstream connection ended");
                 // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
                 // connection: fail what is left rather than run it elsewhere.
@@ -209,7 +241,13 @@ impl Pool {
             }
             gauge.dec();
         });
-        Ok(Pinned { tx, expiry, lost })
+        Ok(Pinned {
+            tx,
+            expiry,
+            lost,
+            abort,
+            upstream_id,
+        })
     }
 
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
@@ -290,7 +328,7 @@ impl Pool {
     /// server's command table says (blocking module commands are pinned).
     pub fn refine(&self, name: &[u8]) -> crate::command::Class {
         match self.connector.learned() {
-            Some(l) if !l.blocking.is_empty() => l.refine(name),
+            Some(l) if !l.blocking.is_empty() || !l.unplaced.is_empty() => l.refine(name),
             _ => crate::command::Class::Shared,
         }
     }
@@ -302,8 +340,17 @@ impl Pool {
         (self.opts.reply_timeout * 2 / 3).max(Duration::from_secs(1))
     }
 
-    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+    /// The HELLO fields of this pool's own address, as the server sent them.
+    pub fn hello_fields_direct(&self) -> Arc<Vec<(String, resp::Value)>> {
         self.connector.hello_fields()
+    }
+
+    pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
+        let fields = self.connector.hello_fields();
+        match self.cluster.get() {
+            Some(c) if c.active() => super::cluster::standalone_hello(&fields),
+            _ => fields,
+        }
     }
 }
 
@@ -340,4 +387,9 @@ pub struct Pinned {
     pub expiry: Arc<AtomicU64>,
     /// Cancelled when the connection failed: the client's state on it is gone.
     pub lost: CancellationToken,
+    /// Cancel to close the connection at once, with whatever is in flight
+    /// (a blocked wait whose client left).
+    pub abort: CancellationToken,
+    /// The server's id for this connection (what `CLIENT UNBLOCK` names).
+    pub upstream_id: Option<u64>,
 }

@@ -223,7 +223,14 @@ pub struct HubOpts {
 #[derive(Clone)]
 pub struct Hub {
     ops: mpsc::UnboundedSender<Op>,
+    /// The hub connection's server-side client id, and a token cancelled
+    /// when that connection goes (`None` while there is none).
+    upstream: Arc<std::sync::Mutex<Option<(u64, CancellationToken)>>>,
 }
+
+/// The RESP2 client-side caching channel: `CLIENT TRACKING on REDIRECT <id>`
+/// sends invalidations there.
+pub const TRACKING_CHANNEL: &[u8] = b"__redis__:invalidate";
 
 impl Hub {
     /// Start the hub. Its upstream connection is opened when the first client
@@ -249,10 +256,23 @@ impl Hub {
             addr: connector.addr().to_string(),
         };
         let sd = shutdown.clone();
+        let upstream = Arc::new(std::sync::Mutex::new(None));
+        let up = upstream.clone();
         let start: StartUpstream = Box::new(move |events| {
-            tokio::spawn(supervise(connector, conn_opts, events, health, sd));
+            tokio::spawn(supervise(connector, conn_opts, events, health, sd, up));
         });
-        Hub::with_upstream(opts, metrics, start, shutdown)
+        let mut hub = Hub::with_upstream(opts, metrics, start, shutdown);
+        hub.upstream = upstream;
+        hub
+    }
+
+    /// Where a RESP2 client's `CLIENT TRACKING on REDIRECT <local id>` must
+    /// point upstream: the hub's connection, which carries every local
+    /// subscription to [`TRACKING_CHANNEL`] (its invalidations are fanned out
+    /// to them). With the token that is cancelled when that connection goes
+    /// (the redirect breaks with it). `None` while the hub has no connection.
+    pub fn redirect_target(&self) -> Option<(u64, CancellationToken)> {
+        self.upstream.lock().expect("not poisoned").clone()
     }
 
     /// A hub whose upstream is started by `start` (tests play the upstream).
@@ -279,7 +299,10 @@ impl Hub {
             done_tx,
         };
         tokio::spawn(actor.run(ops_rx, events_rx, done_rx, shutdown));
-        Hub { ops: ops_tx }
+        Hub {
+            ops: ops_tx,
+            upstream: Default::default(),
+        }
     }
 
     async fn call(&self, op: impl FnOnce(oneshot::Sender<OpResult>) -> Op) -> OpResult {
@@ -945,6 +968,21 @@ impl Actor {
             debug!("pub/sub hub: ignoring a frame that is not a push");
             return;
         };
+        if what == b"invalidate" {
+            // Tracking redirected to this connection (RESP3): a message of
+            // the tracking channel for the local subscribers of it.
+            const HEAD: &[u8] = b">2\r\n$10\r\ninvalidate\r\n";
+            if let Some(keys) = frame.strip_prefix(HEAD) {
+                let mut m = BytesMut::with_capacity(frame.len() + 32);
+                m.extend_from_slice(b">3\r\n$7\r\nmessage\r\n$20\r\n");
+                m.extend_from_slice(TRACKING_CHANNEL);
+                m.extend_from_slice(b"\r\n");
+                m.extend_from_slice(keys);
+                let channel = Bytes::from_static(TRACKING_CHANNEL);
+                self.fan_out(Kind::Channel, &channel, &m.freeze());
+            }
+            return;
+        }
         let Some(first) = first.map(|f| frame.slice_ref(f)) else {
             return;
         };
@@ -1116,6 +1154,7 @@ async fn supervise(
     events: mpsc::UnboundedSender<Event>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    upstream: Arc<std::sync::Mutex<Option<(u64, CancellationToken)>>>,
 ) {
     let mut attempt: u32 = 0;
     let mut epoch: u64 = 0;
@@ -1152,6 +1191,12 @@ async fn supervise(
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
+                let gone = CancellationToken::new();
+                let id = conn.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
+                    ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
+                    _ => None,
+                });
+                *upstream.lock().expect("not poisoned") = id.map(|id| (id, gone.clone()));
                 let mut pending = std::collections::VecDeque::new();
                 let res = tokio::select! {
                     r = conn::run(conn, &mut req_rx, &opts, Some(PushSink { tx: push_tx }), &mut pending, None) => r,
@@ -1159,6 +1204,8 @@ async fn supervise(
                 };
                 up.dec();
                 drop(healthy);
+                *upstream.lock().expect("not poisoned") = None;
+                gone.cancel();
                 // Requests not written die with this connection: the hub makes
                 // every subscription again on the next one.
                 drop(req_rx);

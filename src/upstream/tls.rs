@@ -121,6 +121,32 @@ impl Connector {
         &self.addr
     }
 
+    /// The same TLS settings, credential and server name (SNI and the name the
+    /// certificate must show: the cache's, whatever the topology calls the
+    /// node), dialling one cluster node at `host:port`.
+    pub fn for_node(&self, host: &str, port: u16) -> Connector {
+        let learned = std::sync::OnceLock::new();
+        if let Some(l) = self.learned.get() {
+            let _ = learned.set(l.clone());
+        }
+        Connector {
+            tls: self.tls.clone(),
+            server_name: self.server_name.clone(),
+            host: host.to_string(),
+            port,
+            addr: super::topology::Node {
+                host: host.to_string(),
+                port,
+            }
+            .to_string(),
+            connect_timeout: self.connect_timeout,
+            tokens: self.tokens.clone(),
+            last_hello: Default::default(),
+            learned,
+            learning: Default::default(),
+        }
+    }
+
     pub fn tokens(&self) -> &TokenWatch {
         &self.tokens
     }
@@ -289,6 +315,7 @@ impl Connector {
                 tracing::info!(
                     commands = l.known,
                     blocking_not_in_table = ?l.blocking.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
+                    refused_unplaced = ?l.unplaced.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
                     "learned the server's command table"
                 );
                 l

@@ -81,6 +81,16 @@ impl RedisServer {
         self.wait_ready();
     }
 
+    /// Stop the server without closing its sockets (SIGSTOP), as a stalled
+    /// or overloaded server looks to its clients; `resume` continues it.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("redis.log")
     }
@@ -103,6 +113,14 @@ impl RedisServer {
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 fn spawn(conf: &std::path::Path) -> Child {

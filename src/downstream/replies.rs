@@ -1,0 +1,302 @@
+//! The replies a client is owed, in order, and what may be written between
+//! them (push frames from its pinned connection, the pub/sub hub's messages),
+//! with their budgets: commands owed, bytes waiting to be written, push bytes.
+//! The session ([`super::session`]) queues entries and drives [`Client::poll_out`]
+//! from its one poll loop.
+
+use crate::metrics::{ErrorKind, Metrics};
+use crate::upstream::pubsub::{Link, ToClient};
+use crate::upstream::UpstreamError;
+use crate::write_queue::WriteQueue;
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::warn;
+
+/// A reply owed to the client, in order.
+pub(super) enum Out {
+    Now(Bytes),
+    /// Replies to `count` commands, coming from upstream.
+    Wait {
+        rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
+        count: usize,
+        since: Instant,
+        /// CLIENT REPLY OFF/SKIP: the reply is taken and dropped.
+        silent: bool,
+    },
+    /// The confirmations of pub/sub command `seq`, queued by the hub: write
+    /// the hub's frames up to them.
+    Hub(u64),
+}
+
+/// Stop reading a client that owes this many replies (it is not reading them).
+pub(super) const MAX_OWED: usize = 1024;
+/// Replies of at least this many bytes are written without a copy.
+pub(super) const COPY_BELOW: usize = 16 * 1024;
+/// Pub/sub messages are taken from the hub's queue only while fewer bytes than
+/// this wait to be written: the rest stay in that queue, where they count
+/// against `limits.max_pubsub_queued_bytes`.
+pub(super) const HUB_WRITE_AHEAD: usize = 64 * 1024;
+
+/// A client's byte stream, whichever listener it came from.
+pub(super) trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
+
+/// The client connection and the replies it is owed, in order.
+pub(super) struct Client {
+    pub(super) io: Box<dyn ClientIo>,
+    pub(super) owed: VecDeque<Out>,
+    /// `Out::Wait` entries in `owed`: replies still due from upstream.
+    pub(super) waits: usize,
+    pub(super) out: WriteQueue,
+    pub(super) max_out: usize,
+    /// Written push frames may wait up to this many bytes (MONITOR, tracking).
+    pub(super) max_push: usize,
+    /// Replies owed to commands sent upstream (a batch counts each command).
+    pub(super) owed_replies: usize,
+    /// Push frames (invalidations, MONITOR lines) from the pinned connection.
+    pub(super) push: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// What the hub queues for this client; made with its [`Link`].
+    pub(super) hub: Option<HubFeed>,
+    /// Bytes read from the client while a blocking command waited (to notice
+    /// it leaving): the session scans them next.
+    pub(super) inbox: BytesMut,
+    /// Writing to the client failed, or it closed: it is gone.
+    pub(super) gone: bool,
+    /// The hub dropped this client for not reading its messages: nothing more
+    /// is written, and the connection closes without flushing what is queued.
+    pub(super) killed: bool,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// What the hub queues for this client, and the count of message bytes in it.
+pub(super) struct HubFeed {
+    pub(super) rx: mpsc::UnboundedReceiver<ToClient>,
+    pub(super) open: bool,
+    pub(super) queued: Arc<AtomicUsize>,
+    /// The last pub/sub command whose confirmations were queued for writing.
+    pub(super) done: u64,
+    /// The hub's kill: polled once to register for it, then only once it
+    /// fired (as the drain is).
+    pub(super) kill: CancellationToken,
+    pub(super) killed: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+    pub(super) kill_registered: bool,
+}
+
+impl HubFeed {
+    pub(super) fn new(link: &Link, rx: mpsc::UnboundedReceiver<ToClient>) -> Self {
+        HubFeed {
+            rx,
+            open: true,
+            queued: link.queued.clone(),
+            done: 0,
+            kill: link.kill.clone(),
+            killed: Box::pin(link.kill.clone().cancelled_owned()),
+            kill_registered: false,
+        }
+    }
+
+    pub(super) fn is_killed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.kill_registered && !self.kill.is_cancelled() {
+            return false;
+        }
+        self.kill_registered = true;
+        self.killed.as_mut().poll(cx).is_ready()
+    }
+
+    /// Take the next frame from the hub into `out`; false when there is none
+    /// now (the waker is then registered) or the queue is closed.
+    pub(super) fn take_one(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut WriteQueue,
+        metrics: &Metrics,
+    ) -> bool {
+        if !self.open {
+            return false;
+        }
+        let bytes = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ToClient::Message(b))) => {
+                self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+                b
+            }
+            Poll::Ready(Some(ToClient::Reply { bytes, seq })) => {
+                self.done = seq;
+                bytes
+            }
+            Poll::Ready(None) => {
+                self.open = false;
+                return false;
+            }
+            Poll::Pending => return false,
+        };
+        metrics.bytes_out.inc_by(bytes.len() as u64);
+        out.push(bytes);
+        true
+    }
+}
+
+impl Client {
+    /// Take more commands only while the client is taking its replies: fewer
+    /// than [`MAX_OWED`] owed (counted by command, with `more` about to be
+    /// sent) and less than `limits.max_buffered_bytes` waiting to be written.
+    pub(super) fn may_send(&self, more: usize) -> bool {
+        self.owed_replies + more < MAX_OWED
+            && self.owed.len() < MAX_OWED
+            && self.out.queued_bytes() < self.max_out
+    }
+
+    pub(super) fn may_read(&self) -> bool {
+        self.may_send(0)
+    }
+
+    /// Queue the replies that have arrived, in command order, each pub/sub
+    /// command's confirmations in that command's place, and push frames and
+    /// pub/sub messages (only ever between whole replies); write what the
+    /// socket takes. Never waits: registers for wake-up on whatever is not
+    /// ready. Writes nothing more once the hub killed the client.
+    pub(super) fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
+        loop {
+            if self.killed {
+                return;
+            }
+            if let Some(hub) = &mut self.hub {
+                if hub.is_killed(cx) {
+                    self.killed = true;
+                    self.gone = true;
+                    return;
+                }
+            }
+            let held_back = self.queue_out(cx);
+            if self.gone || self.out.is_idle() {
+                return;
+            }
+            match self.out.poll_write(std::pin::Pin::new(&mut self.io), cx) {
+                Poll::Ready(Ok(())) if held_back => {}
+                Poll::Ready(Ok(())) | Poll::Pending => return,
+                Poll::Ready(Err(_)) => {
+                    self.gone = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Move what is ready to be written into `out`. True when pub/sub frames
+    /// were left in the hub's queue because `out` holds enough already (come
+    /// back once it is written).
+    pub(super) fn queue_out(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        'owed: while let Some(front) = self.owed.front_mut() {
+            let bytes = match front {
+                Out::Now(b) => std::mem::take(b),
+                Out::Hub(seq) => {
+                    // The hub queued these confirmations before the session
+                    // queued this: everything up to them is in its channel.
+                    let seq = *seq;
+                    let Some(hub) = &mut self.hub else {
+                        self.owed.pop_front();
+                        continue;
+                    };
+                    while hub.done < seq && hub.open {
+                        if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                            return true;
+                        }
+                        if !hub.take_one(cx, &mut self.out, &self.metrics) && hub.open {
+                            // Not there yet: woken when it is.
+                            break 'owed;
+                        }
+                    }
+                    self.owed.pop_front();
+                    continue;
+                }
+                Out::Wait {
+                    rx,
+                    count,
+                    since,
+                    silent,
+                } => {
+                    let res = match std::pin::Pin::new(rx).poll(cx) {
+                        Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
+                        Poll::Pending => break,
+                    };
+                    self.owed_replies -= *count;
+                    if *silent {
+                        self.waits -= 1;
+                        self.owed.pop_front();
+                        continue;
+                    }
+                    self.waits -= 1;
+                    self.metrics
+                        .command_latency
+                        .observe(since.elapsed().as_secs_f64());
+                    match res {
+                        Ok(b) => b,
+                        Err(e) => {
+                            if matches!(e, UpstreamError::NoCredential { .. }) {
+                                self.metrics.error(ErrorKind::NoCredential);
+                            }
+                            let one = e.to_reply();
+                            let mut b = BytesMut::with_capacity(one.len() * *count);
+                            for _ in 0..*count {
+                                b.extend_from_slice(&one);
+                            }
+                            b.freeze()
+                        }
+                    }
+                }
+            };
+            self.owed.pop_front();
+            self.metrics.bytes_out.inc_by(bytes.len() as u64);
+            self.out.push(bytes);
+        }
+        while let Some(push) = &mut self.push {
+            match push.poll_recv(cx) {
+                Poll::Ready(Some(p)) => {
+                    self.metrics.bytes_out.inc_by(p.len() as u64);
+                    self.out.push(p);
+                    if self.out.queued_bytes() > self.max_push {
+                        // MONITOR (or tracking) output the client does not
+                        // read: cut it off, as Redis's output buffer limit does.
+                        warn!(
+                            limit = self.max_push,
+                            "closing a client that does not read its MONITOR or tracking output (limits.max_pubsub_queued_bytes)"
+                        );
+                        self.metrics.error(ErrorKind::Limit);
+                        self.killed = true;
+                        self.gone = true;
+                        return false;
+                    }
+                }
+                Poll::Ready(None) => self.push = None,
+                Poll::Pending => break,
+            }
+        }
+        if let Some(hub) = &mut self.hub {
+            // Messages (and confirmations) between whole replies, as long as
+            // the client takes them.
+            loop {
+                if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                    return true;
+                }
+                if !hub.take_one(cx, &mut self.out, &self.metrics) {
+                    break;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A reply channel dropped without an answer: its connection's task ended.
+pub(super) fn connection_ended() -> UpstreamError {
+    UpstreamError::Lost {
+        reason: "the upstream connection ended".into(),
+    }
+}

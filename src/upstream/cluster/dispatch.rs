@@ -1,0 +1,594 @@
+//! A client's shared connection when the upstream is a cluster: a router task
+//! takes each batch of commands (what a session sends a shared connection),
+//! places every command ([`super::route::plan`]) and writes it, grouped per
+//! node, to that node's shared connection at once (so commands to one node
+//! stay in order and pipelined); a completer task takes the batches in the
+//! order they came, gathers their replies, follows redirections and answers
+//! each batch with its replies in the client's order.
+//!
+//! Redirections never reach the client: `MOVED` updates the slot map (and
+//! asks for a refresh) and re-sends there, `ASK` re-sends with `ASKING` to the
+//! importing node, `TRYAGAIN` and `CLUSTERDOWN` are retried with backoff, all
+//! within [`MAX_REDIRECTS`] and [`RETRY_BUDGET`]. Such replies mean the
+//! command did not run, so re-sending cannot run it twice.
+
+use super::merge;
+use super::route::{self, Fan, Merge, Plan};
+use super::Cluster;
+use crate::resp::scan::{args_of, CommandScanner, Limits, ReplyScanner};
+use crate::resp::{self, Proto};
+use crate::upstream::conn::{Handle, ReplyTx, Request};
+use crate::upstream::topology::{self, Node};
+use crate::upstream::UpstreamError;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Redirections followed for one command before its last answer is given.
+pub const MAX_REDIRECTS: usize = 16;
+/// Time spent retrying `TRYAGAIN`/`CLUSTERDOWN` (and waiting for a slot owner)
+/// for one command before its last answer is given.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(10);
+
+type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+
+/// One command as sent: enough to send it again elsewhere.
+#[derive(Clone)]
+struct Cmd {
+    bytes: Bytes,
+    slot: Option<u16>,
+}
+
+/// One sub-request written to a node, owing `cmds.len()` replies.
+struct Sent {
+    node: Option<Node>,
+    cmds: Vec<Cmd>,
+    rx: Option<ReplyRx>,
+}
+
+enum Item {
+    /// Replies to these commands, in order.
+    Plain(Sent),
+    Split {
+        merge: Merge,
+        nkeys: usize,
+        keys: Vec<Vec<usize>>,
+        parts: Vec<Sent>,
+    },
+    Fan {
+        kind: Fan,
+        parts: Vec<Sent>,
+    },
+    Scan {
+        shard: usize,
+        shards: usize,
+        part: Sent,
+    },
+    Now(Bytes),
+}
+
+struct Job {
+    reply: Option<ReplyTx>,
+    items: Vec<Item>,
+}
+
+/// Per-task cache of each node's shared connection (one per node per task, so
+/// a client's commands to one node go down one connection, in order).
+struct Links {
+    cluster: Arc<Cluster>,
+    proto: Proto,
+    handles: HashMap<Node, Handle>,
+}
+
+impl Links {
+    fn get(&mut self, node: &Node) -> Handle {
+        if let Some(h) = self.handles.get(node) {
+            return h.clone();
+        }
+        let h = self.cluster.node_pool(node).shared_direct(self.proto);
+        self.handles.insert(node.clone(), h.clone());
+        h
+    }
+
+    /// Write `cmds` (already encoded back to back in `bytes`) to `node`.
+    async fn send(&mut self, node: Option<Node>, cmds: Vec<Cmd>, bytes: Bytes) -> Sent {
+        let Some(n) = node.clone() else {
+            return Sent {
+                node,
+                cmds,
+                rx: None,
+            };
+        };
+        let (tx, rx) = oneshot::channel();
+        let req = Request {
+            bytes,
+            count: cmds.len(),
+            reply: Some(tx),
+            in_multi_after: false,
+            pushes: 0,
+        };
+        let h = self.get(&n);
+        if let Err(mpsc::error::SendError(req)) = h.tx.send(req).await {
+            if let Some(t) = req.reply {
+                let _ = t.send(Err(UpstreamError::Shutdown));
+            }
+        }
+        Sent {
+            node,
+            cmds,
+            rx: Some(rx),
+        }
+    }
+
+    async fn send_one(&mut self, node: Option<Node>, cmd: Cmd) -> Sent {
+        let bytes = cmd.bytes.clone();
+        self.send(node, vec![cmd], bytes).await
+    }
+}
+
+/// The router half: runs until the session side closes. A request that
+/// comes while the upstream is not (known to be) a cluster goes to the
+/// seed's own connection as it is.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    proto: Proto,
+    index: usize,
+    mut rx: mpsc::Receiver<Request>,
+) {
+    let seed = cluster.seed.shared_direct(proto);
+    let mut router: Option<(mpsc::Sender<Job>, Links)> = None;
+    let limits = Limits {
+        max_bulk_bytes: usize::MAX,
+        max_line_bytes: usize::MAX,
+        max_elements: usize::MAX,
+    };
+    while let Some(req) = rx.recv().await {
+        let is_cluster = match cluster.is_cluster().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(t) = req.reply {
+                    let _ = t.send(Err(e));
+                }
+                continue;
+            }
+        };
+        if !is_cluster {
+            if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
+                if let Some(t) = req.reply {
+                    let _ = t.send(Err(UpstreamError::Shutdown));
+                }
+            }
+            continue;
+        }
+        let (jobs_tx, links) = router.get_or_insert_with(|| {
+            let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
+            tokio::spawn(complete(cluster.clone(), proto, index, jobs_rx));
+            let links = Links {
+                cluster: cluster.clone(),
+                proto,
+                handles: HashMap::new(),
+            };
+            (jobs_tx, links)
+        });
+        let items = route_batch(&cluster, links, index, &req.bytes, limits).await;
+        let job = Job {
+            reply: req.reply,
+            items,
+        };
+        if jobs_tx.send(job).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Place and write every command of one batch.
+async fn route_batch(
+    cluster: &Cluster,
+    links: &mut Links,
+    index: usize,
+    bytes: &Bytes,
+    limits: Limits,
+) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut pos = 0;
+    // Consecutive commands for one node go as one sub-request.
+    let mut group: Vec<Cmd> = Vec::new();
+    let mut group_node: Option<Node> = None;
+    let mut group_start = 0;
+    while pos < bytes.len() {
+        let mut scanner = CommandScanner::new(limits);
+        let cmd = match scanner.scan(&bytes[pos..]) {
+            Ok(Some(c)) => c,
+            // The session scanned these bytes already; anything else is a bug
+            // upstream of here: answer it as an error rather than guess.
+            _ => {
+                items.push(Item::Now(resp::error(
+                    "ERR redis-entra-proxy: cannot re-read a command for cluster routing",
+                )));
+                break;
+            }
+        };
+        let raw = bytes.slice(pos..pos + cmd.len);
+        let args = args_of(&raw, &cmd);
+        let plan = route::plan(cluster.table(), &args);
+        let (slot, single) = match &plan {
+            Plan::Slot(s) => (Some(*s), true),
+            Plan::Any => (None, true),
+            _ => (None, false),
+        };
+        let frame = if cmd.inline {
+            resp::command(&args)
+        } else {
+            raw.clone()
+        };
+        if single {
+            let node = cluster.node_for(slot, index);
+            let same = !group.is_empty() && group_node == node && !cmd.inline;
+            if !same {
+                flush(
+                    links,
+                    &mut items,
+                    &mut group,
+                    &mut group_node,
+                    bytes,
+                    group_start,
+                    pos,
+                )
+                .await;
+                group_start = pos;
+                group_node = node;
+            }
+            if cmd.inline {
+                // Re-encoded: it cannot share the batch's bytes.
+                let sent = links
+                    .send_one(group_node.clone(), Cmd { bytes: frame, slot })
+                    .await;
+                items.push(Item::Plain(sent));
+                group_node = None;
+                group_start = pos + cmd.len;
+            } else {
+                group.push(Cmd { bytes: frame, slot });
+            }
+            pos += cmd.len;
+            continue;
+        }
+        flush(
+            links,
+            &mut items,
+            &mut group,
+            &mut group_node,
+            bytes,
+            group_start,
+            pos,
+        )
+        .await;
+        pos += cmd.len;
+        group_start = pos;
+        let item = match plan {
+            Plan::Refuse(e) => Item::Now(e),
+            Plan::Split { merge, parts, keys } => {
+                let mut sent = Vec::new();
+                let mut key_lists = Vec::new();
+                for p in parts {
+                    let node = cluster.node_for(Some(p.slot), index);
+                    sent.push(
+                        links
+                            .send_one(
+                                node,
+                                Cmd {
+                                    bytes: p.bytes,
+                                    slot: Some(p.slot),
+                                },
+                            )
+                            .await,
+                    );
+                    key_lists.push(p.keys);
+                }
+                Item::Split {
+                    merge,
+                    nkeys: keys,
+                    keys: key_lists,
+                    parts: sent,
+                }
+            }
+            Plan::FanOut(Fan::Scan) => scan(cluster, links, &args).await,
+            Plan::FanOut(kind) => {
+                let nodes = cluster.map().map(|m| m.nodes.clone()).unwrap_or_default();
+                let mut parts = Vec::new();
+                for n in nodes {
+                    parts.push(
+                        links
+                            .send_one(
+                                Some(n),
+                                Cmd {
+                                    bytes: frame.clone(),
+                                    slot: None,
+                                },
+                            )
+                            .await,
+                    );
+                }
+                Item::Fan { kind, parts }
+            }
+            // Sent with the group above; never reached.
+            Plan::Slot(_) | Plan::Any => continue,
+        };
+        items.push(item);
+    }
+    flush(
+        links,
+        &mut items,
+        &mut group,
+        &mut group_node,
+        bytes,
+        group_start,
+        pos,
+    )
+    .await;
+    items
+}
+
+async fn flush(
+    links: &mut Links,
+    items: &mut Vec<Item>,
+    group: &mut Vec<Cmd>,
+    node: &mut Option<Node>,
+    bytes: &Bytes,
+    start: usize,
+    end: usize,
+) {
+    if group.is_empty() {
+        return;
+    }
+    let cmds = std::mem::take(group);
+    let sent = links.send(node.take(), cmds, bytes.slice(start..end)).await;
+    items.push(Item::Plain(sent));
+}
+
+/// SCAN: the client's cursor names the shard; ask that shard with its own cursor.
+async fn scan(cluster: &Cluster, links: &mut Links, args: &[&[u8]]) -> Item {
+    let Some(map) = cluster.map() else {
+        return Item::Now(resp::error("CLUSTERDOWN no slot map yet"));
+    };
+    let Some((shard, cursor)) = args.get(1).and_then(|c| merge::decode_cursor(c)) else {
+        return Item::Now(resp::error("ERR invalid cursor"));
+    };
+    let Some(node) = map.nodes.get(shard).cloned() else {
+        return Item::Now(resp::error("ERR invalid cursor"));
+    };
+    let c = cursor.to_string();
+    let mut rewritten: Vec<&[u8]> = args.to_vec();
+    rewritten[1] = c.as_bytes();
+    let bytes = resp::command(&rewritten);
+    let part = links.send_one(Some(node), Cmd { bytes, slot: None }).await;
+    Item::Scan {
+        shard,
+        shards: map.nodes.len(),
+        part,
+    }
+}
+
+/// The completer half: answers jobs in the order they were routed.
+async fn complete(
+    cluster: Arc<Cluster>,
+    proto: Proto,
+    index: usize,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let mut links = Links {
+        cluster: cluster.clone(),
+        proto,
+        handles: HashMap::new(),
+    };
+    while let Some(job) = jobs.recv().await {
+        let mut out = BytesMut::new();
+        for item in job.items {
+            match item {
+                Item::Now(b) => out.extend_from_slice(&b),
+                Item::Plain(sent) => {
+                    for r in replies(&cluster, &mut links, index, sent).await {
+                        out.extend_from_slice(&r);
+                    }
+                }
+                Item::Split {
+                    merge,
+                    nkeys,
+                    keys,
+                    parts,
+                } => {
+                    let mut rs = Vec::new();
+                    for p in parts {
+                        rs.extend(replies(&cluster, &mut links, index, p).await);
+                    }
+                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                    out.extend_from_slice(&merge::split(merge, nkeys, &keys, &refs));
+                }
+                Item::Fan { kind, parts } => {
+                    let mut rs = Vec::new();
+                    for p in parts {
+                        rs.extend(replies(&cluster, &mut links, index, p).await);
+                    }
+                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                    out.extend_from_slice(&merge::fan(kind, &refs));
+                }
+                Item::Scan {
+                    shard,
+                    shards,
+                    part,
+                } => {
+                    let r = replies(&cluster, &mut links, index, part).await;
+                    let r = r.into_iter().next().unwrap_or_default();
+                    out.extend_from_slice(&merge::scan_reply(&r, shard, shards));
+                }
+            }
+        }
+        if let Some(tx) = job.reply {
+            let _ = tx.send(Ok(out.freeze()));
+        }
+    }
+}
+
+/// The final reply of each command of `sent`, redirections followed.
+async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent) -> Vec<Bytes> {
+    let n = sent.cmds.len();
+    let first: Result<Bytes, UpstreamError> = match sent.rx {
+        Some(rx) => rx.await.unwrap_or(Err(UpstreamError::Shutdown)),
+        None => Ok(Bytes::new()),
+    };
+    let pieces: Vec<Option<Bytes>> = match (&sent.node, first) {
+        (None, _) => vec![None; n],
+        (Some(_), Ok(b)) => split_replies(&b, n)
+            .into_iter()
+            .map(|p| {
+                // Never None here: a missing reply is an answer, not a redirection.
+                Some(p.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")))
+            })
+            .collect(),
+        (Some(_), Err(e)) => {
+            if matches!(
+                e,
+                UpstreamError::Lost { .. }
+                    | UpstreamError::Connect { .. }
+                    | UpstreamError::Timeout { .. }
+            ) {
+                cluster.stale();
+            }
+            return vec![e.to_reply(); n];
+        }
+    };
+    let mut out = Vec::with_capacity(n);
+    for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
+        out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
+    }
+    out
+}
+
+/// `n` whole replies from `b`; `None` where they are missing.
+fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0;
+    for _ in 0..n {
+        let mut s = ReplyScanner::new();
+        match s.scan(&b[pos..]) {
+            Ok(Some(r)) => {
+                out.push(Some(b.slice(pos..pos + r.len)));
+                pos += r.len;
+            }
+            _ => out.push(None),
+        }
+    }
+    out
+}
+
+fn is_error_word(reply: &[u8], word: &[u8]) -> bool {
+    reply.len() > word.len() + 1 && reply[0] == b'-' && reply[1..].starts_with(word)
+}
+
+/// Follow one command's redirections until it has a real answer.
+async fn resolve(
+    cluster: &Cluster,
+    links: &mut Links,
+    index: usize,
+    cmd: Cmd,
+    mut node: Option<Node>,
+    mut reply: Option<Bytes>,
+) -> Bytes {
+    let start = Instant::now();
+    let mut attempt = 0u32;
+    for _ in 0..MAX_REDIRECTS {
+        let r = match reply.take() {
+            Some(r) => r,
+            None => {
+                // No owner for the slot (failover, resharding): wait for the map.
+                if start.elapsed() >= RETRY_BUDGET {
+                    return resp::error("CLUSTERDOWN Hash slot not served");
+                }
+                attempt += 1;
+                cluster.stale();
+                tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2)).await;
+                node = cluster.node_for(cmd.slot, index);
+                if node.is_none() {
+                    continue;
+                }
+                match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
+                    Ok(r) => r,
+                    Err(e) => return e.to_reply(),
+                }
+            }
+        };
+        if !r.starts_with(b"-") {
+            return r;
+        }
+        let from = node.clone().unwrap_or(Node {
+            host: String::new(),
+            port: 0,
+        });
+        if let Some((moved, slot, to)) = topology::parse_redirect(&r, &from) {
+            debug!(moved, slot, to = %to, "cluster redirection");
+            let bytes = if moved {
+                cluster.moved(slot, to.clone());
+                cmd.bytes.clone()
+            } else {
+                let mut b = BytesMut::from(&resp::command(&[b"ASKING"])[..]);
+                b.extend_from_slice(&cmd.bytes);
+                b.freeze()
+            };
+            let count = if moved { 1 } else { 2 };
+            node = Some(to);
+            match send_and_wait(links, node.clone(), bytes, count).await {
+                Ok(r) => reply = Some(r),
+                Err(e) => return e.to_reply(),
+            }
+            continue;
+        }
+        if is_error_word(&r, b"TRYAGAIN") || is_error_word(&r, b"CLUSTERDOWN") {
+            if start.elapsed() >= RETRY_BUDGET {
+                return r;
+            }
+            attempt += 1;
+            if is_error_word(&r, b"CLUSTERDOWN") {
+                cluster.stale();
+            }
+            tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2)).await;
+            node = cluster.node_for(cmd.slot, index).or(node);
+            match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
+                Ok(r) => reply = Some(r),
+                Err(e) => return e.to_reply(),
+            }
+            continue;
+        }
+        return r;
+    }
+    reply.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: too many cluster redirections"))
+}
+
+/// Send `bytes` (owing `count` replies) and return the last reply.
+async fn send_and_wait(
+    links: &mut Links,
+    node: Option<Node>,
+    bytes: Bytes,
+    count: usize,
+) -> Result<Bytes, UpstreamError> {
+    let cmds = vec![
+        Cmd {
+            bytes: Bytes::new(),
+            slot: None
+        };
+        count
+    ];
+    let sent = links.send(node, cmds, bytes).await;
+    let Some(rx) = sent.rx else {
+        return Ok(resp::error("CLUSTERDOWN Hash slot not served"));
+    };
+    let b = rx.await.unwrap_or(Err(UpstreamError::Shutdown))?;
+    let parts = split_replies(&b, count);
+    Ok(parts
+        .into_iter()
+        .last()
+        .flatten()
+        .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")))
+}

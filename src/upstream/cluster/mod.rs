@@ -1,0 +1,438 @@
+//! Clustered caches (Azure Managed Redis OSS cluster policy, clustered Azure
+//! Cache for Redis): the proxy presents one plain Redis to its clients and
+//! sends each command to the primary that owns its keys.
+//!
+//! A layer around the per-address [`Pool`]: the seed pool (the configured
+//! host) hands its shared and pinned connections over to this layer
+//! ([`Pool::install_cluster`]), which keeps one [`Pool`] per primary (each
+//! connection authenticated and re-authenticated like any other, TLS checked
+//! against the cache's name).
+//!
+//! - [`route`]: pure placement of one command (slot, any node, split, fan-out,
+//!   refusal); [`merge`]: pure merging of the parts' replies.
+//! - [`dispatch`]: what a client's shared connection is in a cluster: a task
+//!   that routes each command of a batch, follows `MOVED`/`ASK`, retries
+//!   `TRYAGAIN`/`CLUSTERDOWN`, and answers the batch in order.
+//! - [`pinned`]: transactions and blocking commands on the node of their keys.
+//! - Here: detection (`upstream.cluster`), the slot map and its refresh.
+
+pub mod dispatch;
+pub mod merge;
+pub mod pinned;
+pub mod route;
+
+use super::conn::{Handle, PushSink, Request};
+use super::pool::{Pinned, Pool};
+use super::tls::Connector;
+use super::topology::{self, Node, SlotMap};
+use super::UpstreamError;
+use crate::admin::Health;
+use crate::config::{ClusterMode, Config};
+use crate::keys::KeyTable;
+use crate::metrics::Metrics;
+use crate::resp::{self, Proto};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// At most one topology refresh per this long, however many `MOVED` arrive.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// The slot map is re-read this often even when nothing seems to change.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Time allowed for one topology query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Undecided,
+    Standalone,
+    Cluster,
+}
+
+pub struct Cluster {
+    cfg: Config,
+    connector: Arc<Connector>,
+    seed: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    decision: watch::Sender<Decision>,
+    map: RwLock<Option<Arc<SlotMap>>>,
+    table: OnceLock<KeyTable>,
+    nodes: Mutex<HashMap<Node, Arc<Pool>>>,
+    refresh: Notify,
+    dispatchers: [OnceLock<Vec<Handle>>; 2],
+    next: AtomicUsize,
+    /// Why the last attempt to ask the seed (while undecided) failed.
+    seed_error: Mutex<Option<UpstreamError>>,
+}
+
+fn idx(proto: Proto) -> usize {
+    match proto {
+        Proto::Resp2 => 0,
+        Proto::Resp3 => 1,
+    }
+}
+
+/// HELLO fields as a non-cluster Redis shows them: clients see one server.
+pub fn standalone_hello(fields: &[(String, resp::Value)]) -> Arc<Vec<(String, resp::Value)>> {
+    Arc::new(
+        fields
+            .iter()
+            .map(|(k, v)| {
+                if k == "mode" {
+                    (
+                        k.clone(),
+                        resp::Value::Str(Bytes::from_static(b"standalone")),
+                    )
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect(),
+    )
+}
+
+impl Cluster {
+    /// Install the cluster layer on the seed pool unless `upstream.cluster =
+    /// off`, and find out (or take from the config) whether it is one.
+    pub fn start(
+        cfg: &Config,
+        connector: Arc<Connector>,
+        seed: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> Option<Arc<Cluster>> {
+        let mode = cfg.upstream.cluster;
+        if mode == ClusterMode::Off {
+            return None;
+        }
+        let (decision, _) = watch::channel(Decision::Undecided);
+        let c = Arc::new(Cluster {
+            cfg: cfg.clone(),
+            connector,
+            seed: seed.clone(),
+            metrics,
+            health,
+            shutdown,
+            decision,
+            map: RwLock::new(None),
+            table: OnceLock::new(),
+            nodes: Mutex::new(HashMap::new()),
+            refresh: Notify::new(),
+            dispatchers: [OnceLock::new(), OnceLock::new()],
+            next: AtomicUsize::new(0),
+            seed_error: Mutex::new(None),
+        });
+        seed.install_cluster(c.clone());
+        tokio::spawn(c.clone().decide(mode == ClusterMode::On));
+        Some(c)
+    }
+
+    /// Whether requests go through this layer now (cluster, or not known yet).
+    pub fn active(&self) -> bool {
+        *self.decision.borrow() == Decision::Cluster
+    }
+
+    /// Whether the upstream is a cluster, waiting for the answer while the
+    /// seed is being asked (at most `upstream.connect_timeout`; then it is
+    /// taken as not one). While the seed cannot be reached, its error at once,
+    /// so a client gets a clear answer instead of waiting, and no command goes
+    /// to the seed unrouted.
+    pub async fn is_cluster(&self) -> Result<bool, UpstreamError> {
+        let bound = Instant::now() + self.cfg.upstream.connect_timeout;
+        let mut rx = self.decision.subscribe();
+        loop {
+            match *rx.borrow_and_update() {
+                Decision::Cluster => return Ok(true),
+                Decision::Standalone => return Ok(false),
+                Decision::Undecided => {}
+            }
+            let failing = self.seed_error.lock().expect("not poisoned").clone();
+            if let Some(e) = failing {
+                // "No credential" is stale once one has arrived: wait instead.
+                let stale = matches!(e, UpstreamError::NoCredential { .. })
+                    && self
+                        .connector
+                        .tokens()
+                        .borrow()
+                        .usable(std::time::SystemTime::now())
+                        .is_some();
+                if !stale {
+                    return Err(e);
+                }
+            }
+            if Instant::now() >= bound {
+                return Ok(false);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(false) },
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// A client's shared connection: a dispatcher while the upstream is (or
+    /// may be) a cluster; `None`: the seed pool's own.
+    pub fn shared(self: &Arc<Self>, proto: Proto) -> Option<Handle> {
+        if *self.decision.borrow() == Decision::Standalone {
+            return None;
+        }
+        let list = self.dispatchers[idx(proto)].get_or_init(|| {
+            (0..self.cfg.upstream.pool_size.max(1))
+                .map(|i| {
+                    let (tx, rx) = mpsc::channel(4096);
+                    tokio::spawn(dispatch::run(self.clone(), proto, i, rx));
+                    Handle { tx }
+                })
+                .collect()
+        });
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % list.len();
+        Some(list[i].clone())
+    }
+
+    /// A client's dedicated connection: bound to a node once its first keyed
+    /// command says which.
+    pub async fn pin(
+        self: &Arc<Self>,
+        proto: Proto,
+        push: PushSink,
+    ) -> Result<Pinned, UpstreamError> {
+        Ok(pinned::start(self.clone(), proto, push))
+    }
+
+    fn table(&self) -> &KeyTable {
+        static BUILTIN: OnceLock<KeyTable> = OnceLock::new();
+        self.table
+            .get()
+            .unwrap_or_else(|| BUILTIN.get_or_init(KeyTable::builtin))
+    }
+
+    /// The current slot map (`None` before the first one is read).
+    pub fn map(&self) -> Option<Arc<SlotMap>> {
+        self.map.read().expect("not poisoned").clone()
+    }
+
+    /// The pool of one node, made on first use.
+    fn node_pool(&self, node: &Node) -> Arc<Pool> {
+        let mut nodes = self.nodes.lock().expect("not poisoned");
+        if let Some(p) = nodes.get(node) {
+            return p.clone();
+        }
+        let connector = Arc::new(self.connector.for_node(&node.host, node.port));
+        let pool = Pool::new(
+            &self.cfg,
+            connector,
+            self.metrics.clone(),
+            self.health.clone(),
+            self.shutdown.clone(),
+        );
+        nodes.insert(node.clone(), pool.clone());
+        pool
+    }
+
+    /// A `MOVED`: the slot is `node`'s now; re-read the whole map soon.
+    fn moved(&self, slot: u16, node: Node) {
+        {
+            let mut guard = self.map.write().expect("not poisoned");
+            if let Some(m) = guard.as_mut() {
+                if m.owner(slot) != Some(&node) {
+                    Arc::make_mut(m).moved(slot, node);
+                }
+            }
+        }
+        self.refresh.notify_one();
+    }
+
+    /// Ask for a topology refresh (a connection failed, a shard is down).
+    fn stale(&self) {
+        self.refresh.notify_one();
+    }
+
+    async fn decide(self: Arc<Self>, forced: bool) {
+        let mut attempt = 0u32;
+        let is_cluster = loop {
+            if forced {
+                break true;
+            }
+            // Watch for a new credential from before asking: one that lands
+            // while the question fails must still wake the retry below.
+            let mut tokens = self.connector.tokens().clone();
+            tokens.mark_unchanged();
+            let asked = self.ask_seed(&[b"INFO", b"cluster"]).await;
+            if asked.is_ok() {
+                *self.seed_error.lock().expect("not poisoned") = None;
+            }
+            match asked {
+                Ok(reply) if reply.first() != Some(&b'-') => {
+                    let fields = self.seed.hello_fields_direct();
+                    let hello_mode = fields
+                        .iter()
+                        .find(|(k, _)| k == "mode")
+                        .map(|(_, v)| matches!(v, resp::Value::Str(s) if &s[..] == b"cluster"));
+                    let info = memchr::memmem::find(&reply, b"cluster_enabled:1").is_some();
+                    let yes = hello_mode.unwrap_or(false) || info;
+                    info!(
+                        hello_mode = ?hello_mode,
+                        info_cluster_enabled = info,
+                        "upstream.cluster = auto: the upstream is {}",
+                        if yes { "a Redis Cluster; routing commands by hash slot" } else { "not a cluster" }
+                    );
+                    break yes;
+                }
+                Ok(reply) => {
+                    info!(
+                        reply = %resp::error_text(&reply).unwrap_or_default(),
+                        "upstream.cluster = auto: INFO refused; taking the upstream as not a cluster"
+                    );
+                    break false;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster detection waits for an upstream connection");
+                    *self.seed_error.lock().expect("not poisoned") = Some(e);
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(super::conn::backoff(attempt + 3)) => {}
+                        // A new credential: ask again now, clients wait meanwhile.
+                        Ok(()) = tokens.changed() => {}
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                    *self.seed_error.lock().expect("not poisoned") = None;
+                }
+            }
+        };
+        if !is_cluster {
+            self.decision.send_replace(Decision::Standalone);
+            return;
+        }
+        // The key positions of every command the server has.
+        if let Ok(reply) = self.ask_seed(&[b"COMMAND"]).await {
+            if let Some(t) = KeyTable::from_command_reply(&reply) {
+                let _ = self.table.set(t);
+            }
+        }
+        let mut attempt = 0u32;
+        while !self.refresh_now().await {
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(super::conn::backoff(attempt + 3)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+        self.decision.send_replace(Decision::Cluster);
+        tokio::spawn(self.clone().refresher());
+    }
+
+    /// One command on the seed's own shared connection.
+    async fn ask_seed(&self, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
+        ask(&self.seed.shared_direct(Proto::Resp2), resp::command(args)).await
+    }
+
+    async fn refresher(self: Arc<Self>) {
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.refresh.notified() => {}
+                _ = tokio::time::sleep(REFRESH_EVERY) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let since = last.elapsed();
+            if since < MIN_REFRESH_INTERVAL {
+                tokio::select! {
+                    _ = tokio::time::sleep(MIN_REFRESH_INTERVAL - since) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+            last = Instant::now();
+            self.refresh_now().await;
+        }
+    }
+
+    /// Read the slot map from a known primary (or the seed); true when read.
+    async fn refresh_now(&self) -> bool {
+        let mut sources: Vec<(Node, Handle)> = Vec::new();
+        if let Some(m) = self.map() {
+            let start = fastrand::usize(..m.nodes.len().max(1));
+            for i in 0..m.nodes.len() {
+                let n = &m.nodes[(start + i) % m.nodes.len()];
+                sources.push((n.clone(), self.node_pool(n).shared_direct(Proto::Resp2)));
+            }
+        }
+        let seed_node = Node {
+            host: self.cfg.upstream.host.clone(),
+            port: self.cfg.upstream.port,
+        };
+        sources.push((seed_node, self.seed.shared_direct(Proto::Resp2)));
+        for (node, handle) in sources {
+            let map = match ask(&handle, resp::command(&[b"CLUSTER", b"SHARDS"])).await {
+                Ok(r) if r.first() != Some(&b'-') => topology::parse_shards(&r, &node.host, true),
+                Ok(_) => match ask(&handle, resp::command(&[b"CLUSTER", b"SLOTS"])).await {
+                    Ok(r) => topology::parse_slots(&r, &node.host),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            let Some(map) = map else { continue };
+            if map.uncovered() > 0 {
+                // A failover in progress: keep what we had for those slots.
+                warn!(uncovered = map.uncovered(), from = %node, "cluster topology has slots without a primary");
+            }
+            let changed = self.map().is_none_or(|old| *old != map);
+            if changed {
+                info!(
+                    shards = map.nodes.len(),
+                    primaries = %map.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "),
+                    from = %node,
+                    "cluster topology"
+                );
+            }
+            for n in &map.nodes {
+                self.node_pool(n);
+            }
+            *self.map.write().expect("not poisoned") = Some(Arc::new(map));
+            return true;
+        }
+        warn!("cannot read the cluster topology from any node; keeping the last slot map");
+        false
+    }
+
+    /// The node for a slot (`None`: any primary), by the current map.
+    fn node_for(&self, slot: Option<u16>, spread: usize) -> Option<Node> {
+        let map = self.map()?;
+        match slot {
+            Some(s) => map.owner(s).cloned(),
+            None => map.nodes.get(spread % map.nodes.len().max(1)).cloned(),
+        }
+    }
+}
+
+/// Send one command on `handle` and wait for its reply.
+async fn ask(handle: &Handle, bytes: Bytes) -> Result<Bytes, UpstreamError> {
+    let (tx, rx) = oneshot::channel();
+    let req = Request {
+        bytes,
+        count: 1,
+        reply: Some(tx),
+        in_multi_after: false,
+        pushes: 0,
+    };
+    if handle.tx.send(req).await.is_err() {
+        return Err(UpstreamError::Shutdown);
+    }
+    match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(UpstreamError::Shutdown),
+        Err(_) => Err(UpstreamError::Timeout {
+            addr: "cluster node".into(),
+            secs: QUERY_TIMEOUT.as_secs_f64(),
+            during: "reading the cluster topology",
+        }),
+    }
+}

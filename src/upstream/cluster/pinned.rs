@@ -1,0 +1,362 @@
+//! A client's dedicated connection in a cluster (transactions, WATCH,
+//! blocking commands, client modes): a task that stands where a pinned
+//! connection stands for the session, and binds to a real pinned connection
+//! on the node of the client's keys once a command names them.
+//!
+//! - `MULTI` is answered `+OK` at once and sent, with any keyless command
+//!   queued after it, when the first keyed command says which node; `EXEC`
+//!   with no key at all runs on any primary.
+//! - While a transaction or a WATCH is open, its keys must stay in the slot of
+//!   the first one: another slot gets `CROSSSLOT` (what the Enterprise policy's
+//!   proxy answers).
+//! - Outside them, each command goes to its keys' node, re-binding when that
+//!   is another node; a `MOVED` is followed (the command did not run).
+//! - A client mode (CLIENT TRACKING, MONITOR, ...) binds for good.
+//!
+//! If the bound connection is lost while it holds the client's state, the
+//! session is told (`lost`), as for any pinned connection.
+
+use super::route::{self, Plan};
+use super::Cluster;
+use crate::command::{self, Class, Pin};
+use crate::resp::scan::{args_of, CommandScanner, Limits};
+use crate::resp::{self, Proto};
+use crate::upstream::conn::{PushSink, Request};
+use crate::upstream::pool::Pinned;
+use crate::upstream::topology::{self, Node};
+use crate::upstream::UpstreamError;
+use bytes::{Bytes, BytesMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+struct Bound {
+    node: Node,
+    pin: Pinned,
+}
+
+struct Virtual {
+    cluster: Arc<Cluster>,
+    proto: Proto,
+    push: mpsc::UnboundedSender<Bytes>,
+    expiry: Arc<AtomicU64>,
+    lost: CancellationToken,
+    /// The session's abort (its client left while blocked): passed on to
+    /// the real connection bound now, which closes at once.
+    abort: CancellationToken,
+    bound: Option<Bound>,
+    /// The slot an open transaction or WATCH is held to.
+    slot: Option<u16>,
+    in_multi: bool,
+    watching: bool,
+    sticky: bool,
+    /// MULTI and the keyless commands after it, not yet sent (no node yet).
+    queued: Vec<Bytes>,
+    /// A command of the open transaction was refused here (CROSSSLOT): EXEC
+    /// discards it, as Redis does after an error while queueing.
+    tx_failed: bool,
+    spread: usize,
+}
+
+/// Start the task; the session holds the returned [`Pinned`] as usual.
+pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
+    let (tx, rx) = mpsc::channel::<Request>(1024);
+    let exp = {
+        let state = cluster.connector.tokens().borrow();
+        crate::upstream::conn::unix_secs(
+            state
+                .usable(std::time::SystemTime::now())
+                .and_then(|c| c.expires_at),
+        )
+    };
+    let expiry = Arc::new(AtomicU64::new(exp));
+    let lost = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let v = Virtual {
+        cluster,
+        proto,
+        push: push.tx,
+        expiry: expiry.clone(),
+        lost: lost.clone(),
+        abort: abort.clone(),
+        bound: None,
+        slot: None,
+        in_multi: false,
+        watching: false,
+        sticky: false,
+        queued: Vec::new(),
+        tx_failed: false,
+        spread: fastrand::usize(..1024),
+    };
+    tokio::spawn(v.run(rx));
+    Pinned {
+        tx,
+        expiry,
+        lost,
+        abort,
+        // A virtual connection binds to several nodes' connections in turn:
+        // CLIENT UNBLOCK does not reach it (it answers 0).
+        upstream_id: None,
+    }
+}
+
+fn upper(a: &[u8]) -> Vec<u8> {
+    a.to_ascii_uppercase()
+}
+
+impl Virtual {
+    fn held(&self) -> bool {
+        self.in_multi || self.watching || self.sticky
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let limits = Limits {
+            max_bulk_bytes: usize::MAX,
+            max_line_bytes: usize::MAX,
+            max_elements: usize::MAX,
+        };
+        while let Some(req) = rx.recv().await {
+            let mut out = BytesMut::new();
+            let mut pos = 0;
+            while pos < req.bytes.len() {
+                let mut scanner = CommandScanner::new(limits);
+                let Ok(Some(cmd)) = scanner.scan(&req.bytes[pos..]) else {
+                    out.extend_from_slice(&resp::error(
+                        "ERR redis-entra-proxy: cannot re-read a command for cluster routing",
+                    ));
+                    break;
+                };
+                let frame = req.bytes.slice(pos..pos + cmd.len);
+                pos += cmd.len;
+                let args = args_of(&frame, &cmd);
+                let frame = if cmd.inline {
+                    resp::command(&args)
+                } else {
+                    frame.clone()
+                };
+                let owned: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+                let reply = self.one(frame, &owned).await;
+                out.extend_from_slice(&reply);
+            }
+            if let Some(tx) = req.reply {
+                let _ = tx.send(Ok(out.freeze()));
+            }
+        }
+    }
+
+    async fn one(&mut self, frame: Bytes, args: &[Vec<u8>]) -> Bytes {
+        let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+        let name = upper(refs[0]);
+        if matches!(
+            command::classify(&refs),
+            Class::Pin(Pin::ClientMode | Pin::Monitor | Pin::Cluster)
+        ) {
+            self.sticky = true;
+        }
+        if name == b"EXEC" && self.in_multi && self.tx_failed {
+            if self.bound.is_some() {
+                let _ = self.send(resp::command(&[b"DISCARD"])).await;
+            }
+            self.end_tx();
+            return resp::error("EXECABORT Transaction discarded because of previous errors.");
+        }
+        let plan = route::plan(self.cluster.table(), &refs);
+        let slot = match plan {
+            Plan::Slot(s) => Some(s),
+            Plan::Split { .. } => return self.refuse(resp::error(route::CROSSSLOT)),
+            Plan::Refuse(e) => return self.refuse(e),
+            Plan::Any | Plan::FanOut(_) => None,
+        };
+        if name == b"MULTI" && !self.watching && !self.sticky && !self.in_multi {
+            // A new transaction goes to the node of its own first key.
+            self.bound = None;
+        }
+        match &name[..] {
+            b"MULTI" if self.bound.is_none() => {
+                self.in_multi = true;
+                self.queued = vec![frame];
+                return resp::ok();
+            }
+            b"DISCARD" if self.bound.is_none() && self.in_multi => {
+                self.end_tx();
+                return resp::ok();
+            }
+            _ => {}
+        }
+        if let Some(s) = slot {
+            if self.held() && self.slot.is_some_and(|b| b != s) && !self.sticky {
+                return self.refuse(resp::error(route::CROSSSLOT));
+            }
+            if self.in_multi || self.watching || name == b"WATCH" {
+                self.slot = Some(s);
+            }
+        }
+        let reply = self.forward(frame.clone(), slot).await;
+        // Outside a transaction a MOVED means the command did not run: follow it.
+        let reply = if !self.held() {
+            self.follow_moved(frame, slot, reply).await
+        } else {
+            reply
+        };
+        match &name[..] {
+            b"EXEC" | b"DISCARD" => self.end_tx(),
+            b"UNWATCH" => {
+                self.watching = false;
+                if !self.in_multi {
+                    self.slot = None;
+                }
+            }
+            b"MULTI" => self.in_multi = true,
+            b"WATCH" if !reply.starts_with(b"-") => self.watching = true,
+            b"WATCH" if !self.watching && !self.in_multi => self.slot = None,
+            _ => {}
+        }
+        reply
+    }
+
+    /// A refusal; inside MULTI it also dooms the transaction.
+    fn refuse(&mut self, e: Bytes) -> Bytes {
+        if self.in_multi {
+            self.tx_failed = true;
+        }
+        e
+    }
+
+    fn end_tx(&mut self) {
+        self.tx_failed = false;
+        self.in_multi = false;
+        self.watching = false;
+        self.slot = None;
+        self.queued.clear();
+    }
+
+    async fn follow_moved(&mut self, frame: Bytes, slot: Option<u16>, mut reply: Bytes) -> Bytes {
+        for _ in 0..super::dispatch::MAX_REDIRECTS {
+            let Some(node) = self.bound.as_ref().map(|b| b.node.clone()) else {
+                return reply;
+            };
+            match topology::parse_redirect(&reply, &node) {
+                Some((true, s, to)) => {
+                    self.cluster.moved(s, to);
+                    self.bound = None;
+                    reply = self.forward(frame.clone(), slot).await;
+                }
+                _ => return reply,
+            }
+        }
+        reply
+    }
+
+    /// Send one command on the connection of `slot`'s node (binding first).
+    async fn forward(&mut self, frame: Bytes, slot: Option<u16>) -> Bytes {
+        let want = match slot {
+            Some(_) => self.cluster.node_for(slot, self.spread),
+            None => None,
+        };
+        let rebind = match (&self.bound, &want) {
+            (Some(b), Some(w)) => b.node != *w && !self.held(),
+            _ => false,
+        };
+        if rebind {
+            self.bound = None;
+        }
+        if self.bound.is_none() {
+            if self.in_multi && slot.is_none() && !frame_is(&frame, b"EXEC") {
+                // Still no node: keep it for when one is known.
+                self.queued.push(frame);
+                return resp::simple("QUEUED");
+            }
+            let node = match want.or_else(|| self.cluster.node_for(None, self.spread)) {
+                Some(n) => n,
+                None => return resp::error("CLUSTERDOWN Hash slot not served"),
+            };
+            if let Err(e) = self.bind(node).await {
+                return e.to_reply();
+            }
+        }
+        self.send(frame).await
+    }
+
+    async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
+        let push = PushSink {
+            tx: self.push.clone(),
+        };
+        let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
+        // Until that connection ends, an abort of this one closes it.
+        let (abort, real, done) = (self.abort.clone(), pin.abort.clone(), pin.tx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = abort.cancelled() => real.cancel(),
+                _ = done.closed() => {}
+            }
+        });
+        self.bound = Some(Bound { node, pin });
+        if !self.queued.is_empty() {
+            let queued = std::mem::take(&mut self.queued);
+            let mut bytes = BytesMut::new();
+            for q in &queued {
+                bytes.extend_from_slice(q);
+            }
+            // Their replies (+OK, +QUEUED) were given already.
+            let _ = self.request(bytes.freeze(), queued.len(), true).await;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, frame: Bytes) -> Bytes {
+        let in_multi_after =
+            self.in_multi && !frame_is(&frame, b"EXEC") && !frame_is(&frame, b"DISCARD")
+                || frame_is(&frame, b"MULTI");
+        match self.request(frame, 1, in_multi_after).await {
+            Ok(b) => b,
+            Err(e) => e.to_reply(),
+        }
+    }
+
+    async fn request(
+        &mut self,
+        bytes: Bytes,
+        count: usize,
+        in_multi_after: bool,
+    ) -> Result<Bytes, UpstreamError> {
+        let Some(b) = &self.bound else {
+            return Err(UpstreamError::Shutdown);
+        };
+        let (tx, rx) = oneshot::channel();
+        let req = Request {
+            bytes,
+            count,
+            reply: Some(tx),
+            in_multi_after,
+            pushes: 0,
+        };
+        let res = if b.pin.tx.send(req).await.is_err() {
+            Err(UpstreamError::Shutdown)
+        } else {
+            rx.await.unwrap_or(Err(UpstreamError::Shutdown))
+        };
+        self.expiry
+            .store(b.pin.expiry.load(Ordering::Acquire), Ordering::Release);
+        if b.pin.lost.is_cancelled() {
+            if self.held() {
+                self.lost.cancel();
+            }
+            self.bound = None;
+            self.cluster.stale();
+        }
+        res
+    }
+}
+
+/// Whether `frame` (a RESP array command) is the command `name`.
+fn frame_is(frame: &[u8], name: &[u8]) -> bool {
+    // `*N\r\n$len\r\nNAME\r\n`: find the name after the second line.
+    let mut lines = frame.splitn(3, |&b| b == b'\n');
+    let (_, _, rest) = (lines.next(), lines.next(), lines.next());
+    rest.is_some_and(|r| {
+        r.len() >= name.len()
+            && r[..name.len()].eq_ignore_ascii_case(name)
+            && r.get(name.len()) == Some(&b'\r')
+    })
+}

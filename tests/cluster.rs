@@ -1,0 +1,688 @@
+//! Clustered caches: the proxy in front of a real six-node TLS Redis Cluster
+//! on loopback (one cluster per announce variant, shared by every test here).
+//! Tests that change the topology (resharding, failover) hold [`EXCLUSIVE`]
+//! for writing; the others for reading. The fan-out comparisons (FLUSHALL,
+//! DBSIZE, KEYS) run alone on the host-name cluster.
+
+mod common;
+
+use common::cluster::{self, proxy_env, Announce, Cluster};
+use common::proxy::{enable_admin, http, metric_sum, Proxy, Raw};
+use std::sync::RwLock;
+
+static EXCLUSIVE: RwLock<()> = RwLock::new(());
+
+fn proxy_for(c: &Cluster) -> Proxy {
+    Proxy::start(&proxy_env(c))
+}
+
+/// A key for every hash slot (`k<n>`, the first n that lands there).
+fn key_per_slot() -> Vec<String> {
+    let mut keys: Vec<Option<String>> = vec![None; 16384];
+    let mut left = 16384;
+    let mut n = 0u64;
+    while left > 0 {
+        let k = format!("slot:{n}");
+        let s = redis_entra_proxy::keys::slot(k.as_bytes()) as usize;
+        if keys[s].is_none() {
+            keys[s] = Some(k);
+            left -= 1;
+        }
+        n += 1;
+    }
+    keys.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn keys_in_every_slot_round_trip() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let mut r = Raw::connect(proxy.port);
+    assert_eq!(r.call(&["PING"]), "+PONG\r\n");
+    let keys = key_per_slot();
+    // Pipelined: every SET, then every GET, in batches of 512.
+    for chunk in keys.chunks(512) {
+        for k in chunk {
+            r.send(&["SET", k, &format!("v-{k}")]);
+        }
+        for k in chunk {
+            assert_eq!(r.read(), b"+OK\r\n", "SET {k}");
+        }
+    }
+    for chunk in keys.chunks(512) {
+        for k in chunk {
+            r.send(&["GET", k]);
+        }
+        for k in chunk {
+            let v = format!("v-{k}");
+            assert_eq!(
+                String::from_utf8(r.read()).unwrap(),
+                format!("${}\r\n{v}\r\n", v.len())
+            );
+        }
+    }
+    // Every primary got its share.
+    for p in c.primaries() {
+        let n: usize = c.cli(p, &["DBSIZE"]).trim().parse().unwrap();
+        assert!(n >= 3000, "primary {p} holds {n} keys");
+    }
+    for k in &keys {
+        r.send(&["DEL", k]);
+    }
+    for _ in &keys {
+        assert_eq!(r.read(), b":1\r\n");
+    }
+    let log = proxy.log_text();
+    assert!(log.contains("Redis Cluster"), "{log}");
+}
+
+/// Every key SCAN returns, from cursor 0 until it says 0 (bounded).
+fn scan_all(r: &mut Raw) -> Vec<String> {
+    let mut cursor = "0".to_string();
+    let mut keys = Vec::new();
+    for _ in 0..10_000 {
+        r.send(&["SCAN", &cursor, "COUNT", "3"]);
+        let reply = String::from_utf8(r.read()).unwrap();
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        // *2, $n, cursor, *k, then $len/key pairs.
+        cursor = lines[2].to_string();
+        keys.extend(lines[4..].iter().skip(1).step_by(2).map(|s| s.to_string()));
+        if cursor == "0" {
+            keys.retain(|k| !k.is_empty());
+            keys.sort();
+            keys.dedup();
+            return keys;
+        }
+    }
+    panic!("SCAN did not finish");
+}
+
+fn sorted_array(reply: &str) -> Vec<String> {
+    let mut v: Vec<String> = reply
+        .split("\r\n")
+        .skip(1)
+        .skip(1)
+        .step_by(2)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn multi_key_and_fan_out_commands_answer_like_one_redis() {
+    let c = cluster::shared(Announce::Hostname);
+    let proxy = proxy_for(c);
+    let plain = common::redis::PlainRedis::start();
+    let mut p = Raw::connect(proxy.port);
+    let mut r = Raw::connect(plain.port);
+    let lib = "#!lua name=mylib\nredis.register_function('echo1', function(keys, args) return args[1] end)";
+    let script: Vec<Vec<&str>> = vec![
+        vec!["FLUSHALL"],
+        vec!["MSET", "a", "1", "b", "2", "c", "3", "{a}d", "4", "e", "5"],
+        vec!["MGET", "a", "b", "nope", "c", "{a}d", "e"],
+        vec!["EXISTS", "a", "b", "nope", "c", "a"],
+        vec!["TOUCH", "a", "b", "nope"],
+        vec!["DBSIZE"],
+        vec!["DEL", "a", "nope", "b"],
+        vec!["UNLINK", "c", "{a}d"],
+        vec!["DBSIZE"],
+        vec!["SADD", "{t}a", "x", "y"],
+        vec!["SADD", "{t}b", "y", "z"],
+        vec!["SUNIONSTORE", "{t}d", "{t}a", "{t}b"],
+        vec!["SINTERCARD", "2", "{t}a", "{t}b"],
+        vec!["EVAL", "return redis.call('get', KEYS[1])", "1", "e"],
+        vec!["SCRIPT", "LOAD", "return 42"],
+        vec!["EVALSHA", "1fa00e76656cc152ad327c13fe365858fd7be306", "0"],
+        vec![
+            "SCRIPT",
+            "EXISTS",
+            "1fa00e76656cc152ad327c13fe365858fd7be306",
+            "ffffffffffffffffffffffffffffffffffffffff",
+        ],
+        vec!["SCRIPT", "FLUSH"],
+        vec![
+            "SCRIPT",
+            "EXISTS",
+            "1fa00e76656cc152ad327c13fe365858fd7be306",
+        ],
+        vec!["FUNCTION", "LOAD", lib],
+        vec!["FCALL", "echo1", "0", "hello"],
+        vec!["FUNCTION", "DELETE", "mylib"],
+        vec!["FUNCTION", "LOAD", lib],
+        vec!["FUNCTION", "FLUSH"],
+        vec!["FCALL", "echo1", "0", "hello"],
+        vec!["FLUSHDB"],
+        vec!["DBSIZE"],
+        vec!["RANDOMKEY"],
+        vec!["MGET", "a", "b"],
+    ];
+    for cmd in &script {
+        let got = p.call(cmd);
+        let want = r.call(cmd);
+        assert_eq!(got, want, "{cmd:?}");
+    }
+    // Many keys over every shard: KEYS, SCAN, RANDOMKEY, DBSIZE.
+    let keys: Vec<String> = (0..300).map(|i| format!("fan:{i}")).collect();
+    for k in &keys {
+        assert_eq!(p.call(&["SET", k, "v"]), r.call(&["SET", k, "v"]));
+    }
+    assert_eq!(p.call(&["DBSIZE"]), ":300\r\n");
+    assert_eq!(
+        sorted_array(&p.call(&["KEYS", "fan:*"])),
+        sorted_array(&r.call(&["KEYS", "fan:*"]))
+    );
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(scan_all(&mut p), want);
+    let rk = p.call(&["RANDOMKEY"]);
+    assert!(rk.contains("fan:"), "{rk}");
+    // The shards really hold them apart.
+    let per_node: Vec<usize> = c
+        .primaries()
+        .iter()
+        .map(|&port| c.cli(port, &["DBSIZE"]).trim().parse().unwrap())
+        .collect();
+    assert!(per_node.iter().all(|&n| n > 50), "{per_node:?}");
+    // Refused as the Enterprise policy's proxy refuses them.
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    assert_eq!(p.call(&["SUNION", "fan:1", "fan:2"]), crossslot);
+    assert_eq!(p.call(&["MSETNX", "x1", "1", "x2", "2"]), crossslot);
+    assert!(p
+        .call(&["CLUSTER", "SLOTS"])
+        .starts_with("-ERR This instance has cluster support disabled"));
+    // A client's HELLO shows one plain server.
+    let hello = p.call(&["HELLO", "3"]);
+    assert!(
+        hello.contains("standalone") && !hello.contains("cluster"),
+        "{hello}"
+    );
+    assert_eq!(p.call(&["FLUSHALL"]), "+OK\r\n");
+    assert_eq!(p.call(&["DBSIZE"]), ":0\r\n");
+}
+
+#[test]
+fn transactions_and_blocking_commands_run_on_the_node_of_their_keys() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let mut a = Raw::connect(proxy.port);
+    let mut b = Raw::connect(proxy.port);
+    // A transaction on one slot (whichever node owns it).
+    for tag in ["tx1", "tx2", "tx3", "tx4"] {
+        let k = format!("{{{tag}}}n");
+        assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.call(&["SET", &k, "1"]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["INCR", &k]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["EXEC"]), "*3\r\n+OK\r\n:2\r\n+PONG\r\n");
+        assert_eq!(b.call(&["GET", &k]), "$1\r\n2\r\n");
+    }
+    // Keyless first, keys after: the queue waits for a node.
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["INCR", "{tx1}n"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*2\r\n+PONG\r\n:3\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*1\r\n+PONG\r\n");
+    // Another slot inside the transaction: CROSSSLOT, and EXEC discards.
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["INCR", "{tx1}n"]), "+QUEUED\r\n");
+    assert!(a.call(&["INCR", "{tx2}n"]).starts_with("-CROSSSLOT"));
+    assert!(a.call(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(b.call(&["GET", "{tx1}n"]), "$1\r\n3\r\n");
+    // WATCH pins to its key's node; a change by another client aborts.
+    assert_eq!(a.call(&["WATCH", "{tx3}n"]), "+OK\r\n");
+    assert_eq!(b.call(&["SET", "{tx3}n", "9"]), "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["SET", "{tx3}n", "10"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*-1\r\n");
+    assert_eq!(a.call(&["WATCH", "{tx3}n"]), "+OK\r\n");
+    assert!(a.call(&["GET", "{tx4}n"]).starts_with("-CROSSSLOT"));
+    assert_eq!(a.call(&["UNWATCH"]), "+OK\r\n");
+    assert_eq!(a.call(&["GET", "{tx4}n"]), "$1\r\n2\r\n");
+    // Blocking commands wait on the owner of their keys, wherever it is.
+    for (i, q) in ["q:a", "q:b", "q:c", "q:d", "q:e"].iter().enumerate() {
+        a.send(&["BLPOP", q, "10"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let v = format!("v{i}");
+        assert_eq!(b.call(&["RPUSH", q, &v]), ":1\r\n");
+        assert_eq!(
+            String::from_utf8(a.read()).unwrap(),
+            format!("*2\r\n${}\r\n{q}\r\n$2\r\n{v}\r\n", q.len())
+        );
+        assert_eq!(a.call(&["GET", "{tx1}n"]), "$1\r\n3\r\n");
+    }
+    assert!(a
+        .call(&["BLPOP", "q:a", "q:b", "1"])
+        .starts_with("-CROSSSLOT"));
+    assert_eq!(a.call(&["BLPOP", "{q}a", "{q}b", "0.1"]), "*-1\r\n");
+}
+
+#[test]
+fn redis_benchmark_through_the_proxy_sees_no_error() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &proxy.port.to_string()])
+        .args(["-r", "100000", "-n", "20000", "-c", "20", "-P", "4", "-q"])
+        .args([
+            "-t",
+            "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,zadd,lrange_100,mset",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for t in [
+        "SET",
+        "GET",
+        "INCR",
+        "MSET (10 keys)",
+        "LRANGE_100 (first 100 elements)",
+    ] {
+        assert!(text.contains(&format!("{t}:")), "{t} missing: {text}");
+    }
+    for bad in ["MOVED", "ASK", "CROSSSLOT", "ERR", "rror"] {
+        assert!(!text.contains(bad), "{bad}: {text}");
+    }
+}
+
+/// What one load client saw.
+#[derive(Default, Debug)]
+struct Tally {
+    ok: u64,
+    /// Errors the client saw, by text.
+    errors: Vec<String>,
+    /// Per key: increments acknowledged, and increments that got an error
+    /// (may or may not have run).
+    acked: std::collections::HashMap<String, (i64, i64)>,
+}
+
+/// INCR (and cross-slot MGET) on `keys` until `stop`, bounded in count and time.
+fn load(
+    port: u16,
+    keys: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Tally {
+    use std::sync::atomic::Ordering;
+    let mut r = Raw::connect(port);
+    let mut t = Tally::default();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    for i in 0..1_000_000usize {
+        if stop.load(Ordering::Relaxed) || std::time::Instant::now() > until {
+            break;
+        }
+        let k = &keys[i % keys.len()];
+        let reply = r.call(&["INCR", k]);
+        let e = t.acked.entry(k.clone()).or_default();
+        if let Some(n) = reply.strip_prefix(':') {
+            let n: i64 = n.trim().parse().unwrap();
+            // Each key is this client's alone: the count goes up by one per
+            // INCR that ran.
+            assert!(n > e.0 && n <= e.0 + e.1 + 1, "{k}: {n} after {e:?}");
+            *e = (n, e.1 - (n - e.0 - 1));
+            t.ok += 1;
+        } else {
+            e.1 += 1;
+            t.errors.push(reply);
+        }
+        if i % 50 == 0 {
+            let a = &keys[(i / 50) % keys.len()];
+            let b = &keys[(i / 50 + 7) % keys.len()];
+            let reply = r.call(&["MGET", a, b]);
+            if !reply.starts_with("*2\r\n") {
+                t.errors.push(reply);
+            }
+        }
+    }
+    t
+}
+
+fn node_id(c: &Cluster, port: u16) -> String {
+    c.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+}
+
+#[test]
+fn resharding_and_failover_under_load_lose_no_acknowledged_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let keys: Vec<String> = (0..300).map(|i| format!("load:{t}:{i}")).collect();
+            let stop = stop.clone();
+            let port = proxy.port;
+            std::thread::spawn(move || load(port, keys, stop))
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Move 1000 slots (with their keys) from one primary to another.
+    let primaries = c.primaries();
+    let (from, to) = (node_id(c, primaries[0]), node_id(c, primaries[1]));
+    let out = c.cluster_cli(&[
+        "reshard",
+        &format!("127.0.0.1:{}", primaries[0]),
+        "--cluster-from",
+        &from,
+        "--cluster-to",
+        &to,
+        "--cluster-slots",
+        "1000",
+        "--cluster-yes",
+        "--cluster-pipeline",
+        "50",
+    ]);
+    assert!(out.contains("Moving slot"), "reshard: {out}");
+    c.wait_converged();
+    // A replica takes over from its primary (manual failover).
+    let replica = c
+        .ports
+        .iter()
+        .copied()
+        .find(|&p| c.cli(p, &["ROLE"]).starts_with("slave"))
+        .expect("a replica");
+    assert!(c.cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !c.cli(replica, &["ROLE"]).starts_with("master") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failover did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    c.wait_converged();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let mut hung = 0;
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    let mut check = Raw::connect(proxy.port);
+    let mut lost = 0;
+    for th in threads {
+        match th.join() {
+            Ok(t) => {
+                ok += t.ok;
+                errors.extend(t.errors);
+                for (k, (acked, unsure)) in t.acked {
+                    let v: i64 = check
+                        .call(&["GET", &k])
+                        .split("\r\n")
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    if v < acked || v > acked + unsure {
+                        lost += 1;
+                        eprintln!("{k}: value {v}, acknowledged {acked}, unsure {unsure}");
+                    }
+                }
+            }
+            Err(_) => hung += 1,
+        }
+    }
+    eprintln!(
+        "resharding + failover under load: {ok} acknowledged INCRs, {} errors {:?}, {hung} hung, {lost} keys off",
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>()
+    );
+    let log = proxy.log_text();
+    let redirects = log.matches("cluster redirection").count();
+    let maps = log.matches("cluster topology").count();
+    eprintln!("proxy followed {redirects} redirections and read {maps} slot maps");
+    assert!(redirects > 0 && maps > 1, "{log}");
+    assert_eq!(hung, 0);
+    assert_eq!(lost, 0);
+    assert!(ok > 1000, "{ok}");
+    // Errors only for commands in flight on a dropped connection.
+    for e in &errors {
+        assert!(e.contains("may or may not have been executed"), "{e}");
+    }
+}
+
+/// The proxy's connections on every node: (node port, client id, user).
+fn proxy_conns(c: &Cluster, prefix: &str) -> Vec<(u16, String, String)> {
+    let mut out = Vec::new();
+    for &p in &c.ports {
+        for l in c.cli(p, &["CLIENT", "LIST"]).lines() {
+            let field = |n: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(n))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let user = field("user=");
+            if user.starts_with(prefix) {
+                out.push((p, field("id="), user));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard only keeps the resharding test out; the test's own future is
+// driven by block_on on this thread, so holding it across awaits is fine.
+#[allow(clippy::await_holding_lock)]
+async fn tokens_rotate_into_every_nodes_connections_under_load() {
+    use common::token_emulator::{EmulatorConfig, Issued, TokenEmulator};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+    const LIFETIME: Duration = Duration::from_secs(8);
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: LIFETIME,
+        oid_prefix: "cgen-".into(),
+        ..Default::default()
+    })
+    .await;
+    // Each generation is an ACL user on every node, made before its token is
+    // handed out and deleted when it expires (the server then closes any
+    // connection still authenticated as it, as Azure does).
+    emu.on_issue(move |t: Issued| async move {
+        let pass = format!(">{}", t.token);
+        let c = cluster::shared(Announce::Ip);
+        c.on_every_node(&["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"]);
+        tokio::spawn(async move {
+            let wait = t
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            tokio::task::spawn_blocking(move || {
+                cluster::shared(Announce::Ip).on_every_node(&["ACL", "DELUSER", &t.oid])
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let mut env: Vec<(String, String)> = proxy_env(c)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_AUTH__"))
+        .collect();
+    for (k, v) in [
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".to_string()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
+            "managed-identity".into(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__ATTEMPT_TIMEOUT",
+            "2s".into(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__ENTRA__MAX_BACKOFF", "1s".into()),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let admin = enable_admin(&mut env);
+    let proxy = Proxy::start(&env);
+    emu.wait_issued(1, Duration::from_secs(10)).await;
+    // Until the proxy holds the first token its clients get "no credential
+    // yet" at once (as without a cluster): start the load once it is ready.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/readyz").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            http(admin, "GET", "/readyz")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pport = proxy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..6u64 {
+        let stop = stop.clone();
+        load.push(tokio::task::spawn_blocking(move || {
+            let mut r = Raw::connect(pport);
+            let keys: Vec<String> = (0..64).map(|k| format!("rot:{i}:{k}")).collect();
+            let mut n = 0u64;
+            let mut errors = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                // One INCR per key (all slots of this client), pipelined.
+                for k in &keys {
+                    r.send(&["INCR", k]);
+                }
+                n += 1;
+                for k in &keys {
+                    let got = String::from_utf8(r.read()).unwrap();
+                    if got != format!(":{n}\r\n") {
+                        errors.push(format!("{k}: {got}"));
+                    }
+                }
+                let got = r.call(&["MGET", &keys[0], &keys[1], &keys[2]]);
+                if !got.starts_with("*3\r\n") {
+                    errors.push(got);
+                }
+            }
+            (n, errors)
+        }));
+    }
+    // A transaction and a BLPOP on other nodes' slots across the rotations too.
+    let blpop = tokio::task::spawn_blocking(move || {
+        let mut r = Raw::connect(pport);
+        r.s.set_read_timeout(Some(LIFETIME * 8)).unwrap();
+        r.call(&["BLPOP", "rot:queue", "0"])
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_start = proxy_conns(c, "cgen-");
+    let last = emu.wait_issued(4, LIFETIME * 5).await;
+    // Past the expiry of the generation before the last (its users deleted).
+    let wait = last.issued_at + LIFETIME / 2;
+    tokio::time::sleep(wait.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let tx = tokio::task::spawn_blocking(move || {
+        let mut r = Raw::connect(pport);
+        let a = r.call(&["MULTI"]);
+        let b = r.call(&["INCR", "{rot}tx"]);
+        let e = r.call(&["EXEC"]);
+        let p = r.call(&["RPUSH", "rot:queue", "x"]);
+        (a, b, e, p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(tx.0, "+OK\r\n");
+    assert_eq!(tx.1, "+QUEUED\r\n");
+    assert!(tx.2.starts_with("*1\r\n:"), "{tx:?}");
+    assert_eq!(tx.3, ":1\r\n");
+    assert_eq!(blpop.await.unwrap(), "*2\r\n$9\r\nrot:queue\r\n$1\r\nx\r\n");
+    stop.store(true, Ordering::Relaxed);
+    let mut rounds = 0;
+    for l in load {
+        let (n, errors) = l.await.unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        rounds += n;
+    }
+    // The shared connections that were up at the start are still up, on
+    // every primary, authenticated as a newer generation.
+    let now = proxy_conns(c, "cgen-");
+    let nodes_at_start: std::collections::HashSet<u16> = at_start.iter().map(|x| x.0).collect();
+    assert!(nodes_at_start.len() >= 3, "{at_start:?}");
+    let metrics = http(admin, "GET", "/metrics").1;
+    let reconnects = metric_sum(&metrics, "redis_entra_proxy_upstream_reconnects_total");
+    let reauths = metric_sum(&metrics, "redis_entra_proxy_reauth");
+    eprintln!(
+        "rotation over the cluster: {} generations, {rounds} rounds of 64 INCRs per client, {} proxy connections on {} nodes, {reauths} re-AUTH samples, {reconnects} reconnects",
+        last.generation,
+        now.len(),
+        nodes_at_start.len()
+    );
+    assert_eq!(reconnects, 0.0, "{metrics}");
+    for (node, id, user) in &now {
+        assert_ne!(
+            user, "cgen-1",
+            "node {node} connection {id} still on the first token"
+        );
+    }
+    let kept = at_start
+        .iter()
+        .filter(|(p, id, _)| now.iter().any(|(q, j, _)| p == q && id == j))
+        .count();
+    assert!(
+        kept >= 6,
+        "shared connections replaced instead of re-authenticated: {at_start:?} -> {now:?}"
+    );
+}
+
+#[test]
+fn every_shard_certificate_is_checked_against_the_caches_name() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    // The nodes' certificate names only `localhost`, the topology names
+    // 127.0.0.1: the keys test above reaches every shard because the proxy
+    // checks (and sends as SNI) `upstream.server_name`. Another name fails.
+    let mut env = proxy_env(c);
+    for (k, v) in env.iter_mut() {
+        if k == "REDIS_ENTRA_PROXY_UPSTREAM__SERVER_NAME" {
+            *v = "other.example".into();
+        }
+    }
+    let proxy = Proxy::start(&env);
+    let reply = Raw::connect(proxy.port).call(&["GET", "k"]);
+    assert!(reply.contains("certificate not valid for name"), "{reply}");
+}
+
+#[test]
+fn channel_subscriptions_get_messages_published_on_any_shard() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let mut sub = Raw::connect(proxy.port);
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "news"]),
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    let mut publisher = Raw::connect(proxy.port);
+    // PUBLISH through the proxy, and straight to each primary: Redis Cluster
+    // broadcasts it, the proxy's one subscription hears all.
+    let n: usize = publisher.call(&["PUBLISH", "news", "via-proxy"])[1..]
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(n >= 1);
+    let primaries = c.primaries();
+    for p in &primaries {
+        c.cli(*p, &["PUBLISH", "news", &format!("from-{p}")]);
+    }
+    let mut got = vec![String::from_utf8(sub.read()).unwrap()];
+    for _ in &primaries {
+        got.push(String::from_utf8(sub.read()).unwrap());
+    }
+    assert!(got[0].ends_with("$9\r\nvia-proxy\r\n"), "{got:?}");
+    for (p, m) in primaries.iter().zip(&got[1..]) {
+        assert!(m.contains(&format!("from-{p}")), "{got:?}");
+    }
+}

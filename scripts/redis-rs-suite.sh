@@ -38,7 +38,8 @@
 # (space-separated test binaries), REDISRS_FILTER (extended regexp on
 # "binary<TAB>executable<TAB>test name"), REDISRS_COMPARE_ONLY=1 (compare the
 # last run's results again), REDISRS_PROXY (a proxy binary to test instead of
-# this checkout's release build), PROTOCOL=RESP3 (the suite's clients speak RESP3).
+# this checkout's release build) and REDISRS_PROXY_CONFIG (its config file, default
+# this checkout's example), PROTOCOL=RESP3 (the suite's clients speak RESP3).
 set -euo pipefail
 orig_pwd=$PWD
 cd "$(dirname "$0")/.."
@@ -110,7 +111,8 @@ if [ "${1:-}" = shim ]; then
     REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$tls/ca.pem" \
     REDIS_ENTRA_PROXY_LISTEN__ADDRESS="$bind:$port" \
     REDIS_ENTRA_PROXY_ADMIN__ENABLED=false
-  exec "$REDISRS_PROXY_BIN" --config config/redis-entra-proxy.example.toml 2> "$dir/proxy.log"
+  exec "$REDISRS_PROXY_BIN" --config "${REDISRS_PROXY_CONFIG:-config/redis-entra-proxy.example.toml}" \
+    2> "$dir/proxy.log"
 fi
 
 # The whole script re-runs itself under `timeout` so nothing outlives the cap.
@@ -172,6 +174,8 @@ fi
 cargo build --quiet --example testpki
 if [ -n "${REDISRS_PROXY:-}" ]; then
   proxy_bin=$(realpath "$REDISRS_PROXY")   # another build of the proxy, e.g. of another branch
+  # ... with its own checkout's example config (its keys may differ from this one's)
+  export REDISRS_PROXY_CONFIG="${REDISRS_PROXY_CONFIG:-$PWD/config/redis-entra-proxy.example.toml}"
 else
   cargo build --release --quiet --bin redis-entra-proxy
   proxy_bin="$target/release/redis-entra-proxy"
@@ -249,8 +253,27 @@ run_suite() { # name list [env...]
 
 shim_env=(PATH="$PWD/$results/shim/bin:$PATH" REDISRS_REAL_SERVER="$real_server"
   REDISRS_SHIM_DIR="$PWD/$results/shim" REDISRS_PROXY_BIN="$proxy_bin")
+# The shim must work before 300 tests wait on it: one server through it, PING.
+shim_check() {
+  local port=$((30000 + RANDOM % 2000)) pid ok=""
+  env "${shim_env[@]}" "$results/shim/bin/redis-server" --save "" --port "$port" --bind 127.0.0.1 \
+    --logfile "$PWD/$results/shim/check.log" > /dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do
+    if [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ]; then ok=1; break; fi
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if [ -z "$ok" ]; then
+    echo "the proxy did not answer PING through the shim; its log:" >&2
+    cat "$(ls -td "$results"/shim/inst.* | head -n 1)/proxy.log" >&2
+    exit 1
+  fi
+}
 if [ -z "$compare_only" ]; then
   run_suite direct "$results/tests.tsv"
+  shim_check
   run_suite proxy "$results/tests.tsv" "${shim_env[@]}"
 fi
 

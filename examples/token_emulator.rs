@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Each token is a new generation with its own `oid` (`quickstart-oid-1`, `-2`,
-//! ...). Before a token is handed out, its `oid` becomes an ACL user of the
+//! ...; `--oid-prefix` changes the prefix, so that two emulators can share a
+//! server). Before a token is handed out, its `oid` becomes an ACL user of the
 //! redis-server whose password is the token; when the token expires that user
 //! is deleted, and Redis closes every connection still authenticated as it, as
 //! Azure does. The admin password for the redis-server comes from the
@@ -35,6 +36,8 @@ struct Args {
     ca: PathBuf,
     lifetime: u64,
     endpoint_file: PathBuf,
+    /// Two emulators on one redis-server need their own ACL user names.
+    oid_prefix: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
     let mut ca = None;
     let mut lifetime = 15;
     let mut endpoint_file = None;
+    let mut oid_prefix = String::from("quickstart-oid-");
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -52,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
             "--ca" => ca = Some(PathBuf::from(value()?)),
             "--lifetime" => lifetime = value()?.parse().map_err(|e| format!("--lifetime: {e}"))?,
             "--endpoint-file" => endpoint_file = Some(PathBuf::from(value()?)),
+            "--oid-prefix" => oid_prefix = value()?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -60,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
         ca: ca.ok_or("--ca is required")?,
         lifetime,
         endpoint_file: endpoint_file.ok_or("--endpoint-file is required")?,
+        oid_prefix,
     })
 }
 
@@ -121,7 +127,7 @@ async fn main() {
     };
     let emu = TokenEmulator::start(EmulatorConfig {
         lifetime: Duration::from_secs(args.lifetime),
-        oid_prefix: "quickstart-oid-".into(),
+        oid_prefix: args.oid_prefix.clone(),
         ..Default::default()
     })
     .await;

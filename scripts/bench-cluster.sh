@@ -13,8 +13,20 @@ work=.bench-cluster
 . scripts/local-cluster.sh
 start_cluster >/dev/null
 direct=(--cluster --tls --cacert "$work/tls/ca.pem" -h 127.0.0.1 -p "$CLUSTER_PORT" --user admin -a "$admin_pass")
+# Requests per second from wall-clock time around each run, measured the same
+# way for both sides (connection setup and, for --cluster, its topology query
+# included). Any error reply in a run is kept in $work/errors.
 rps() { # prints "set get" requests per second
-  redis-benchmark "$@" -n "$n" -r 100000 -t set,get -q 2>/dev/null | tr '\r' '\n' | awk '/requests per second/ {printf "%s ", $2} END {print ""}'
+  local out
+  for t in set get; do
+    local start end
+    start=$(date +%s.%N)
+    out=$(redis-benchmark "$@" -n "$n" -r 100000 -t "$t" -q 2>&1 | tr '\r' '\n')
+    end=$(date +%s.%N)
+    if grep -q -i -E 'error|moved|crossslot' <<<"$out"; then echo "$out" >> "$work/errors"; fi
+    awk -v n="$n" -v s="$start" -v e="$end" 'BEGIN { printf "%.0f ", n / (e - s) }'
+  done
+  echo
 }
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 echo "| run | direct cluster TLS SET | proxy SET | ratio | direct cluster TLS GET | proxy GET | ratio |"
@@ -38,3 +50,4 @@ echo
 echo "proxy RSS after the runs: $(awk '/VmRSS/ {print $2, $3}' /proc/"$proxy_pid"/status)"
 errors=$(grep -c -E ' (WARN|ERROR) ' "$work/proxy.log" || true)
 echo "proxy log warnings/errors during the runs: $errors"
+echo "runs with an error reply: $(grep -c 'per second' "$work/errors" 2>/dev/null || echo 0)"

@@ -5,7 +5,9 @@
 #      deploy/kubernetes, strict, against the oldest Kubernetes with native
 #      sidecars on by default (1.29) and a current one (1.33);
 #   3. scripts/check_manifests.py: what the sidecar needs (probes on the admin
-#      port, workload identity, grace period, security context, pinned images);
+#      port, workload identity, grace period, security context, pinned images,
+#      a memory limit that holds the most the limits.* it sets let clients make
+#      the proxy buffer), and its self-test (it catches the old 128Mi limit);
 #   4. systemd-analyze verify on deploy/systemd/redis-entra-proxy.service;
 #   5. cargo test --test deploy_files: the Dockerfile basics.
 # Tools go into a venv under target/ (pinned in scripts/deploy-requirements.txt).
@@ -49,6 +51,8 @@ done
 
 step "manifest checks"
 "$VENV/bin/python" scripts/check_manifests.py "${manifests[@]}" || fail "scripts/check_manifests.py"
+"$VENV/bin/python" scripts/check_manifests.py --self-test deploy/kubernetes/native-sidecar.yaml \
+    || fail "scripts/check_manifests.py --self-test"
 
 step "systemd-analyze verify"
 if ! command -v systemd-analyze >/dev/null; then
@@ -58,13 +62,16 @@ if ! command -v systemd-analyze >/dev/null; then
     fi
 fi
 if command -v systemd-analyze >/dev/null; then
-    # A scratch root holding the unit, the system's units it depends on, and a
-    # stand-in for the binary (verify insists that ExecStart is executable).
+    # A scratch root holding the unit, the system's units it depends on, and
+    # stand-ins for the binary and kill (verify insists that ExecStart and
+    # ExecReload are executable).
     root=$(mktemp -d)
     trap 'rm -rf "$root"' EXIT
     mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
     cp -r /usr/lib/systemd/system "$root/usr/lib/systemd/"
     cp /bin/true "$root/usr/local/bin/redis-entra-proxy"
+    mkdir -p "$root/bin"
+    cp /bin/true "$root/bin/kill"
     cp deploy/systemd/redis-entra-proxy.service "$root/etc/systemd/system/"
     # verify exits 0 on unknown keys and only prints them: any output is a failure.
     out=$(systemd-analyze verify --root="$root" "$root/etc/systemd/system/redis-entra-proxy.service" 2>&1)

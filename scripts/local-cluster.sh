@@ -14,7 +14,7 @@
 # Static ACL credentials (no token emulator: it provisions users on one node).
 # Sourced by scripts/bench-cluster.sh for `start_cluster`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 work="${work:-.local-cluster}"
 CLUSTER_PORT="${CLUSTER_PORT:-7101}"
 STACK_AUTH=static
@@ -35,6 +35,7 @@ start_cluster() {
   admin_pass="adm-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
   static_pass="qs-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
   nodes=()
+  local i n p
   for i in 0 1 2 3 4 5; do
     local port=$((CLUSTER_PORT + i)) dir="$work/node-$i"
     for p in "$port" $((port + 10000)); do
@@ -77,8 +78,17 @@ CONF
   echo "==> redis-cli --cluster create ${nodes[*]} --cluster-replicas 1"
   REDISCLI_AUTH="$admin_pass" redis-cli --tls --cacert "$work/tls/ca.pem" --user admin \
     --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes > "$work/create.log"
-  for _ in $(seq 1 300); do
-    node_cli "$CLUSTER_PORT" CLUSTER INFO | grep -q cluster_state:ok && break
+  # Converged: every node serves, and sees three primaries and three replicas
+  # (a replica not yet configured shows as a primary without slots).
+  for _ in $(seq 1 600); do
+    local settled=true
+    for n in "${nodes[@]}"; do
+      local port=${n#*:}
+      node_cli "$port" CLUSTER INFO | grep -q cluster_state:ok || settled=false
+      [ "$(node_cli "$port" CLUSTER NODES | grep -c -E ' (myself,)?master ')" = 3 ] || settled=false
+      [ "$(node_cli "$port" CLUSTER NODES | grep -c -E ' (myself,)?slave ')" = 3 ] || settled=false
+    done
+    $settled && break
     sleep 0.1
   done
   echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT (log: $work/proxy.log)"

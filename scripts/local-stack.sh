@@ -10,6 +10,7 @@
 #
 # Sets $work, $TLS_PORT, $PROXY_PORT, $ADMIN_PORT, $admin_pass (the redis-server's
 # `admin` user, for direct runs), $proxy_pid; `cleanup` stops everything.
+# bench/run.sh starts more of each with `start_emulator` and `start_proxy`.
 set -euo pipefail
 work="${work:-.quickstart}"
 TLS_PORT="${TLS_PORT:-6380}"
@@ -17,6 +18,8 @@ PROXY_PORT="${PROXY_PORT:-6379}"
 ADMIN_PORT="${ADMIN_PORT:-9090}"
 STACK_AUTH="${STACK_AUTH:-entra}"
 TOKEN_LIFETIME="${TOKEN_LIFETIME:-15}"
+# Where cargo puts its builds.
+target="${CARGO_TARGET_DIR:-target}"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -41,12 +44,12 @@ admin_get() {
   exec 5<&-
 }
 
-# $work/redis.conf for a TLS-only redis-server on port $1 (no plaintext port,
-# default user off) with an ACL user per "name password" pair that follows.
+# $work/redis.conf for a TLS-only redis-server on port $1 (no plaintext port
+# unless $PLAIN_PORT names one, default user off) with an ACL user per "name password" pair that follows.
 redis_conf() { # port [user password]...
   local port=$1; shift
   cat > "$work/redis.conf" <<CONF
-port 0
+port ${PLAIN_PORT:-0}
 tls-port $port
 bind 127.0.0.1
 tls-cert-file $PWD/$work/tls/server.pem
@@ -72,6 +75,46 @@ direct_cli() {
   REDISCLI_AUTH="$admin_pass" redis-cli --tls --cacert "$work/tls/ca.pem" -p "$TLS_PORT" --user admin "$@"
 }
 
+# The token-endpoint emulator for $TLS_PORT's server: tokens valid $2 seconds,
+# ACL users named "$1<generation>"; its IMDS endpoint URL ends up in $3.
+start_emulator() { # oid-prefix lifetime endpoint-file log
+  EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" "$target/debug/examples/token_emulator" \
+    --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$2" \
+    --oid-prefix "$1" --endpoint-file "$3" > "$4" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do [ -s "$3" ] && break; sleep 0.1; done
+  [ -s "$3" ] || { echo "the token emulator did not start; see $4" >&2; exit 1; }
+}
+
+# The proxy on 127.0.0.1:$1 in front of $TLS_PORT, admin on $2, log in $3, the
+# auth settings as VAR=value arguments after those; sets $proxy_pid and
+# returns once /readyz says ready. Any other REDIS_ENTRA_PROXY_* variable in
+# the caller's environment applies too.
+start_proxy() { # port admin-port log auth-env...
+  local port=$1 admin=$2 log=$3; shift 3
+  env "$@" \
+  REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
+  REDIS_ENTRA_PROXY_UPSTREAM__PORT="$TLS_PORT" \
+  REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
+  REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$port" \
+  REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
+  REDIS_ENTRA_PROXY_ADMIN__ADDRESS="127.0.0.1:$admin" \
+    "${PROXY_BIN:-$target/release/redis-entra-proxy}" --config config/redis-entra-proxy.example.toml 2>"$log" &
+  pids+=($!)
+  proxy_pid=$!
+  for _ in $(seq 1 "${READY_TRIES:-100}"); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  # Ready: a credential and a healthy upstream connection.
+  for _ in $(seq 1 "${READY_TRIES:-100}"); do
+    ADMIN_PORT=$admin admin_get /readyz 2>/dev/null | grep -q '^ready' && return 0
+    sleep 0.1
+  done
+  echo "the proxy did not become ready: $(ADMIN_PORT=$admin admin_get /readyz 2>/dev/null); see $log" >&2
+  exit 1
+}
+
 start_stack() {
   case "$STACK_AUTH" in
     entra|static) ;;
@@ -81,7 +124,7 @@ start_stack() {
   rm -rf "$work"; mkdir -p "$work"
   cargo build --release --quiet --bin redis-entra-proxy
   cargo build --quiet --example testpki --example token_emulator
-  target/debug/examples/testpki "$work/tls" >/dev/null
+  "$target/debug/examples/testpki" "$work/tls" >/dev/null
   for port in "$PROXY_PORT" "$TLS_PORT" "$ADMIN_PORT"; do
     if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
       echo "port $port is already in use (a local redis?): stop it and run again" >&2
@@ -103,12 +146,7 @@ start_stack() {
   local auth_env
   if [ "$STACK_AUTH" = entra ]; then
     echo "==> starting the token-endpoint emulator (IMDS shape; tokens valid ${TOKEN_LIFETIME}s; log: $work/emulator.log)"
-    EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" target/debug/examples/token_emulator \
-      --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$TOKEN_LIFETIME" \
-      --endpoint-file "$work/endpoint" > "$work/emulator.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do [ -s "$work/endpoint" ] && break; sleep 0.1; done
-    [ -s "$work/endpoint" ] || { echo "the token emulator did not start; see $work/emulator.log" >&2; exit 1; }
+    start_emulator quickstart-oid- "$TOKEN_LIFETIME" "$work/endpoint" "$work/emulator.log"
     auth_env=(
       REDIS_ENTRA_PROXY_AUTH__SOURCE=entra
       REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL=managed-identity
@@ -122,22 +160,5 @@ start_stack() {
     )
   fi
   echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT, admin on 127.0.0.1:$ADMIN_PORT (auth: $STACK_AUTH; log: $work/proxy.log)"
-  env "${auth_env[@]}" \
-  REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
-  REDIS_ENTRA_PROXY_UPSTREAM__PORT="$TLS_PORT" \
-  REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
-  REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$PROXY_PORT" \
-  REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
-  REDIS_ENTRA_PROXY_ADMIN__ADDRESS="127.0.0.1:$ADMIN_PORT" \
-    target/release/redis-entra-proxy --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
-  pids+=($!)
-  proxy_pid=$!
-  wait_port "$PROXY_PORT"
-  # Ready: a credential and a healthy upstream connection.
-  for _ in $(seq 1 100); do
-    admin_get /readyz 2>/dev/null | grep -q '^ready' && return 0
-    sleep 0.1
-  done
-  echo "the proxy did not become ready: $(admin_get /readyz 2>/dev/null); see $work/proxy.log" >&2
-  exit 1
+  start_proxy "$PROXY_PORT" "$ADMIN_PORT" "$work/proxy.log" "${auth_env[@]}"
 }

@@ -15,6 +15,7 @@
 //! `HEALTHCHECK`, where there is no curl and no shell.
 
 use crate::auth::{TokenState, TokenWatch};
+use crate::config::Readiness;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,8 +24,7 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -71,6 +71,8 @@ pub struct Health {
     /// Last readiness answered (0 unknown, 1 ready, 2 not ready), to log changes once.
     last_ready: AtomicU8,
     created: Instant,
+    /// `admin.readiness`.
+    mode: Readiness,
 }
 
 /// The answer to a probe: whether it passed and a short line saying why.
@@ -111,7 +113,14 @@ impl Health {
             received: Mutex::new((generation, SystemTime::now())),
             last_ready: AtomicU8::new(0),
             created: Instant::now(),
+            mode: Readiness::Credential,
         }
+    }
+
+    /// What readiness waits for (`admin.readiness`); [`Readiness::Credential`] unless set.
+    pub fn with_readiness(mut self, mode: Readiness) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// The client listener is bound and accepting.
@@ -239,18 +248,29 @@ impl Health {
         if !self.listening.load(Ordering::Acquire) {
             return Check::fail("not ready: client listener not up yet");
         }
+        if self.mode == Readiness::Listening {
+            return Check::pass("ready: listening (admin.readiness = listening)");
+        }
         let state = self.token.borrow().clone();
         let received = self.note_generation(&state, now);
         let token = match judge_credential(&state, received, now) {
             Ok(line) => line,
             Err(why) => return Check::fail(format!("not ready: {why}")),
         };
-        match self.upstream_healthy() {
-            0 => Check::fail(format!(
+        let healthy = match self.upstream_healthy() {
+            1 => "1 healthy upstream connection".to_string(),
+            n => format!("{n} healthy upstream connections"),
+        };
+        match (self.mode, self.upstream_healthy()) {
+            (Readiness::Upstream, 0) => Check::fail(format!(
                 "not ready: no healthy upstream connection ({token})"
             )),
-            1 => Check::pass(format!("ready: {token}; 1 healthy upstream connection")),
-            n => Check::pass(format!("ready: {token}; {n} healthy upstream connections")),
+            (Readiness::Upstream, _) => Check::pass(format!("ready: {token}; {healthy}")),
+            // The count is shown, not required: a cache blip must not take every
+            // pod out of its Service at once.
+            _ => Check::pass(format!(
+                "ready: {token}; {healthy} (not required: admin.readiness = credential)"
+            )),
         }
     }
 
@@ -462,7 +482,7 @@ fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Respons
             response
         }
         "/quitquitquit" if method != Method::POST => method_not_allowed("POST"),
-        "/quitquitquit" => quit(state, peer),
+        "/quitquitquit" => quit(state, req, peer),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; endpoints: /startup /livez /readyz /metrics /quitquitquit (POST)"
@@ -471,15 +491,18 @@ fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Respons
     }
 }
 
-/// `POST /quitquitquit`: start a graceful exit. Only from the same host or pod
-/// (a loopback peer): with the admin port open to the pod network for kubelet
-/// probes, any other pod could otherwise stop the proxy.
-fn quit(state: &AdminState, peer: SocketAddr) -> Response<Full<Bytes>> {
-    if !peer.ip().to_canonical().is_loopback() {
-        tracing::warn!(%peer, "admin: /quitquitquit refused: not from a loopback address");
+/// `POST /quitquitquit`: start a graceful exit. Only from the same host: a peer
+/// address of exactly 127.0.0.1 or ::1, and no header saying a proxy forwarded the
+/// request. Any other loopback address is someone else's: a service mesh's
+/// sidecar hands inbound traffic from other pods to the app from 127.0.0.6
+/// (Istio), so "any loopback address" would let every pod of the mesh that can
+/// reach the admin port (open for kubelet and Prometheus) stop the proxy.
+fn quit<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if let Err(why) = same_host(req, peer) {
+        tracing::warn!(%peer, "admin: /quitquitquit refused: {why}");
         return text(
             StatusCode::FORBIDDEN,
-            "forbidden: /quitquitquit is accepted from loopback addresses only".into(),
+            format!("forbidden: /quitquitquit is accepted from this host only (127.0.0.1 or ::1): {why}"),
         );
     }
     if state.quit.is_cancelled() {
@@ -488,6 +511,27 @@ fn quit(state: &AdminState, peer: SocketAddr) -> Response<Full<Bytes>> {
     tracing::info!(%peer, "admin: /quitquitquit received; draining and exiting");
     state.quit.cancel();
     text(StatusCode::OK, "shutting down".into())
+}
+
+/// Whether a request comes from this host itself, or why not.
+fn same_host<B>(req: &Request<B>, peer: SocketAddr) -> Result<(), String> {
+    let ip = peer.ip().to_canonical();
+    if ip != IpAddr::V4(Ipv4Addr::LOCALHOST) && ip != IpAddr::V6(Ipv6Addr::LOCALHOST) {
+        return Err(format!("the peer address is {ip}"));
+    }
+    // A proxy on this host relaying someone else's request says so.
+    if let Some(name) = req.headers().keys().find(|name| {
+        let n = name.as_str();
+        n == "forwarded"
+            || n.starts_with("x-forwarded-")
+            || n.starts_with("x-envoy-")
+            || n.starts_with("l5d-")
+    }) {
+        return Err(format!(
+            "the request was relayed by a proxy (header {name})"
+        ));
+    }
+    Ok(())
 }
 
 fn check_response(check: Check) -> Response<Full<Bytes>> {
@@ -523,74 +567,8 @@ fn text(status: StatusCode, mut body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Probe the admin server at `addr` with `GET path` and return a process exit status
-/// for a container `HEALTHCHECK`: 0 on 200, 1 on anything else (including no answer
-/// within 5 s). Prints the status line and body to stdout (Docker keeps it in the
-/// health log). An unspecified `addr` (`0.0.0.0:9090`, the usual container setting)
-/// is probed on loopback. Blocking, std only: call it before starting a runtime.
-pub fn healthcheck(addr: SocketAddr, path: &str) -> i32 {
-    match probe(addr, path, Duration::from_secs(5)) {
-        Ok((200, body)) => {
-            println!("200 {}", body.trim_end());
-            0
-        }
-        Ok((status, body)) => {
-            println!("{status} {}", body.trim_end());
-            1
-        }
-        Err(e) => {
-            println!("healthcheck: {addr}{path}: {e}");
-            1
-        }
-    }
-}
-
-/// One blocking HTTP/1.1 GET with a total deadline; returns (status, body).
-fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let addr = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    };
-    let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: redis-entra-proxy-healthcheck\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no complete answer in time",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf)? {
-            0 => break,
-            n if response.len() < 64 * 1024 => response.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
-        })?;
-    Ok((status, body.to_string()))
-}
+mod healthcheck;
+pub use healthcheck::healthcheck;
 
 #[cfg(test)]
 mod tests;

@@ -38,6 +38,7 @@ pub mod refusal {
     pub const REPLICATION: &str = "replication commands (SYNC, PSYNC, REPLCONF) are not supported through redis-entra-proxy: they would turn a shared upstream connection into a replica";
     pub const SCRIPT_DEBUG: &str = "SCRIPT DEBUG is not supported through redis-entra-proxy: it would put a shared upstream connection into the Lua debugger";
     pub const UNPLACED: &str = "the proxy cannot place this command: the server flags it 'pubsub' (it would change a shared connection's mode) and redis-entra-proxy's routing table does not know it";
+    pub const HTTP: &str = "POST and Host: are not Redis commands (Redis closes a connection that sends them, as an HTTP request would)";
     pub const WAIT: &str = "WAIT and WAITAOF are not supported through redis-entra-proxy: the proxy multiplexes clients' writes over shared upstream connections, so the server cannot tell which writes are this client's";
 }
 
@@ -116,6 +117,9 @@ pub const TABLE: &[(&str, Class)] = &[
     ("UNSUBSCRIBE", Class::PubSub(PubSub::Unsubscribe)),
     ("PUNSUBSCRIBE", Class::PubSub(PubSub::PUnsubscribe)),
     ("SUNSUBSCRIBE", Class::PubSub(PubSub::SUnsubscribe)),
+    // Redis closes the connection that sends these: never on a shared one.
+    ("POST", Class::Refuse(refusal::HTTP)),
+    ("HOST:", Class::Refuse(refusal::HTTP)),
     ("READONLY", Class::Pin(Pin::Cluster)),
     ("READWRITE", Class::Pin(Pin::Cluster)),
     ("ASKING", Class::Pin(Pin::Cluster)),

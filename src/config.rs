@@ -5,6 +5,14 @@
 //! [`KEYS`] is the single list of every key: unknown keys are rejected against it,
 //! and a test checks that the example config documents each of them.
 
+mod environment;
+mod listen;
+mod secrets;
+
+pub use environment::is_service_link;
+pub use listen::ListenAddrs;
+pub use secrets::{read_secret_file, SECRET_KEYS};
+
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -22,9 +30,10 @@ pub const EX_CONFIG: i32 = 78;
 
 /// Every configuration key, with its default as the example file shows it.
 pub const KEYS: &[(&str, &str)] = &[
-    ("listen.address", "127.0.0.1:6379"),
+    ("listen.address", "localhost:6379"),
     ("listen.unix_socket", "none"),
     ("listen.password", "none"),
+    ("listen.password_file", "none"),
     ("listen.max_clients", "10000"),
     ("limits.max_bulk_bytes", "536870912"),
     ("limits.max_line_bytes", "65536"),
@@ -46,7 +55,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth.source", "entra"),
     ("auth.username", "oid claim of each token"),
     ("auth.static.password", "none"),
-    ("auth.entra.credential", "managed-identity"),
+    ("auth.static.password_file", "none"),
+    ("auth.entra.credential", "auto"),
     ("auth.entra.client_id", "none"),
     ("auth.entra.object_id", "none"),
     ("auth.entra.resource_id", "none"),
@@ -61,6 +71,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("auth.entra.client_secret", "none"),
     ("auth.entra.client_secret_file", "none"),
+    (
+        "auth.entra.client_certificate_file",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+    ),
+    ("auth.entra.client_certificate_send_chain", "false"),
+    ("auth.entra.arc_key_directory", "/var/opt/azcmagent/tokens"),
     ("auth.entra.scope", "https://redis.azure.com/.default"),
     (
         "auth.entra.imds_endpoint",
@@ -71,8 +87,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth.entra.max_backoff", "60s"),
     ("admin.enabled", "false"),
     ("admin.address", "127.0.0.1:9090"),
+    ("admin.readiness", "credential"),
     ("log.format", "text"),
     ("log.level", "info"),
+    ("log.max_per_minute", "20"),
     ("shutdown.grace", "30s"),
     ("shutdown.min_delay", "0s"),
 ];
@@ -153,6 +171,7 @@ pub struct ListenConfig {
     pub address: String,
     pub unix_socket: Option<PathBuf>,
     pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
     pub max_clients: usize,
 }
 
@@ -220,15 +239,24 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StaticAuthConfig {
     pub password: Option<Secret>,
+    /// Read at start and again on SIGHUP.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum EntraCredentialKind {
+    /// Chosen from the environment at start, as `DefaultAzureCredential` would.
+    Auto,
     ManagedIdentity,
     WorkloadIdentity,
     ClientSecret,
+    ClientCertificate,
     AzureCli,
+    #[serde(alias = "azd")]
+    AzureDeveloperCli,
+    /// `az`, then `azd`.
+    DeveloperTools,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +271,9 @@ pub struct EntraConfig {
     pub federated_token_file: Option<PathBuf>,
     pub client_secret: Option<Secret>,
     pub client_secret_file: Option<PathBuf>,
+    pub client_certificate_file: Option<PathBuf>,
+    pub client_certificate_send_chain: bool,
+    pub arc_key_directory: PathBuf,
     pub scope: String,
     pub imds_endpoint: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -257,6 +288,22 @@ pub struct EntraConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub address: SocketAddr,
+    pub readiness: Readiness,
+}
+
+/// What `/readyz` (and the container `HEALTHCHECK`, and the `ready` metric) waits
+/// for, beyond "listening and not draining". A sidecar's readiness is its pod's: a
+/// condition every pod shares (a cache failover) must not take them all out of
+/// their Service at once, so the default does not look at upstream connections.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readiness {
+    /// Listening and not draining.
+    Listening,
+    /// Also a credential with enough time left (see `admin::token_margin`).
+    Credential,
+    /// Also at least one connected, authenticated upstream connection.
+    Upstream,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -271,6 +318,9 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// Lines of one kind (call site) per minute, in a burst or spread; the rest are
+    /// dropped and counted. 0: no limit. Debug and trace lines are never limited.
+    pub max_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,9 +335,10 @@ pub struct ShutdownConfig {
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
-            address: "127.0.0.1:6379".into(),
+            address: "localhost:6379".into(),
             unix_socket: None,
             password: None,
+            password_file: None,
             max_clients: 10_000,
         }
     }
@@ -338,7 +389,7 @@ impl Default for AuthConfig {
 impl Default for EntraConfig {
     fn default() -> Self {
         EntraConfig {
-            credential: EntraCredentialKind::ManagedIdentity,
+            credential: EntraCredentialKind::Auto,
             client_id: None,
             object_id: None,
             resource_id: None,
@@ -347,6 +398,9 @@ impl Default for EntraConfig {
             federated_token_file: None,
             client_secret: None,
             client_secret_file: None,
+            client_certificate_file: None,
+            client_certificate_send_chain: false,
+            arc_key_directory: PathBuf::from("/var/opt/azcmagent/tokens"),
             scope: "https://redis.azure.com/.default".into(),
             imds_endpoint: None,
             ca_file: None,
@@ -361,6 +415,7 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: false,
             address: "127.0.0.1:9090".parse().expect("literal address"),
+            readiness: Readiness::Credential,
         }
     }
 }
@@ -370,6 +425,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
+            max_per_minute: 20,
         }
     }
 }
@@ -403,11 +459,12 @@ impl Config {
                     .required(true),
             );
         }
-        // Only our own variables: the rest of the environment is none of our business.
+        // Only our own variables: the rest of the environment is none of our
+        // business, and so are Kubernetes service links that share our prefix.
         let ours: config::Map<String, String> = sources
             .env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .filter(|(k, v)| k.starts_with(&format!("{ENV_PREFIX}_")) && !is_service_link(k, v))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -426,9 +483,21 @@ impl Config {
         })?;
         check_known_keys(&merged)?;
         if let Some(path) = sources.file {
-            refuse_secret_in_file(path)?;
+            secrets::refuse_in_file(path)?;
         }
-        let cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
+        let admin_address_set = merged.get::<String>("admin.address").is_ok();
+        let admin_enabled_set = merged.get::<String>("admin.enabled").is_ok();
+        let mut cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
+        if admin_address_set && !admin_enabled_set {
+            return Err(invalid(
+                "admin.address",
+                format!(
+                    "is set but the admin server is off: set {} = true (or remove admin.address)",
+                    describe_key("admin.enabled")
+                ),
+            ));
+        }
+        secrets::resolve(&mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -440,15 +509,17 @@ impl Config {
         if self.upstream.port == 0 {
             return Err(invalid("upstream.port", "must be 1-65535"));
         }
-        let addr = self.listen_addr()?;
-        if !addr.ip().is_loopback() && self.listen.password.is_none() {
-            return Err(invalid(
-                "listen.address",
-                format!(
-                    "{addr} is not a loopback address: set {} so that only your clients can use the proxy",
-                    describe_key("listen.password")
-                ),
-            ));
+        let addrs = self.listen_addrs()?;
+        if let Some(addr) = addrs.all().find(|a| !a.ip().is_loopback()) {
+            if self.listen.password.is_none() {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{addr} is not a loopback address: set {} so that only your clients can use the proxy",
+                        describe_key("listen.password")
+                    ),
+                ));
+            }
         }
         if self.auth.source == AuthSource::Static
             && self
@@ -497,16 +568,6 @@ impl Config {
         Ok(())
     }
 
-    /// The TCP listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen.address.parse().map_err(|e| {
-            invalid(
-                "listen.address",
-                format!("`{}` is not HOST:PORT: {e}", self.listen.address),
-            )
-        })
-    }
-
     /// The name the upstream certificate must carry (and the SNI we send).
     pub fn tls_server_name(&self) -> &str {
         self.upstream
@@ -545,28 +606,6 @@ fn check_known_keys(merged: &config::Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A client secret belongs in the environment or its own file, never in the TOML
-/// file that gets committed and copied around.
-fn refuse_secret_in_file(path: &Path) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let parsed: toml::Table = match text.parse() {
-        Ok(t) => t,
-        Err(_) => return Ok(()),
-    };
-    let in_file = parsed
-        .get("auth")
-        .and_then(|a| a.get("entra"))
-        .and_then(|e| e.get("client_secret"))
-        .is_some();
-    if in_file {
-        return Err(invalid(
-            "auth.entra.client_secret",
-            "is not accepted in the config file: set the environment variable or auth.entra.client_secret_file",
-        ));
-    }
-    Ok(())
-}
-
 fn map_deserialize_error(e: config::ConfigError) -> ConfigError {
     // config's messages already say "for key `x.y`"; pull the key out so the
     // message also names the environment variable and flag.
@@ -592,7 +631,7 @@ fn map_deserialize_error(e: config::ConfigError) -> ConfigError {
 mod tests {
     use super::*;
 
-    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+    pub(super) fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         if let Some(text) = file {
@@ -635,7 +674,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.upstream.host, "cache.example");
         assert_eq!(c.upstream.port, 6380);
-        assert_eq!(c.listen.address, "127.0.0.1:6379");
+        assert_eq!(c.listen.address, "localhost:6379");
         assert_eq!(
             c.listen.unix_socket.as_deref(),
             Some(Path::new("/tmp/x.sock"))
@@ -768,5 +807,58 @@ mod tests {
             overrides: vec![],
         })
         .unwrap();
+    }
+
+    #[test]
+    fn admin_address_without_admin_enabled_is_an_error() {
+        let base = [("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h")];
+        let mut env = base.to_vec();
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ADDRESS", "[::]:9090"));
+        let e = load(&env, None).unwrap_err().to_string();
+        assert!(
+            e.contains("`admin.address`") && e.contains("admin.enabled"),
+            "{e}"
+        );
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "true"));
+        let c = load(&env, None).unwrap();
+        assert!(c.admin.enabled);
+        // Turned off on purpose, with the address left in place: fine.
+        env.pop();
+        env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "false"));
+        assert!(!load(&env, None).unwrap().admin.enabled);
+    }
+
+    #[test]
+    fn listen_defaults_to_both_loopbacks() {
+        let c = load(&[("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h")], None).unwrap();
+        let a = c.listen_addrs().unwrap();
+        assert_eq!(a.required, vec!["127.0.0.1:6379".parse().unwrap()]);
+        assert_eq!(a.if_available, vec!["[::1]:6379".parse().unwrap()]);
+        let c = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                (
+                    "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+                    "127.0.0.1:7000, [::1]:7001",
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        let a = c.listen_addrs().unwrap();
+        assert_eq!(a.required.len(), 2);
+        assert!(a.if_available.is_empty());
+        let e = load(
+            &[
+                ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                (
+                    "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+                    "127.0.0.1:7000,[::]:7001",
+                ),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[::]:7001 is not a loopback"), "{e}");
     }
 }

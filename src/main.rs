@@ -2,8 +2,17 @@
 //! else lives in the library (`server::start`).
 
 use clap::Parser;
-use redis_entra_proxy::config::{self, Config, LogFormat, Sources, EX_CONFIG, EX_USAGE};
+use redis_entra_proxy::config::{self, Config, Sources, EX_CONFIG, EX_USAGE};
+use redis_entra_proxy::logging::{self, stderr_line, LogSink};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// jemalloc rather than glibc's malloc: with 10,000 idle clients the proxy
+/// held 46 MB instead of 82 MB, and 41 MB instead of 76 MB 5 s after they
+/// left (mimalloc: 87 MB with only 1,000). A long-lived daemon that sees
+/// bursts of clients should give the memory back (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -127,39 +136,43 @@ fn main() {
     let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("redis-entra-proxy: {e}");
+            stderr_line(&format!("redis-entra-proxy: {e}"));
             std::process::exit(EX_CONFIG);
         }
     };
-    init_logging(&cfg);
+    let log = logging::init(
+        cfg.log.format,
+        &redis_entra_proxy::auth::log_filter(&cfg.log.level),
+        cfg.log.max_per_minute,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = rt.block_on(run(cfg));
-    std::process::exit(code);
+    let code = rt.block_on(run(cfg, log.clone()));
+    exit(&log, code);
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cfg.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+/// Exit with `code` once the log lines already queued are written (briefly: a log
+/// pipe nobody reads cannot hold the exit up).
+fn exit(log: &LogSink, code: i32) -> ! {
+    log.flush(Duration::from_secs(1));
+    std::process::exit(code)
 }
 
-async fn run(cfg: Config) -> i32 {
+async fn run(cfg: Config, log: LogSink) -> i32 {
+    // Before anything listens: a SIGHUP from then on must find its handler.
+    let hangups = match redis_entra_proxy::shutdown::Hangups::install() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot install the SIGHUP handler: {e}");
+            return 1;
+        }
+    };
     let running = match redis_entra_proxy::server::start(&cfg).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("redis-entra-proxy: {e}");
             return match e {
                 redis_entra_proxy::server::StartError::Config(_) => EX_CONFIG,
                 _ => 1,
@@ -168,11 +181,19 @@ async fn run(cfg: Config) -> i32 {
     };
     let stop = running.stop.clone();
     // First SIGTERM/SIGINT cancels `stop` (as /quitquitquit does); a second one exits at once.
-    if let Err(e) = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone()) {
-        eprintln!("redis-entra-proxy: cannot install signal handlers: {e}");
+    let exit_now = move |status| exit(&log, status);
+    if let Err(e) = redis_entra_proxy::shutdown::spawn_signal_handler(stop.clone(), exit_now) {
+        tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    hangups.spawn(running.tokens.clone());
+    let systemd = redis_entra_proxy::systemd::Notifier::new(std::env::var("NOTIFY_SOCKET").ok());
+    systemd.notify(&format!(
+        "READY=1\nSTATUS=listening on {:?}",
+        running.tcp_addrs
+    ));
     stop.cancelled().await;
+    systemd.notify("STOPPING=1\nSTATUS=draining");
     tracing::info!(
         grace_secs = cfg.shutdown.grace.as_secs_f64(),
         min_delay_secs = cfg.shutdown.min_delay.as_secs_f64(),

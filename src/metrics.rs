@@ -58,6 +58,8 @@ pub struct Metrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub command_latency: Histogram,
+    /// Time each token fetch took, whatever its outcome.
+    pub token_refresh_latency: Histogram,
     token_expiry: Arc<TokenExpiry>,
     /// 1 while `/readyz` would answer 200, set by `admin` at each scrape.
     pub ready: Gauge,
@@ -147,6 +149,14 @@ impl Metrics {
             "Time from a client command's arrival to its reply being queued for the client",
             command_latency.clone(),
         );
+        let token_refresh_latency = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
+        registry.register(
+            "token_refresh_duration_seconds",
+            "Time each token fetch took (one request or one CLI run), whatever its outcome",
+            token_refresh_latency.clone(),
+        );
         let token_expiry = Arc::new(TokenExpiry::default());
         registry.register_collector(Box::new(token_expiry.clone()));
         let ready = Gauge::default();
@@ -190,6 +200,7 @@ impl Metrics {
             bytes_in,
             bytes_out,
             command_latency,
+            token_refresh_latency,
             token_expiry,
             ready,
             token_refreshes,
@@ -245,6 +256,16 @@ impl Metrics {
         }
     }
 
+    /// Set `token_expiry_timestamp_seconds`: when the held credential expires (Unix seconds).
+    pub fn set_token_expires_at(&self, unix_seconds: f64) {
+        self.token_expiry.expires_at.set(unix_seconds);
+    }
+
+    /// Set `token_last_refresh_success_timestamp_seconds` (Unix seconds).
+    pub fn set_token_refreshed_at(&self, unix_seconds: f64) {
+        self.token_expiry.refreshed_at.set(unix_seconds);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -259,6 +280,9 @@ impl Metrics {
 struct TokenExpiry {
     seconds: Gauge<f64, AtomicU64>,
     present: AtomicBool,
+    /// Unix seconds; rendered once set (non-zero) and while `present`.
+    expires_at: Gauge<f64, AtomicU64>,
+    refreshed_at: Gauge<f64, AtomicU64>,
 }
 
 impl Collector for TokenExpiry {
@@ -272,7 +296,25 @@ impl Collector for TokenExpiry {
             None,
             self.seconds.metric_type(),
         )?;
-        self.seconds.encode(metric)
+        self.seconds.encode(metric)?;
+        for (name, help, gauge) in [
+            (
+                "token_expiry_timestamp_seconds",
+                "When the current upstream credential expires, Unix seconds.",
+                &self.expires_at,
+            ),
+            (
+                "token_last_refresh_success_timestamp_seconds",
+                "When a token fetch last succeeded, Unix seconds.",
+                &self.refreshed_at,
+            ),
+        ] {
+            if gauge.get() > 0.0 {
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -321,5 +363,37 @@ mod tests {
         );
         m.set_token_expiry_seconds(None);
         assert!(!m.render().contains("token_expiry_seconds"));
+    }
+
+    #[test]
+    fn token_timestamps_and_refresh_latency() {
+        let m = Metrics::new();
+        m.set_token_expiry_seconds(Some(10.0));
+        let text = m.render();
+        assert!(!text.contains("token_expiry_timestamp_seconds"), "{text}");
+        assert!(
+            text.contains("# TYPE redis_entra_proxy_token_refresh_duration_seconds histogram"),
+            "{text}"
+        );
+        m.set_token_expires_at(1_700_003_600.0);
+        m.set_token_refreshed_at(1_700_000_000.0);
+        m.token_refresh_latency.observe(0.02);
+        let text = m.render();
+        assert!(
+            text.contains("\nredis_entra_proxy_token_expiry_timestamp_seconds 1700003600.0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nredis_entra_proxy_token_last_refresh_success_timestamp_seconds 1700000000.0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis_entra_proxy_token_refresh_duration_seconds_count 1"),
+            "{text}"
+        );
+        m.set_token_expiry_seconds(None);
+        assert!(!m.render().contains("timestamp_seconds"));
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::admin::{self, AdminState, Health};
 use crate::auth::{self, TokenWatch};
-use crate::config::Config;
+use crate::config::{Config, ListenAddrs};
 use crate::downstream::session::Context;
 use crate::downstream::{self, Admission, Listener};
 use crate::metrics::Metrics;
@@ -36,7 +36,10 @@ pub enum StartError {
 
 /// A started proxy.
 pub struct Running {
+    /// The first TCP listener's address (127.0.0.1 by default).
     pub tcp_addr: SocketAddr,
+    /// Every TCP listener's address (127.0.0.1 and [::1] by default).
+    pub tcp_addrs: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub tokens: TokenWatch,
@@ -60,21 +63,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
         .map_err(|e| StartError::Config(e.to_string()))?;
     let connector = Arc::new(Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?);
-    let addr = cfg
-        .listen_addr()
+    let addrs = cfg
+        .listen_addrs()
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let tcp = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: addr.to_string(),
-            key: "listen.address",
-            source,
-        })?;
-    let tcp_addr = tcp.local_addr().map_err(|source| StartError::Bind {
-        what: addr.to_string(),
-        key: "listen.address",
-        source,
-    })?;
+    let tcp = bind_clients(&addrs).await?;
+    let tcp_addrs: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let tcp_addr = tcp_addrs[0];
     let unix = match &cfg.listen.unix_socket {
         Some(path) => {
             // A stale socket file from a previous run would make bind fail.
@@ -92,12 +86,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         }
         None => None,
     };
-    let health = Arc::new(Health::new(tokens.clone()));
+    let health = Arc::new(Health::new(tokens.clone()).with_readiness(cfg.admin.readiness));
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let mut admin_task = None;
     let admin_addr = if cfg.admin.enabled {
-        let l = TcpListener::bind(cfg.admin.address)
+        let l = bind_admin(cfg.admin.address)
             .await
             .map_err(|source| StartError::Bind {
                 what: cfg.admin.address.to_string(),
@@ -158,16 +152,18 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let admission = Arc::new(Admission::new(cfg.listen.max_clients));
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
-    tokio::spawn(downstream::serve(
-        Listener::Tcp(tcp),
-        ctx.clone(),
-        admission.clone(),
-        tracker.clone(),
-        stop_accepting.clone(),
-        // Sessions drain when the listener closes: replies to commands
-        // already read are written, then the client is closed.
-        stop_accepting.clone(),
-    ));
+    for l in tcp {
+        tokio::spawn(downstream::serve(
+            Listener::Tcp(l),
+            ctx.clone(),
+            admission.clone(),
+            tracker.clone(),
+            stop_accepting.clone(),
+            // Sessions drain when the listener closes: replies to commands
+            // already read are written, then the client is closed.
+            stop_accepting.clone(),
+        ));
+    }
     if let Some(u) = unix {
         tokio::spawn(downstream::serve(
             Listener::Unix(u),
@@ -180,7 +176,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     }
     health.set_listening();
     info!(
-        listen = %tcp_addr,
+        listen = ?tcp_addrs,
         admin = ?admin_addr,
         unix_socket = ?cfg.listen.unix_socket,
         upstream = %format!("{}:{}", cfg.upstream.host, cfg.upstream.port),
@@ -190,6 +186,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     );
     Ok(Running {
         tcp_addr,
+        tcp_addrs,
         metrics,
         health,
         tokens,
@@ -203,6 +200,61 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         shutdown,
         unix_path: cfg.listen.unix_socket.clone(),
     })
+}
+
+/// Bind the client listeners: every required address, and the others where the
+/// machine has them. `localhost:0` (tests) puts [::1] on the port 127.0.0.1 got.
+async fn bind_clients(addrs: &ListenAddrs) -> Result<Vec<TcpListener>, StartError> {
+    let bind_err = |addr: SocketAddr| {
+        move |source| StartError::Bind {
+            what: addr.to_string(),
+            key: "listen.address",
+            source,
+        }
+    };
+    let mut listeners = Vec::new();
+    for &addr in &addrs.required {
+        listeners.push(TcpListener::bind(addr).await.map_err(bind_err(addr))?);
+    }
+    let first_port = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port());
+    for &addr in &addrs.if_available {
+        let mut addr = addr;
+        if addr.port() == 0 {
+            addr.set_port(first_port.unwrap_or(0));
+        }
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e) if no_such_address(&e) => {
+                info!(address = %addr, error = %e, "not listening on {addr}: this machine has no such address")
+            }
+            Err(e) => return Err(bind_err(addr)(e)),
+        }
+    }
+    Ok(listeners)
+}
+
+/// The error of binding an address family or address the machine does not have
+/// (IPv6 turned off in a container).
+fn no_such_address(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable
+        || matches!(e.raw_os_error(), Some(97 /* EAFNOSUPPORT */))
+}
+
+/// Bind the admin listener. `[::]:PORT` takes IPv6 and IPv4 (Linux's default
+/// dual-stack sockets), and becomes `0.0.0.0:PORT` on a machine without IPv6, so
+/// one setting suits IPv4, IPv6 and dual-stack clusters.
+async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_such_address(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            info!(error = %e, "admin: no IPv6 here; listening on {v4} instead of {addr}");
+            TcpListener::bind(v4).await
+        }
+        other => other,
+    }
 }
 
 impl Running {

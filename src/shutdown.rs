@@ -11,6 +11,9 @@
 //!    `shutdown.grace` to finish with [`drain`], which says when the grace runs out;
 //! 4. cancels the admin server's own token last (kubelet probes `/livez` during the
 //!    drain) and returns exit status 0.
+//!
+//! SIGHUP never stops the proxy: [`Hangups`] turns it into a refresh
+//! of the upstream credential (secret files re-read).
 
 use std::future::Future;
 use std::time::Duration;
@@ -78,11 +81,13 @@ impl StopSignals {
 /// first signal and exits the process at once (status 128 + signal number) on the
 /// second. Call it early in `main`, inside the runtime: handlers are installed
 /// before this returns, so no signal is missed.
-pub fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<JoinHandle<()>> {
+/// `exit` ends the process (`main` flushes the log first).
+pub fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    exit: impl FnOnce(i32) + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
     let signals = StopSignals::install()?;
-    Ok(tokio::spawn(handle_signals(signals, shutdown, |status| {
-        std::process::exit(status)
-    })))
+    Ok(tokio::spawn(handle_signals(signals, shutdown, exit)))
 }
 
 /// The signal policy, with `exit` injected so tests can watch it instead of dying.
@@ -91,18 +96,47 @@ async fn handle_signals(
     shutdown: CancellationToken,
     exit: impl FnOnce(i32),
 ) {
+    // Act first, log after: nothing a log line does may delay or prevent the act.
     let first = signals.recv().await;
+    shutdown.cancel();
     tracing::info!(
         signal = first.name(),
         "shutdown: draining; send the signal again to exit at once"
     );
-    shutdown.cancel();
     let second = signals.recv().await;
     tracing::warn!(
         signal = second.name(),
         "shutdown: second signal; exiting now without waiting for in-flight commands"
     );
     exit(second.exit_status());
+}
+
+/// The SIGHUP handler. Installed before anything listens, so that no SIGHUP can
+/// find the process without it (the default action would kill it with no drain).
+#[derive(Debug)]
+pub struct Hangups(Signal);
+
+impl Hangups {
+    /// Install the handler: from now on SIGHUP no longer kills the process.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Hangups(signal(SignalKind::hangup())?))
+    }
+
+    /// Spawn a task that, on every SIGHUP (including any received since
+    /// [`Hangups::install`]), asks the credential source for a new credential now
+    /// through `tokens`, which re-reads the secret files
+    /// (`auth.static.password_file`, `auth.entra.client_secret_file`, the federated
+    /// token file). SIGHUP never stops the proxy.
+    pub fn spawn(mut self, tokens: crate::auth::TokenWatch) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while self.0.recv().await.is_some() {
+                tokens.borrow().refresh.request();
+                tracing::info!(
+                    "SIGHUP: re-reading the secret files and refreshing the upstream credential now"
+                );
+            }
+        })
+    }
 }
 
 /// Keep the listener open for `delay` after shutdown began (`shutdown.min_delay`),

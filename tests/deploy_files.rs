@@ -158,7 +158,7 @@ fn exposes_the_default_ports() {
         .collect();
     exposed.sort_unstable();
     let defaults = Config::default();
-    let listen: std::net::SocketAddr = defaults.listen.address.parse().unwrap();
+    let listen = defaults.listen_addr().unwrap();
     let mut expected = vec![listen.port(), defaults.admin.address.port()];
     expected.sort_unstable();
     assert_eq!(exposed, expected);
@@ -250,4 +250,37 @@ fn labels_the_version_and_checks_health() {
         .find(|i| i.keyword == "ENTRYPOINT")
         .expect("an ENTRYPOINT");
     assert!(entry.args.starts_with('['), "exec-form ENTRYPOINT");
+}
+
+/// `ENV` of the final stage as (name, value) pairs, quotes removed.
+fn image_env(all: &[Instruction]) -> Vec<(String, String)> {
+    final_stage(all)
+        .iter()
+        .filter(|i| i.keyword == "ENV")
+        .flat_map(|i| i.args.split_whitespace())
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+#[test]
+fn the_image_environment_is_a_valid_config_with_a_dual_stack_admin_port() {
+    let env = image_env(&dockerfile());
+    let mut vars: std::collections::HashMap<String, String> = env.iter().cloned().collect();
+    vars.insert(
+        "REDIS_ENTRA_PROXY_UPSTREAM__HOST".into(),
+        "cache.example".into(),
+    );
+    let cfg = Config::load(redis_entra_proxy::config::Sources {
+        file: None,
+        env: vars,
+        overrides: vec![],
+    })
+    .unwrap();
+    assert!(cfg.admin.enabled);
+    assert_eq!(cfg.admin.address, "[::]:9090".parse().unwrap());
+    assert_eq!(
+        cfg.listen_addr().unwrap(),
+        "127.0.0.1:6379".parse().unwrap()
+    );
 }

@@ -33,7 +33,10 @@ async fn tokens_and_secrets_never_reach_the_logs() {
     let logs = LogBuffer::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("redis_entra_proxy=trace")
+        // The SDK crates at trace too: their request logging must not leak either.
+        .with_env_filter(
+            "redis_entra_proxy=trace,azure_identity=trace,azure_core=trace,typespec_client_core=trace",
+        )
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
@@ -70,6 +73,10 @@ async fn tokens_and_secrets_never_reach_the_logs() {
     shutdown.cancel();
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("new Entra token"), "{text}");
+    assert!(
+        text.contains("==> Request"),
+        "the SDK's request logging ran: {text}"
+    );
     assert!(
         text.contains("emu-oid-1") && text.contains("generation=2"),
         "{text}"

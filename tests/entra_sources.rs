@@ -145,7 +145,8 @@ async fn imds_system_and_user_assigned() {
         req.headers.get("metadata").map(String::as_str),
         Some("true")
     );
-    assert_eq!(req.query["api-version"], "2018-02-01");
+    // azure_identity's IMDS request, at the configured endpoint instead of 169.254.169.254.
+    assert_eq!(req.query["api-version"], "2019-08-01");
     assert_eq!(req.query["resource"], REDIS_RESOURCE);
     assert!(!req.query.contains_key("client_id"));
     assert_eq!(r.metric("ok", "ok"), 1);
@@ -181,52 +182,6 @@ async fn imds_system_and_user_assigned() {
 }
 
 #[tokio::test]
-async fn app_service_identity_endpoint() {
-    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
-    let cfg = auth_config(EntraCredentialKind::ManagedIdentity, |e| {
-        e.object_id = Some("principal-1".into());
-        // Ignored: App Service wins when IDENTITY_ENDPOINT and IDENTITY_HEADER are set.
-        e.imds_endpoint = Some("http://127.0.0.1:9/unused".into());
-    });
-    let header = emu.identity_header();
-    let app_env = env(&[
-        ("IDENTITY_ENDPOINT", &emu.identity_endpoint()),
-        ("IDENTITY_HEADER", &header),
-    ]);
-    let mut r = start(&cfg, app_env);
-    let s = r.generation(1, secs(10)).await;
-    // expires_on is a string of Unix seconds: parsed into the exact expiry.
-    assert_published(&s, &emu, 1);
-    assert_eq!(
-        s.current.unwrap().expires_at,
-        Some(emu.issued()[0].expires_at)
-    );
-    let req = &emu.requests()[0];
-    assert_eq!(req.endpoint, Endpoint::AppService);
-    assert_eq!(req.headers["x-identity-header"], header);
-    assert_eq!(req.query["api-version"], "2019-08-01");
-    assert_eq!(req.query["resource"], REDIS_RESOURCE);
-    assert_eq!(req.query["principal_id"], "principal-1");
-    drop(r);
-
-    // A wrong header is refused with 401: a configuration error, retried slowly.
-    let bad_env = env(&[
-        ("IDENTITY_ENDPOINT", &emu.identity_endpoint()),
-        ("IDENTITY_HEADER", "wrong-header"),
-    ]);
-    let mut r = start(&cfg, bad_env);
-    let s = r
-        .until(secs(10), "an error", |s| s.last_error.is_some())
-        .await;
-    assert!(s.current.is_none());
-    let e = s.last_error.unwrap();
-    assert!(e.contains("401") && e.contains("configuration"), "{e}");
-    assert!(e.contains("App Service"), "{e}");
-    assert!(!e.contains("wrong-header"), "the header is a secret: {e}");
-    assert_eq!(r.metric("failed", "config"), 1);
-}
-
-#[tokio::test]
 async fn workload_identity_rereads_the_federated_token_file() {
     let emu = TokenEmulator::start(EmulatorConfig {
         lifetime: secs(4),
@@ -235,7 +190,7 @@ async fn workload_identity_rereads_the_federated_token_file() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("azure-identity-token");
-    std::fs::write(&token_file, "kubelet-assertion-1\n").unwrap();
+    std::fs::write(&token_file, "kubelet-assertion-1").unwrap();
     let emu_cfg = emu.config();
     let cfg = auth_config(EntraCredentialKind::WorkloadIdentity, |e| {
         e.ca_file = Some(emu.ca_file().to_path_buf());
@@ -265,7 +220,7 @@ async fn workload_identity_rereads_the_federated_token_file() {
 
     // Kubelet rotates the file: the next exchange sends the new content, and the
     // emulator now refuses the old one.
-    std::fs::write(&token_file, "kubelet-assertion-2\n").unwrap();
+    std::fs::write(&token_file, "kubelet-assertion-2").unwrap();
     emu.expect_assertion(Some("kubelet-assertion-2"));
     let s = r.generation(2, secs(10)).await;
     assert_published(&s, &emu, 2);
@@ -378,19 +333,8 @@ async fn client_secret_from_env_and_from_a_file() {
     assert_eq!(r.metric("ok", "ok"), 1);
 }
 
-/// Write an executable fake `az` into `dir` that logs its arguments and prints `stdout`
-/// (or fails with `stderr` when `exit` is not 0).
 fn fake_az(dir: &std::path::Path, stdout: &str, stderr: &str, exit: i32) {
-    use std::os::unix::fs::PermissionsExt;
-    let log = dir.join("az-args.log");
-    let script = format!(
-        "#!/bin/sh\necho \"$@\" >> '{}'\necho \"HOME=$HOME\" >> '{}'\ncat <<'EOF'\n{stdout}\nEOF\ncat >&2 <<'EOF'\n{stderr}\nEOF\nexit {exit}\n",
-        log.display(),
-        log.display()
-    );
-    let az = dir.join("az");
-    std::fs::write(&az, script).unwrap();
-    std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
+    common::token_emulator::fake_cli(dir, "az", stdout, stderr, exit);
 }
 
 fn jwt_with(payload: &str) -> String {
@@ -412,9 +356,7 @@ async fn azure_cli_through_a_fake_az_on_the_injected_path() {
         .as_secs()
         + 3600;
     let token = jwt_with(&format!(r#"{{"oid":"dev-laptop-oid","exp":{exp}}}"#));
-    let out = format!(
-        r#"{{"accessToken":"{token}","expiresOn":"2000-01-01 00:00:00.000000","expires_on":{exp},"subscription":"s","tenant":"t","tokenType":"Bearer"}}"#
-    );
+    let out = common::token_emulator::az_output(&token, exp);
     fake_az(dir.path(), &out, "", 0);
     let path = format!("/nonexistent-bin:{}:/usr/bin:/bin", dir.path().display());
     let cfg = auth_config(EntraCredentialKind::AzureCli, |_| {});
@@ -430,7 +372,7 @@ async fn azure_cli_through_a_fake_az_on_the_injected_path() {
     );
     let log = std::fs::read_to_string(dir.path().join("az-args.log")).unwrap();
     assert!(
-        log.contains("account get-access-token --resource https://redis.azure.com --output json"),
+        log.contains("account get-access-token -o json --scope https://redis.azure.com/.default"),
         "{log}"
     );
     assert!(

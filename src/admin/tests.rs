@@ -20,6 +20,7 @@ fn state(generation: u64, expires_at: Option<SystemTime>, last_error: Option<&st
         current: credential(expires_at),
         generation,
         last_error: last_error.map(str::to_string),
+        ..TokenState::default()
     }
 }
 
@@ -115,7 +116,7 @@ fn startup_needs_listener_and_first_credential_then_latches() {
 fn readiness_follows_draining_credential_and_upstream() {
     let now = SystemTime::now();
     let (tx, rx) = watch::channel(TokenState::default());
-    let health = Arc::new(Health::new(rx));
+    let health = Arc::new(Health::new(rx).with_readiness(Readiness::Upstream));
     assert_eq!(
         health.readiness(now).message,
         "not ready: client listener not up yet"
@@ -163,6 +164,42 @@ fn readiness_follows_draining_credential_and_upstream() {
     assert!(health.liveness().ok, "liveness ignores draining");
 }
 
+/// The default: a cache blip (no healthy upstream connection) leaves the pod ready;
+/// the credential running out does not.
+#[test]
+fn readiness_by_default_needs_a_credential_but_no_upstream() {
+    let now = SystemTime::now();
+    let (tx, rx) = watch::channel(TokenState::default());
+    let health = Health::new(rx);
+    health.set_listening();
+    assert!(!health.readiness(now).ok, "no credential yet");
+    tx.send(state(1, Some(now + Duration::from_secs(3600)), None))
+        .unwrap();
+    let c = health.readiness(now);
+    assert!(c.ok, "{c:?}");
+    assert!(
+        c.message.ends_with(
+            "0 healthy upstream connections (not required: admin.readiness = credential)"
+        ),
+        "{c:?}"
+    );
+    assert!(!health.readiness(now + Duration::from_secs(3600 - 60)).ok);
+    health.set_draining();
+    assert!(!health.readiness(now).ok);
+
+    // `listening`: only the listener and the drain count.
+    let (_tx, rx) = watch::channel(TokenState::default());
+    let health = Health::new(rx).with_readiness(Readiness::Listening);
+    assert!(!health.readiness(now).ok);
+    health.set_listening();
+    assert_eq!(
+        health.readiness(now),
+        Check::pass("ready: listening (admin.readiness = listening)")
+    );
+    health.set_draining();
+    assert!(!health.readiness(now).ok);
+}
+
 #[test]
 fn token_expiry_seconds_for_metrics() {
     let now = SystemTime::now();
@@ -196,6 +233,12 @@ fn quitquitquit_is_refused_from_a_non_loopback_peer() {
         StatusCode::FORBIDDEN
     );
     assert!(!admin.quit.is_cancelled());
+    let sidecar: SocketAddr = "127.0.0.6:40000".parse().unwrap();
+    assert_eq!(
+        respond(&admin, &req, sidecar).status(),
+        StatusCode::FORBIDDEN
+    );
+    assert!(!admin.quit.is_cancelled());
     let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
     assert_eq!(respond(&admin, &req, mapped).status(), StatusCode::OK);
     assert!(admin.quit.is_cancelled());
@@ -214,7 +257,7 @@ struct Running {
 
 async fn start() -> Running {
     let (tokens, rx) = watch::channel(TokenState::default());
-    let health = Arc::new(Health::new(rx));
+    let health = Arc::new(Health::new(rx).with_readiness(Readiness::Upstream));
     let metrics = Arc::new(Metrics::new());
     let quit = CancellationToken::new();
     let shutdown = CancellationToken::new();
@@ -457,4 +500,39 @@ async fn healthcheck_exit_status() {
     // Nothing listening any more.
     let gone = tokio::task::spawn_blocking(move || healthcheck(addr, "/livez"));
     assert_eq!(gone.await.unwrap(), 1);
+}
+
+/// POST /quitquitquit from a client socket bound to `from`.
+async fn quit_from(addr: SocketAddr, from: &str, extra_header: &str) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let req = format!(
+        "POST /quitquitquit HTTP/1.1\r\nHost: x\r\n{extra_header}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A service mesh's sidecar relays other pods' requests from 127.0.0.6 (Istio),
+/// or says in a header that it relayed them: neither is this host.
+#[tokio::test]
+async fn quitquitquit_from_a_mesh_sidecar_address_is_refused() {
+    let r = start().await;
+    assert_eq!(quit_from(r.addr, "127.0.0.6", "").await, 403);
+    assert!(!r.quit.is_cancelled(), "127.0.0.6 stopped the proxy");
+    let relayed = "X-Forwarded-For: 10.1.2.3\r\n";
+    assert_eq!(quit_from(r.addr, "127.0.0.1", relayed).await, 403);
+    assert!(
+        !r.quit.is_cancelled(),
+        "a relayed request stopped the proxy"
+    );
+    assert_eq!(quit_from(r.addr, "127.0.0.1", "").await, 200);
+    assert!(r.quit.is_cancelled());
+    r.shutdown.cancel();
 }

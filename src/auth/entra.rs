@@ -1,122 +1,73 @@
 //! Microsoft Entra ID as the upstream credential (`auth.source = "entra"`): turns
-//! `[auth.entra]` plus the process environment into one token source
-//! ([`super::sources`]) and starts the rotator ([`super::rotator`]) that publishes
-//! its tokens to every upstream connection.
+//! `[auth.entra]` plus the environment into one token source and starts the
+//! rotator ([`super::rotator`]) that publishes its tokens to every upstream
+//! connection.
 //!
-//! | `auth.entra.credential` | endpoint | identity settings |
+//! | `auth.entra.credential` | how | through |
 //! |---|---|---|
-//! | `managed-identity` | App Service / Functions / Container Apps when `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set, else IMDS (`auth.entra.imds_endpoint`) | system-assigned, or one of `client_id`, `object_id`, `resource_id` |
-//! | `workload-identity` | `{authority_host}/{tenant_id}/oauth2/v2.0/token` with the federated token as client assertion | `tenant_id`, `client_id`, `federated_token_file`, `authority_host` (config keys win over `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_AUTHORITY_HOST`) |
-//! | `client-secret` | the same Entra v2 endpoint with a client secret | `tenant_id`, `client_id`, and the secret from env `REDIS_ENTRA_PROXY_AUTH__ENTRA__CLIENT_SECRET` or `client_secret_file` |
-//! | `azure-cli` | `az account get-access-token` (found on `PATH`) | the developer's `az login` |
+//! | `auto` (default) | one of the below, chosen from the environment ([`super::auto`]) | |
+//! | `managed-identity` | IMDS (`auth.entra.imds_endpoint`), App Service / Functions / Container Apps (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`), Azure Arc (`IDENTITY_ENDPOINT` + `IMDS_ENDPOINT`), Cloud Shell (`MSI_ENDPOINT`) | the crate for IMDS and App Service; hand-written for Arc, Cloud Shell and an App Service resource id ([`super::sources`]) |
+//! | `workload-identity` | the federated token file as client assertion | the crate |
+//! | `client-secret` | a client secret | the crate |
+//! | `client-certificate` | an RS256 assertion signed with the certificate's key | the crate's assertion credential, signed by [`super::cert`] |
+//! | `azure-cli`, `azure-developer-cli` (`azd`), `developer-tools` | `az` / `azd` / `az` then `azd` | the crate, run with the snapshot's `PATH` |
 //!
-//! # Why the endpoints are called directly, not through azure_identity
-//!
-//! azure_identity 1.0 serves most deployments, but not this rotator: its token
-//! cache hands back the same token until 5 minutes before expiry and its retry
-//! policy can hold a request for over a minute; its errors do not carry the
-//! `Retry-After` the rotator must honour; `WorkloadIdentityCredential` caches the
-//! federated token file for 10 minutes instead of re-reading it for each exchange;
-//! the IMDS endpoint cannot be pointed elsewhere; and it refuses plain-http
-//! authority hosts. Each of these protocols is one small HTTP request (or one
-//! command), so [`super::sources`] speaks them with reqwest over rustls (ring
-//! provider, system roots plus `auth.entra.ca_file`), and the rotator owns every
-//! timeout, retry and schedule.
+//! Service Fabric (`IDENTITY_SERVER_THUMBPRINT`) and Azure ML (`MSI_SECRET`) are
+//! refused with an error naming the platform: the crate has no credential for
+//! them, and Service Fabric's endpoint needs certificate pinning.
 //!
 //! # Environment
 //!
-//! The variables Azure defines (`IDENTITY_ENDPOINT`, `AZURE_*`, `PATH` for `az`,
-//! `HTTPS_PROXY`/`NO_PROXY` for the Entra endpoint) are read from an [`EntraEnv`]
-//! snapshot passed in, never from the process directly, so tests hand in a map.
+//! The variables Azure defines (`IDENTITY_ENDPOINT`, `AZURE_*`, `PATH` for the
+//! CLIs, `HTTPS_PROXY`/`NO_PROXY` for the Entra endpoint) are read from an
+//! [`EntraEnv`] snapshot passed in, so tests hand in a map. The crate's managed
+//! identity reads its platform variables from the process itself; [`spawn`]
+//! refuses to start when the two disagree, rather than ask a different endpoint
+//! than the one it logged.
 
-use super::rotator::{self, RotatorConfig, TokenSource};
-use super::sources::{
-    self, AppServiceSource, AzureCliSource, ClientCredential, EntraTokenSource, ImdsSource,
-    ManagedIdentityId,
-};
+use super::auto::{self, Facts};
+use super::azure::{CrateKind, CrateSource, ManagedIdentityId, SecretSource};
+use super::cert::{Certificate, CertificateFile};
+pub use super::env::EntraEnv;
+use super::http::{self, Rewrite};
+use super::rotator::{self, RefreshNow, RotatorConfig, TokenSource};
+use super::sources::{AppServiceSource, ArcSource, CloudShellSource};
 use super::{AuthError, TokenState};
 use crate::config::{describe_key, AuthConfig, EntraConfig, EntraCredentialKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use reqwest::Url;
-use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// IMDS, when `auth.entra.imds_endpoint` is not set.
+/// IMDS, where the crate sends its requests; `auth.entra.imds_endpoint` replaces it.
 pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 /// The public-cloud Entra authority, when neither the key nor `AZURE_AUTHORITY_HOST` is set.
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
 /// Smallest `auth.entra.max_backoff` the rotator uses: a smaller value would make
 /// configuration-error retries a hot loop.
 pub const MIN_MAX_BACKOFF: Duration = Duration::from_secs(1);
-
-/// A snapshot of the environment variables the Entra sources read. Built once at
-/// start ([`EntraEnv::from_process`]) or from a map in tests. An empty value counts
-/// as unset. `Debug` lists the names only (`IDENTITY_HEADER` is a secret).
-#[derive(Clone, Default)]
-pub struct EntraEnv {
-    vars: HashMap<String, String>,
-}
-
-impl EntraEnv {
-    /// The current process environment (variables that are not UTF-8 are skipped).
-    pub fn from_process() -> Self {
-        std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect()
-    }
-
-    /// The value of `key`, if set and not empty.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.vars
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
-
-    /// Every variable, as passed to child processes (`az`).
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
-    /// A copy with `key` set to `value`.
-    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.vars.insert(key.into(), value.into());
-        self
-    }
-}
-
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for EntraEnv {
-    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        EntraEnv {
-            vars: iter
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
-    }
-}
-
-impl fmt::Debug for EntraEnv {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<_> = self.vars.keys().collect();
-        names.sort();
-        f.debug_struct("EntraEnv").field("names", &names).finish()
-    }
-}
+/// The managed-identity platform variables the crate reads from the process.
+pub const PLATFORM_VARS: &[&str] = &[
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+];
 
 /// Validate the Entra settings and start the rotator in the background. Returns at
 /// once; until the first token arrives `tx` carries no credential, and
-/// `last_error` says why once an attempt has failed.
+/// `last_error` says why once an attempt has failed. `refresh` lets the caller
+/// ask for a fetch now (SIGHUP).
 ///
 /// Errors: any setting that cannot work (a missing tenant for workload identity, a
-/// bad URL, an unreadable `ca_file`, no `az` on `PATH`), naming the key and its
-/// environment variable.
+/// bad URL, an unreadable `ca_file` or certificate, no `az` on `PATH`, an
+/// unsupported platform), naming the key and its environment variable.
 ///
 /// # Panics
 /// Outside a tokio runtime.
@@ -125,9 +76,21 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     env: EntraEnv,
     tx: watch::Sender<TokenState>,
+    refresh: RefreshNow,
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
-    let source = build_source(&cfg.entra, &env)?;
+    let mut entra = cfg.entra.clone();
+    if entra.credential == EntraCredentialKind::Auto {
+        let choice = auto::choose(&entra, &env, &Facts::gather(&env));
+        tracing::info!(
+            chosen = kind_name(choice.kind),
+            "auth.entra.credential = \"auto\" chose {}: {}",
+            kind_name(choice.kind),
+            choice.reason
+        );
+        entra.credential = choice.kind;
+    }
+    let source = build_source(&entra, &env)?;
     let username = cfg.username.clone().filter(|u| !u.trim().is_empty());
     tracing::info!(
         username = username.as_deref().unwrap_or("oid claim of each token"),
@@ -139,9 +102,26 @@ pub fn spawn(
         attempt_timeout: cfg.entra.attempt_timeout,
         max_backoff: cfg.entra.max_backoff.max(MIN_MAX_BACKOFF),
         username,
+        clock: rotator::Clock::system(),
+        refresh,
     };
     tokio::spawn(rotator::run(source, rcfg, metrics, tx, shutdown));
     Ok(())
+}
+
+/// The TOML value of a kind, for logs.
+pub fn kind_name(kind: EntraCredentialKind) -> &'static str {
+    use EntraCredentialKind as K;
+    match kind {
+        K::Auto => "auto",
+        K::ManagedIdentity => "managed-identity",
+        K::WorkloadIdentity => "workload-identity",
+        K::ClientSecret => "client-secret",
+        K::ClientCertificate => "client-certificate",
+        K::AzureCli => "azure-cli",
+        K::AzureDeveloperCli => "azure-developer-cli",
+        K::DeveloperTools => "developer-tools",
+    }
 }
 
 fn config_err(msg: impl Into<String>) -> AuthError {
@@ -162,9 +142,25 @@ fn missing(key: &str, var: &str, why: &str) -> AuthError {
     ))
 }
 
+/// Tenant and client id of the app-registration kinds.
+fn tenant_and_client<'a>(
+    cfg: &'a EntraConfig,
+    env: &'a EntraEnv,
+    what: &str,
+) -> Result<(&'a str, &'a str), AuthError> {
+    let tenant = key_or_env(cfg.tenant_id.as_deref(), env, "AZURE_TENANT_ID")
+        .ok_or_else(|| missing("auth.entra.tenant_id", "AZURE_TENANT_ID", what))?;
+    check_tenant(tenant)?;
+    let client_id = key_or_env(cfg.client_id.as_deref(), env, "AZURE_CLIENT_ID")
+        .ok_or_else(|| missing("auth.entra.client_id", "AZURE_CLIENT_ID", what))?;
+    Ok((tenant, client_id))
+}
+
 /// Turn the settings into a token source, checking everything that can be checked
-/// without asking the endpoint.
+/// without asking the endpoint. `cfg.credential` must not be `auto` ([`spawn`]
+/// resolves it first; here it means managed identity).
 pub fn build_source(cfg: &EntraConfig, env: &EntraEnv) -> Result<Arc<dyn TokenSource>, AuthError> {
+    use EntraCredentialKind as K;
     let scope = cfg.scope.trim();
     if scope.is_empty() {
         return Err(config_err(format!(
@@ -173,14 +169,12 @@ pub fn build_source(cfg: &EntraConfig, env: &EntraEnv) -> Result<Arc<dyn TokenSo
         )));
     }
     let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_string();
+    let what = |k| format!("auth.entra.credential = \"{}\"", kind_name(k));
     match cfg.credential {
-        EntraCredentialKind::ManagedIdentity => managed_identity(cfg, env, resource),
-        EntraCredentialKind::WorkloadIdentity => {
-            let what = "auth.entra.credential = \"workload-identity\"";
-            let tenant = key_or_env(cfg.tenant_id.as_deref(), env, "AZURE_TENANT_ID")
-                .ok_or_else(|| missing("auth.entra.tenant_id", "AZURE_TENANT_ID", what))?;
-            let client_id = key_or_env(cfg.client_id.as_deref(), env, "AZURE_CLIENT_ID")
-                .ok_or_else(|| missing("auth.entra.client_id", "AZURE_CLIENT_ID", what))?;
+        K::ManagedIdentity | K::Auto => managed_identity(cfg, env, scope, resource),
+        K::WorkloadIdentity => {
+            let what = what(K::WorkloadIdentity);
+            let (tenant, client_id) = tenant_and_client(cfg, env, &what)?;
             let file = cfg
                 .federated_token_file
                 .as_ref()
@@ -191,43 +185,49 @@ pub fn build_source(cfg: &EntraConfig, env: &EntraEnv) -> Result<Arc<dyn TokenSo
                     missing(
                         "auth.entra.federated_token_file",
                         "AZURE_FEDERATED_TOKEN_FILE",
-                        what,
+                        &what,
                     )
                 })?;
             entra_source(
                 cfg,
                 env,
+                scope,
+                "workload identity",
+                |_| CrateKind::WorkloadIdentity {
+                    tenant: tenant.to_string(),
+                    client_id: client_id.to_string(),
+                    token_file: file,
+                },
                 tenant,
                 client_id,
-                scope,
-                ClientCredential::FederatedTokenFile(file),
-                "workload identity",
             )
         }
-        EntraCredentialKind::ClientSecret => {
-            let what = "auth.entra.credential = \"client-secret\"";
-            let tenant = key_or_env(cfg.tenant_id.as_deref(), env, "AZURE_TENANT_ID")
-                .ok_or_else(|| missing("auth.entra.tenant_id", "AZURE_TENANT_ID", what))?;
-            let client_id = key_or_env(cfg.client_id.as_deref(), env, "AZURE_CLIENT_ID")
-                .ok_or_else(|| missing("auth.entra.client_id", "AZURE_CLIENT_ID", what))?;
-            let inline = cfg.client_secret.as_ref().filter(|s| !s.is_empty());
+        K::ClientSecret => {
+            let what = what(K::ClientSecret);
+            let (tenant, client_id) = tenant_and_client(cfg, env, &what)?;
+            let inline = cfg
+                .client_secret
+                .as_ref()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .or_else(|| env.get("AZURE_CLIENT_SECRET").map(Secret::new));
             let file = cfg
                 .client_secret_file
                 .as_ref()
                 .filter(|p| !p.as_os_str().is_empty());
-            let credential = match (inline, file) {
+            let secret = match (inline, file) {
                 (Some(_), Some(_)) => {
                     return Err(config_err(format!(
-                        "set only one of {} and {}",
+                        "set only one of {} (or AZURE_CLIENT_SECRET) and {}",
                         describe_key("auth.entra.client_secret"),
                         describe_key("auth.entra.client_secret_file")
                     )))
                 }
-                (Some(s), None) => ClientCredential::Secret(s.clone()),
-                (None, Some(f)) => ClientCredential::SecretFile(f.clone()),
+                (Some(s), None) => SecretSource::Inline(s),
+                (None, Some(f)) => SecretSource::File(f.clone()),
                 (None, None) => {
                     return Err(config_err(format!(
-                        "{what} needs a secret: set {} or {}",
+                        "{what} needs a secret: set {}, {} or AZURE_CLIENT_SECRET",
                         describe_key("auth.entra.client_secret"),
                         describe_key("auth.entra.client_secret_file")
                     )))
@@ -236,37 +236,198 @@ pub fn build_source(cfg: &EntraConfig, env: &EntraEnv) -> Result<Arc<dyn TokenSo
             entra_source(
                 cfg,
                 env,
+                scope,
+                "client secret",
+                |_| CrateKind::ClientSecret {
+                    tenant: tenant.to_string(),
+                    client_id: client_id.to_string(),
+                    secret,
+                },
                 tenant,
                 client_id,
-                scope,
-                credential,
-                "client secret",
             )
         }
-        EntraCredentialKind::AzureCli => {
-            let program = find_on_path("az", env.get("PATH")).ok_or_else(|| {
-                config_err(
-                    "auth.entra.credential = \"azure-cli\" needs the Azure CLI: `az` was not found on PATH",
-                )
-            })?;
-            let tenant =
-                key_or_env(cfg.tenant_id.as_deref(), env, "AZURE_TENANT_ID").map(str::to_string);
-            if let Some(t) = &tenant {
-                check_tenant(t)?;
+        K::ClientCertificate => {
+            let what = what(K::ClientCertificate);
+            let (tenant, client_id) = tenant_and_client(cfg, env, &what)?;
+            let path = cfg
+                .client_certificate_file
+                .as_ref()
+                .filter(|p| !p.as_os_str().is_empty())
+                .cloned()
+                .or_else(|| env.get("AZURE_CLIENT_CERTIFICATE_PATH").map(PathBuf::from))
+                .ok_or_else(|| {
+                    missing(
+                        "auth.entra.client_certificate_file",
+                        "AZURE_CLIENT_CERTIFICATE_PATH",
+                        &what,
+                    )
+                })?;
+            if env.get("AZURE_CLIENT_CERTIFICATE_PASSWORD").is_some() {
+                return Err(config_err(
+                    "AZURE_CLIENT_CERTIFICATE_PASSWORD is set, but encrypted (PKCS#12) certificates are not supported: give a PEM file with the certificate and an unencrypted RSA key",
+                ));
             }
-            Ok(Arc::new(AzureCliSource::new(
-                program,
-                resource,
+            // Fail at start, not at the first refresh, on an unusable file.
+            Certificate::load(&path)?;
+            let send_chain = cfg.client_certificate_send_chain
+                || matches!(
+                    env.get("AZURE_CLIENT_SEND_CERTIFICATE_CHAIN"),
+                    Some("1" | "true" | "True" | "TRUE")
+                );
+            entra_source(
+                cfg,
+                env,
+                scope,
+                "client certificate",
+                |audience| CrateKind::ClientCertificate {
+                    tenant: tenant.to_string(),
+                    client_id: client_id.to_string(),
+                    cert: CertificateFile { path, send_chain },
+                    audience: audience.to_string(),
+                },
                 tenant,
-                env.clone(),
-            )))
+                client_id,
+            )
+        }
+        K::AzureCli | K::AzureDeveloperCli | K::DeveloperTools => {
+            cli_source(cfg, env, scope, cfg.credential)
         }
     }
+}
+
+fn cli_source(
+    cfg: &EntraConfig,
+    env: &EntraEnv,
+    scope: &str,
+    kind: EntraCredentialKind,
+) -> Result<Arc<dyn TokenSource>, AuthError> {
+    use EntraCredentialKind as K;
+    let path = env.get("PATH");
+    let az = find_on_path("az", path);
+    let azd = find_on_path("azd", path);
+    let tenant = key_or_env(cfg.tenant_id.as_deref(), env, "AZURE_TENANT_ID").map(str::to_string);
+    if let Some(t) = &tenant {
+        check_tenant(t)?;
+    }
+    let (crate_kind, describe) = match kind {
+        K::AzureCli => {
+            let az = az.ok_or_else(|| {
+                config_err("auth.entra.credential = \"azure-cli\" needs the Azure CLI: `az` was not found on PATH")
+            })?;
+            (
+                CrateKind::AzureCli {
+                    tenant: tenant.clone(),
+                },
+                format!("azure-cli ({} account get-access-token)", az.display()),
+            )
+        }
+        K::AzureDeveloperCli => {
+            let azd = azd.ok_or_else(|| {
+                config_err("auth.entra.credential = \"azure-developer-cli\" needs the Azure Developer CLI: `azd` was not found on PATH")
+            })?;
+            (
+                CrateKind::AzureDeveloperCli {
+                    tenant: tenant.clone(),
+                },
+                format!("azure-developer-cli ({} auth token)", azd.display()),
+            )
+        }
+        _ => {
+            if az.is_none() && azd.is_none() {
+                return Err(config_err(
+                    "auth.entra.credential = \"developer-tools\" needs `az` or `azd` on PATH; neither was found",
+                ));
+            }
+            if tenant.is_some() {
+                tracing::warn!("developer-tools does not pass a tenant to az/azd; set auth.entra.credential to azure-cli or azure-developer-cli to use auth.entra.tenant_id");
+            }
+            let found: Vec<String> = [az, azd]
+                .into_iter()
+                .flatten()
+                .map(|p| p.display().to_string())
+                .collect();
+            (
+                CrateKind::DeveloperTools,
+                format!("developer-tools (az, then azd; found {})", found.join(", ")),
+            )
+        }
+    };
+    let describe = match &tenant {
+        Some(t) if !matches!(kind, K::DeveloperTools) => format!("{describe}, tenant {t}"),
+        _ => describe,
+    };
+    Ok(Arc::new(CrateSource::new(
+        crate_kind,
+        scope.to_string(),
+        None,
+        None,
+        env.clone(),
+        describe,
+    )?))
+}
+
+/// The managed-identity platform the environment describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    Imds,
+    AppService,
+    Arc,
+    CloudShell,
+    ServiceFabric,
+    AzureMl,
+}
+
+/// The platform, decided as `azure_identity` does from the same variables.
+pub fn platform(env: &EntraEnv) -> Platform {
+    if env.get("IDENTITY_ENDPOINT").is_some() {
+        if env.get("IDENTITY_HEADER").is_some() {
+            if env.get("IDENTITY_SERVER_THUMBPRINT").is_some() {
+                return Platform::ServiceFabric;
+            }
+            return Platform::AppService;
+        }
+        if env.get("IMDS_ENDPOINT").is_some() {
+            return Platform::Arc;
+        }
+    } else if env.get("MSI_ENDPOINT").is_some() {
+        if env.get("MSI_SECRET").is_some() {
+            return Platform::AzureMl;
+        }
+        return Platform::CloudShell;
+    }
+    Platform::Imds
+}
+
+/// The crate reads the platform variables from the process: refuse to go on if
+/// they differ from the snapshot the proxy decided from.
+fn check_process_env(
+    env: &EntraEnv,
+    process: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), AuthError> {
+    for var in PLATFORM_VARS {
+        if process(var).as_deref() != env.get(var) {
+            return Err(config_err(format!(
+                "managed identity through azure_identity reads {var} from the process environment, and there it differs from the environment the proxy was given"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn process_var(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+fn endpoint_url(var: &str, env: &EntraEnv) -> Result<Url, AuthError> {
+    Url::parse(env.get(var).unwrap_or_default())
+        .map_err(|e| config_err(format!("the environment variable {var} is not a URL ({e})")))
 }
 
 fn managed_identity(
     cfg: &EntraConfig,
     env: &EntraEnv,
+    scope: &str,
     resource: String,
 ) -> Result<Arc<dyn TokenSource>, AuthError> {
     let ids: Vec<ManagedIdentityId> = [
@@ -287,68 +448,131 @@ fn managed_identity(
         )));
     }
     let id = ids.into_iter().next();
-    let client = sources::http_client(cfg.ca_file.as_deref(), None, cfg.attempt_timeout)?;
-    match (env.get("IDENTITY_ENDPOINT"), env.get("IDENTITY_HEADER")) {
-        (Some(endpoint), Some(header)) => {
-            let url = Url::parse(endpoint).map_err(|e| {
-                config_err(format!(
-                    "the environment variable IDENTITY_ENDPOINT is not a URL ({e})"
-                ))
-            })?;
+    let client = http::http_client(cfg.ca_file.as_deref(), None, cfg.attempt_timeout)?;
+    let user_assigned_unsupported = |platform: &str| {
+        config_err(format!(
+            "{platform} managed identity is system-assigned only: unset {}, {} and {}",
+            describe_key("auth.entra.client_id"),
+            describe_key("auth.entra.object_id"),
+            describe_key("auth.entra.resource_id")
+        ))
+    };
+    let describe = |where_: String| {
+        format!(
+            "managed identity ({}, {where_}, azure_identity)",
+            super::azure::describe_id(&id)
+        )
+    };
+    match platform(env) {
+        Platform::ServiceFabric => Err(config_err(
+            "Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT is set) is not supported: azure_identity has no credential for it and its endpoint's certificate must be pinned by thumbprint; use a client certificate or secret instead",
+        )),
+        Platform::AzureMl => Err(config_err(
+            "Azure Machine Learning managed identity (MSI_ENDPOINT with MSI_SECRET) is not supported: azure_identity has no credential for it; use a client certificate or secret instead",
+        )),
+        Platform::Arc => {
+            if id.is_some() {
+                return Err(user_assigned_unsupported("Azure Arc"));
+            }
+            Ok(Arc::new(ArcSource::new(
+                client,
+                endpoint_url("IDENTITY_ENDPOINT", env)?,
+                resource,
+                cfg.arc_key_directory.clone(),
+            )))
+        }
+        Platform::CloudShell => {
+            if id.is_some() {
+                return Err(user_assigned_unsupported("Cloud Shell"));
+            }
+            Ok(Arc::new(CloudShellSource::new(
+                client,
+                endpoint_url("MSI_ENDPOINT", env)?,
+                resource,
+            )))
+        }
+        Platform::AppService if matches!(id, Some(ManagedIdentityId::ResourceId(_))) => {
             Ok(Arc::new(AppServiceSource::new(
                 client,
-                url,
-                Secret::new(header),
+                endpoint_url("IDENTITY_ENDPOINT", env)?,
+                Secret::new(env.get("IDENTITY_HEADER").unwrap_or_default()),
                 resource,
                 id,
             )))
         }
-        _ => {
-            let endpoint = cfg
+        Platform::AppService => {
+            check_process_env(env, &process_var)?;
+            let url = endpoint_url("IDENTITY_ENDPOINT", env)?;
+            Ok(Arc::new(CrateSource::new(
+                CrateKind::ManagedIdentity { id: id.clone(), rewrite: None },
+                scope.to_string(),
+                Some(client),
+                None,
+                env.clone(),
+                describe(format!("App Service IDENTITY_ENDPOINT {url}")),
+            )?))
+        }
+        Platform::Imds => {
+            check_process_env(env, &process_var)?;
+            let configured = cfg
                 .imds_endpoint
                 .as_deref()
-                .filter(|e| !e.trim().is_empty())
-                .unwrap_or(DEFAULT_IMDS_ENDPOINT);
-            let url = Url::parse(endpoint).map_err(|e| {
+                .filter(|e| !e.trim().is_empty());
+            let target = Url::parse(configured.unwrap_or(DEFAULT_IMDS_ENDPOINT)).map_err(|e| {
                 config_err(format!(
                     "{} is not a URL ({e})",
                     describe_key("auth.entra.imds_endpoint")
                 ))
             })?;
-            Ok(Arc::new(ImdsSource::new(client, url, resource, id)))
+            let from = Url::parse(DEFAULT_IMDS_ENDPOINT).expect("constant URL");
+            let rewrite = (target != from).then(|| Rewrite {
+                from,
+                to: target.clone(),
+            });
+            Ok(Arc::new(CrateSource::new(
+                CrateKind::ManagedIdentity { id: id.clone(), rewrite },
+                scope.to_string(),
+                Some(client),
+                None,
+                env.clone(),
+                describe(format!("IMDS {target}")),
+            )?))
         }
     }
 }
 
+/// An app-registration source against `{authority}/{tenant}/oauth2/v2.0/token`;
+/// `kind` gets that URL (the assertion audience).
 fn entra_source(
     cfg: &EntraConfig,
     env: &EntraEnv,
+    scope: &str,
+    label: &str,
+    kind: impl FnOnce(&str) -> CrateKind,
     tenant: &str,
     client_id: &str,
-    scope: &str,
-    credential: ClientCredential,
-    kind: &'static str,
 ) -> Result<Arc<dyn TokenSource>, AuthError> {
-    check_tenant(tenant)?;
     let authority = key_or_env(cfg.authority_host.as_deref(), env, "AZURE_AUTHORITY_HOST")
         .unwrap_or(DEFAULT_AUTHORITY_HOST);
     let token_url = token_url(authority, tenant)?;
-    let proxy = sources::proxy_from_env(env, &token_url)?;
-    let client = sources::http_client(cfg.ca_file.as_deref(), proxy, cfg.attempt_timeout)?;
-    Ok(Arc::new(EntraTokenSource::new(
-        kind,
-        client,
-        token_url,
-        tenant.to_string(),
-        client_id.to_string(),
+    let proxy = http::proxy_from_env(env, &token_url)?;
+    let client = http::http_client(cfg.ca_file.as_deref(), proxy, cfg.attempt_timeout)?;
+    let base = authority.trim_end_matches('/').to_string();
+    let describe =
+        format!("{label} (tenant {tenant}, client {client_id}, {token_url}, azure_identity)");
+    Ok(Arc::new(CrateSource::new(
+        kind(token_url.as_str()),
         scope.to_string(),
-        credential,
-    )))
+        Some(client),
+        Some(base),
+        env.clone(),
+        describe,
+    )?))
 }
 
-/// `{authority}/{tenant}/oauth2/v2.0/token`. The authority must be https, except
-/// on a loopback address (a local emulator or a test), because the request carries
-/// a client secret or assertion.
+/// `{authority}/{tenant}/oauth2/v2.0/token`, as the crate builds it. The authority
+/// must be https (the crate refuses anything else: the request carries a secret or
+/// an assertion) and have no path.
 fn token_url(authority: &str, tenant: &str) -> Result<Url, AuthError> {
     let key = "auth.entra.authority_host";
     let base = Url::parse(authority.trim_end_matches('/')).map_err(|e| {
@@ -357,29 +581,21 @@ fn token_url(authority: &str, tenant: &str) -> Result<Url, AuthError> {
             describe_key(key)
         ))
     })?;
-    let loopback = base.host_str().is_some_and(|h| {
-        h.eq_ignore_ascii_case("localhost")
-            || h.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    match base.scheme() {
-        "https" => {}
-        "http" if loopback => {}
-        other => {
-            return Err(config_err(format!(
-                "{} (or AZURE_AUTHORITY_HOST) must be an https URL (plain http only on loopback), not {other}:",
-                describe_key(key)
-            )))
-        }
+    if base.scheme() != "https" {
+        return Err(config_err(format!(
+            "{} (or AZURE_AUTHORITY_HOST) must be an https URL, not {}:",
+            describe_key(key),
+            base.scheme()
+        )));
     }
-    let mut url = base;
-    url.path_segments_mut()
-        .map_err(|_| config_err(format!("{} cannot have a path", describe_key(key))))?
-        .pop_if_empty()
-        .extend([tenant, "oauth2", "v2.0", "token"]);
-    Ok(url)
+    if !matches!(base.path(), "" | "/") {
+        return Err(config_err(format!(
+            "{} (or AZURE_AUTHORITY_HOST) must not have a path",
+            describe_key(key)
+        )));
+    }
+    base.join(&format!("/{tenant}/oauth2/v2.0/token"))
+        .map_err(|e| config_err(format!("{}: {e}", describe_key(key))))
 }
 
 /// A tenant is a GUID or a domain name: anything else would change the URL path.
@@ -399,7 +615,7 @@ fn check_tenant(tenant: &str) -> Result<(), AuthError> {
 }
 
 /// The first executable `name` in the directories of `path` (a `PATH` value).
-fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
     std::env::split_paths(path?)
         .filter(|dir| !dir.as_os_str().is_empty())
         .map(|dir| dir.join(name))
@@ -414,165 +630,4 @@ fn is_executable(p: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> EntraEnv {
-        pairs.iter().copied().collect()
-    }
-
-    fn entra(kind: EntraCredentialKind) -> EntraConfig {
-        EntraConfig {
-            credential: kind,
-            ..EntraConfig::default()
-        }
-    }
-
-    fn err(cfg: &EntraConfig, env: &EntraEnv) -> String {
-        match build_source(cfg, env) {
-            Ok(s) => panic!("expected an error, got {}", s.describe()),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    #[test]
-    fn workload_identity_names_missing_keys_and_env_vars() {
-        let cfg = entra(EntraCredentialKind::WorkloadIdentity);
-        let e = err(&cfg, &EntraEnv::default());
-        assert!(
-            e.contains("`auth.entra.tenant_id`")
-                && e.contains("REDIS_ENTRA_PROXY_AUTH__ENTRA__TENANT_ID")
-                && e.contains("AZURE_TENANT_ID"),
-            "{e}"
-        );
-        let e = err(&cfg, &env(&[("AZURE_TENANT_ID", "t")]));
-        assert!(
-            e.contains("auth.entra.client_id") && e.contains("AZURE_CLIENT_ID"),
-            "{e}"
-        );
-        let e = err(
-            &cfg,
-            &env(&[("AZURE_TENANT_ID", "t"), ("AZURE_CLIENT_ID", "c")]),
-        );
-        assert!(e.contains("AZURE_FEDERATED_TOKEN_FILE"), "{e}");
-        let full = env(&[
-            ("AZURE_TENANT_ID", "t"),
-            ("AZURE_CLIENT_ID", "c"),
-            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/secrets/token"),
-        ]);
-        let s = build_source(&cfg, &full).unwrap();
-        assert!(s
-            .describe()
-            .contains("login.microsoftonline.com/t/oauth2/v2.0/token"));
-        // Config keys win over the environment.
-        let cfg = EntraConfig {
-            tenant_id: Some("from-config".into()),
-            authority_host: Some("https://login.microsoftonline.us/".into()),
-            ..cfg
-        };
-        let s = build_source(&cfg, &full.with("AZURE_AUTHORITY_HOST", "https://ignored")).unwrap();
-        assert!(
-            s.describe()
-                .contains("https://login.microsoftonline.us/from-config/oauth2/v2.0/token"),
-            "{}",
-            s.describe()
-        );
-    }
-
-    #[test]
-    fn authority_must_be_https_except_on_loopback() {
-        assert!(token_url("http://login.example", "t").is_err());
-        assert!(token_url("ftp://x", "t").is_err());
-        assert_eq!(
-            token_url("http://127.0.0.1:8080", "t").unwrap().as_str(),
-            "http://127.0.0.1:8080/t/oauth2/v2.0/token"
-        );
-        assert!(token_url("http://localhost:1/", "t").is_ok());
-        assert!(check_tenant("../evil").is_err());
-        assert!(check_tenant("contoso.onmicrosoft.com").is_ok());
-    }
-
-    #[test]
-    fn client_secret_needs_exactly_one_secret() {
-        let base = EntraConfig {
-            tenant_id: Some("t".into()),
-            client_id: Some("c".into()),
-            ..entra(EntraCredentialKind::ClientSecret)
-        };
-        let e = err(&base, &EntraEnv::default());
-        assert!(
-            e.contains("REDIS_ENTRA_PROXY_AUTH__ENTRA__CLIENT_SECRET")
-                && e.contains("auth.entra.client_secret_file"),
-            "{e}"
-        );
-        let both = EntraConfig {
-            client_secret: Some(Secret::new("s3cr3t")),
-            client_secret_file: Some("/run/secret".into()),
-            ..base.clone()
-        };
-        let e = err(&both, &EntraEnv::default());
-        assert!(e.contains("only one") && !e.contains("s3cr3t"), "{e}");
-        let ok = EntraConfig {
-            client_secret: Some(Secret::new("s3cr3t")),
-            ..base
-        };
-        let s = build_source(&ok, &EntraEnv::default()).unwrap();
-        assert!(!s.describe().contains("s3cr3t"));
-    }
-
-    #[test]
-    fn managed_identity_picks_app_service_or_imds() {
-        let cfg = entra(EntraCredentialKind::ManagedIdentity);
-        let s = build_source(&cfg, &EntraEnv::default()).unwrap();
-        assert!(s.describe().contains("169.254.169.254"), "{}", s.describe());
-        let app = env(&[
-            ("IDENTITY_ENDPOINT", "http://127.0.0.1:41234/msi/token"),
-            ("IDENTITY_HEADER", "hdr-secret"),
-        ]);
-        let s = build_source(&cfg, &app).unwrap();
-        assert!(s.describe().contains("App Service"), "{}", s.describe());
-        assert!(!s.describe().contains("hdr-secret"));
-        assert!(!format!("{app:?}").contains("hdr-secret"));
-        let two = EntraConfig {
-            client_id: Some("a".into()),
-            object_id: Some("b".into()),
-            ..cfg.clone()
-        };
-        assert!(err(&two, &EntraEnv::default()).contains("not several"));
-        let bad = EntraConfig {
-            imds_endpoint: Some("not a url".into()),
-            ..cfg
-        };
-        assert!(err(&bad, &EntraEnv::default()).contains("auth.entra.imds_endpoint"));
-    }
-
-    #[test]
-    fn azure_cli_must_be_on_the_given_path() {
-        let cfg = entra(EntraCredentialKind::AzureCli);
-        let e = err(&cfg, &env(&[("PATH", "/nonexistent-dir")]));
-        assert!(e.contains("`az` was not found"), "{e}");
-        let dir = tempfile::tempdir().unwrap();
-        let az = dir.path().join("az");
-        std::fs::write(&az, "#!/bin/sh\nexit 1\n").unwrap();
-        // Not executable yet: not found.
-        let path = dir.path().to_str().unwrap().to_string();
-        assert!(build_source(&cfg, &env(&[("PATH", &path)])).is_err());
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let s = build_source(&cfg, &env(&[("PATH", &format!("/nonexistent:{path}"))])).unwrap();
-        assert!(s.describe().contains("az"), "{}", s.describe());
-    }
-
-    #[test]
-    fn bad_ca_file_is_a_config_error() {
-        let cfg = EntraConfig {
-            tenant_id: Some("t".into()),
-            client_id: Some("c".into()),
-            client_secret: Some(Secret::new("x")),
-            ca_file: Some("/nonexistent/ca.pem".into()),
-            ..entra(EntraCredentialKind::ClientSecret)
-        };
-        let e = err(&cfg, &EntraEnv::default());
-        assert!(e.contains("auth.entra.ca_file"), "{e}");
-    }
-}
+mod tests;

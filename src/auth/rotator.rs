@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -43,6 +43,12 @@ pub const MAX_REFRESH_JITTER: Duration = Duration::from_secs(5 * 60);
 /// IMDS answers 410 while it is being upgraded, for up to this long: 410s within
 /// this window of the first failure are logged as warnings, later ones as errors.
 pub const IMDS_GONE_GRACE: Duration = Duration::from_secs(70);
+/// Longest wait between two looks at the wall clock (expiry, the due time).
+pub const WALL_CHECK: Duration = Duration::from_secs(60);
+/// Shortest wait before asking again after the endpoint returned the held token.
+pub const SAME_TOKEN_FLOOR: Duration = Duration::from_secs(30);
+/// Longest such wait.
+pub const SAME_TOKEN_CEILING: Duration = Duration::from_secs(15 * 60);
 /// A `Retry-After` longer than this is taken as this (a broken or hostile value
 /// must not park the rotator past the current token's expiry).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
@@ -237,6 +243,60 @@ pub trait TokenSource: Send + Sync + 'static {
     fn fetch(&self) -> FetchFuture<'_>;
 }
 
+/// The wall clock the rotator reads expiry against: the system's, or a test's.
+#[derive(Clone)]
+pub struct Clock(Option<Arc<dyn Fn() -> SystemTime + Send + Sync>>);
+
+impl Clock {
+    /// `SystemTime::now`.
+    pub fn system() -> Clock {
+        Clock(None)
+    }
+
+    /// A clock that reads `f` (tests: wall time that follows tokio's paused clock,
+    /// or jumps as after a suspend).
+    pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Clock {
+        Clock(Some(Arc::new(f)))
+    }
+
+    /// The time now.
+    pub fn now(&self) -> SystemTime {
+        match &self.0 {
+            None => SystemTime::now(),
+            Some(f) => f(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_none() {
+            "Clock(system)"
+        } else {
+            "Clock(custom)"
+        })
+    }
+}
+
+/// A handle that asks the rotator to fetch a token now instead of at its next
+/// scheduled time (for SIGHUP). Cheap to clone. A request made while an attempt
+/// is running starts the next attempt as soon as that one ends; requests made
+/// meanwhile count once.
+#[derive(Debug, Clone, Default)]
+pub struct RefreshNow(Arc<Notify>);
+
+impl RefreshNow {
+    /// A handle not yet given to a rotator.
+    pub fn new() -> RefreshNow {
+        RefreshNow::default()
+    }
+
+    /// Ask for a fetch now.
+    pub fn refresh_now(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// Settings of one rotator.
 #[derive(Debug, Clone)]
 pub struct RotatorConfig {
@@ -246,12 +306,36 @@ pub struct RotatorConfig {
     pub max_backoff: Duration,
     /// `auth.username`: overrides the `oid` claim.
     pub username: Option<String>,
+    /// The wall clock expiry is judged against.
+    pub clock: Clock,
+    /// Wakes the rotator for an immediate fetch.
+    pub refresh: RefreshNow,
+}
+
+/// How long to wait after the endpoint handed back the token already held, with
+/// `remaining` life left: a sixteenth of it, between [`SAME_TOKEN_FLOOR`] (or a
+/// quarter of what is left, for short tokens) and [`SAME_TOKEN_CEILING`], less up
+/// to 10% jitter, never below [`MIN_RETRY`]. IMDS, App Service and `az` return
+/// their cached token until close to its expiry; asking again on a floor finds
+/// the new one soon after it exists without hammering the endpoint, and the
+/// schedule of the next really new token starts from its own lifetime.
+pub fn same_token_delay(remaining: Duration, jitter: f64) -> Duration {
+    let floor = SAME_TOKEN_FLOOR.min(remaining / 4);
+    let base = (remaining / 16).clamp(floor, SAME_TOKEN_CEILING);
+    base.mul_f64(1.0 - 0.1 * jitter.clamp(0.0, 1.0))
+        .max(MIN_RETRY)
 }
 
 /// Run the rotator until `shutdown` is cancelled. Publishes every new credential on
 /// `tx` with a bumped generation, and every failure as `last_error` (keeping the
-/// last good credential). Records `metrics.token_refresh(outcome, reason)` for every
-/// attempt and `token_expiry_seconds` after it.
+/// last good credential). A token equal to the one held is not published again
+/// (no re-AUTH); the next try comes after [`same_token_delay`]. Records
+/// `metrics.token_refresh(outcome, reason)` and the refresh latency for every
+/// attempt, and the expiry gauges at least every [`WALL_CHECK`].
+///
+/// Waits are checked against the wall clock at least every [`WALL_CHECK`]: the
+/// monotonic clock stops while the machine is suspended, the token's expiry does
+/// not, so after a resume past the due time the fetch starts within a minute.
 pub async fn run(
     source: Arc<dyn TokenSource>,
     cfg: RotatorConfig,
@@ -259,19 +343,23 @@ pub async fn run(
     tx: watch::Sender<TokenState>,
     shutdown: CancellationToken,
 ) {
+    let clock = cfg.clock.clone();
     let mut backoff = Backoff::new(BASE_BACKOFF, cfg.max_backoff);
     // When the current run of failures began (for the IMDS 410 grace).
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut generation = tx.borrow().generation;
     loop {
+        let started = tokio::time::Instant::now();
         let Some(result) = attempt(&source, cfg.attempt_timeout, &shutdown).await else {
             return;
         };
-        let result = result.and_then(|t| credential(t, cfg.username.as_deref()));
+        metrics
+            .token_refresh_latency
+            .observe(started.elapsed().as_secs_f64());
+        let now = clock.now();
+        let result = result.and_then(|t| credential(t, cfg.username.as_deref(), now));
         let delay = match result {
             Ok((cred, lifetime)) => {
-                generation += 1;
-                let delay = refresh_in(lifetime, fastrand::f64());
                 if backoff.failures() > 0 {
                     info!(
                         failures = backoff.failures(),
@@ -281,29 +369,50 @@ pub async fn run(
                 }
                 backoff.reset();
                 failing_since = None;
-                info!(
-                    generation,
-                    username = %cred.username,
-                    expires_at = %cred.expires_at.map(fmt_time).unwrap_or_default(),
-                    lifetime_s = lifetime.as_secs(),
-                    refresh_in_s = delay.as_secs_f64(),
-                    "new Entra token from {}",
-                    source.describe()
-                );
-                metrics.token_refresh("ok", "ok");
-                let cred = Arc::new(cred);
-                tx.send_modify(|s| {
-                    s.current = Some(cred);
-                    s.generation = generation;
-                    s.last_error = None;
+                metrics.set_token_refreshed_at(unix_f64(now));
+                let held = tx.borrow().current.clone();
+                let same = held.as_ref().is_some_and(|h| {
+                    h.password.expose() == cred.password.expose() && h.username == cred.username
                 });
-                delay
+                if same {
+                    let delay = same_token_delay(lifetime, fastrand::f64());
+                    info!(
+                        generation,
+                        remaining_s = lifetime.as_secs(),
+                        retry_in_s = delay.as_secs(),
+                        "the token endpoint returned the token already held (its cache); not a new generation, asking again later ({})",
+                        source.describe()
+                    );
+                    metrics.token_refresh("ok", "unchanged");
+                    tx.send_if_modified(|s| s.last_error.take().is_some());
+                    delay
+                } else {
+                    generation += 1;
+                    let delay = refresh_in(lifetime, fastrand::f64());
+                    info!(
+                        generation,
+                        username = %cred.username,
+                        expires_at = %cred.expires_at.map(fmt_time).unwrap_or_default(),
+                        lifetime_s = lifetime.as_secs(),
+                        refresh_in_s = delay.as_secs_f64(),
+                        "new Entra token from {}",
+                        source.describe()
+                    );
+                    metrics.token_refresh("ok", "ok");
+                    let cred = Arc::new(cred);
+                    tx.send_modify(|s| {
+                        s.current = Some(cred);
+                        s.generation = generation;
+                        s.last_error = None;
+                    });
+                    delay
+                }
             }
             Err(err) => {
                 let delay = retry_delay(&err, &mut backoff, cfg.max_backoff, fastrand::f64());
                 metrics.token_refresh("failed", err.reason());
                 let message = format!("{}: {err}", source.describe());
-                let usable = tx.borrow().usable(SystemTime::now()).cloned();
+                let usable = tx.borrow().usable(now).cloned();
                 let expires = usable
                     .as_ref()
                     .and_then(|c| c.expires_at)
@@ -344,19 +453,82 @@ pub async fn run(
                 delay
             }
         };
-        let remaining = tx
-            .borrow()
-            .usable(SystemTime::now())
-            .and_then(|c| c.expires_at)
-            .and_then(|e| e.duration_since(SystemTime::now()).ok())
-            .unwrap_or_default();
-        metrics.set_token_expiry_seconds(Some(remaining.as_secs_f64()));
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !wait(delay, &clock, &tx, &metrics, &cfg.refresh, &shutdown).await {
+            return;
         }
     }
+}
+
+/// Publish the expiry gauges for the credential held at `now`.
+fn record_expiry(tx: &watch::Sender<TokenState>, metrics: &Metrics, now: SystemTime) {
+    let state = tx.borrow();
+    let remaining = state
+        .usable(now)
+        .and_then(|c| c.expires_at)
+        .and_then(|e| e.duration_since(now).ok())
+        .unwrap_or_default();
+    metrics.set_token_expiry_seconds(Some(remaining.as_secs_f64()));
+    if let Some(exp) = state.current.as_ref().and_then(|c| c.expires_at) {
+        metrics.set_token_expires_at(unix_f64(exp));
+    }
+}
+
+/// Sleep `delay` by both clocks: ends when it has passed on the monotonic clock or
+/// on the wall clock (checked every [`WALL_CHECK`]), or on a [`RefreshNow`]. False
+/// on shutdown.
+async fn wait(
+    delay: Duration,
+    clock: &Clock,
+    tx: &watch::Sender<TokenState>,
+    metrics: &Metrics,
+    refresh: &RefreshNow,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mono_due = tokio::time::Instant::now() + delay;
+    let wall_due = clock.now() + delay;
+    // SIGHUP's request travels in the published state.
+    let requests = tx.borrow().refresh.clone();
+    loop {
+        let now = clock.now();
+        record_expiry(tx, metrics, now);
+        let mono_left = mono_due.saturating_duration_since(tokio::time::Instant::now());
+        let wall_left = wall_due.duration_since(now).unwrap_or_default();
+        if mono_left.is_zero() {
+            return true;
+        }
+        if wall_left.is_zero() {
+            if mono_left > WALL_CHECK {
+                warn!(
+                    monotonic_left_s = mono_left.as_secs(),
+                    "the wall clock passed the refresh time well before the monotonic clock (the machine was suspended, or the clock was set); refreshing now"
+                );
+            }
+            return true;
+        }
+        let step = mono_left.min(wall_left).min(WALL_CHECK);
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return false,
+            _ = refresh.0.notified() => {
+                info!("token refresh requested; fetching now");
+                return true;
+            }
+            _ = requests.requested() => {
+                info!(
+                    scheduled_in_s = mono_left.as_secs_f64(),
+                    "token refresh requested (SIGHUP): fetching a new token now"
+                );
+                return true;
+            }
+            _ = tokio::time::sleep(step) => {}
+        }
+    }
+}
+
+fn unix_f64(t: SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// One attempt in its own task under `timeout`, so a hang is cut off and a panic
@@ -405,6 +577,7 @@ impl<T> Future for AbortOnDrop<T> {
 fn credential(
     token: FetchedToken,
     username: Option<&str>,
+    now: SystemTime,
 ) -> Result<(Credential, Duration), FetchError> {
     let username = match username {
         Some(u) => u.to_string(),
@@ -420,10 +593,7 @@ fn credential(
             }
         },
     };
-    let lifetime = token
-        .expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let lifetime = token.expires_at.duration_since(now).unwrap_or_default();
     if lifetime.is_zero() {
         return Err(FetchError::Malformed(format!(
             "the token endpoint returned a token that expires at {}, which is not in the future (is this machine's clock right?)",
@@ -445,476 +615,4 @@ fn fmt_time(t: SystemTime) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-    use tokio::time::Instant;
-
-    const MIN: u64 = 60;
-    const HOUR: u64 = 3600;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
-
-    #[test]
-    fn schedule_for_typical_lifetimes() {
-        // (lifetime, refresh without jitter, refresh with the largest jitter)
-        let cases = [
-            (secs(10), 7.5, 6.5),
-            (secs(5 * MIN), 225.0, 195.0),
-            (secs(60 * MIN), 45.0 * 60.0, 40.0 * 60.0),
-            (secs(90 * MIN), 67.5 * 60.0, 62.5 * 60.0),
-            (secs(24 * HOUR), 12.0 * 3600.0, 12.0 * 3600.0 - 300.0),
-        ];
-        for (lifetime, latest, earliest) in cases {
-            let at0 = refresh_in(lifetime, 0.0).as_secs_f64();
-            let at1 = refresh_in(lifetime, 0.999_999).as_secs_f64();
-            assert!(
-                (at0 - latest).abs() < 1e-3,
-                "{lifetime:?}: {at0} != {latest}"
-            );
-            assert!(
-                (at1 - earliest).abs() < 1e-2,
-                "{lifetime:?}: {at1} != {earliest}"
-            );
-            for i in 0..100 {
-                let at = refresh_in(lifetime, i as f64 / 100.0);
-                assert!(at.as_secs_f64() <= latest + 1e-3 && at.as_secs_f64() >= earliest - 1e-2);
-                // Always comfortably before expiry: at least a quarter of the life left.
-                assert!(at <= lifetime.mul_f64(0.75), "{lifetime:?}: {at:?}");
-            }
-        }
-        // The 15-minute rule binds between 60 min and 2 h...
-        assert_eq!(refresh_in(secs(80 * MIN), 0.0), secs(60 * MIN));
-        // ...and the 50% rule from 2 h on.
-        assert_eq!(refresh_in(secs(2 * HOUR), 0.0), secs(HOUR));
-    }
-
-    #[test]
-    fn schedule_never_loops_on_tiny_or_expired_lifetimes() {
-        for l in [
-            Duration::ZERO,
-            Duration::from_millis(300),
-            Duration::from_millis(600),
-        ] {
-            assert_eq!(refresh_in(l, 0.5), MIN_REFRESH, "{l:?}");
-        }
-        assert!(refresh_in(secs(4), 0.0) >= secs(2));
-    }
-
-    #[test]
-    fn backoff_grows_caps_and_jitters_fully() {
-        let cap = secs(60);
-        let mut b = Backoff::new(BASE_BACKOFF, cap);
-        let ceilings: Vec<_> = (0..10)
-            .map(|_| {
-                let c = b.ceiling();
-                // rand = 1.0 takes the ceiling itself.
-                assert_eq!(b.next_delay(1.0), c);
-                c
-            })
-            .collect();
-        assert_eq!(
-            ceilings[..8],
-            [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000].map(Duration::from_millis)
-        );
-        assert_eq!(ceilings[9], cap);
-        // Full jitter: anywhere from (almost) zero to the ceiling.
-        let mut b = Backoff::new(BASE_BACKOFF, cap);
-        for _ in 0..6 {
-            b.next_delay(0.0);
-        }
-        let ceiling = b.ceiling();
-        assert_eq!(b.clone().next_delay(0.0), MIN_RETRY);
-        assert_eq!(b.clone().next_delay(0.5), ceiling / 2);
-        for _ in 0..1000 {
-            let d = b.clone().next_delay(fastrand::f64());
-            assert!(d >= MIN_RETRY && d <= ceiling, "{d:?}");
-        }
-        // Many failures never overflow.
-        for _ in 0..100 {
-            b.next_delay(1.0);
-        }
-        assert_eq!(b.ceiling(), cap);
-        b.reset();
-        assert_eq!(b.ceiling(), BASE_BACKOFF);
-    }
-
-    #[test]
-    fn retry_after_and_config_errors() {
-        let max = secs(60);
-        let mut b = Backoff::new(BASE_BACKOFF, max);
-        let throttled = FetchError::Throttled {
-            retry_after: Some(secs(7)),
-            detail: String::new(),
-        };
-        assert_eq!(retry_delay(&throttled, &mut b, max, 0.0), secs(7));
-        // A longer backoff wins over a short Retry-After.
-        let mut b2 = Backoff::new(secs(20), max);
-        let short = FetchError::Server {
-            status: 503,
-            retry_after: Some(secs(1)),
-            detail: String::new(),
-        };
-        assert_eq!(retry_delay(&short, &mut b2, max, 1.0), secs(20));
-        // An absurd Retry-After is capped.
-        let absurd = FetchError::Throttled {
-            retry_after: Some(secs(86_400)),
-            detail: String::new(),
-        };
-        assert_eq!(retry_delay(&absurd, &mut b, max, 0.0), MAX_RETRY_AFTER);
-        // Configuration errors wait max_backoff, every time.
-        let rejected = FetchError::Rejected {
-            status: 401,
-            detail: String::new(),
-        };
-        for _ in 0..3 {
-            assert_eq!(retry_delay(&rejected, &mut b, max, 0.0), max);
-        }
-        assert_eq!(rejected.reason(), "config");
-        assert_eq!(throttled.reason(), "throttled");
-        assert_eq!(short.reason(), "server_error");
-    }
-
-    // ---- the loop, with a scripted source and a paused clock ----
-
-    enum Step {
-        Token {
-            oid: Option<&'static str>,
-            lifetime: Duration,
-        },
-        Fail(FetchError),
-        Hang,
-        Panic,
-    }
-
-    struct Scripted {
-        steps: Mutex<VecDeque<Step>>,
-        calls: Mutex<Vec<Instant>>,
-        counter: Mutex<u64>,
-    }
-
-    impl Scripted {
-        fn new(steps: Vec<Step>) -> Arc<Self> {
-            Arc::new(Scripted {
-                steps: Mutex::new(steps.into()),
-                calls: Mutex::new(vec![]),
-                counter: Mutex::new(0),
-            })
-        }
-        fn calls(&self) -> Vec<Instant> {
-            self.calls.lock().unwrap().clone()
-        }
-    }
-
-    fn jwt(oid: Option<&str>, n: u64) -> String {
-        let payload = match oid {
-            Some(o) => format!(r#"{{"oid":"{o}","n":{n}}}"#),
-            None => format!(r#"{{"n":{n}}}"#),
-        };
-        format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(payload))
-    }
-
-    impl TokenSource for Scripted {
-        fn describe(&self) -> &str {
-            "scripted source"
-        }
-        fn fetch(&self) -> FetchFuture<'_> {
-            Box::pin(async move {
-                self.calls.lock().unwrap().push(Instant::now());
-                let step = self.steps.lock().unwrap().pop_front();
-                let n = {
-                    let mut c = self.counter.lock().unwrap();
-                    *c += 1;
-                    *c
-                };
-                match step {
-                    // When the script runs out, keep issuing hour-long tokens.
-                    None => Ok(FetchedToken {
-                        access_token: Secret::new(jwt(Some("oid-default"), n)),
-                        expires_at: SystemTime::now() + secs(HOUR),
-                    }),
-                    Some(Step::Token { oid, lifetime }) => Ok(FetchedToken {
-                        access_token: Secret::new(jwt(oid, n)),
-                        expires_at: SystemTime::now() + lifetime,
-                    }),
-                    Some(Step::Fail(e)) => Err(e),
-                    Some(Step::Hang) => {
-                        std::future::pending::<()>().await;
-                        unreachable!()
-                    }
-                    Some(Step::Panic) => panic!("scripted panic"),
-                }
-            })
-        }
-    }
-
-    struct Harness {
-        rx: watch::Receiver<TokenState>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-        task: tokio::task::JoinHandle<()>,
-        start: Instant,
-    }
-
-    fn start(source: Arc<Scripted>, username: Option<&str>) -> Harness {
-        let (tx, rx) = watch::channel(TokenState::default());
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = CancellationToken::new();
-        let cfg = RotatorConfig {
-            attempt_timeout: secs(10),
-            max_backoff: secs(60),
-            username: username.map(str::to_string),
-        };
-        let task = tokio::spawn(run(source, cfg, metrics.clone(), tx, shutdown.clone()));
-        Harness {
-            rx,
-            metrics,
-            shutdown,
-            task,
-            start: Instant::now(),
-        }
-    }
-
-    impl Harness {
-        /// Wait (in paused time) until `pred` holds, at most `limit`.
-        async fn until(
-            &mut self,
-            limit: Duration,
-            pred: impl Fn(&TokenState) -> bool,
-        ) -> TokenState {
-            tokio::time::timeout(limit, self.rx.wait_for(|s| pred(s)))
-                .await
-                .expect("condition not reached in time")
-                .expect("rotator dropped its sender")
-                .clone()
-        }
-        async fn stop(self) {
-            self.shutdown.cancel();
-            tokio::time::timeout(secs(1), self.task)
-                .await
-                .expect("rotator did not stop on shutdown")
-                .unwrap();
-        }
-    }
-
-    fn offsets(start: Instant, calls: &[Instant]) -> Vec<f64> {
-        calls.iter().map(|c| (*c - start).as_secs_f64()).collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refreshes_on_schedule() {
-        let src = Scripted::new(vec![
-            Step::Token {
-                oid: Some("gen1"),
-                lifetime: secs(60 * MIN),
-            },
-            Step::Token {
-                oid: Some("gen2"),
-                lifetime: secs(60 * MIN),
-            },
-        ]);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(1), |s| s.generation == 1).await;
-        assert_eq!(s.current.as_ref().unwrap().username, "gen1");
-        let s = h.until(secs(2 * HOUR), |s| s.generation == 2).await;
-        assert_eq!(s.current.as_ref().unwrap().username, "gen2");
-        let t = offsets(h.start, &src.calls());
-        assert!(t[1] >= 40.0 * 60.0 && t[1] <= 45.0 * 60.0 + 1.0, "{t:?}");
-        assert!(h
-            .metrics
-            .render()
-            .contains(r#"token_refreshes_total{outcome="ok",reason="ok"} 2"#));
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn honours_retry_after_and_keeps_the_last_good_token() {
-        let src = Scripted::new(vec![
-            Step::Token {
-                oid: Some("gen1"),
-                lifetime: secs(20),
-            },
-            Step::Fail(FetchError::Throttled {
-                retry_after: Some(secs(30)),
-                detail: "slow down".into(),
-            }),
-            Step::Token {
-                oid: Some("gen2"),
-                lifetime: secs(HOUR),
-            },
-        ]);
-        let mut h = start(src.clone(), None);
-        h.until(secs(1), |s| s.generation == 1).await;
-        let s = h.until(secs(60), |s| s.last_error.is_some()).await;
-        assert_eq!(s.generation, 1, "a failure must not bump the generation");
-        assert_eq!(s.current.as_ref().unwrap().username, "gen1");
-        let e = s.last_error.unwrap();
-        assert!(e.contains("429") && e.contains("retry after 30s"), "{e}");
-        let s = h.until(secs(120), |s| s.generation == 2).await;
-        assert!(s.last_error.is_none(), "success clears last_error");
-        let t = offsets(h.start, &src.calls());
-        // Offsets are f64 seconds: 44.556 - 14.556 may come out a hair under 30.
-        assert!(
-            t[2] - t[1] >= 30.0 - 1e-6,
-            "Retry-After not honoured: {t:?}"
-        );
-        assert!(t[2] - t[1] < 31.0, "{t:?}");
-        let m = h.metrics.render();
-        assert!(
-            m.contains(r#"token_refreshes_total{outcome="failed",reason="throttled"} 1"#),
-            "{m}"
-        );
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn transient_failures_back_off_then_recover() {
-        let mut steps: Vec<Step> = (0..6)
-            .map(|_| {
-                Step::Fail(FetchError::Server {
-                    status: 500,
-                    retry_after: None,
-                    detail: "boom".into(),
-                })
-            })
-            .collect();
-        steps.push(Step::Token {
-            oid: Some("ok"),
-            lifetime: secs(HOUR),
-        });
-        let src = Scripted::new(steps);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(600), |s| s.generation == 1).await;
-        assert_eq!(s.current.unwrap().username, "ok");
-        let t = offsets(h.start, &src.calls());
-        assert_eq!(t.len(), 7);
-        // Each wait within its full-jitter bound: 0.5, 1, 2, 4, 8, 16 s.
-        for (i, w) in t.windows(2).enumerate() {
-            let gap = w[1] - w[0];
-            let ceiling = 0.5 * 2f64.powi(i as i32);
-            assert!(
-                gap >= 0.1 - 1e-6 && gap <= ceiling + 1e-3,
-                "gap {i}: {gap} {t:?}"
-            );
-        }
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn config_errors_retry_slowly_forever() {
-        let steps = (0..4)
-            .map(|_| {
-                Step::Fail(FetchError::Rejected {
-                    status: 401,
-                    detail: "AADSTS700016: application not found".into(),
-                })
-            })
-            .collect();
-        let src = Scripted::new(steps);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(1), |s| s.last_error.is_some()).await;
-        assert!(s.current.is_none());
-        let e = s.last_error.unwrap();
-        assert!(e.contains("401") && e.contains("configuration"), "{e}");
-        h.until(secs(300), |s| s.generation == 1).await;
-        let t = offsets(h.start, &src.calls());
-        assert_eq!(t.len(), 5);
-        for w in t.windows(2) {
-            assert!((w[1] - w[0] - 60.0).abs() < 1e-3, "{t:?}");
-        }
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn hung_and_panicking_attempts_do_not_kill_the_loop() {
-        let src = Scripted::new(vec![
-            Step::Hang,
-            Step::Panic,
-            Step::Token {
-                oid: Some("alive"),
-                lifetime: secs(HOUR),
-            },
-        ]);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(15), |s| s.last_error.is_some()).await;
-        assert!(s.last_error.unwrap().contains("attempt_timeout"));
-        let s = h.until(secs(30), |s| s.generation == 1).await;
-        assert_eq!(s.current.unwrap().username, "alive");
-        let t = offsets(h.start, &src.calls());
-        assert!((t[1] - t[0]) >= 10.0, "timeout of 10 s applied: {t:?}");
-        let m = h.metrics.render();
-        assert!(m.contains(r#"reason="timeout"} 1"#), "{m}");
-        assert!(m.contains(r#"reason="internal"} 1"#), "{m}");
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn token_without_oid_is_refused_unless_username_is_set() {
-        let src = Scripted::new(vec![
-            Step::Token {
-                oid: None,
-                lifetime: secs(HOUR),
-            },
-            Step::Token {
-                oid: Some("gen"),
-                lifetime: secs(HOUR),
-            },
-        ]);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(1), |s| s.last_error.is_some()).await;
-        assert!(s.current.is_none(), "a token without oid is not published");
-        assert!(s.last_error.unwrap().contains("auth.username"));
-        h.until(secs(120), |s| s.generation == 1).await;
-        h.stop().await;
-
-        let src = Scripted::new(vec![Step::Token {
-            oid: None,
-            lifetime: secs(HOUR),
-        }]);
-        let mut h = start(src, Some("override"));
-        let s = h.until(secs(1), |s| s.generation == 1).await;
-        let cred = s.current.unwrap();
-        assert_eq!(cred.username, "override");
-        assert!(
-            !format!("{cred:?}").contains("e30."),
-            "Debug shows no token"
-        );
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn already_expired_token_is_an_error_not_a_hot_loop() {
-        let src = Scripted::new(vec![
-            Step::Token {
-                oid: Some("x"),
-                lifetime: Duration::ZERO,
-            },
-            Step::Token {
-                oid: Some("x"),
-                lifetime: Duration::ZERO,
-            },
-        ]);
-        let mut h = start(src.clone(), None);
-        let s = h.until(secs(1), |s| s.last_error.is_some()).await;
-        assert!(s.last_error.unwrap().contains("clock"));
-        h.until(secs(10), |s| s.generation == 1).await;
-        let t = offsets(h.start, &src.calls());
-        assert_eq!(t.len(), 3, "{t:?}");
-        assert!(t[1] - t[0] >= MIN_RETRY.as_secs_f64() - 1e-6);
-        h.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_ends_a_pending_attempt() {
-        let src = Scripted::new(vec![Step::Hang]);
-        let h = start(src.clone(), None);
-        tokio::time::sleep(secs(1)).await;
-        assert_eq!(src.calls().len(), 1);
-        h.stop().await;
-    }
-}
+mod tests;

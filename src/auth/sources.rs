@@ -1,211 +1,40 @@
-//! The Entra token sources the rotator ([`super::rotator`]) calls: one request (or
-//! one `az` run) per [`TokenSource::fetch`], no cache, no retry, so that each
-//! refresh gets a genuinely new token and the rotator alone decides timing.
-//! [`super::entra`] picks and configures one of them from `[auth.entra]`.
+//! The hand-written Entra token sources: the managed-identity platforms that
+//! `azure_identity` 1.0 cannot serve ([`super::azure`] has the rest). One request
+//! per [`TokenSource::fetch`], no cache, no retry; the rotator decides timing.
+//! [`super::entra`] picks one from `[auth.entra]` and the environment.
 //!
-//! Each source maps the endpoint's answer to a [`FetchError`] the rotator can act
-//! on: 429 -> throttled (with `Retry-After`), 404/410/5xx -> transient server
-//! error, 400/401/403 -> configuration error. Bodies of error answers are quoted,
-//! shortened, in `last_error`; bodies of success answers never are (they hold the
-//! token).
+//! - [`AppServiceSource`]: App Service / Functions / Container Apps with a
+//!   user-assigned identity named by resource id (the crate refuses it: it sends
+//!   the id in the wrong query parameter, azure-sdk-for-rust issue 2407).
+//! - [`ArcSource`]: Azure Arc-enabled servers (`IDENTITY_ENDPOINT` + `IMDS_ENDPOINT`;
+//!   the crate's 1.0 has no Arc credential): a 401 challenge names a key file the
+//!   agent wrote, whose content authenticates the second request.
+//! - [`CloudShellSource`]: Azure Cloud Shell (`MSI_ENDPOINT` without `MSI_SECRET`;
+//!   not in the crate).
+//!
+//! Each maps the endpoint's answer to a [`FetchError`] the rotator acts on (see
+//! [`super::http::classify`]). Bodies of error answers are quoted, shortened, in
+//! `last_error`; bodies of success answers never are (they hold the token).
 
-use super::entra::EntraEnv;
+use super::azure::{describe_id, ManagedIdentityId};
+use super::http::{exchange, send};
 use super::jwt;
 use super::rotator::{FetchError, FetchFuture, FetchedToken, TokenSource};
-use super::AuthError;
-use crate::config::describe_key;
 use crate::secret::Secret;
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Client, Url};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// IMDS API version (the one that takes `client_id`, `object_id`, `msi_res_id`).
-pub const IMDS_API_VERSION: &str = "2018-02-01";
 /// App Service / Functions / Container Apps identity API version.
 pub const APP_SERVICE_API_VERSION: &str = "2019-08-01";
-/// The largest token response body read; a token response is a few KB.
-const MAX_BODY: usize = 1 << 20;
-/// How much of an error body goes into `last_error`.
-const MAX_DETAIL: usize = 300;
-
-/// An HTTP client for token endpoints: rustls with the ring provider, the system
-/// roots plus `ca_file`, no redirects (a redirected POST could carry a secret
-/// elsewhere), and `proxy` (or none: the process proxy variables are not read
-/// behind our back).
-pub fn http_client(
-    ca_file: Option<&Path>,
-    proxy: Option<reqwest::Proxy>,
-    connect_timeout: Duration,
-) -> Result<Client, AuthError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        let key = describe_key("auth.entra.ca_file");
-        let pem = std::fs::read(path)
-            .map_err(|e| AuthError::Config(format!("cannot read {key} {}: {e}", path.display())))?;
-        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| AuthError::Config(format!("{key} {} is not PEM: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(AuthError::Config(format!(
-                "{key} {} holds no certificate",
-                path.display()
-            )));
-        }
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(AuthError::Config(format!(
-                "{key} {}: no usable certificate",
-                path.display()
-            )));
-        }
-    }
-    if roots.is_empty() {
-        tracing::warn!(
-            "no trusted root certificates found for the token endpoint (set auth.entra.ca_file)"
-        );
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AuthError::Config(format!("TLS setup for the token endpoint: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut builder = Client::builder()
-        .use_preconfigured_tls(tls)
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout)
-        .user_agent(concat!("redis-entra-proxy/", env!("CARGO_PKG_VERSION")));
-    if let Some(p) = proxy {
-        builder = builder.proxy(p);
-    }
-    builder.build().map_err(|e| {
-        AuthError::Config(format!("HTTP client for the token endpoint: {}", chain(&e)))
-    })
-}
-
-/// The proxy for the Entra endpoint from `HTTPS_PROXY` / `NO_PROXY` (either case)
-/// in `env`; none for a loopback endpoint.
-pub fn proxy_from_env(env: &EntraEnv, target: &Url) -> Result<Option<reqwest::Proxy>, AuthError> {
-    let loopback = matches!(target.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
-    let Some(url) = env.get("HTTPS_PROXY").or_else(|| env.get("https_proxy")) else {
-        return Ok(None);
-    };
-    if loopback {
-        return Ok(None);
-    }
-    let proxy = reqwest::Proxy::https(url)
-        .map_err(|e| AuthError::Config(format!("HTTPS_PROXY is not a proxy URL: {e}")))?;
-    let no_proxy = env
-        .get("NO_PROXY")
-        .or_else(|| env.get("no_proxy"))
-        .and_then(reqwest::NoProxy::from_string);
-    Ok(Some(proxy.no_proxy(no_proxy)))
-}
-
-/// Which user-assigned managed identity to ask for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ManagedIdentityId {
-    /// `auth.entra.client_id`.
-    ClientId(String),
-    /// `auth.entra.object_id`.
-    ObjectId(String),
-    /// `auth.entra.resource_id` (ARM resource id of the identity).
-    ResourceId(String),
-}
-
-impl ManagedIdentityId {
-    /// The id itself.
-    pub fn value(&self) -> &str {
-        match self {
-            ManagedIdentityId::ClientId(v)
-            | ManagedIdentityId::ObjectId(v)
-            | ManagedIdentityId::ResourceId(v) => v,
-        }
-    }
-
-    fn imds_param(&self) -> &'static str {
-        match self {
-            ManagedIdentityId::ClientId(_) => "client_id",
-            ManagedIdentityId::ObjectId(_) => "object_id",
-            ManagedIdentityId::ResourceId(_) => "msi_res_id",
-        }
-    }
-
-    fn app_service_param(&self) -> &'static str {
-        match self {
-            ManagedIdentityId::ClientId(_) => "client_id",
-            ManagedIdentityId::ObjectId(_) => "principal_id",
-            ManagedIdentityId::ResourceId(_) => "mi_res_id",
-        }
-    }
-}
-
-fn describe_id(id: &Option<ManagedIdentityId>) -> String {
-    match id {
-        None => "system-assigned".into(),
-        Some(id) => format!("user-assigned {}={}", id.imds_param(), id.value()),
-    }
-}
-
-/// Managed identity through the Azure Instance Metadata Service (VMs, VM scale
-/// sets, AKS node identity): `GET {endpoint}?api-version=2018-02-01&resource=...`
-/// with `Metadata: true`.
-pub struct ImdsSource {
-    client: Client,
-    url: Url,
-    describe: String,
-}
-
-impl ImdsSource {
-    /// A source asking `endpoint` for a token for `resource`.
-    pub fn new(
-        client: Client,
-        endpoint: Url,
-        resource: String,
-        id: Option<ManagedIdentityId>,
-    ) -> Self {
-        let describe = format!("managed identity ({}, IMDS {endpoint})", describe_id(&id));
-        let mut url = endpoint;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("api-version", IMDS_API_VERSION);
-            q.append_pair("resource", &resource);
-            if let Some(id) = &id {
-                q.append_pair(id.imds_param(), id.value());
-            }
-        }
-        ImdsSource {
-            client,
-            url,
-            describe,
-        }
-    }
-}
-
-impl TokenSource for ImdsSource {
-    fn describe(&self) -> &str {
-        &self.describe
-    }
-
-    fn fetch(&self) -> FetchFuture<'_> {
-        Box::pin(async move {
-            let started = SystemTime::now();
-            let req = self
-                .client
-                .get(self.url.clone())
-                .header("Metadata", "true")
-                .header(ACCEPT, "application/json");
-            let body = send(req).await?;
-            parse_token(&body, started)
-        })
-    }
-}
+/// Azure Arc's identity API version.
+pub const ARC_API_VERSION: &str = "2020-06-01";
+/// Where the Arc agent writes its challenge keys on Linux.
+pub const ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
+/// The largest Arc key file read (the agent's are a few dozen bytes).
+const ARC_MAX_KEY: u64 = 4096;
 
 /// Managed identity on App Service, Functions and Container Apps:
 /// `GET $IDENTITY_ENDPOINT?api-version=2019-08-01&resource=...` with
@@ -227,7 +56,7 @@ impl AppServiceSource {
         id: Option<ManagedIdentityId>,
     ) -> Self {
         let describe = format!(
-            "managed identity ({}, App Service IDENTITY_ENDPOINT {endpoint})",
+            "managed identity ({}, App Service IDENTITY_ENDPOINT {endpoint}, hand-written: the crate refuses resource ids here)",
             describe_id(&id)
         );
         let mut url = endpoint;
@@ -236,7 +65,12 @@ impl AppServiceSource {
             q.append_pair("api-version", APP_SERVICE_API_VERSION);
             q.append_pair("resource", &resource);
             if let Some(id) = &id {
-                q.append_pair(id.app_service_param(), id.value());
+                let param = match id {
+                    ManagedIdentityId::ClientId(_) => "client_id",
+                    ManagedIdentityId::ObjectId(_) => "principal_id",
+                    ManagedIdentityId::ResourceId(_) => "mi_res_id",
+                };
+                q.append_pair(param, id.value());
             }
         }
         AppServiceSource {
@@ -271,69 +105,92 @@ impl TokenSource for AppServiceSource {
     }
 }
 
-/// How an app proves itself to the Entra token endpoint.
-#[derive(Debug, Clone)]
-pub enum ClientCredential {
-    /// Workload identity: the Kubernetes-issued token in this file, re-read for
-    /// every exchange (kubelet rotates it), sent as `client_assertion`.
-    FederatedTokenFile(PathBuf),
-    /// A client secret (from the environment).
-    Secret(Secret),
-    /// A client secret in this file, re-read for every exchange (a rotated mounted
-    /// secret is picked up).
-    SecretFile(PathBuf),
-}
-
-/// The Entra v2 client-credentials grant: `POST {authority}/{tenant}/oauth2/v2.0/token`
-/// with a client secret or a federated assertion. Used by `workload-identity` and
-/// `client-secret`.
-pub struct EntraTokenSource {
+/// Managed identity on an Azure Arc-enabled server: `GET $IDENTITY_ENDPOINT?
+/// api-version=2020-06-01&resource=...` with `Metadata: true` is answered 401 with
+/// `WWW-Authenticate: Basic realm=<key file>`; the same request again with
+/// `Authorization: Basic <key file content>` gets the token. The key file must be
+/// a `.key` file directly in the agent's key directory, at most 4 KB: the path
+/// comes from the network, and the proxy must not send other files' content.
+pub struct ArcSource {
     client: Client,
     url: Url,
-    client_id: String,
-    scope: String,
-    credential: ClientCredential,
+    key_dir: PathBuf,
     describe: String,
 }
 
-impl EntraTokenSource {
-    /// A source for `client_id` in `tenant` asking `url` (the full token URL).
-    pub fn new(
-        kind: &'static str,
-        client: Client,
-        url: Url,
-        tenant: String,
-        client_id: String,
-        scope: String,
-        credential: ClientCredential,
-    ) -> Self {
-        let describe = format!("{kind} (tenant {tenant}, client {client_id}, {url})");
-        EntraTokenSource {
+impl ArcSource {
+    /// A source asking `endpoint` (from `IDENTITY_ENDPOINT`), trusting key files in
+    /// `key_dir` only.
+    pub fn new(client: Client, endpoint: Url, resource: String, key_dir: PathBuf) -> Self {
+        let describe = format!(
+            "managed identity (system-assigned, Azure Arc IDENTITY_ENDPOINT {endpoint}, hand-written: not in azure_identity 1.0)"
+        );
+        let mut url = endpoint;
+        url.query_pairs_mut()
+            .append_pair("api-version", ARC_API_VERSION)
+            .append_pair("resource", &resource);
+        ArcSource {
             client,
             url,
-            client_id,
-            scope,
-            credential,
+            key_dir,
             describe,
         }
     }
+
+    fn request(&self) -> reqwest::RequestBuilder {
+        self.client
+            .get(self.url.clone())
+            .header("Metadata", "true")
+            .header(ACCEPT, "application/json")
+    }
 }
 
-async fn read_file_secret(path: &Path, what: &str) -> Result<Secret, FetchError> {
-    let text = tokio::fs::read_to_string(path)
+/// The key file a challenge names, checked: inside `dir`, ending `.key`, small.
+pub async fn arc_key(dir: &Path, challenge: &str) -> Result<Secret, FetchError> {
+    let bad = |why: &str| {
+        FetchError::Config(format!(
+            "Azure Arc challenge refused: {why} (expected a .key file in {})",
+            dir.display()
+        ))
+    };
+    let (scheme, rest) = challenge.trim().split_once(' ').unwrap_or(("", ""));
+    let path = rest.trim().strip_prefix("realm=").map(str::trim);
+    let Some(path) = path.filter(|_| scheme.eq_ignore_ascii_case("basic")) else {
+        return Err(bad(
+            "the WWW-Authenticate header is not `Basic realm=<file>`",
+        ));
+    };
+    let path = Path::new(path.trim_matches('"'));
+    let real = tokio::fs::canonicalize(path)
         .await
-        .map_err(|e| FetchError::Config(format!("cannot read {what} {}: {e}", path.display())))?;
-    let value = text.trim();
-    if value.is_empty() {
-        return Err(FetchError::Config(format!(
-            "{what} {} is empty",
-            path.display()
+        .map_err(|e| bad(&format!("cannot resolve {}: {e}", path.display())))?;
+    let dir_real = tokio::fs::canonicalize(dir)
+        .await
+        .map_err(|e| bad(&format!("cannot resolve the key directory: {e}")))?;
+    if real.parent() != Some(dir_real.as_path())
+        || real.extension().and_then(|e| e.to_str()) != Some("key")
+    {
+        return Err(bad(&format!("{} is not one", real.display())));
+    }
+    let meta = tokio::fs::metadata(&real)
+        .await
+        .map_err(|e| bad(&format!("{}: {e}", real.display())))?;
+    if !meta.is_file() || meta.len() > ARC_MAX_KEY {
+        return Err(bad(&format!(
+            "{} is not a file of at most {ARC_MAX_KEY} bytes",
+            real.display()
         )));
     }
-    Ok(Secret::new(value))
+    let key = tokio::fs::read_to_string(&real).await.map_err(|e| {
+        FetchError::Config(format!(
+            "cannot read the Azure Arc key {} (the proxy must run as a member of the himds group): {e}",
+            real.display()
+        ))
+    })?;
+    Ok(Secret::new(key.trim()))
 }
 
-impl TokenSource for EntraTokenSource {
+impl TokenSource for ArcSource {
     fn describe(&self) -> &str {
         &self.describe
     }
@@ -341,220 +198,80 @@ impl TokenSource for EntraTokenSource {
     fn fetch(&self) -> FetchFuture<'_> {
         Box::pin(async move {
             let started = SystemTime::now();
-            // Read files first: the form serializer cannot be held across an await.
-            let (secret_field, secret) = match &self.credential {
-                ClientCredential::FederatedTokenFile(path) => (
-                    "client_assertion",
-                    read_file_secret(
-                        path,
-                        "the federated token file (auth.entra.federated_token_file / AZURE_FEDERATED_TOKEN_FILE)",
-                    )
-                    .await?,
-                ),
-                ClientCredential::Secret(secret) => ("client_secret", secret.clone()),
-                ClientCredential::SecretFile(path) => (
-                    "client_secret",
-                    read_file_secret(path, "auth.entra.client_secret_file").await?,
-                ),
+            let first = exchange(self.request()).await?;
+            let answer = if first.status == 401 {
+                let challenge =
+                    first
+                        .headers
+                        .get("www-authenticate")
+                        .ok_or_else(|| FetchError::Rejected {
+                            status: 401,
+                            detail: "Azure Arc answered 401 without a WWW-Authenticate challenge"
+                                .into(),
+                        })?;
+                let key = arc_key(&self.key_dir, challenge).await?;
+                let mut value =
+                    HeaderValue::from_str(&format!("Basic {}", key.expose())).map_err(|_| {
+                        FetchError::Config("the Azure Arc key is not a valid header value".into())
+                    })?;
+                value.set_sensitive(true);
+                exchange(self.request().header(AUTHORIZATION, value)).await?
+            } else {
+                first
             };
-            let body = zeroize::Zeroizing::new({
-                let mut form = form_urlencoded::Serializer::new(String::new());
-                form.append_pair("grant_type", "client_credentials")
-                    .append_pair("client_id", &self.client_id)
-                    .append_pair("scope", &self.scope);
-                if secret_field == "client_assertion" {
-                    form.append_pair(
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    );
-                }
-                form.append_pair(secret_field, secret.expose());
-                form.finish()
-            });
-            let req = self
-                .client
-                .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .header(ACCEPT, "application/json")
-                .body(body.as_bytes().to_vec());
-            let body = send(req).await?;
-            parse_token(&body, started)
+            if !(200..300).contains(&answer.status) {
+                return Err(answer.error());
+            }
+            parse_token(&answer.body, started)
         })
     }
 }
 
-/// The Azure CLI (developer machines): `az account get-access-token --resource R
-/// --output json`, run with the [`EntraEnv`] as its whole environment. Killed if the
-/// attempt times out.
-pub struct AzureCliSource {
-    program: PathBuf,
+/// Managed identity in Azure Cloud Shell: `POST $MSI_ENDPOINT` with `Metadata:
+/// true` and the form `resource=...`. System identity of the signed-in user only.
+pub struct CloudShellSource {
+    client: Client,
+    url: Url,
     resource: String,
-    tenant: Option<String>,
-    env: EntraEnv,
     describe: String,
 }
 
-impl AzureCliSource {
-    /// A source running `program` (the resolved `az`).
-    pub fn new(program: PathBuf, resource: String, tenant: Option<String>, env: EntraEnv) -> Self {
+impl CloudShellSource {
+    /// A source asking `endpoint` (from `MSI_ENDPOINT`).
+    pub fn new(client: Client, endpoint: Url, resource: String) -> Self {
         let describe = format!(
-            "azure-cli ({} account get-access-token{})",
-            program.display(),
-            tenant
-                .as_deref()
-                .map(|t| format!(" --tenant {t}"))
-                .unwrap_or_default()
+            "managed identity (Cloud Shell MSI_ENDPOINT {endpoint}, hand-written: not in azure_identity 1.0)"
         );
-        AzureCliSource {
-            program,
+        CloudShellSource {
+            client,
+            url: endpoint,
             resource,
-            tenant,
-            env,
             describe,
         }
     }
 }
 
-impl TokenSource for AzureCliSource {
+impl TokenSource for CloudShellSource {
     fn describe(&self) -> &str {
         &self.describe
     }
 
     fn fetch(&self) -> FetchFuture<'_> {
         Box::pin(async move {
-            let mut cmd = tokio::process::Command::new(&self.program);
-            cmd.args([
-                "account",
-                "get-access-token",
-                "--resource",
-                &self.resource,
-                "--output",
-                "json",
-            ]);
-            if let Some(t) = &self.tenant {
-                cmd.args(["--tenant", t]);
-            }
-            cmd.env_clear()
-                .envs(self.env.iter())
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true);
-            let out = cmd.output().await.map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    FetchError::Config(format!("cannot run {}: not found", self.program.display()))
-                }
-                _ => FetchError::Network(format!("cannot run {}: {e}", self.program.display())),
-            })?;
-            if !out.status.success() {
-                let stderr = shorten(&String::from_utf8_lossy(&out.stderr));
-                let msg = format!("az exited with {}: {stderr}", out.status);
-                // Not logged in, wrong tenant, consent missing: a person must act.
-                let needs_login = ["az login", "AADSTS", "Please run"]
-                    .iter()
-                    .any(|m| stderr.contains(m));
-                return Err(if needs_login {
-                    FetchError::Config(msg)
-                } else {
-                    FetchError::Network(msg)
-                });
-            }
-            // `expiresOn` is local time without a zone: use `expires_on`, else `exp`.
-            parse_token(&out.stdout, SystemTime::now())
+            let started = SystemTime::now();
+            let body = form_urlencoded::Serializer::new(String::new())
+                .append_pair("resource", &self.resource)
+                .finish();
+            let req = self
+                .client
+                .post(self.url.clone())
+                .header("Metadata", "true")
+                .header(ACCEPT, "application/json")
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body);
+            let body = send(req).await?;
+            parse_token(&body, started)
         })
-    }
-}
-
-/// Send a request; the body of a success answer, or the error it maps to.
-async fn send(req: reqwest::RequestBuilder) -> Result<Vec<u8>, FetchError> {
-    let mut resp = req
-        .send()
-        .await
-        .map_err(|e| FetchError::Network(chain(&e)))?;
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| FetchError::Network(chain(&e)))?
-    {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(FetchError::Malformed(format!(
-                "the token endpoint answered HTTP {} with a body over {MAX_BODY} bytes",
-                status.as_u16()
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    if status.is_success() {
-        return Ok(body);
-    }
-    Err(classify(status.as_u16(), retry_after, error_detail(&body)))
-}
-
-/// Map an error status to what the rotator does about it.
-pub fn classify(status: u16, retry_after: Option<Duration>, detail: String) -> FetchError {
-    match status {
-        429 => FetchError::Throttled {
-            retry_after,
-            detail,
-        },
-        // 404: IMDS before the identity is assigned; 410: IMDS during an upgrade
-        // (documented as lasting up to 70 s); 408 and 5xx: the server's trouble.
-        404 | 408 | 410 => FetchError::Server {
-            status,
-            retry_after,
-            detail,
-        },
-        400..=499 => FetchError::Rejected { status, detail },
-        _ => FetchError::Server {
-            status,
-            retry_after,
-            detail,
-        },
-    }
-}
-
-/// The useful part of an error body: Entra's `error`/`error_description`, App
-/// Service's `message`, or the text itself, shortened.
-fn error_detail(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let parts: Vec<String> = [
-            field("error"),
-            field("error_description"),
-            field("message").or_else(|| field("Message")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if !parts.is_empty() {
-            return shorten(&parts.join(": "));
-        }
-    }
-    let text = String::from_utf8_lossy(body);
-    if text.trim().is_empty() {
-        "(empty body)".into()
-    } else {
-        shorten(&text)
-    }
-}
-
-fn shorten(s: &str) -> String {
-    let flat: String = s
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() <= MAX_DETAIL {
-        flat
-    } else {
-        let cut: String = flat.chars().take(MAX_DETAIL).collect();
-        format!("{cut}...")
     }
 }
 
@@ -599,18 +316,6 @@ pub fn parse_token(body: &[u8], started: SystemTime) -> Result<FetchedToken, Fet
         access_token: Secret::new(token),
         expires_at,
     })
-}
-
-/// An error and its causes, one line (reqwest puts the useful part in sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
@@ -669,43 +374,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn statuses_map_to_actions() {
-        let d = || String::from("x");
-        assert_eq!(
-            classify(429, Some(Duration::from_secs(3)), d()).reason(),
-            "throttled"
-        );
-        assert_eq!(
-            classify(429, Some(Duration::from_secs(3)), d()).retry_after(),
-            Some(Duration::from_secs(3))
-        );
-        for s in [404, 408, 410, 500, 502, 503, 504] {
-            let e = classify(s, None, d());
-            assert_eq!(e.reason(), "server_error", "{s}");
-            assert!(!e.is_config());
+    #[tokio::test]
+    async fn arc_key_files_outside_the_agent_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("tokens");
+        std::fs::create_dir(&keys).unwrap();
+        std::fs::write(keys.join("a.key"), "k3y\n").unwrap();
+        std::fs::write(keys.join("a.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("b.key"), "x").unwrap();
+        std::fs::write(keys.join("big.key"), "x".repeat(5000)).unwrap();
+        let realm = |p: &Path| format!("Basic realm={}", p.display());
+        let k = arc_key(&keys, &realm(&keys.join("a.key"))).await.unwrap();
+        assert_eq!(k.expose(), "k3y");
+        for bad in [
+            realm(&keys.join("a.txt")),
+            realm(&dir.path().join("b.key")),
+            realm(&keys.join("../b.key")),
+            realm(&keys.join("big.key")),
+            realm(&keys.join("missing.key")),
+            format!("Bearer realm={}", keys.join("a.key").display()),
+            "Basic".to_string(),
+        ] {
+            let e = arc_key(&keys, &bad).await.unwrap_err();
+            assert!(e.is_config(), "{bad}: {e}");
+            assert!(!e.to_string().contains("k3y"), "{e}");
         }
-        for s in [400, 401, 403, 405] {
-            let e = classify(s, None, d());
-            assert!(e.is_config(), "{s}");
-            assert_eq!(e.reason(), "config");
-        }
-    }
-
-    #[test]
-    fn error_details_are_short_and_useful() {
-        let d = error_detail(
-            br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
-        );
-        assert_eq!(
-            d,
-            "invalid_client: AADSTS7000215: Invalid client secret provided."
-        );
-        let d = error_detail(br#"{"statusCode":400,"message":"No managed identity found"}"#);
-        assert_eq!(d, "No managed identity found");
-        let long = "x".repeat(5000);
-        assert!(error_detail(long.as_bytes()).len() < MAX_DETAIL + 10);
-        assert_eq!(error_detail(b""), "(empty body)");
-        assert_eq!(error_detail(b"a\r\nb"), "a  b");
     }
 }

@@ -253,6 +253,21 @@ impl Client {
                 }
             };
             self.owed.pop_front();
+            if self.out.queued_bytes() > self.max_out {
+                // Replies it does not read pass `limits.max_buffered_bytes`
+                // (a pipelined batch answers many at once): cut it off, as
+                // Redis's client-output-buffer-limit does, rather than hold
+                // them all. One reply may be larger than the limit on its own.
+                warn!(
+                    limit = self.max_out,
+                    queued_bytes = self.out.queued_bytes(),
+                    "closing a client that does not read its replies (limits.max_buffered_bytes)"
+                );
+                self.metrics.error(ErrorKind::Limit);
+                self.killed = true;
+                self.gone = true;
+                return false;
+            }
             self.metrics.bytes_out.inc_by(bytes.len() as u64);
             self.out.push(bytes);
         }

@@ -23,6 +23,11 @@
 //! and within their budgets, are in [`super::replies`].
 
 use super::replies::{connection_ended, Client, HubFeed, Out, COPY_BELOW};
+
+/// Commands of one read sent upstream as one batch at most: their replies
+/// are handed back together, so this bounds what one piece can hold (with
+/// `limits.max_buffered_bytes`, checked between pieces).
+const MAX_BATCH: usize = 32;
 use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
@@ -353,6 +358,12 @@ where
             if batchable {
                 batch_len += cmd.len;
                 batch_count += 1;
+                if batch_count >= MAX_BATCH {
+                    // Its replies come back as one piece: a bounded one.
+                    session
+                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                        .await;
+                }
                 continue;
             }
             session

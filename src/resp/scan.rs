@@ -275,7 +275,16 @@ impl CommandScanner {
         too_big: &'static str,
     ) -> Result<Option<(i64, usize)>, LineError> {
         let window = &buf[from.min(buf.len())..];
-        let Some(cr) = memchr(b'\r', window) else {
+        // A length line is a few bytes: a plain loop over the first 33 costs
+        // less than memchr's set-up, and this runs for every argument; longer
+        // lines (never a valid length) are searched only up to Redis's limit.
+        let near = window.iter().take(33).position(|&b| b == b'\r');
+        let cr = near.or_else(|| {
+            (window.len() > 33)
+                .then(|| memchr(b'\r', &window[..window.len().min(MAX_HEADER_LINE + 1)]))
+                .flatten()
+        });
+        let Some(cr) = cr else {
             if window.len() > MAX_HEADER_LINE {
                 return Err(LineError::Scan(ScanError::Protocol(too_big)));
             }
@@ -321,6 +330,17 @@ impl CommandScanner {
             nl
         };
         let line = &buf[..line_end];
+        // An HTTP request (a browser page can send one to 127.0.0.1): Redis
+        // closes a connection whose command is POST or Host: so that nothing
+        // after it runs; so does the proxy (this error closes the client).
+        let first = line.split(|&b| is_blank(b)).find(|w| !w.is_empty());
+        if first
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"post") || w.eq_ignore_ascii_case(b"host:"))
+        {
+            return Err(ScanError::Protocol(
+                "POST or Host: (an HTTP request?) is not a Redis command; connection closed",
+            ));
+        }
         // Quoted words are unescaped by [`inline_args`]: their positions in
         // the line are not their bytes, so none are kept (the session turns
         // every inline command into a RESP array with `inline_args`).
@@ -445,8 +465,11 @@ pub fn inline_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ScanError> {
                     _ => word.push(c),
                 }
             } else {
+                // A NUL byte is part of its word (as in split_inline): Redis
+                // reads inline lines as C strings, and breaking here without
+                // moving on looped for ever pushing empty words.
                 match c {
-                    c if is_blank(c) || c == 0 => break,
+                    c if is_blank(c) => break,
                     b'"' => dq = true,
                     b'\'' => sq = true,
                     _ => word.push(c),
@@ -748,6 +771,59 @@ mod tests {
     }
 
     #[test]
+    fn length_lines_up_to_32_bytes() {
+        let ok = format!("*1\r\n${}4\r\nPING\r\n", "0".repeat(18));
+        let mut s = CommandScanner::new(limits());
+        assert_eq!(s.scan(ok.as_bytes()).unwrap().unwrap().len, ok.len());
+        // A CR in the first 33 bytes is found by the short loop, later ones
+        // by memchr up to Redis's 64 KB: too many digits either way is Redis's
+        // "invalid bulk length"; no CR yet, under 64 KB: wait for more.
+        let cases = [
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(32)),
+                Err("invalid bulk length"),
+            ),
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(33)),
+                Err("invalid bulk length"),
+            ),
+            (
+                format!("*1\r\n${}\r\n", "0".repeat(1000)),
+                Err("invalid bulk length"),
+            ),
+            (format!("*1\r\n${}", "1".repeat(33)), Ok(())),
+            (format!("*1\r\n${}", "1".repeat(32)), Ok(())),
+            (
+                format!("*1\r\n${}", "1".repeat(70_000)),
+                Err("too big bulk count string"),
+            ),
+        ];
+        for (input, want) in cases {
+            let mut s = CommandScanner::new(limits());
+            let got = s.scan(input.as_bytes());
+            match want {
+                Ok(()) => assert_eq!(got, Ok(None), "{input:?}"),
+                Err(e) => assert_eq!(got, Err(ScanError::Protocol(e)), "{input:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reply_lines_longer_than_32_bytes() {
+        let line = format!("+{}\r\n", "a".repeat(100));
+        let reply = format!("*2\r\n{line}-ERR {}\r\n", "e".repeat(40));
+        for cut in 0..reply.len() {
+            let mut s = ReplyScanner::new();
+            assert_eq!(s.scan(&reply.as_bytes()[..cut]), Ok(None), "cut at {cut}");
+            let r = s.scan(reply.as_bytes()).unwrap().unwrap();
+            assert_eq!(r.len, reply.len());
+        }
+        let mut s = ReplyScanner::new();
+        let bad = format!("+{}\n", "a".repeat(40));
+        assert!(s.scan(bad.as_bytes()).is_err());
+    }
+
+    #[test]
     fn deep_nesting_in_client_input_is_refused_without_recursion() {
         // `*1\r\n` repeated: a recursive decoder would descend once per level.
         let input = b"*1\r\n".repeat(100_000);
@@ -894,6 +970,7 @@ mod tests {
         );
         assert_eq!(words(br#"x"y z""#), [&b"xy z"[..]]);
         assert_eq!(words(b""), Vec::<Vec<u8>>::new());
+        assert_eq!(words(b"\0 a\0b"), [&b"\0"[..], b"a\0b"]);
         assert_eq!(words(br#""""#), [&b""[..]]);
         for bad in [&br#""abc"#[..], br#"'abc"#, br#""a"b"#, br#"'a'b"#] {
             assert!(

@@ -15,7 +15,7 @@
 //! and never inside MULTI) and consumes the reply; a failed re-AUTH retires the
 //! connection. Idle connections send PING so Azure does not close them.
 
-use super::tls::Authed;
+use super::tls::{Authed, Stream};
 use super::UpstreamError;
 use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
@@ -113,6 +113,33 @@ pub async fn run(
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<(), UpstreamError> {
+    run_reusable(conn, rx, opts, push, pending, expiry_out)
+        .await
+        .map(|_| ())
+}
+
+/// A connection its owner let go of with nothing in flight: the stream and
+/// the credential it holds now, for the pool to reset and reuse.
+pub struct Released<S = Stream> {
+    pub stream: S,
+    pub leftover: BytesMut,
+    pub generation: u64,
+    pub expires_at: Option<SystemTime>,
+}
+
+/// [`run`], handing the connection back when its owner let go of it while it
+/// owed nothing (no request in flight or unwritten, no partial reply read):
+/// only then is its state known well enough to `RESET` and reuse it. A
+/// connection released while a reply was still owed (a client gone in the
+/// middle of a blocking command) is closed as before.
+pub async fn run_reusable(
+    conn: Authed,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+) -> Result<Option<Released>, UpstreamError> {
     let Authed {
         stream,
         generation,
@@ -140,7 +167,7 @@ pub struct Link<S> {
     pub leftover: BytesMut,
 }
 
-/// [`run`] over any stream.
+/// [`run_reusable`] over any stream.
 pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     link: Link<S>,
     rx: &mut mpsc::Receiver<Request>,
@@ -148,7 +175,7 @@ pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
-) -> Result<(), UpstreamError> {
+) -> Result<Option<Released<S>>, UpstreamError> {
     let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out));
     catch_panic(task).await.unwrap_or_else(|msg| {
         tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
@@ -180,7 +207,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
-) -> Result<(), UpstreamError> {
+) -> Result<Option<Released<S>>, UpstreamError> {
     let Link {
         stream,
         generation,
@@ -205,6 +232,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         rx,
         rx_open: true,
         released_at: None,
+        released_idle: false,
         push,
         opts,
         expiry_out,
@@ -275,7 +303,18 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
     };
     c.finish(&result);
     *pending = std::mem::take(&mut c.staged);
-    result
+    result?;
+    let reusable = c.released_idle
+        && c.inflight.is_empty()
+        && c.out.is_idle()
+        && c.got_len == 0
+        && !c.auth_inflight;
+    Ok(reusable.then(|| Released {
+        stream: c.stream,
+        leftover: c.rbuf,
+        generation: c.generation,
+        expires_at: c.expires_at,
+    }))
 }
 
 /// The waker the credential watch is polled with: wakes the connection's
@@ -316,6 +355,8 @@ struct Conn<'a, S> {
     /// False once the owner let go: finish the replies owed, then end.
     rx_open: bool,
     released_at: Option<Instant>,
+    /// The owner let go while nothing was owed or waiting to be written.
+    released_idle: bool,
     push: Option<PushSink>,
     opts: &'a ConnOpts,
     expiry_out: Option<&'a AtomicU64>,
@@ -381,6 +422,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                         Poll::Ready(None) => {
                             self.rx_open = false;
                             self.released_at = Some(Instant::now());
+                            self.released_idle = self.inflight.is_empty()
+                                && self.staged.is_empty()
+                                && self.got_len == 0;
                             break;
                         }
                         Poll::Pending => break,

@@ -7,11 +7,13 @@
 //! - Pinned: a client that creates connection state gets a connection of its
 //!   own, taken from `upstream.warm_pinned` connections opened and authenticated
 //!   ahead of time (dialled on demand when none is warm), at most
-//!   `upstream.max_pinned` at once. A pinned connection is closed when its
-//!   client lets go, and the warm set is topped up in the background.
+//!   `upstream.max_pinned` at once. A pinned connection its client lets go of
+//!   with nothing in flight is reset (`RESET`, then `HELLO ... AUTH`) and
+//!   kept warm for the next client; one released in the middle of a reply is
+//!   closed. The warm set is topped up in the background.
 
 use super::conn::{self, ConnOpts, Handle, PushSink, Request};
-use super::tls::{Authed, Connector};
+use super::tls::{self, Authed, Connector};
 use super::UpstreamError;
 use crate::admin::Health;
 use crate::config::Config;
@@ -28,9 +30,17 @@ use tracing::warn;
 /// Warm connections older than this are closed rather than handed out: Azure
 /// closes connections idle for 10 minutes.
 const WARM_MAX_AGE: Duration = Duration::from_secs(240);
+/// How long a client that needs a pinned connection waits for one being
+/// reset (see [`Pool::park`]) before dialling a new one.
+const PARK_WAIT: Duration = Duration::from_millis(20);
 
 struct Warm {
     conns: Mutex<Vec<(Instant, Authed)>>,
+    /// Released pinned connections being reset now: about to be warm, so the
+    /// top-up does not dial for them.
+    parking: AtomicUsize,
+    /// Signalled when a reset connection joins `conns`.
+    parked: Notify,
     wanted: Notify,
     started: OnceLock<()>,
 }
@@ -77,6 +87,8 @@ impl Pool {
         };
         let warm = || Warm {
             conns: Mutex::new(Vec::new()),
+            parking: AtomicUsize::new(0),
+            parked: Notify::new(),
             wanted: Notify::new(),
             started: OnceLock::new(),
         };
@@ -176,7 +188,22 @@ impl Pool {
         }
         self.start_warm(proto);
         let mut warm = None;
-        while let Some(c) = self.take_warm(proto) {
+        let w = &self.warm[idx(proto)];
+        let wait_until = Instant::now() + PARK_WAIT;
+        loop {
+            // Registered before looking, so a connection parked in between
+            // is not missed.
+            let parked = w.parked.notified();
+            let Some(c) = self.take_warm(proto) else {
+                // None warm, but one is being reset: it is a round trip
+                // away, much closer than a new TCP connection, TLS handshake
+                // and AUTH (and dialling for it would leave one too many).
+                if w.parking.load(Ordering::Acquire) > 0 && Instant::now() < wait_until {
+                    let _ = tokio::time::timeout_at(wait_until, parked).await;
+                    continue;
+                }
+                break;
+            };
             // An idle connection may have been closed by the server (restart,
             // failover) without our noticing: take only one that is still open.
             if still_open(&c).await {
@@ -203,14 +230,15 @@ impl Pool {
         let lost_out = lost.clone();
         let abort = CancellationToken::new();
         let aborted = abort.clone();
+        let pool = Arc::downgrade(self);
+        let hello = conn.hello.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            let _up = health.healthy_upstream();
+            let up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
             gauge.inc();
             let mut pending = std::collections::VecDeque::new();
             let res = tokio::select! {
-                r = conn::run(
+                r = conn::run_reusable(
                     conn,
                     &mut rx,
                     &opts,
@@ -219,25 +247,39 @@ impl Pool {
                     Some(&expiry_out),
                 ) => r,
                 // Dropping the connection closes it: the server forgets the
-                // client's blocked wait.
-                _ = aborted.cancelled() => Ok(()),
+                // blocked wait of a client that left. Not reused.
+                _ = aborted.cancelled() => Ok(None),
             };
-            if let Err(e) = res {
-                warn!(error = %e, "pinned upstream connection ended");
-                // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
-                // connection: fail what is left rather than run it elsewhere.
-                rx.close();
-                for r in pending.drain(..) {
-                    if let Some(tx) = r.reply {
-                        let _ = tx.send(Err(e.clone()));
+            drop(guard);
+            drop(up);
+            match res {
+                Ok(Some(released)) => {
+                    gauge.dec();
+                    // Released clean: reset it for the next client instead
+                    // of paying a TLS handshake and AUTH for a new one.
+                    if let Some(pool) = pool.upgrade() {
+                        pool.park(proto, released, hello).await;
                     }
+                    return;
                 }
-                while let Ok(r) = rx.try_recv() {
-                    if let Some(tx) = r.reply {
-                        let _ = tx.send(Err(e.clone()));
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "pinned upstream connection ended");
+                    // State (MULTI, WATCH, SELECT, subscriptions) is gone with the
+                    // connection: fail what is left rather than run it elsewhere.
+                    rx.close();
+                    for r in pending.drain(..) {
+                        if let Some(tx) = r.reply {
+                            let _ = tx.send(Err(e.clone()));
+                        }
                     }
+                    while let Ok(r) = rx.try_recv() {
+                        if let Some(tx) = r.reply {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                    lost_out.cancel();
                 }
-                lost_out.cancel();
             }
             gauge.dec();
         });
@@ -248,6 +290,67 @@ impl Pool {
             abort,
             upstream_id,
         })
+    }
+
+    /// Reset a pinned connection its client let go of and keep it warm for
+    /// the next one. `RESET` clears what the client left (MULTI, WATCH,
+    /// SELECT, tracking, reply mode, MONITOR) and also logs the connection
+    /// out and back to RESP2, so `HELLO <proto> AUTH` with the current
+    /// credential follows in the same write: one round trip instead of a TCP
+    /// connect, a TLS handshake and the AUTH. Kept while fewer connections
+    /// are warm than twice `upstream.warm_pinned` plus the clients pinned now:
+    /// the top-up has already replaced the warm connection this client took,
+    /// so without the surplus a client that pins again and again would make
+    /// the pool dial for each time; with it, a burst of transactions reuses
+    /// its connections, and what is left over ages out with
+    /// [`WARM_MAX_AGE`]. Closed when anything looks wrong.
+    async fn park(
+        &self,
+        proto: Proto,
+        released: conn::Released,
+        hello: Arc<Vec<(String, resp::Value)>>,
+    ) {
+        let w = &self.warm[idx(proto)];
+        let room = |p: &Pool| {
+            w.conns.lock().expect("not poisoned").len() < 2 * p.warm_pinned + p.pinned_count()
+        };
+        if self.warm_pinned == 0 || self.shutdown.is_cancelled() || !room(self) {
+            return;
+        }
+        let (cred, generation) = {
+            let state = self.opts.tokens.borrow();
+            match state.usable(std::time::SystemTime::now()) {
+                Some(c) => (c.clone(), state.generation),
+                None => return,
+            }
+        };
+        let limit = self.opts.reply_timeout.min(Duration::from_secs(5));
+        let reset = reset_conn(released, proto, &cred);
+        w.parking.fetch_add(1, Ordering::AcqRel);
+        let reset = tokio::time::timeout(limit, reset).await;
+        w.parking.fetch_sub(1, Ordering::AcqRel);
+        match reset {
+            Ok(Ok((stream, leftover))) if room(self) => {
+                w.conns.lock().expect("not poisoned").push((
+                    Instant::now(),
+                    Authed {
+                        stream,
+                        proto,
+                        generation,
+                        expires_at: cred.expires_at,
+                        leftover,
+                        hello,
+                    },
+                ));
+                w.parked.notify_one();
+                tracing::debug!(?proto, "pinned connection reset and kept warm");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(reason)) => {
+                tracing::debug!(%reason, "pinned connection not reusable; closed")
+            }
+            Err(_) => tracing::debug!("pinned connection reset timed out; closed"),
+        }
     }
 
     fn take_warm(&self, proto: Proto) -> Option<Authed> {
@@ -289,7 +392,7 @@ impl Pool {
                 let have = {
                     let mut conns = w.conns.lock().expect("not poisoned");
                     conns.retain(|(at, c)| p.warm_usable(*at, c));
-                    conns.len()
+                    conns.len() + w.parking.load(Ordering::Acquire)
                 };
                 if have < p.warm_pinned {
                     match p.connector.connect(proto).await {
@@ -352,6 +455,62 @@ impl Pool {
             _ => fields,
         }
     }
+}
+
+/// `RESET` then `HELLO <proto> AUTH <user> <password>` in one write; waits for
+/// `+RESET` (skipping what a MONITOR or tracking client had coming: monitor
+/// lines, push frames, at most a few thousand of them) and the HELLO reply.
+async fn reset_conn(
+    released: conn::Released,
+    proto: Proto,
+    cred: &crate::auth::Credential,
+) -> Result<(tls::Stream, bytes::BytesMut), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let conn::Released {
+        mut stream,
+        leftover: mut buf,
+        ..
+    } = released;
+    let version: &[u8] = match proto {
+        Proto::Resp2 => b"2",
+        Proto::Resp3 => b"3",
+    };
+    let mut cmd = resp::command(&[b"RESET"]).to_vec();
+    cmd.extend_from_slice(&resp::command(&[
+        b"HELLO",
+        version,
+        b"AUTH",
+        cred.username.as_bytes(),
+        cred.password.expose().as_bytes(),
+    ]));
+    stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+    let mut scanner = crate::resp::scan::ReplyScanner::new();
+    let mut reset_seen = false;
+    for _ in 0..4096 {
+        match scanner.scan(&buf).map_err(|e| e.to_string())? {
+            Some(r) => {
+                let frame = buf.split_to(r.len);
+                if r.push {
+                    continue;
+                }
+                if !reset_seen {
+                    reset_seen = &frame[..] == b"+RESET\r\n";
+                    continue;
+                }
+                return match resp::error_text(&frame) {
+                    Some(e) => Err(format!("HELLO after RESET: {e}")),
+                    None => Ok((stream, buf)),
+                };
+            }
+            None => {
+                buf.reserve(4096);
+                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                    return Err("server closed the connection".into());
+                }
+            }
+        }
+    }
+    Err("too many frames before the RESET reply".into())
 }
 
 /// Whether the server has not closed this idle connection: a peek that finds

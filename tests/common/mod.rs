@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod cluster_load;
 pub mod proxy;
 pub mod redis;
 pub mod tls;

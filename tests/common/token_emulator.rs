@@ -1,11 +1,18 @@
-//! A token-endpoint emulator for the tests: the three HTTP shapes Azure hands out
-//! Entra tokens through, on loopback only, minting unsigned JWT-shaped tokens.
+//! A token-endpoint emulator for the tests: the HTTP shapes Azure hands out Entra
+//! tokens through (IMDS, App Service, Arc, Cloud Shell, Entra v2), on loopback
+//! only, minting unsigned JWT-shaped tokens.
 //!
 //! - IMDS: `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=R`
 //!   with `Metadata: true` ([`TokenEmulator::imds_endpoint`]).
 //! - App Service / Functions / Container Apps: `GET /msi/token?api-version=2019-08-01&resource=R`
 //!   with `X-IDENTITY-HEADER` ([`TokenEmulator::identity_endpoint`]), `expires_on`
 //!   a string of Unix seconds.
+//! - Azure Arc: `GET /arc/token?api-version=2020-06-01&resource=R` with
+//!   `Metadata: true`, answered 401 with `WWW-Authenticate: Basic realm=<file>` (a
+//!   key written to [`TokenEmulator::arc_key_dir`]), then a token for the request
+//!   that carries `Authorization: Basic <key>` ([`TokenEmulator::arc_endpoint`]).
+//! - Cloud Shell: `POST /cloudshell/token` with `Metadata: true` and the form
+//!   `resource=R` ([`TokenEmulator::cloud_shell_endpoint`]).
 //! - Entra v2: `POST /{tenant}/oauth2/v2.0/token`, form body with `client_id`,
 //!   `scope`, `grant_type=client_credentials` and either `client_secret` or
 //!   `client_assertion` (+ `client_assertion_type`), checked against the
@@ -13,6 +20,12 @@
 //!
 //! Every endpoint is served over plain http and over https with a CA generated at
 //! start ([`TokenEmulator::ca_file`], for `auth.entra.ca_file`).
+//!
+//! [`EmulatorConfig::cache_for`] makes the managed-identity endpoints hand back the
+//! token they issued last while it is younger than that, as IMDS and App Service
+//! do. [`EmulatorConfig::client_public_key`] makes the Entra endpoint check that a
+//! client assertion is an RS256 JWT signed by that key, for this tenant's token
+//! URL and client. `az` and `azd` stand-ins for `PATH`: [`fake_cli`].
 //!
 //! Tokens: `header.payload.sig`, base64url, payload with `oid`, `tid`, `aud`, `iat`,
 //! `nbf`, `exp`. Each token is a new generation 1, 2, 3, ... with its own
@@ -55,6 +68,10 @@ use super::tls::TestCa;
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
 /// Path of the App Service identity endpoint.
 pub const APP_SERVICE_PATH: &str = "/msi/token";
+/// Path of the Azure Arc identity endpoint.
+pub const ARC_PATH: &str = "/arc/token";
+/// Path of the Cloud Shell identity endpoint.
+pub const CLOUD_SHELL_PATH: &str = "/cloudshell/token";
 /// `client_assertion_type` of a federated (workload identity) assertion.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -75,6 +92,12 @@ pub struct EmulatorConfig {
     pub identity_header: String,
     /// If set, the only `client_assertion` accepted; otherwise any non-empty one.
     pub expected_assertion: Option<String>,
+    /// If set, a `client_assertion` must be an RS256 JWT signed by this RSA public
+    /// key (PKCS#1 DER), with `aud` this token URL and `iss` = `sub` = the client.
+    pub client_public_key: Option<Vec<u8>>,
+    /// If set, the managed-identity endpoints hand back their last token while it
+    /// is younger than this.
+    pub cache_for: Option<Duration>,
 }
 
 impl Default for EmulatorConfig {
@@ -87,6 +110,8 @@ impl Default for EmulatorConfig {
             client_secret: "emu-client-secret".into(),
             identity_header: "emu-identity-header".into(),
             expected_assertion: None,
+            client_public_key: None,
+            cache_for: None,
         }
     }
 }
@@ -96,6 +121,8 @@ impl Default for EmulatorConfig {
 pub enum Endpoint {
     Imds,
     AppService,
+    Arc,
+    CloudShell,
     Entra,
     /// Anything else (answered 404).
     Unknown,
@@ -229,6 +256,11 @@ struct State {
     issued_tx: watch::Sender<u64>,
     /// Number of requests answered (or dropped), for waiters.
     requests_tx: watch::Sender<usize>,
+    /// Where Arc challenge keys are written, and the last one.
+    arc_keys: PathBuf,
+    arc_key: Mutex<Option<String>>,
+    /// The https port (the Entra token URL an assertion must name).
+    https_port: Mutex<u16>,
 }
 
 /// The running emulator. Stops serving when dropped.
@@ -238,6 +270,7 @@ pub struct TokenEmulator {
     ca: PathBuf,
     state: Arc<State>,
     tasks: Vec<JoinHandle<()>>,
+    arc_keys: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -257,6 +290,8 @@ impl TokenEmulator {
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let https_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
+        let arc_keys = dir.path().join("arc-tokens");
+        std::fs::create_dir(&arc_keys).expect("arc key dir");
         let state = Arc::new(State {
             cfg: Mutex::new(cfg),
             faults: Mutex::new(VecDeque::new()),
@@ -265,9 +300,13 @@ impl TokenEmulator {
             hook: Mutex::new(None),
             issued_tx: watch::channel(0).0,
             requests_tx: watch::channel(0).0,
+            arc_keys: arc_keys.clone(),
+            arc_key: Mutex::new(None),
+            https_port: Mutex::new(0),
         });
         let http = http_listener.local_addr().unwrap();
         let https = https_listener.local_addr().unwrap();
+        *state.https_port.lock().unwrap() = https.port();
         let s1 = state.clone();
         let t1 = tokio::spawn(async move {
             loop {
@@ -299,6 +338,7 @@ impl TokenEmulator {
             ca: ca.ca_pem,
             state,
             tasks: vec![t1, t2],
+            arc_keys,
             _dir: dir,
         }
     }
@@ -316,6 +356,28 @@ impl TokenEmulator {
     /// The App Service endpoint over plain http (for `IDENTITY_ENDPOINT`).
     pub fn identity_endpoint(&self) -> String {
         format!("http://{}{APP_SERVICE_PATH}", self.http)
+    }
+
+    /// The Azure Arc endpoint over plain http (for `IDENTITY_ENDPOINT`, with
+    /// `IMDS_ENDPOINT` set).
+    pub fn arc_endpoint(&self) -> String {
+        format!("http://{}{ARC_PATH}", self.http)
+    }
+
+    /// The directory the Arc challenge keys are written to (for
+    /// `auth.entra.arc_key_directory`).
+    pub fn arc_key_dir(&self) -> &Path {
+        &self.arc_keys
+    }
+
+    /// The Cloud Shell endpoint over plain http (for `MSI_ENDPOINT`).
+    pub fn cloud_shell_endpoint(&self) -> String {
+        format!("http://{}{CLOUD_SHELL_PATH}", self.http)
+    }
+
+    /// Make the managed-identity endpoints cache (see [`EmulatorConfig::cache_for`]).
+    pub fn set_cache_for(&self, d: Option<Duration>) {
+        self.state.cfg.lock().unwrap().cache_for = d;
     }
 
     /// The `IDENTITY_HEADER` value the App Service endpoint accepts.
@@ -486,6 +548,7 @@ struct Answer {
     status: u16,
     retry_after: Option<u64>,
     body: String,
+    headers: Vec<(String, String)>,
 }
 
 fn answer(status: u16, body: impl Into<String>) -> Answer {
@@ -493,6 +556,7 @@ fn answer(status: u16, body: impl Into<String>) -> Answer {
         status,
         retry_after: None,
         body: body.into(),
+        headers: Vec::new(),
     }
 }
 
@@ -521,6 +585,9 @@ async fn write_answer<S: AsyncWrite + Unpin>(stream: &mut S, a: &Answer) {
     if let Some(s) = a.retry_after {
         head.push_str(&format!("Retry-After: {s}\r\n"));
     }
+    for (k, v) in &a.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
     head.push_str("\r\n");
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(a.body.as_bytes()).await;
@@ -533,6 +600,10 @@ fn endpoint_of(req: &Request) -> Endpoint {
         Endpoint::Imds
     } else if req.path == APP_SERVICE_PATH {
         Endpoint::AppService
+    } else if req.path == ARC_PATH {
+        Endpoint::Arc
+    } else if req.path == CLOUD_SHELL_PATH {
+        Endpoint::CloudShell
     } else if req.path.ends_with("/oauth2/v2.0/token") {
         // Any tenant reaches the Entra handler, which refuses a wrong one.
         Endpoint::Entra
@@ -543,9 +614,65 @@ fn endpoint_of(req: &Request) -> Endpoint {
 
 /// Check a request against the endpoint's contract: `Err` is the refusal a real
 /// endpoint would give; `Ok` the resource/scope to put in the token's `aud`.
-fn validate(ep: Endpoint, req: &Request, cfg: &EmulatorConfig) -> Result<String, Answer> {
+fn validate(
+    ep: Endpoint,
+    req: &Request,
+    cfg: &EmulatorConfig,
+    state: &State,
+) -> Result<String, Answer> {
     let q = |k: &str| req.query.get(k).map(String::as_str);
     match ep {
+        Endpoint::Arc => {
+            if req.headers.get("metadata").map(String::as_str) != Some("true")
+                || q("api-version") != Some("2020-06-01")
+            {
+                return Err(answer(
+                    400,
+                    r#"{"error":"invalid_request","error_description":"metadata header and api-version 2020-06-01 required"}"#,
+                ));
+            }
+            let expected = state.arc_key.lock().unwrap().clone();
+            let given = req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.strip_prefix("Basic "));
+            match (expected, given) {
+                (Some(k), Some(g)) if k == g => {}
+                _ => {
+                    // A new challenge: a fresh key in the agent's directory.
+                    let key = format!("{:032x}", fastrand::u128(..));
+                    let path = state.arc_keys.join(format!("{}.key", fastrand::u64(..)));
+                    std::fs::write(&path, &key).expect("write arc key");
+                    *state.arc_key.lock().unwrap() = Some(key);
+                    let mut a = answer(401, r#"{"error":"unauthorized"}"#);
+                    a.headers.push((
+                        "WWW-Authenticate".into(),
+                        format!("Basic realm={}", path.display()),
+                    ));
+                    return Err(a);
+                }
+            }
+            q("resource")
+                .map(str::to_string)
+                .ok_or_else(|| answer(400, r#"{"error":"invalid_request"}"#))
+        }
+        Endpoint::CloudShell => {
+            if req.method != "POST"
+                || req.headers.get("metadata").map(String::as_str) != Some("true")
+            {
+                return Err(answer(
+                    400,
+                    r#"{"error":"invalid_request","error_description":"POST with metadata header required"}"#,
+                ));
+            }
+            let form = parse_pairs(&req.body);
+            form.get("resource").cloned().ok_or_else(|| {
+                answer(
+                    400,
+                    r#"{"error":"invalid_request","error_description":"resource is required"}"#,
+                )
+            })
+        }
         Endpoint::Imds => {
             if req.method != "GET" {
                 return Err(answer(405, r#"{"error":"method_not_allowed"}"#));
@@ -556,7 +683,8 @@ fn validate(ep: Endpoint, req: &Request, cfg: &EmulatorConfig) -> Result<String,
                     r#"{"error":"invalid_request","error_description":"Required metadata header not specified"}"#,
                 ));
             }
-            if q("api-version") != Some("2018-02-01") {
+            // 2018-02-01 by hand, 2019-08-01 from azure_identity.
+            if !matches!(q("api-version"), Some("2018-02-01" | "2019-08-01")) {
                 return Err(answer(
                     400,
                     r#"{"error":"invalid_request","error_description":"Missing or unsupported api-version"}"#,
@@ -631,6 +759,11 @@ fn validate(ep: Endpoint, req: &Request, cfg: &EmulatorConfig) -> Result<String,
                 ));
             };
             let secret_ok = f("client_secret") == Some(cfg.client_secret.as_str());
+            let token_url = format!(
+                "https://127.0.0.1:{}/{}/oauth2/v2.0/token",
+                state.https_port.lock().unwrap(),
+                cfg.tenant
+            );
             let assertion_ok = f("client_assertion_type") == Some(JWT_BEARER)
                 && f("client_assertion").is_some_and(|a| {
                     !a.is_empty()
@@ -638,6 +771,9 @@ fn validate(ep: Endpoint, req: &Request, cfg: &EmulatorConfig) -> Result<String,
                             .expected_assertion
                             .as_deref()
                             .is_none_or(|expected| a == expected)
+                        && cfg.client_public_key.as_deref().is_none_or(|key| {
+                            assertion_signed_by(a, key, &token_url, &cfg.client_id)
+                        })
                 });
             if !(secret_ok || assertion_ok) {
                 return Err(answer(
@@ -724,6 +860,14 @@ fn token_body(ep: Endpoint, t: &Issued, aud: &str, client_id: &str) -> String {
             "resource": aud,
             "token_type": "Bearer",
         }),
+        Endpoint::Arc | Endpoint::CloudShell => serde_json::json!({
+            "access_token": t.token,
+            "expires_in": lifetime.to_string(),
+            "expires_on": exp.to_string(),
+            "not_before": iat.to_string(),
+            "resource": aud,
+            "token_type": "Bearer",
+        }),
         Endpoint::AppService => serde_json::json!({
             "access_token": t.token,
             "expires_on": exp.to_string(),
@@ -802,6 +946,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     status,
                     retry_after,
                     body,
+                    headers: Vec::new(),
                 },
             )
             .await;
@@ -817,13 +962,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         // Slow, and the client stayed: answer normally.
         Some(Fault::Slow(_)) | None => {}
     }
-    let aud = match validate(ep, req, cfg) {
+    let aud = match validate(ep, req, cfg, state) {
         Ok(aud) => aud,
         Err(a) => {
             write_answer(stream, &a).await;
             return a.status;
         }
     };
+    if let Some(cached) = cached(state, ep, cfg) {
+        let body = token_body(ep, &cached, &aud, &cfg.client_id);
+        write_answer(stream, &answer(200, body)).await;
+        return 200;
+    }
     let issued = mint(state, ep, &aud, with_oid);
     let hook = state.hook.lock().unwrap().clone();
     if let Some(hook) = hook {
@@ -833,4 +983,90 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let body = token_body(ep, &issued, &aud, &cfg.client_id);
     write_answer(stream, &answer(200, body)).await;
     200
+}
+
+/// The token a caching managed-identity endpoint hands back, if any.
+fn cached(state: &State, ep: Endpoint, cfg: &EmulatorConfig) -> Option<Issued> {
+    let keep = cfg.cache_for?;
+    if !matches!(
+        ep,
+        Endpoint::Imds | Endpoint::AppService | Endpoint::Arc | Endpoint::CloudShell
+    ) {
+        return None;
+    }
+    let issued = state.issued.lock().unwrap();
+    let last = issued.iter().rev().find(|t| t.endpoint == ep)?;
+    (SystemTime::now() < last.issued_at + keep).then(|| last.clone())
+}
+
+/// Whether `assertion` is an RS256 JWT signed by `key` (PKCS#1 RSA public key DER)
+/// for `aud` from `client`, and not expired.
+fn assertion_signed_by(assertion: &str, key: &[u8], aud: &str, client: &str) -> bool {
+    let mut parts = assertion.split('.');
+    let (Some(h), Some(p), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Ok(sig) = URL_SAFE_NO_PAD.decode(sig) else {
+        return false;
+    };
+    let key =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key);
+    if key.verify(format!("{h}.{p}").as_bytes(), &sig).is_err() {
+        return false;
+    }
+    let header: serde_json::Value = match URL_SAFE_NO_PAD
+        .decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(v) => v,
+        None => return false,
+    };
+    let claims: serde_json::Value = match URL_SAFE_NO_PAD
+        .decode(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(v) => v,
+        None => return false,
+    };
+    let now = unix(SystemTime::now());
+    header["alg"] == "RS256"
+        && header["x5t"].is_string()
+        && claims["aud"] == aud
+        && claims["iss"] == client
+        && claims["sub"] == client
+        && claims["exp"].as_u64().is_some_and(|e| e > now)
+        && claims["jti"].as_str().is_some_and(|j| !j.is_empty())
+}
+
+/// Write an executable stand-in for `az` or `azd` (`name`) into `dir`: it appends its
+/// arguments and `HOME` to `{name}-args.log` there and prints `stdout` (exit 0) or
+/// `stderr` (exit `exit`).
+pub fn fake_cli(dir: &Path, name: &str, stdout: &str, stderr: &str, exit: i32) {
+    use std::os::unix::fs::PermissionsExt;
+    let log = dir.join(format!("{name}-args.log"));
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> '{}'\necho \"HOME=$HOME\" >> '{}'\ncat <<'EOF'\n{stdout}\nEOF\ncat >&2 <<'EOF'\n{stderr}\nEOF\nexit {exit}\n",
+        log.display(),
+        log.display()
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `az account get-access-token -o json` output for `token` expiring at `exp`.
+pub fn az_output(token: &str, exp: u64) -> String {
+    format!(
+        r#"{{"accessToken":"{token}","expiresOn":"2000-01-01 00:00:00.000000","expires_on":{exp},"subscription":"s","tenant":"t","tokenType":"Bearer"}}"#
+    )
+}
+
+/// `azd auth token -o json` output for `token` expiring at `exp`.
+pub fn azd_output(token: &str, exp: u64) -> String {
+    let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(exp));
+    format!(r#"{{"token":"{token}","expiresOn":"{at}"}}"#)
 }

@@ -19,6 +19,7 @@ fn state(generation: u64, password: &str) -> TokenState {
         })),
         generation,
         last_error: None,
+        ..TokenState::default()
     }
 }
 
@@ -105,6 +106,7 @@ fn start(reply_timeout: Duration, keepalive: Duration) -> Harness {
             None,
         )
         .await
+        .map(|_| ())
     });
     Harness {
         server: Server {

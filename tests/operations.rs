@@ -1,0 +1,421 @@
+//! What the environment around a sidecar can do to the proxy, on the real binary:
+//! a log pipe whose reader is gone, signals (SIGHUP, SIGTERM), systemd's
+//! readiness socket, both loopbacks. Each test starts its own proxy (and token
+//! emulator) on free loopback ports and stops them.
+
+mod common;
+
+use common::proxy::http;
+use common::redis::free_port;
+use common::token_emulator::{EmulatorConfig, TokenEmulator};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The proxy binary with `env` (nothing else from this process's environment),
+/// its stderr given by the caller.
+fn spawn(env: &[(String, String)], stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start redis-entra-proxy")
+}
+
+/// Settings for a proxy that takes Entra tokens from `emu` (IMDS shape) and whose
+/// upstream does not answer (nothing listens on its port): enough to exercise the
+/// rotator, the admin server and signals without Redis.
+fn entra_env(emu: &TokenEmulator, listen: u16, admin: u16) -> Vec<(String, String)> {
+    [
+        (
+            "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
+            format!("127.0.0.1:{listen}"),
+        ),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "127.0.0.1".into()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", free_port().to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "1s".into()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+        ("REDIS_ENTRA_PROXY_AUTH__ENTRA__MAX_BACKOFF", "1s".into()),
+        ("REDIS_ENTRA_PROXY_ADMIN__ENABLED", "true".into()),
+        (
+            "REDIS_ENTRA_PROXY_ADMIN__ADDRESS",
+            format!("127.0.0.1:{admin}"),
+        ),
+        ("REDIS_ENTRA_PROXY_LOG__LEVEL", "debug".into()),
+        ("REDIS_ENTRA_PROXY_SHUTDOWN__GRACE", "2s".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn wait_listening(child: &mut Child, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("proxy exited with {status} before listening");
+        }
+        assert!(Instant::now() < deadline, "proxy did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Wait up to `limit` for the child to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Kills the child when a test fails half-way.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A log shipper that died (`| logger` gone, a crashed sidecar): stderr is a pipe
+/// whose reader is closed, so every log line fails with EPIPE. The proxy must keep
+/// refreshing tokens, answering probes, and stop cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_never_stops_the_proxy() {
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (listen, admin) = (free_port(), free_port());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut proxy = Reaper(spawn(&entra_env(&emu, listen, admin), writer.into()));
+    wait_listening(&mut proxy.0, listen);
+    // Tokens of 2 s are refreshed about every 1.5 s: a rotator that logs each one
+    // (and each upstream reconnect fails, and logs) keeps going.
+    emu.wait_requests(5, Duration::from_secs(30)).await;
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    let status = status.expect("SIGTERM ends the proxy within 15 s");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// SIGHUP (systemd's `ExecReload`, an operator who replaced a secret file): the
+/// proxy stays up, says so, and fetches a new token at once, well before its
+/// schedule (tokens here live an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refreshes_the_token_and_never_exits() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("proxy.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut proxy = Reaper(spawn(&entra_env(&emu, listen, admin), file.into()));
+    wait_listening(&mut proxy.0, listen);
+    emu.wait_issued(1, Duration::from_secs(20)).await;
+    for n in 2..=3 {
+        signal(&proxy.0, "-HUP");
+        emu.wait_issued(n, Duration::from_secs(20)).await;
+    }
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the proxy"
+    );
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGHUP: re-reading the secret files")
+            && text.contains("token refresh requested (SIGHUP)"),
+        "{text}"
+    );
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
+}
+
+/// systemd `Type=notify`: the proxy says READY=1 on `$NOTIFY_SOCKET` once its
+/// listener is up, and STOPPING=1 when it starts draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut env = entra_env(&emu, listen, admin);
+    env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    let proxy = Reaper(spawn(&env, Stdio::null()));
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a datagram within 20 s");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok(),
+        "ready means listening"
+    );
+    signal(&proxy.0, "-TERM");
+    let n = socket.recv(&mut buf).expect("a second datagram");
+    let second = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(second.lines().any(|l| l == "STOPPING=1"), "{second:?}");
+}
+
+/// Clients that resolve `localhost` to ::1 first (Node.js 17+) find the proxy
+/// there too with the default listen.address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_listener_answers_on_both_loopbacks() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.retain(|(k, _)| k != "REDIS_ENTRA_PROXY_LISTEN__ADDRESS");
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__ADDRESS".into(),
+        format!("localhost:{listen}"),
+    ));
+    let mut proxy = Reaper(spawn(&env, Stdio::null()));
+    wait_listening(&mut proxy.0, listen);
+    for addr in [format!("127.0.0.1:{listen}"), format!("[::1]:{listen}")] {
+        let reply = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr)
+                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            reply.starts_with('-') || reply.starts_with('+'),
+            "{reply:?}"
+        );
+    }
+}
+
+/// An upstream outage: every connection retries with backoff and warns each time.
+/// With `log.max_per_minute = 3` the log gets three such lines a minute, however
+/// many attempts there are; with the limit off (0) the same outage writes more,
+/// which shows the attempts happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_warnings_in_an_outage_are_rate_limited() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for limit in ["3", "0"] {
+        let (listen, admin) = (free_port(), free_port());
+        let mut env = entra_env(&emu, listen, admin);
+        env.push(("REDIS_ENTRA_PROXY_LOG__MAX_PER_MINUTE".into(), limit.into()));
+        env.push(("REDIS_ENTRA_PROXY_LOG__LEVEL".into(), "info".into()));
+        let log = dir.path().join(format!("proxy-{limit}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut proxy = Reaper(spawn(&env, file.into()));
+        wait_listening(&mut proxy.0, listen);
+        runs.push((limit, log, proxy));
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let count = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("cannot open upstream connection"))
+            .count()
+    };
+    let limited = count(&runs[0].1);
+    let unlimited = count(&runs[1].1);
+    eprintln!("reconnect warnings in 6 s: {limited} with the limit, {unlimited} without");
+    assert!(
+        limited <= 3,
+        "{limited} reconnect warnings with a limit of 3 a minute"
+    );
+    assert!(
+        unlimited > 3,
+        "only {unlimited} warnings without a limit: the outage did not retry"
+    );
+}
+
+/// The image's `ENV` settings (the final stage's `NAME=value` pairs).
+fn image_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let last = &text[text.rfind("\nFROM ").unwrap()..];
+    let joined = last.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|args| {
+            args.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.to_string(), v.trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+/// What Docker would run as the image's HEALTHCHECK, with the image's environment
+/// (its admin port moved to a free one). The image cannot be built here (no
+/// Docker daemon), so its settings are exercised on the binary it ships.
+fn healthcheck(env: &[(String, String)]) -> Option<i32> {
+    Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("healthcheck")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .code()
+}
+
+/// The image's HEALTHCHECK follows `admin.readiness`: by default a proxy holding a
+/// token is healthy while the cache is unreachable (every pod would otherwise
+/// fail together); with `upstream` it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_healthcheck_follows_the_readiness_setting() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let mut codes = Vec::new();
+    for readiness in [None, Some("upstream")] {
+        let (listen, admin) = (free_port(), free_port());
+        let mut env = entra_env(&emu, listen, admin);
+        env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
+        for (k, v) in image_env() {
+            env.push((k, v.replace(":9090", &format!(":{admin}"))));
+        }
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "REDIS_ENTRA_PROXY_ADMIN__ADDRESS" && v.starts_with("[::]")),
+            "{env:?}"
+        );
+        if let Some(r) = readiness {
+            env.push(("REDIS_ENTRA_PROXY_ADMIN__READINESS".into(), r.into()));
+        }
+        let mut proxy = Reaper(spawn(&env, Stdio::null()));
+        wait_listening(&mut proxy.0, listen);
+        // /startup passes once the first token is in.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::task::spawn_blocking(move || http(admin, "GET", "/startup"))
+            .await
+            .unwrap()
+            .0
+            != 200
+        {
+            assert!(Instant::now() < deadline, "no first token");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let e = env.clone();
+        codes.push(
+            tokio::task::spawn_blocking(move || healthcheck(&e))
+                .await
+                .unwrap(),
+        );
+        drop(proxy);
+        let e = env.clone();
+        let gone = tokio::task::spawn_blocking(move || healthcheck(&e))
+            .await
+            .unwrap();
+        assert_eq!(gone, Some(1), "nothing listening is unhealthy");
+    }
+    assert_eq!(
+        codes,
+        vec![Some(0), Some(1)],
+        "default: healthy; upstream: not"
+    );
+}
+
+/// A log shipper that hangs (alive, reading nothing): stderr is a pipe whose
+/// buffer fills. Logging must not block the runtime: the proxy keeps answering
+/// clients and probes, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_never_blocks_the_proxy() {
+    let emu = TokenEmulator::start(EmulatorConfig {
+        lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (listen, admin) = (free_port(), free_port());
+    let (_reader, mut writer) = std::io::pipe().unwrap();
+    // Full from the start: Linux pipes hold 64 KiB, so every write the proxy
+    // makes to stderr would wait for a reader that never comes.
+    std::io::Write::write_all(&mut writer, &vec![b'.'; 65536]).unwrap();
+    let mut env = entra_env(&emu, listen, admin);
+    env.push(("REDIS_ENTRA_PROXY_LOG__LEVEL".into(), "trace".into()));
+    env.push(("REDIS_ENTRA_PROXY_LOG__MAX_PER_MINUTE".into(), "0".into()));
+    let mut proxy = Reaper(spawn(&env, writer.into()));
+    wait_listening(&mut proxy.0, listen);
+    let pings = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut answered = 0;
+        for _ in 0..200 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            if s.read(&mut buf).is_ok_and(|n| n > 0) {
+                answered += 1;
+            }
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    assert_eq!(pings, 200, "every client answered");
+    emu.wait_requests(4, Duration::from_secs(30)).await;
+    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    signal(&proxy.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_exit(&mut proxy.0, Duration::from_secs(15));
+        (s, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.expect("SIGTERM ends it").code(), Some(0));
+}

@@ -1,0 +1,106 @@
+//! A pinned connection its client lets go of is reset and reused by the next
+//! client instead of being closed: against a real TLS redis-server, counting
+//! the connections it accepted, and checking that nothing of the first
+//! client's state (database, WATCH, an open MULTI, RESP3) reaches the next.
+
+mod common;
+
+use common::proxy::{static_env, Proxy, Raw};
+use common::redis::RedisServer;
+use std::time::Duration;
+
+const USER: &str = "proxyuser";
+const TOKEN: &str = "reuse-token";
+
+/// Connections the server has accepted so far (the admin's own included).
+fn accepted(redis: &RedisServer) -> u64 {
+    let info = redis.cli(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received in INFO stats")
+}
+
+fn setup() -> (RedisServer, Proxy) {
+    let redis = RedisServer::start(USER, TOKEN);
+    let mut env = static_env(&redis, USER, TOKEN);
+    env.push(("REDIS_ENTRA_PROXY_UPSTREAM__WARM_PINNED".into(), "1".into()));
+    let proxy = Proxy::start(&env);
+    // The shared connections and the warm one are dialled at start.
+    std::thread::sleep(Duration::from_millis(500));
+    (redis, proxy)
+}
+
+#[test]
+fn transactions_between_plain_commands_reuse_their_pinned_connection() {
+    let (redis, proxy) = setup();
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    let before = accepted(&redis);
+    for i in 0..20 {
+        assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.call(&["INCR", "reuse:n"]), "+QUEUED\r\n");
+        assert_eq!(a.call(&["EXEC"]), format!("*1\r\n:{}\r\n", i + 1));
+        // A plain command lets go of the pinned connection.
+        assert_eq!(
+            a.call(&["GET", "reuse:n"]),
+            format!("${}\r\n{}\r\n", (i + 1).to_string().len(), i + 1)
+        );
+        // The released connection is reset in one round trip; a client that
+        // comes back at once may find it still resetting and get another.
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // Each admin `INFO` is one connection; without reuse each transaction
+    // took the warm connection and one more was dialled for it (20 in all,
+    // 20 seen without the reuse).
+    let dialled = accepted(&redis) - before - 1;
+    assert!(
+        dialled <= 3,
+        "{dialled} connections dialled for 20 transactions"
+    );
+}
+
+#[test]
+fn a_reused_connection_carries_no_state_of_its_last_client() {
+    let (_redis, proxy) = setup();
+    {
+        // Pinned by SELECT, with a key in database 3, a WATCH and an open
+        // MULTI with a queued write, then gone without a word.
+        let mut a = Raw::connect(proxy.port);
+        assert_eq!(a.call(&["SELECT", "3"]), "+OK\r\n");
+        assert_eq!(a.call(&["SET", "reuse:k", "db3"]), "+OK\r\n");
+        assert_eq!(a.call(&["WATCH", "reuse:k"]), "+OK\r\n");
+        assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.call(&["SET", "reuse:queued", "x"]), "+QUEUED\r\n");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        proxy
+            .log_text()
+            .contains("pinned connection reset and kept warm"),
+        "the first client's connection was not kept"
+    );
+    let mut b = Raw::connect(proxy.port);
+    assert_eq!(b.call(&["WATCH", "reuse:other"]), "+OK\r\n");
+    assert_eq!(b.call(&["MULTI"]), "+OK\r\n", "no MULTI left open");
+    assert_eq!(b.call(&["GET", "reuse:k"]), "+QUEUED\r\n");
+    assert_eq!(b.call(&["GET", "reuse:queued"]), "+QUEUED\r\n");
+    // Database 0: the key of database 3 is not there; the queued SET never ran.
+    assert_eq!(b.call(&["EXEC"]), "*2\r\n$-1\r\n$-1\r\n");
+    drop(b);
+    std::thread::sleep(Duration::from_millis(300));
+    // A RESP3 client's connection comes back to RESP3 clients only, as RESP3.
+    let mut c = Raw::connect(proxy.port);
+    assert!(c.call(&["HELLO", "3"]).starts_with('%'));
+    assert_eq!(c.call(&["HSET", "reuse:h", "f", "v"]), ":1\r\n");
+    for _ in 0..2 {
+        assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+        assert_eq!(c.call(&["HGETALL", "reuse:h"]), "+QUEUED\r\n");
+        assert_eq!(c.call(&["EXEC"]), "*1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut d = Raw::connect(proxy.port);
+    assert_eq!(d.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(d.call(&["HGETALL", "reuse:h"]), "+QUEUED\r\n");
+    assert_eq!(d.call(&["EXEC"]), "*1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n");
+}

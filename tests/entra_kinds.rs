@@ -8,74 +8,21 @@
 
 mod common;
 
+use common::rotator::{env, secs, start};
+
 use common::token_emulator::{
     az_output, azd_output, fake_cli, EmulatorConfig, Endpoint, TokenEmulator,
 };
-use redis_entra_proxy::auth::{self, EntraEnv, TokenState, TokenWatch};
+use redis_entra_proxy::auth::{self, EntraEnv};
 use redis_entra_proxy::config::{AuthConfig, EntraConfig, EntraCredentialKind};
 use redis_entra_proxy::metrics::Metrics;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 fn auth_config(kind: EntraCredentialKind, f: impl FnOnce(&mut EntraConfig)) -> AuthConfig {
-    let mut cfg = AuthConfig::default();
-    cfg.entra.credential = kind;
-    cfg.entra.attempt_timeout = secs(3);
-    cfg.entra.max_backoff = secs(2);
-    f(&mut cfg.entra);
-    cfg
-}
-
-fn env(pairs: &[(&str, &str)]) -> EntraEnv {
-    pairs.iter().copied().collect()
-}
-
-struct Running {
-    rx: TokenWatch,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn start(cfg: &AuthConfig, env: EntraEnv) -> Running {
-    let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let rx = auth::start_with_env(cfg, metrics.clone(), env, shutdown.clone())
-        .expect("valid configuration");
-    Running {
-        rx,
-        metrics,
-        shutdown,
-    }
-}
-
-impl Running {
-    async fn until(&mut self, limit: Duration, pred: impl Fn(&TokenState) -> bool) -> TokenState {
-        let got = tokio::time::timeout(limit, self.rx.wait_for(|s| pred(s)))
-            .await
-            .map(|r| r.map(|s| s.clone()));
-        match got {
-            Ok(Ok(s)) => s,
-            _ => {
-                let s = self.rx.borrow();
-                panic!(
-                    "not reached within {limit:?}: generation {}, last_error {:?}",
-                    s.generation, s.last_error
-                )
-            }
-        }
-    }
+    common::rotator::auth_config_with(kind, secs(3), f)
 }
 
 fn unix_now() -> u64 {
@@ -154,7 +101,7 @@ async fn client_certificate_assertion_is_signed_and_checked() {
         ("AZURE_AUTHORITY_HOST", &emu.authority_host()),
     ]);
     let mut r = start(&cfg, vars.clone());
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "emu-oid-1");
     let req = &emu.requests()[0];
     assert_eq!(req.endpoint, Endpoint::Entra);
@@ -169,7 +116,9 @@ async fn client_certificate_assertion_is_signed_and_checked() {
         &cfg,
         vars.with("AZURE_CLIENT_CERTIFICATE_PATH", wrong.to_str().unwrap()),
     );
-    let s = r.until(secs(10), |s| s.last_error.is_some()).await;
+    let s = r
+        .until(secs(10), "the state", |s| s.last_error.is_some())
+        .await;
     let err = s.last_error.unwrap();
     assert!(
         err.contains("401") && err.contains("AADSTS7000215"),
@@ -211,7 +160,7 @@ async fn azure_arc_answers_its_challenge_from_the_key_file() {
         ("IMDS_ENDPOINT", "http://127.0.0.1:9"),
     ]);
     let mut r = start(&cfg, arc.clone());
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "emu-oid-1");
     let reqs = emu.requests();
     assert_eq!(reqs[0].status, 401, "the challenge");
@@ -228,7 +177,9 @@ async fn azure_arc_answers_its_challenge_from_the_key_file() {
     });
     let before = emu.request_count();
     let mut r = start(&cfg, arc);
-    let s = r.until(secs(10), |s| s.last_error.is_some()).await;
+    let s = r
+        .until(secs(10), "the state", |s| s.last_error.is_some())
+        .await;
     let err = s.last_error.unwrap();
     assert!(err.contains("Azure Arc challenge refused"), "{err}");
     let after: Vec<_> = emu.requests()[before..].to_vec();
@@ -242,7 +193,7 @@ async fn cloud_shell_posts_the_resource() {
     let emu = TokenEmulator::start(EmulatorConfig::default()).await;
     let cfg = auth_config(EntraCredentialKind::Auto, |_| {});
     let mut r = start(&cfg, env(&[("MSI_ENDPOINT", &emu.cloud_shell_endpoint())]));
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "emu-oid-1");
     let req = &emu.requests()[0];
     assert_eq!(req.endpoint, Endpoint::CloudShell);
@@ -299,7 +250,7 @@ async fn app_service_child() {
         c.client_id = Some("app-client".into());
     });
     let mut r = start(&cfg, EntraEnv::from_process());
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "emu-oid-1");
 }
 
@@ -313,7 +264,7 @@ async fn azd_and_the_developer_tools_chain() {
     // azd alone on PATH: auto picks it.
     let cfg = auth_config(EntraCredentialKind::Auto, |_| {});
     let mut r = start(&cfg, env(&[("PATH", &path), ("HOME", "/home/dev")]));
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     let cred = s.current.unwrap();
     assert_eq!(cred.username, "azd-oid");
     assert_eq!(cred.password.expose(), token);
@@ -335,7 +286,7 @@ async fn azd_and_the_developer_tools_chain() {
     );
     let cfg = auth_config(EntraCredentialKind::DeveloperTools, |_| {});
     let mut r = start(&cfg, env(&[("PATH", &path)]));
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "azd-oid");
     let az_log = std::fs::read_to_string(dir.path().join("az-args.log")).unwrap();
     assert!(az_log.contains("account get-access-token"), "{az_log}");
@@ -345,7 +296,7 @@ async fn azd_and_the_developer_tools_chain() {
     let az_token = jwt_with(r#"{"oid":"az-oid"}"#);
     fake_cli(dir.path(), "az", &az_output(&az_token, exp), "", 0);
     let mut r = start(&cfg, env(&[("PATH", &path)]));
-    let s = r.until(secs(10), |s| s.generation == 1).await;
+    let s = r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(s.current.unwrap().username, "az-oid");
 }
 
@@ -366,7 +317,7 @@ async fn auto_follows_the_environment() {
             ("AZURE_AUTHORITY_HOST", &emu.authority_host()),
         ]),
     );
-    r.until(secs(10), |s| s.generation == 1).await;
+    r.until(secs(10), "the state", |s| s.generation == 1).await;
     let req = emu.requests().last().unwrap().clone();
     assert_eq!(req.endpoint, Endpoint::Entra);
     assert_eq!(req.form["client_secret"], e.client_secret);
@@ -385,7 +336,7 @@ async fn auto_follows_the_environment() {
             ("AZURE_AUTHORITY_HOST", &emu.authority_host()),
         ]),
     );
-    r.until(secs(10), |s| s.generation == 1).await;
+    r.until(secs(10), "the state", |s| s.generation == 1).await;
     let req = emu.requests().last().unwrap().clone();
     assert_eq!(req.form["client_assertion"], "federated");
     drop(r);
@@ -395,7 +346,7 @@ async fn auto_follows_the_environment() {
         c.imds_endpoint = Some(emu.imds_endpoint());
     });
     let mut r = start(&cfg, EntraEnv::default());
-    r.until(secs(10), |s| s.generation == 1).await;
+    r.until(secs(10), "the state", |s| s.generation == 1).await;
     assert_eq!(emu.requests().last().unwrap().endpoint, Endpoint::Imds);
 }
 
@@ -412,7 +363,7 @@ async fn a_caching_endpoint_is_asked_again_without_a_new_generation() {
         c.imds_endpoint = Some(emu.imds_endpoint());
     });
     let mut r = start(&cfg, EntraEnv::default());
-    r.until(secs(10), |s| s.generation == 1).await;
+    r.until(secs(10), "the state", |s| s.generation == 1).await;
     let mut changes = 0;
     let deadline = tokio::time::Instant::now() + secs(25);
     while r.rx.borrow().generation < 2 {

@@ -7,98 +7,20 @@
 
 mod common;
 
+use common::rotator::{env, secs, start};
+
 use common::token_emulator::{EmulatorConfig, Endpoint, Fault, TokenEmulator};
-use redis_entra_proxy::auth::{self, EntraEnv, TokenState, TokenWatch};
+use redis_entra_proxy::auth::{EntraEnv, TokenState};
 use redis_entra_proxy::config::{AuthConfig, EntraConfig, EntraCredentialKind};
-use redis_entra_proxy::metrics::Metrics;
 use redis_entra_proxy::secret::Secret;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio_util::sync::CancellationToken;
 
 const REDIS_RESOURCE: &str = "https://redis.azure.com";
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 fn auth_config(kind: EntraCredentialKind, f: impl FnOnce(&mut EntraConfig)) -> AuthConfig {
-    let mut cfg = AuthConfig::default();
-    cfg.entra.credential = kind;
-    cfg.entra.attempt_timeout = secs(2);
-    cfg.entra.max_backoff = secs(2);
-    f(&mut cfg.entra);
-    cfg
-}
-
-fn env(pairs: &[(&str, &str)]) -> EntraEnv {
-    pairs.iter().copied().collect()
-}
-
-/// A running rotator; cancelled on drop.
-struct Running {
-    rx: TokenWatch,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn start(cfg: &AuthConfig, env: EntraEnv) -> Running {
-    let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let rx = auth::start_with_env(cfg, metrics.clone(), env, shutdown.clone())
-        .expect("valid configuration");
-    Running {
-        rx,
-        metrics,
-        shutdown,
-    }
-}
-
-impl Running {
-    async fn until(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        pred: impl Fn(&TokenState) -> bool,
-    ) -> TokenState {
-        let result = tokio::time::timeout(limit, self.rx.wait_for(|s| pred(s)))
-            .await
-            .map(|r| r.map(|s| s.clone()));
-        match result {
-            Ok(Ok(s)) => s,
-            Ok(Err(_)) => panic!("rotator gone while waiting for {what}"),
-            Err(_) => {
-                let s = self.rx.borrow();
-                panic!(
-                    "{what} not reached within {limit:?}; last state: generation {}, last_error {:?}",
-                    s.generation, s.last_error
-                )
-            }
-        }
-    }
-
-    async fn generation(&mut self, n: u64, limit: Duration) -> TokenState {
-        self.until(limit, &format!("generation {n}"), |s| s.generation >= n)
-            .await
-    }
-
-    fn metric(&self, outcome: &str, reason: &str) -> u64 {
-        let text = self.metrics.render();
-        let needle = format!(
-            "redis_entra_proxy_token_refreshes_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} "
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0)
-    }
+    common::rotator::auth_config_with(kind, secs(2), f)
 }
 
 /// The published credential is exactly what the emulator issued as `generation`.

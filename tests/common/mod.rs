@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod cluster_load;
 pub mod proxy;
 pub mod redis;
+pub mod rotator;
 pub mod tls;
 pub mod token_emulator;

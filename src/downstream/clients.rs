@@ -153,7 +153,10 @@ impl KillFilter {
             f.skipme = false;
             return Ok(f);
         }
-        if args.is_empty() || !args.len().is_multiple_of(2) {
+        if args.is_empty() {
+            return Err("ERR wrong number of arguments for 'client|kill' command");
+        }
+        if !args.len().is_multiple_of(2) {
             return Err("ERR syntax error");
         }
         for pair in args.chunks(2) {
@@ -162,13 +165,17 @@ impl KillFilter {
                 b"id" => {
                     f.id = Some(
                         value
-                            .parse()
-                            .map_err(|_| "ERR client-id should be greater than 0")?,
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|id| *id > 0)
+                            .ok_or("ERR client-id should be greater than 0")?,
                     )
                 }
                 b"addr" => f.addr = Some(value),
                 b"laddr" => f.laddr = Some(value),
-                b"user" => f.user = Some(value),
+                // Every client of the proxy is `default` to Redis's eyes.
+                b"user" if value == "default" => f.user = Some(value),
+                b"user" => return Err("ERR No such user"),
                 b"type" => {
                     let t = value.to_ascii_lowercase();
                     if !matches!(
@@ -399,5 +406,29 @@ mod tests {
             KillFilter::parse(&[b"ID", b"abc"]),
             Err("ERR client-id should be greater than 0")
         );
+        // As Redis words them (its suite's "CLIENT KILL with illegal arguments").
+        for (args, want) in [
+            (
+                &[][..],
+                "ERR wrong number of arguments for 'client|kill' command",
+            ),
+            (&[&b"id"[..], b"10", b"wrong_arg"][..], "ERR syntax error"),
+            (
+                &[&b"id"[..], b"-1"][..],
+                "ERR client-id should be greater than 0",
+            ),
+            (
+                &[&b"id"[..], b"0"][..],
+                "ERR client-id should be greater than 0",
+            ),
+            (
+                &[&b"type"[..], b"wrong_type"][..],
+                "ERR Unknown client type",
+            ),
+            (&[&b"user"[..], b"wrong_user"][..], "ERR No such user"),
+            (&[&b"skipme"[..], b"yes_or_no"][..], "ERR syntax error"),
+        ] {
+            assert_eq!(KillFilter::parse(args), Err(want), "{args:?}");
+        }
     }
 }

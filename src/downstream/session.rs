@@ -767,11 +767,7 @@ impl Session {
                     self.ctx.metrics.command(Route::Pinned);
                     self.forward_pinned(frame, 1, since).await;
                 } else {
-                    self.switch_to(Target::Shared).await;
-                    self.ctx.metrics.command(Route::Shared);
-                    let handle = self.shared_handle();
-                    self.send_upstream(&handle.tx, frame, 1, 1, false, since)
-                        .await;
+                    self.send_shared(frame, since).await;
                 }
             }
         }
@@ -834,6 +830,16 @@ impl Session {
             self.forward_pinned(frame, 1, since).await;
         }
         true
+    }
+
+    /// One command on the client's shared connection, after the replies still
+    /// due on its pinned one.
+    async fn send_shared(&mut self, frame: Bytes, since: Instant) {
+        self.switch_to(Target::Shared).await;
+        self.ctx.metrics.command(Route::Shared);
+        let handle = self.shared_handle();
+        self.send_upstream(&handle.tx, frame, 1, 1, false, since)
+            .await;
     }
 
     /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy (the

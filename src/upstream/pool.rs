@@ -216,10 +216,7 @@ impl Pool {
             Some(c) => c,
             None => self.connector.connect(proto).await?,
         };
-        let upstream_id = conn.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
-            ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
-            _ => None,
-        });
+        let upstream_id = conn.server_id();
         let (tx, mut rx) = mpsc::channel::<Request>(1024);
         let mut opts = self.opts.clone();
         opts.kind = "pinned";

@@ -1192,10 +1192,7 @@ async fn supervise(
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
                 let gone = CancellationToken::new();
-                let id = conn.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
-                    ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
-                    _ => None,
-                });
+                let id = conn.server_id();
                 *upstream.lock().expect("not poisoned") = id.map(|id| (id, gone.clone()));
                 let mut pending = std::collections::VecDeque::new();
                 let res = tokio::select! {

@@ -32,6 +32,17 @@ pub struct Authed {
     pub hello: Arc<Vec<(String, resp::Value)>>,
 }
 
+impl Authed {
+    /// The server's id for this connection (HELLO's `id`): what `CLIENT
+    /// UNBLOCK` and `CLIENT TRACKING ... REDIRECT` name.
+    pub fn server_id(&self) -> Option<u64> {
+        self.hello.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("id", resp::Value::Int(i)) => u64::try_from(*i).ok(),
+            _ => None,
+        })
+    }
+}
+
 /// Builds TLS connections to the one configured upstream.
 pub struct Connector {
     tls: TlsConnector,

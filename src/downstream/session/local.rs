@@ -52,11 +52,7 @@ impl Session {
             .store(flag, std::sync::atomic::Ordering::Release);
         let up = upstream.to_string();
         let frame = resp::command(&[b"CLIENT", b"UNBLOCK", up.as_bytes(), word]);
-        self.switch_to(Target::Shared).await;
-        self.ctx.metrics.command(Route::Shared);
-        let handle = self.shared_handle();
-        self.send_upstream(&handle.tx, frame, 1, 1, false, since)
-            .await;
+        self.send_shared(frame, since).await;
     }
 
     pub(super) async fn local(

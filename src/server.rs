@@ -157,6 +157,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         cfg,
         connector,
         pool.clone(),
+        hub.clone(),
         metrics.clone(),
         health.clone(),
         shutdown.clone(),

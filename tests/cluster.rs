@@ -561,3 +561,127 @@ fn channel_subscriptions_get_messages_published_on_any_shard() {
         assert!(m.contains(&format!("from-{p}")), "{got:?}");
     }
 }
+
+/// The primary that owns `name`'s slot: the one that does not answer MOVED.
+fn owner_of(c: &Cluster, name: &str) -> u16 {
+    c.primaries()
+        .into_iter()
+        .find(|&p| {
+            let out = c.cli(p, &["SPUBLISH", name, "probe"]);
+            out.trim().chars().all(|ch| ch.is_ascii_digit())
+        })
+        .expect("an owner")
+}
+
+#[test]
+fn keyspace_notifications_and_shard_channels_reach_subscribers_from_every_shard() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", "KA"]);
+    let proxy = proxy_for(c);
+    let mut publisher = Raw::connect(proxy.port);
+
+    // Keyspace notifications: each shard sends those of its own keys.
+    let mut sub = Raw::connect(proxy.port);
+    assert_eq!(
+        sub.call(&["PSUBSCRIBE", "__keyspace@0__:ks:*"]),
+        "*3\r\n$10\r\npsubscribe\r\n$19\r\n__keyspace@0__:ks:*\r\n:1\r\n"
+    );
+    let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
+    let owners: std::collections::HashSet<u16> = keys.iter().map(|k| owner_of(c, k)).collect();
+    assert_eq!(owners.len(), 3, "the keys span every shard");
+    for k in &keys {
+        assert_eq!(publisher.call(&["SET", k, "v"]), "+OK\r\n");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in &keys {
+        let m = String::from_utf8(sub.read()).unwrap();
+        // pmessage, the pattern, the channel, the event.
+        let key = m
+            .split("\r\n")
+            .nth(6)
+            .and_then(|l| l.strip_prefix("__keyspace@0__:"))
+            .unwrap_or_else(|| panic!("a keyspace notification: {m}"))
+            .to_string();
+        assert!(m.ends_with("$3\r\nset\r\n"), "{m}");
+        assert!(seen.insert(key.clone()), "{key} notified twice");
+    }
+    let want: std::collections::HashSet<String> = keys.iter().cloned().collect();
+    assert_eq!(seen, want);
+    // Nothing more (no copy from another connection): the next frame is the
+    // answer to this PING.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sub.call(&["PING"]), "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+
+    // Shard channels: one per shard, each subscribed on its owner.
+    let mut names: Vec<(String, u16)> = Vec::new();
+    for i in 0..200 {
+        let n = format!("feed:{i}");
+        let o = owner_of(c, &n);
+        if names.iter().all(|(_, p)| *p != o) {
+            names.push((n, o));
+        }
+        if names.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(names.len(), 3);
+    let mut ssub = Raw::connect(proxy.port);
+    for (i, (n, _)) in names.iter().enumerate() {
+        let r = ssub.call(&["SSUBSCRIBE", n]);
+        assert!(r.ends_with(&format!(":{}\r\n", i + 1)), "{r}");
+    }
+    for (n, _) in &names {
+        assert_eq!(
+            publisher.call(&["SPUBLISH", n, &format!("to-{n}")]),
+            ":1\r\n"
+        );
+        let m = String::from_utf8(ssub.read()).unwrap();
+        assert!(
+            m.contains("smessage") && m.contains(&format!("to-{n}")),
+            "{m}"
+        );
+    }
+
+    // Move the first channel's slot (it holds no key) to another primary:
+    // the old owner drops the subscription, the proxy makes it again on the
+    // new owner, and the client sees nothing of it.
+    let (name, from) = names[0].clone();
+    let to = names[1].1;
+    let slot = c
+        .cli(from, &["CLUSTER", "KEYSLOT", &name])
+        .trim()
+        .to_string();
+    assert_eq!(
+        c.cli(from, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).trim(),
+        "0"
+    );
+    let to_id = node_id(c, to);
+    for p in [to, from] {
+        let out = c.cli(p, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        assert!(out.contains("OK"), "{out}");
+    }
+    c.wait_converged();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = publisher.call(&["SPUBLISH", &name, "after-move"]);
+        if r == ":1\r\n" {
+            break;
+        }
+        assert_eq!(r, ":0\r\n", "SPUBLISH through the proxy after the move");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not subscribed again on the new owner"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let m = String::from_utf8(ssub.read()).unwrap();
+    assert!(m.contains("smessage") && m.contains("after-move"), "{m}");
+    assert_eq!(owner_of(c, &name), to);
+    let log = proxy.log_text();
+    assert!(
+        log.contains("upstream dropped a pub/sub subscription"),
+        "{log}"
+    );
+    c.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", ""]);
+}

@@ -196,12 +196,27 @@ pub fn error_text(reply: &[u8]) -> Option<String> {
 /// that is not such a frame. The frame comes from the upstream, already framed
 /// by [`scan::ReplyScanner`]; this only reads its head.
 pub fn push_head(frame: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let mut it = push_bulks(frame)?;
+    let kind = it.next()??;
+    let second = it.next().flatten();
+    Some((kind, second))
+}
+
+/// The channel of a `pmessage` push (its third element: pattern, channel,
+/// payload follow the kind).
+pub fn pmessage_channel(frame: &[u8]) -> Option<&[u8]> {
+    push_bulks(frame)?.nth(2).flatten()
+}
+
+/// The leading bulk strings (or nulls) of a push frame, in order; the
+/// iterator ends at the first element that is neither or is cut short.
+fn push_bulks(frame: &[u8]) -> Option<impl Iterator<Item = Option<&[u8]>>> {
     if frame.first() != Some(&b'>') {
         return None;
     }
     let mut pos = memchr::memchr(b'\n', frame)? + 1;
-    let bulk = |pos: &mut usize| -> Option<Option<&[u8]>> {
-        let rest = frame.get(*pos..)?;
+    Some(std::iter::from_fn(move || {
+        let rest = frame.get(pos..)?;
         match rest.first()? {
             b'$' => {
                 let nl = memchr::memchr(b'\n', rest)?;
@@ -209,21 +224,18 @@ pub fn push_head(frame: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
                     .ok()?
                     .parse()
                     .ok()?;
-                let start = *pos + nl + 1;
-                let body = frame.get(start..start + len)?;
-                *pos = start + len + 2;
+                let start = pos + nl + 1;
+                let body = frame.get(start..start.checked_add(len)?)?;
+                pos = start + len + 2;
                 Some(Some(body))
             }
             b'_' => {
-                *pos += 3;
+                pos += 3;
                 Some(None)
             }
             _ => None,
         }
-    };
-    let kind = bulk(&mut pos)??;
-    let second = bulk(&mut pos).flatten();
-    Some((kind, second))
+    }))
 }
 
 /// One pub/sub confirmation frame as Redis sends it: `subscribe`, `unsubscribe`,
@@ -353,6 +365,12 @@ mod tests {
         // Truncated or lying lengths never read out of bounds.
         assert_eq!(push_head(b">3\r\n$70\r\nmessage\r\n"), None);
         assert_eq!(push_head(b">3\r\n$"), None);
+        let pm = b">4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$2\r\nch\r\n$1\r\nx\r\n";
+        assert_eq!(pmessage_channel(pm), Some(&b"ch"[..]));
+        assert_eq!(
+            pmessage_channel(b">4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$9\r\nch"),
+            None
+        );
         let mut out = BytesMut::new();
         pubsub_confirmation(&mut out, Proto::Resp2, b"subscribe", Some(b"a"), 2);
         pubsub_confirmation(&mut out, Proto::Resp3, b"unsubscribe", None, 0);

@@ -23,6 +23,7 @@ pub mod route;
 
 use super::conn::{Handle, PushSink, Request};
 use super::pool::{Pinned, Pool};
+use super::pubsub::Hub;
 use super::tls::Connector;
 use super::topology::{self, Node, SlotMap};
 use super::UpstreamError;
@@ -66,7 +67,9 @@ pub struct Cluster {
     map: RwLock<Option<Arc<SlotMap>>>,
     table: OnceLock<KeyTable>,
     nodes: Mutex<HashMap<Node, Arc<Pool>>>,
-    refresh: Notify,
+    refresh: Arc<Notify>,
+    /// Told each new slot map (shard channels, keyspace notifications).
+    hub: Hub,
     dispatchers: [OnceLock<Vec<Handle>>; 2],
     next: AtomicUsize,
     /// Why the last attempt to ask the seed (while undecided) failed.
@@ -106,6 +109,7 @@ impl Cluster {
         cfg: &Config,
         connector: Arc<Connector>,
         seed: Arc<Pool>,
+        hub: Hub,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         shutdown: CancellationToken,
@@ -126,7 +130,8 @@ impl Cluster {
             map: RwLock::new(None),
             table: OnceLock::new(),
             nodes: Mutex::new(HashMap::new()),
-            refresh: Notify::new(),
+            refresh: Arc::new(Notify::new()),
+            hub,
             dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
             seed_error: Mutex::new(None),
@@ -396,7 +401,11 @@ impl Cluster {
             for n in &map.nodes {
                 self.node_pool(n);
             }
-            *self.map.write().expect("not poisoned") = Some(Arc::new(map));
+            let map = Arc::new(map);
+            *self.map.write().expect("not poisoned") = Some(map.clone());
+            if changed {
+                self.hub.topology(map, self.refresh.clone());
+            }
             return true;
         }
         warn!("cannot read the cluster topology from any node; keeping the last slot map");

@@ -4,6 +4,10 @@
 //! RESP3 Redis sends.
 
 use super::*;
+use crate::resp;
+use bytes::BytesMut;
+use std::sync::atomic::Ordering;
+use tokio::sync::Notify;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -11,15 +15,17 @@ struct Fixture {
     hub: Hub,
     metrics: Arc<Metrics>,
     events: mpsc::UnboundedSender<Event>,
+    /// The connections the hub asks for after the first (cluster primaries).
+    starts: mpsc::UnboundedReceiver<Start>,
 }
 
 /// A hub with a cap of `max_queued` message bytes per client, and the channel
 /// its upstream's events go to (handed over when the hub starts it).
 async fn hub(max_queued: usize) -> Fixture {
     let metrics = Arc::new(Metrics::new());
-    let (started_tx, started_rx) = oneshot::channel();
-    let start: StartUpstream = Box::new(move |events| {
-        let _ = started_tx.send(events);
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let starter: Starter = Box::new(move |s| {
+        let _ = started_tx.send(s);
     });
     let hub = Hub::with_upstream(
         HubOpts {
@@ -28,7 +34,7 @@ async fn hub(max_queued: usize) -> Fixture {
             addr: "upstream:6380".into(),
         },
         metrics.clone(),
-        start,
+        starter,
         CancellationToken::new(),
     );
     // Nothing is dialled until someone subscribes: kick it with a first client.
@@ -38,13 +44,16 @@ async fn hub(max_queued: usize) -> Fixture {
         h.subscribe(&probe, Proto::Resp3, Kind::Channel, vec![b("warmup")], 1)
             .await
     });
-    let events = tokio::time::timeout(T, started_rx)
+    let start = tokio::time::timeout(T, started_rx.recv())
         .await
         .expect("the hub starts its upstream on the first SUBSCRIBE")
         .unwrap();
+    assert_eq!((start.conn, start.node.as_ref()), (0, None));
+    let events = start.events;
     // Fail that first subscription so the fixture starts from nothing.
     events
         .send(Event::ConnectFailed {
+            conn: 0,
             error: UpstreamError::Connect {
                 addr: "upstream:6380".into(),
                 reason: "not yet".into(),
@@ -57,26 +66,47 @@ async fn hub(max_queued: usize) -> Fixture {
         hub,
         metrics,
         events,
+        starts: started_rx,
     }
 }
 
+/// One of the hub's connections, played by the test.
 struct Upstream {
+    conn: usize,
+    epoch: u64,
     requests: mpsc::Receiver<Request>,
-    pushes: mpsc::UnboundedSender<Bytes>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl Upstream {
     fn connect(f: &Fixture, epoch: u64) -> Upstream {
+        Upstream::connect_to(&f.events, 0, epoch)
+    }
+
+    fn connect_to(events: &mpsc::UnboundedSender<Event>, conn: usize, epoch: u64) -> Upstream {
         let (req_tx, requests) = mpsc::channel(1024);
-        let (pushes, push_rx) = mpsc::unbounded_channel();
-        f.events
+        events
             .send(Event::Connected {
+                conn,
                 epoch,
                 requests: req_tx,
-                pushes: push_rx,
             })
             .unwrap();
-        Upstream { requests, pushes }
+        Upstream {
+            conn,
+            epoch,
+            requests,
+            events: events.clone(),
+        }
+    }
+
+    fn lose(&self) {
+        self.events
+            .send(Event::Lost {
+                conn: self.conn,
+                epoch: self.epoch,
+            })
+            .unwrap();
     }
 
     /// The next command the hub writes, as words.
@@ -107,7 +137,13 @@ impl Upstream {
         if let Some(c) = count {
             f.extend_from_slice(format!(":{c}\r\n").as_bytes());
         }
-        self.pushes.send(f.freeze()).unwrap();
+        self.events
+            .send(Event::Push {
+                conn: self.conn,
+                epoch: self.epoch,
+                frame: f.freeze(),
+            })
+            .unwrap();
     }
 }
 
@@ -419,7 +455,7 @@ async fn a_new_connection_gets_every_subscription_again() {
         assert_eq!(cmd[1], name);
     }
     assert_eq!(f.metrics.pubsub_channels.get(), 3);
-    f.events.send(Event::Lost { epoch: 1 }).unwrap();
+    f.events.send(Event::Lost { conn: 0, epoch: 1 }).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert_eq!(f.metrics.pubsub_channels.get(), 0);
     let mut up = Upstream::connect(&f, 2);
@@ -457,7 +493,7 @@ async fn a_new_connection_gets_every_subscription_again() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert_eq!(f.metrics.pubsub_channels.get(), 3);
     // A stale event of the old connection changes nothing.
-    f.events.send(Event::Lost { epoch: 1 }).unwrap();
+    f.events.send(Event::Lost { conn: 0, epoch: 1 }).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert_eq!(f.metrics.pubsub_channels.get(), 3);
 }
@@ -481,7 +517,7 @@ async fn without_a_connection_a_subscribe_fails_fast_and_others_stay() {
     let mut up = Upstream::connect(&f, 1);
     let t = subscribe_bg(&f, &a, Proto::Resp2, Kind::Channel, &["x"], 2).await;
     let _ = up.next().await;
-    f.events.send(Event::Lost { epoch: 1 }).unwrap();
+    f.events.send(Event::Lost { conn: 0, epoch: 1 }).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(!t.is_finished());
     let mut up = Upstream::connect(&f, 2);
@@ -524,4 +560,172 @@ async fn a_subscriber_that_does_not_read_is_dropped_at_the_cap() {
     up.nothing().await;
     up.push(&["message", "c", "more"], None);
     assert!(message(&mut fast_rx).await.contains("more"));
+}
+
+fn node(port: u16) -> Node {
+    Node {
+        host: "10.0.0.1".into(),
+        port,
+    }
+}
+
+/// A slot map: the first node owns slots up to `split`, the second the rest.
+fn two_shards(split: u16, a: u16, b: u16) -> Arc<SlotMap> {
+    Arc::new(SlotMap::from_ranges(&[(0, split, node(a)), (split + 1, 16383, node(b))]).unwrap())
+}
+
+/// The next connection the hub asks for: its index and node.
+async fn started(f: &mut Fixture) -> (usize, Node) {
+    let s = tokio::time::timeout(T, f.starts.recv())
+        .await
+        .expect("a connection asked for")
+        .unwrap();
+    (s.conn, s.node.expect("a primary"))
+}
+
+#[tokio::test]
+async fn cluster_keyspace_patterns_are_held_on_every_primary_and_each_message_comes_once() {
+    let mut f = hub(1 << 20).await;
+    let mut home = Upstream::connect(&f, 1);
+    let refresh = Arc::new(Notify::new());
+    f.hub
+        .topology(two_shards(8191, 8501, 8502), refresh.clone());
+    let (a, mut rx) = Link::new(1, "a".into());
+
+    // A plain channel: home only, nothing else dialled.
+    let t = subscribe_bg(&f, &a, Proto::Resp3, Kind::Channel, &["news"], 1).await;
+    assert_eq!(home.next().await.0, ["SUBSCRIBE", "news"]);
+    home.push(&["subscribe", "news"], Some(1));
+    done(t).await.unwrap();
+    let _ = reply(&mut rx, 1).await;
+    assert!(
+        f.starts.try_recv().is_err(),
+        "no primary dialled for a channel"
+    );
+
+    // `*` matches published messages and notifications: home and both primaries.
+    let t = subscribe_bg(&f, &a, Proto::Resp3, Kind::Pattern, &["*"], 2).await;
+    assert_eq!(home.next().await.0, ["PSUBSCRIBE", "*"]);
+    let (c1, n1) = started(&mut f).await;
+    let (c2, n2) = started(&mut f).await;
+    assert_eq!((n1.port, n2.port), (8501, 8502));
+    let mut p1 = Upstream::connect_to(&f.events, c1, 1);
+    let mut p2 = Upstream::connect_to(&f.events, c2, 1);
+    assert_eq!(p1.next().await.0, ["PSUBSCRIBE", "*"]);
+    assert_eq!(p2.next().await.0, ["PSUBSCRIBE", "*"]);
+    home.push(&["psubscribe", "*"], Some(2));
+    p1.push(&["psubscribe", "*"], Some(1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!t.is_finished(), "confirmed before every primary confirmed");
+    p2.push(&["psubscribe", "*"], Some(1));
+    assert_eq!(done(t).await, Ok(Counts { subs: 2, shard: 0 }));
+    let _ = reply(&mut rx, 2).await;
+    assert_eq!(f.metrics.pubsub_channels.get(), 4);
+
+    // A published message reaches every node: only home's copy is delivered.
+    for up in [&home, &p1, &p2] {
+        up.push(&["pmessage", "*", "news", "hi"], None);
+    }
+    // A notification comes from the shard of its key only: delivered from it,
+    // and home's copy (home is a node too) dropped.
+    p2.push(&["pmessage", "*", "__keyspace@0__:k", "set"], None);
+    home.push(&["pmessage", "*", "__keyspace@0__:k", "set"], None);
+    assert!(message(&mut rx).await.contains("news"));
+    assert!(message(&mut rx).await.contains("__keyspace@0__:k"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    quiet(&mut rx);
+
+    // A primary that reconnects gets its subscriptions again.
+    p1.lose();
+    let mut p1 = Upstream::connect_to(&f.events, c1, 2);
+    assert_eq!(p1.next().await.0, ["PSUBSCRIBE", "*"]);
+    // Connections were lost: the cluster layer is asked to look again.
+    tokio::time::timeout(T, refresh.notified()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_shard_channel_follows_its_slot_when_it_moves() {
+    let mut f = hub(1 << 20).await;
+    let mut home = Upstream::connect(&f, 1);
+    let slot = crate::keys::slot(b"feed");
+    let refresh = Arc::new(Notify::new());
+    // The first node owns the channel's slot.
+    f.hub
+        .topology(two_shards(slot, 8501, 8502), refresh.clone());
+    let (a, mut rx) = Link::new(1, "a".into());
+    let t = subscribe_bg(&f, &a, Proto::Resp2, Kind::Shard, &["feed"], 1).await;
+    let (c1, n1) = started(&mut f).await;
+    assert_eq!(n1.port, 8501);
+    let mut p1 = Upstream::connect_to(&f.events, c1, 1);
+    assert_eq!(p1.next().await.0, ["SSUBSCRIBE", "feed"]);
+    p1.push(&["ssubscribe", "feed"], Some(1));
+    assert_eq!(done(t).await, Ok(Counts { subs: 0, shard: 1 }));
+    let _ = reply(&mut rx, 1).await;
+    home.nothing().await;
+
+    // The slot moves: the server drops the subscription; the hub's map is
+    // not refreshed yet, so it asks the old owner, which answers MOVED.
+    p1.push(&["sunsubscribe", "feed"], Some(0));
+    tokio::time::timeout(T, refresh.notified()).await.unwrap();
+    let (cmd, req) = p1.next().await;
+    assert_eq!(cmd, ["SSUBSCRIBE", "feed"]);
+    let moved = format!("-MOVED {slot} 10.0.0.1:8502\r\n");
+    let _ = req.reply.unwrap().send(Ok(Bytes::from(moved)));
+    let (c2, n2) = started(&mut f).await;
+    assert_eq!(n2.port, 8502);
+    let mut p2 = Upstream::connect_to(&f.events, c2, 1);
+    assert_eq!(p2.next().await.0, ["SSUBSCRIBE", "feed"]);
+    p2.push(&["ssubscribe", "feed"], Some(1));
+    p2.push(&["smessage", "feed", "after the move"], None);
+    assert!(message(&mut rx).await.contains("after the move"));
+    // The client saw nothing of the move.
+    quiet(&mut rx);
+
+    // The refreshed map has only the second node: the first one's connection
+    // is closed.
+    let only = Arc::new(SlotMap::from_ranges(&[(0, 16383, node(8502))]).unwrap());
+    f.hub.topology(only, refresh.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p1.nothing().await;
+    p2.nothing().await;
+    assert_eq!(f.metrics.pubsub_channels.get(), 1);
+}
+
+#[tokio::test]
+async fn subscriptions_made_before_the_cluster_was_known_are_placed_again() {
+    let mut f = hub(1 << 20).await;
+    let mut home = Upstream::connect(&f, 1);
+    let (a, mut rx) = Link::new(1, "a".into());
+    let t = subscribe_bg(
+        &f,
+        &a,
+        Proto::Resp2,
+        Kind::Channel,
+        &["__keyevent@0__:del"],
+        1,
+    )
+    .await;
+    assert_eq!(home.next().await.0, ["SUBSCRIBE", "__keyevent@0__:del"]);
+    home.push(&["subscribe", "__keyevent@0__:del"], Some(1));
+    done(t).await.unwrap();
+    let _ = reply(&mut rx, 1).await;
+    // The cluster is found: notifications move to the primaries.
+    f.hub
+        .topology(two_shards(8191, 8501, 8502), Arc::new(Notify::new()));
+    let (c1, _) = started(&mut f).await;
+    let (c2, _) = started(&mut f).await;
+    let mut p1 = Upstream::connect_to(&f.events, c1, 1);
+    let mut p2 = Upstream::connect_to(&f.events, c2, 1);
+    assert_eq!(p1.next().await.0, ["SUBSCRIBE", "__keyevent@0__:del"]);
+    assert_eq!(p2.next().await.0, ["SUBSCRIBE", "__keyevent@0__:del"]);
+    assert_eq!(home.next().await.0, ["UNSUBSCRIBE", "__keyevent@0__:del"]);
+    p1.push(&["subscribe", "__keyevent@0__:del"], Some(1));
+    p2.push(&["subscribe", "__keyevent@0__:del"], Some(1));
+    home.push(&["unsubscribe", "__keyevent@0__:del"], Some(0));
+    p1.push(&["message", "__keyevent@0__:del", "k1"], None);
+    p2.push(&["message", "__keyevent@0__:del", "k2"], None);
+    assert!(message(&mut rx).await.contains("k1"));
+    assert!(message(&mut rx).await.contains("k2"));
+    // The client was told nothing: it is subscribed as before.
+    quiet(&mut rx);
 }

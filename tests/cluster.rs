@@ -210,6 +210,27 @@ fn transactions_and_blocking_commands_run_on_the_node_of_their_keys() {
         .call(&["BLPOP", "q:a", "q:b", "1"])
         .starts_with("-CROSSSLOT"));
     assert_eq!(a.call(&["BLPOP", "{q}a", "{q}b", "0.1"]), "*-1\r\n");
+    // CLIENT UNBLOCK reaches a client blocked on any node, as on one Redis.
+    let id = a.call(&["CLIENT", "ID"]);
+    let id = id.trim_start_matches(':').trim();
+    for (q, how, reply) in [
+        ("q:a", None, "*-1\r\n"),
+        (
+            "q:b",
+            Some("ERROR"),
+            "-UNBLOCKED client unblocked via CLIENT UNBLOCK\r\n",
+        ),
+        ("q:c", Some("TIMEOUT"), "*-1\r\n"),
+        ("q:d", None, "*-1\r\n"),
+    ] {
+        a.send(&["BLPOP", q, "0"]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut cmd = vec!["CLIENT", "UNBLOCK", id];
+        cmd.extend(how);
+        assert_eq!(b.call(&cmd), ":1\r\n", "CLIENT UNBLOCK of a BLPOP on {q}");
+        assert_eq!(String::from_utf8(a.read()).unwrap(), reply);
+        assert_eq!(b.call(&cmd), ":0\r\n", "not blocked any more");
+    }
 }
 
 #[test]

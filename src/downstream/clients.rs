@@ -26,9 +26,9 @@ pub struct Shown {
     /// Channels + patterns, and shard channels.
     pub subs: usize,
     pub shard_subs: usize,
-    /// Blocked in a command on its pinned connection, whose server-side id
-    /// this is (what `CLIENT UNBLOCK` is sent for).
-    pub blocked_on: Option<u64>,
+    /// Blocked in a command on its pinned connection, which stands on this
+    /// server connection (what `CLIENT UNBLOCK` is sent for).
+    pub blocked_on: Option<crate::upstream::pool::ServerRef>,
 }
 
 /// `CLIENT UNBLOCK`'s wish for a blocked client, read by its session when its

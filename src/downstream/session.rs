@@ -835,9 +835,14 @@ impl Session {
     /// One command on the client's shared connection, after the replies still
     /// due on its pinned one.
     async fn send_shared(&mut self, frame: Bytes, since: Instant) {
+        let handle = self.shared_handle();
+        self.send_shared_on(handle, frame, since).await;
+    }
+
+    /// One command on a given shared connection (a cluster node's own).
+    async fn send_shared_on(&mut self, handle: Handle, frame: Bytes, since: Instant) {
         self.switch_to(Target::Shared).await;
         self.ctx.metrics.command(Route::Shared);
-        let handle = self.shared_handle();
         self.send_upstream(&handle.tx, frame, 1, 1, false, since)
             .await;
     }

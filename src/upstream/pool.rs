@@ -146,6 +146,12 @@ impl Pool {
     }
 
     /// A shared connection to this pool's own address, cluster or not.
+    /// A shared connection of a cluster node's own pool (`None`: no cluster).
+    pub fn node_shared(&self, node: &super::topology::Node, proto: Proto) -> Option<Handle> {
+        let c = self.cluster.get()?;
+        Some(c.node_pool(node).shared_direct(proto))
+    }
+
     pub fn shared_direct(&self, proto: Proto) -> Handle {
         let slots = self.shared_slots(proto);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
@@ -285,7 +291,7 @@ impl Pool {
             expiry,
             lost,
             abort,
-            upstream_id,
+            server: ServerRef::new(upstream_id.map(|id| ServerConn { id, node: None })),
         })
     }
 
@@ -546,6 +552,42 @@ pub struct Pinned {
     /// Cancel to close the connection at once, with whatever is in flight
     /// (a blocked wait whose client left).
     pub abort: CancellationToken,
-    /// The server's id for this connection (what `CLIENT UNBLOCK` names).
-    pub upstream_id: Option<u64>,
+    /// The server connection it stands on now (what `CLIENT UNBLOCK` names);
+    /// a cluster's virtual pinned connection changes it as it binds.
+    pub server: ServerRef,
 }
+
+/// A server-side connection: its `CLIENT ID`, and the cluster node it is on
+/// (`None`: the configured host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConn {
+    pub id: u64,
+    pub node: Option<super::topology::Node>,
+}
+
+/// Where a pinned connection stands now (`None`: unknown, or not bound yet).
+#[derive(Debug, Clone, Default)]
+pub struct ServerRef(pub Arc<std::sync::Mutex<Option<ServerConn>>>);
+
+impl ServerRef {
+    pub fn new(conn: Option<ServerConn>) -> ServerRef {
+        ServerRef(Arc::new(std::sync::Mutex::new(conn)))
+    }
+
+    pub fn get(&self) -> Option<ServerConn> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+
+    pub fn set(&self, conn: Option<ServerConn>) {
+        *self.0.lock().expect("not poisoned") = conn;
+    }
+}
+
+/// The same place (shown states compare by it).
+impl PartialEq for ServerRef {
+    fn eq(&self, other: &ServerRef) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ServerRef {}

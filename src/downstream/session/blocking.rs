@@ -30,8 +30,8 @@ impl Session {
         self.settle(false).await;
         // Shown as blocked (CLIENT LIST flag b) and reachable by CLIENT
         // UNBLOCK while it waits.
-        let upstream_id = self.st.pinned.as_ref().and_then(|p| p.upstream_id);
-        self.reg.entry.update(|s| s.blocked_on = upstream_id);
+        let server = self.st.pinned.as_ref().map(|p| p.server.clone());
+        self.reg.entry.update(|s| s.blocked_on = server);
         let start = Instant::now();
         let forever = client_timeout.is_zero();
         let chunk = self.ctx.pool.max_block();

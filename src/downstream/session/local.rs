@@ -39,9 +39,11 @@ impl Session {
                 .await;
             return;
         };
+        // Read now: a cluster's pinned connection binds to its node as it
+        // sends the blocking command.
         let target = self.ctx.clients.get(id).and_then(|e| {
-            let up = e.shown.lock().expect("not poisoned").blocked_on?;
-            Some((e, up))
+            let up = e.shown.lock().expect("not poisoned").blocked_on.clone()?;
+            Some((e, up.get()?))
         });
         let Some((entry, upstream)) = target else {
             self.reply(resp::integer(0)).await;
@@ -50,9 +52,16 @@ impl Session {
         entry
             .unblock
             .store(flag, std::sync::atomic::Ordering::Release);
-        let up = upstream.to_string();
+        let up = upstream.id.to_string();
         let frame = resp::command(&[b"CLIENT", b"UNBLOCK", up.as_bytes(), word]);
-        self.send_shared(frame, since).await;
+        match &upstream.node {
+            // On a cluster, on the node of the blocked connection.
+            Some(node) => match self.ctx.pool.node_shared(node, self.st.proto) {
+                Some(handle) => self.send_shared_on(handle, frame, since).await,
+                None => self.reply(resp::integer(0)).await,
+            },
+            None => self.send_shared(frame, since).await,
+        }
     }
 
     pub(super) async fn local(

@@ -226,7 +226,7 @@ impl Cluster {
     }
 
     /// The pool of one node, made on first use.
-    fn node_pool(&self, node: &Node) -> Arc<Pool> {
+    pub(crate) fn node_pool(&self, node: &Node) -> Arc<Pool> {
         let mut nodes = self.nodes.lock().expect("not poisoned");
         if let Some(p) = nodes.get(node) {
             return p.clone();

@@ -22,7 +22,7 @@ use crate::command::{self, Class, Pin};
 use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{PushSink, Request};
-use crate::upstream::pool::Pinned;
+use crate::upstream::pool::{Pinned, ServerConn, ServerRef};
 use crate::upstream::topology::{self, Node};
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
@@ -57,6 +57,8 @@ struct Virtual {
     /// discards it, as Redis does after an error while queueing.
     tx_failed: bool,
     spread: usize,
+    /// The bound connection's server side, for CLIENT UNBLOCK.
+    server: ServerRef,
 }
 
 /// Start the task; the session holds the returned [`Pinned`] as usual.
@@ -71,6 +73,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         )
     };
     let expiry = Arc::new(AtomicU64::new(exp));
+    let server = ServerRef::default();
     let lost = CancellationToken::new();
     let abort = CancellationToken::new();
     let v = Virtual {
@@ -88,6 +91,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         queued: Vec::new(),
         tx_failed: false,
         spread: fastrand::usize(..1024),
+        server: server.clone(),
     };
     tokio::spawn(v.run(rx));
     Pinned {
@@ -95,9 +99,8 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         expiry,
         lost,
         abort,
-        // A virtual connection binds to several nodes' connections in turn:
-        // CLIENT UNBLOCK does not reach it (it answers 0).
-        upstream_id: None,
+        // Set to the real connection's as it binds (CLIENT UNBLOCK goes there).
+        server,
     }
 }
 
@@ -291,6 +294,10 @@ impl Virtual {
                 _ = done.closed() => {}
             }
         });
+        self.server.set(pin.server.get().map(|s| ServerConn {
+            id: s.id,
+            node: Some(node.clone()),
+        }));
         self.bound = Some(Bound { node, pin });
         if !self.queued.is_empty() {
             let queued = std::mem::take(&mut self.queued);

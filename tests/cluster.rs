@@ -474,6 +474,15 @@ async fn tokens_rotate_into_every_nodes_connections_under_load() {
         r.s.set_read_timeout(Some(LIFETIME * 8)).unwrap();
         r.call(&["BLPOP", "rot:queue", "0"])
     });
+    // Subscriptions held on every primary (a keyevent pattern) and on a
+    // shard channel's owner, kept across the rotations too.
+    let mut sub = Raw::connect(pport);
+    sub.s.set_read_timeout(Some(LIFETIME * 8)).unwrap();
+    assert!(sub
+        .call(&["PSUBSCRIBE", "__keyevent@0__:*"])
+        .ends_with(":1\r\n"));
+    let r = sub.call(&["SSUBSCRIBE", "rot:feed"]);
+    assert!(r.ends_with(":1\r\n"), "{r}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let at_start = proxy_conns(c, "cgen-");
     let last = emu.wait_issued(4, LIFETIME * 5).await;
@@ -495,6 +504,16 @@ async fn tokens_rotate_into_every_nodes_connections_under_load() {
     assert!(tx.2.starts_with("*1\r\n:"), "{tx:?}");
     assert_eq!(tx.3, ":1\r\n");
     assert_eq!(blpop.await.unwrap(), "*2\r\n$9\r\nrot:queue\r\n$1\r\nx\r\n");
+    let mut publisher = Raw::connect(pport);
+    assert_eq!(
+        publisher.call(&["SPUBLISH", "rot:feed", "after-rotations"]),
+        ":1\r\n"
+    );
+    let m = String::from_utf8(sub.read()).unwrap();
+    assert!(
+        m.contains("smessage") && m.contains("after-rotations"),
+        "{m}"
+    );
     stop.store(true, Ordering::Relaxed);
     let mut rounds = 0;
     for l in load {

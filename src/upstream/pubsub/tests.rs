@@ -729,3 +729,37 @@ async fn subscriptions_made_before_the_cluster_was_known_are_placed_again() {
     // The client was told nothing: it is subscribed as before.
     quiet(&mut rx);
 }
+
+#[tokio::test]
+async fn a_moved_before_the_cluster_is_known_waits_for_the_slot_map() {
+    let mut f = hub(1 << 20).await;
+    let mut home = Upstream::connect(&f, 1);
+    let (a, mut rx) = Link::new(1, "a".into());
+    // Subscribed before the cluster layer handed over its first map: the
+    // configured host is asked, and it does not own the slot.
+    let t = subscribe_bg(&f, &a, Proto::Resp2, Kind::Shard, &["feed"], 1).await;
+    let (cmd, req) = home.next().await;
+    assert_eq!(cmd, ["SSUBSCRIBE", "feed"]);
+    let slot = crate::keys::slot(b"feed");
+    let moved = format!("-MOVED {slot} 10.0.0.1:8502\r\n");
+    let _ = req.reply.unwrap().send(Ok(Bytes::from(moved)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !t.is_finished(),
+        "the client got the MOVED: {:?}",
+        done(t).await
+    );
+    // The map comes: the subscription is made on the slot's owner.
+    f.hub
+        .topology(two_shards(slot - 1, 8501, 8502), Arc::new(Notify::new()));
+    let (c2, n2) = started(&mut f).await;
+    assert_eq!(n2.port, 8502);
+    let mut p2 = Upstream::connect_to(&f.events, c2, 1);
+    assert_eq!(p2.next().await.0, ["SSUBSCRIBE", "feed"]);
+    p2.push(&["ssubscribe", "feed"], Some(1));
+    assert_eq!(done(t).await, Ok(Counts { subs: 0, shard: 1 }));
+    assert_eq!(
+        reply(&mut rx, 1).await,
+        "*3\r\n$10\r\nssubscribe\r\n$4\r\nfeed\r\n:1\r\n"
+    );
+}

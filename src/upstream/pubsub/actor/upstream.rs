@@ -459,9 +459,6 @@ impl Actor {
     /// `TRYAGAIN`, `CLUSTERDOWN`): followed or tried again, within a bound.
     /// True when it was taken care of.
     pub(super) fn redirected(&mut self, d: &Done, reply: &[u8]) -> bool {
-        if self.map.is_none() {
-            return false;
-        }
         let answered_by = self.conns[d.conn].node.clone().unwrap_or(Node {
             host: String::new(),
             port: 0,
@@ -480,15 +477,17 @@ impl Actor {
         }
         self.ask_refresh();
         match redirect {
-            Some((true, slot, node)) => {
+            // Before the first slot map (the cluster layer is still reading
+            // it): the map's arrival places every subscription again.
+            Some((true, slot, node)) if self.map.is_some() => {
                 debug!(slot, node = %node, "pub/sub hub: following MOVED");
                 if let Some(m) = self.map.as_mut() {
                     Arc::make_mut(m).moved(slot, node);
                 }
                 self.replace(vec![(d.kind, d.name.clone())]);
             }
-            // ASK (a migration under way) or the cluster not ready: again at
-            // the next tick, by the map as it is then.
+            // ASK (a migration under way), the cluster not ready, or no map
+            // yet: again at the next tick, by the map as it is then.
             _ => {
                 self.retry.insert((d.kind, d.name.clone()));
             }

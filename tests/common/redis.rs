@@ -150,30 +150,74 @@ pub struct PlainRedis {
 impl PlainRedis {
     pub fn start() -> PlainRedis {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "plain redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        // A free port can be taken by another test's server between the
+        // probe and the bind: then this one exits and another answers. Only
+        // a server that reports this child's pid counts; otherwise try again.
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if serves_pid(port, child.id()) {
+                    return PlainRedis {
+                        port,
+                        _dir: dir,
+                        child,
+                    };
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "plain redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        PlainRedis {
-            port,
-            _dir: dir,
-            child,
+        panic!("plain redis-server could not bind a free port in 10 tries");
+    }
+}
+
+/// Whether the server on `port` is the process `pid` (`INFO server`).
+fn serves_pid(port: u16, pid: u32) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let want = format!("process_id:{pid}\r\n");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while got.len() < 1 << 16 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+        let text = String::from_utf8_lossy(&got);
+        if text.contains(&want) {
+            return true;
+        }
+        if text.contains("process_id:") && text.ends_with("\r\n\r\n") {
+            return false;
         }
     }
+    false
 }
 
 impl Drop for PlainRedis {

@@ -725,3 +725,69 @@ fn keyspace_notifications_and_shard_channels_reach_subscribers_from_every_shard(
     );
     c.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", ""]);
 }
+
+#[test]
+fn client_modes_follow_keys_to_every_shard() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_for(c);
+    let keys: Vec<String> = (0..12).map(|i| format!("cm:{i}")).collect();
+    let owners: std::collections::HashSet<u16> = keys.iter().map(|k| owner_of(c, k)).collect();
+    assert_eq!(owners.len(), 3, "the keys span every shard");
+    let mut w = Raw::connect(proxy.port);
+    for k in &keys {
+        assert_eq!(w.call(&["SET", k, "v1"]), "+OK\r\n");
+    }
+    // RESP3 client-side caching: tracking is on for every shard the client
+    // reads from, and invalidations of all of them arrive on its connection.
+    let mut t = Raw::connect(proxy.port);
+    assert!(t.call(&["HELLO", "3"]).starts_with('%'));
+    assert_eq!(t.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
+    for k in &keys {
+        assert_eq!(
+            t.call(&["GET", k]),
+            "$2\r\nv1\r\n",
+            "GET {k} while tracking"
+        );
+    }
+    for k in &keys {
+        assert_eq!(w.call(&["SET", k, "v2"]), "+OK\r\n");
+    }
+    let mut invalidated = std::collections::HashSet::new();
+    for _ in &keys {
+        let m = String::from_utf8(t.read()).unwrap();
+        assert!(m.starts_with(">2\r\n$10\r\ninvalidate\r\n"), "{m}");
+        // `>2 invalidate *1 $n key`
+        let key = m.split("\r\n").nth(5).unwrap_or_default().to_string();
+        invalidated.insert(key);
+    }
+    let want: std::collections::HashSet<String> = keys.iter().cloned().collect();
+    assert_eq!(invalidated, want);
+    // READONLY binds too: reads of every shard still answer.
+    let mut r = Raw::connect(proxy.port);
+    assert_eq!(r.call(&["READONLY"]), "+OK\r\n");
+    for k in &keys {
+        assert_eq!(
+            r.call(&["GET", k]),
+            "$2\r\nv2\r\n",
+            "GET {k} after READONLY"
+        );
+    }
+    // RESP2 tracking redirects to one connection; a cluster has one per
+    // shard: refused in words rather than half working.
+    let mut s = Raw::connect(proxy.port);
+    let id = s.call(&["CLIENT", "ID"]);
+    let mut t2 = Raw::connect(proxy.port);
+    let reply = t2.call(&[
+        "CLIENT",
+        "TRACKING",
+        "on",
+        "REDIRECT",
+        id.trim_start_matches(':').trim(),
+    ]);
+    assert!(
+        reply.starts_with("-ERR") && reply.contains("clustered cache"),
+        "{reply}"
+    );
+    assert_eq!(t2.call(&["GET", &keys[0]]), "$2\r\nv2\r\n");
+}

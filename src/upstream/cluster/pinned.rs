@@ -11,7 +11,12 @@
 //!   proxy answers).
 //! - Outside them, each command goes to its keys' node, re-binding when that
 //!   is another node; a `MOVED` is followed (the command did not run).
-//! - A client mode (CLIENT TRACKING, MONITOR, ...) binds for good.
+//! - A client mode (CLIENT TRACKING, READONLY, ...) holds for every node:
+//!   a command for another node's keys gets a connection there with the
+//!   client's mode commands replayed first; the connections of the nodes
+//!   left are kept (their tracking invalidations still reach the client).
+//!   `CLIENT TRACKING ... REDIRECT` is refused: a cluster would need one
+//!   redirect target per shard.
 //!
 //! If the bound connection is lost while it holds the client's state, the
 //! session is told (`lost`), as for any pinned connection.
@@ -59,7 +64,15 @@ struct Virtual {
     spread: usize,
     /// The bound connection's server side, for CLIENT UNBLOCK.
     server: ServerRef,
+    /// In a client mode: the connections to other nodes, kept with their mode.
+    parked: Vec<Bound>,
+    /// The client-mode commands that succeeded, in order: replayed on each
+    /// node's connection when it is first used.
+    modes: Vec<Bytes>,
 }
+
+/// Client-mode commands remembered for replay at most (oldest dropped).
+const MAX_MODES: usize = 64;
 
 /// Start the task; the session holds the returned [`Pinned`] as usual.
 pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
@@ -92,6 +105,8 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         tx_failed: false,
         spread: fastrand::usize(..1024),
         server: server.clone(),
+        parked: Vec::new(),
+        modes: Vec::new(),
     };
     tokio::spawn(v.run(rx));
     Pinned {
@@ -151,10 +166,12 @@ impl Virtual {
     async fn one(&mut self, frame: Bytes, args: &[Vec<u8>]) -> Bytes {
         let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
         let name = upper(refs[0]);
-        if matches!(
-            command::classify(&refs),
-            Class::Pin(Pin::ClientMode | Pin::Monitor | Pin::Cluster)
-        ) {
+        let class = command::classify(&refs);
+        let mode = matches!(class, Class::Pin(Pin::ClientMode | Pin::Cluster));
+        if mode && is_tracking_redirect(&refs) {
+            return resp::error(TRACKING_REDIRECT_REFUSED);
+        }
+        if mode || matches!(class, Class::Pin(Pin::Monitor)) {
             self.sticky = true;
         }
         if name == b"EXEC" && self.in_multi && self.tx_failed {
@@ -196,8 +213,14 @@ impl Virtual {
             }
         }
         let reply = self.forward(frame.clone(), slot).await;
+        if mode && !reply.starts_with(b"-") {
+            if self.modes.len() == MAX_MODES {
+                self.modes.remove(0);
+            }
+            self.modes.push(frame.clone());
+        }
         // Outside a transaction a MOVED means the command did not run: follow it.
-        let reply = if !self.held() {
+        let reply = if !(self.in_multi || self.watching) {
             self.follow_moved(frame, slot, reply).await
         } else {
             reply
@@ -242,7 +265,7 @@ impl Virtual {
             match topology::parse_redirect(&reply, &node) {
                 Some((true, s, to)) => {
                     self.cluster.moved(s, to);
-                    self.bound = None;
+                    self.unbind();
                     reply = self.forward(frame.clone(), slot).await;
                 }
                 _ => return reply,
@@ -257,12 +280,31 @@ impl Virtual {
             Some(_) => self.cluster.node_for(slot, self.spread),
             None => None,
         };
+        // A client mode moves to the keys' node (keeping the one it leaves);
+        // a transaction or WATCH stays where it is.
         let rebind = match (&self.bound, &want) {
-            (Some(b), Some(w)) => b.node != *w && !self.held(),
+            (Some(b), Some(w)) => b.node != *w && !(self.in_multi || self.watching),
             _ => false,
         };
         if rebind {
-            self.bound = None;
+            self.unbind();
+        }
+        if self.bound.is_none() && self.sticky {
+            if let Some(w) = &want {
+                if let Some(i) = self.parked.iter().position(|b| b.node == *w) {
+                    let b = self.parked.swap_remove(i);
+                    if b.pin.lost.is_cancelled() {
+                        // The mode held there is gone with it.
+                        self.lost.cancel();
+                    } else {
+                        self.server.set(b.pin.server.get().map(|s| ServerConn {
+                            id: s.id,
+                            node: Some(b.node.clone()),
+                        }));
+                        self.bound = Some(b);
+                    }
+                }
+            }
         }
         if self.bound.is_none() {
             if self.in_multi && slot.is_none() && !frame_is(&frame, b"EXEC") {
@@ -276,6 +318,13 @@ impl Virtual {
             };
             if let Err(e) = self.bind(node).await {
                 return e.to_reply();
+            }
+            // A new node's connection takes the client's modes first.
+            for m in self.modes.clone() {
+                let r = self.send(m).await;
+                if r.starts_with(b"-") {
+                    return r;
+                }
             }
         }
         self.send(frame).await
@@ -309,6 +358,16 @@ impl Virtual {
             let _ = self.request(bytes.freeze(), queued.len(), true).await;
         }
         Ok(())
+    }
+
+    /// Leave the bound connection: kept for later in a client mode (its
+    /// mode stays on it), released otherwise.
+    fn unbind(&mut self) {
+        if let Some(b) = self.bound.take() {
+            if self.sticky && !b.pin.lost.is_cancelled() {
+                self.parked.push(b);
+            }
+        }
     }
 
     async fn send(&mut self, frame: Bytes) -> Bytes {
@@ -354,6 +413,15 @@ impl Virtual {
         }
         res
     }
+}
+
+const TRACKING_REDIRECT_REFUSED: &str = "ERR redis-entra-proxy: CLIENT TRACKING ... REDIRECT is not available on a clustered cache (invalidations of each shard would need a redirect target on that shard); use RESP3 tracking (HELLO 3, CLIENT TRACKING on) instead";
+
+/// `CLIENT TRACKING ... REDIRECT <id>`.
+fn is_tracking_redirect(args: &[&[u8]]) -> bool {
+    args.get(1)
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"))
+        && args.iter().any(|a| a.eq_ignore_ascii_case(b"REDIRECT"))
 }
 
 /// Whether `frame` (a RESP array command) is the command `name`.

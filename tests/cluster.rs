@@ -271,6 +271,12 @@ fn resharding_and_failover_under_load_lose_no_acknowledged_write() {
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     let proxy = proxy_for(c);
+    // A subscriber to a notification channel held on every primary, kept
+    // through the resharding and the failover.
+    let mut sub = Raw::connect(proxy.port);
+    assert!(sub
+        .call(&["SUBSCRIBE", "__keyevent@0__:set"])
+        .ends_with(":1\r\n"));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..6)
         .map(|t| {
@@ -361,6 +367,29 @@ fn resharding_and_failover_under_load_lose_no_acknowledged_write() {
     for e in &errors {
         assert!(e.contains("may or may not have been executed"), "{e}");
     }
+    // The subscriber hears the SETs of every shard, the new primary's too,
+    // each once (the old primary, a replica now, is no longer listened to).
+    c.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", "E$"]);
+    let keys: Vec<String> = (0..30).map(|i| format!("fo:{i}")).collect();
+    let mut heard = Vec::new();
+    for _round in 0..10 {
+        for k in &keys {
+            assert_eq!(check.call(&["SET", k, "v"]), "+OK\r\n");
+        }
+        heard.clear();
+        while let Some(m) = sub.try_read(std::time::Duration::from_millis(1500)) {
+            let m = String::from_utf8(m).unwrap();
+            heard.push(m.split("\r\n").nth(6).unwrap_or_default().to_string());
+        }
+        if heard.len() >= keys.len() {
+            break;
+        }
+    }
+    c.on_every_node(&["CONFIG", "SET", "notify-keyspace-events", ""]);
+    heard.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(heard, want, "each SET notified once after the failover");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,32 @@ impl Raw {
         }
     }
 
+    /// One complete reply if one arrives within `wait`, else `None` (the
+    /// connection stays usable; part of a reply read meanwhile is kept).
+    pub fn try_read(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let mut scanner = redis_entra_proxy::resp::scan::ReplyScanner::new();
+            if let Some(r) = scanner.scan(&self.buf).unwrap() {
+                return Some(self.buf.drain(..r.len).collect());
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            self.s
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut chunk = [0u8; 65536];
+            let got = self.s.read(&mut chunk);
+            self.s
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            match got {
+                Ok(0) => panic!("connection closed"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub fn call(&mut self, args: &[&str]) -> String {
         self.send(args);
         String::from_utf8_lossy(&self.read()).into_owned()

@@ -138,6 +138,16 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     [ "$role" = master ] || continue
     echo "    127.0.0.1:$port holds: $(node_cli "$port" KEYS '*' | sort | tr '\n' ' ')"
   done
+  echo "==> keyspace notifications of every shard, to one plain subscriber (notify-keyspace-events on each node):"
+  for i in 0 1 2 3 4 5; do node_cli $((CLUSTER_PORT + i)) CONFIG SET notify-keyspace-events 'E$' >/dev/null; done
+  timeout 3 redis-cli -p "$PROXY_PORT" SUBSCRIBE '__keyevent@0__:set' > "$work/notifications" 2>&1 &
+  sub=$!
+  sleep 1
+  redis-cli -p "$PROXY_PORT" SET user:1 alice2 >/dev/null
+  redis-cli -p "$PROXY_PORT" SET city:2 Bergen >/dev/null
+  redis-cli -p "$PROXY_PORT" SET city:3 Cusco >/dev/null
+  wait "$sub" || true
+  echo "    SET notified for: $(tail -n +4 "$work/notifications" | grep -v -e message -e __keyevent | tr '\n' ' ')"
   echo "==> redis-benchmark -r 100000 through the proxy (SET, GET, MSET of 10 keys over all shards):"
   redis-benchmark -p "$PROXY_PORT" -r 100000 -n 20000 -t set,get,mset -q 2>&1 | tr '\r' '\n' | grep 'per second'
   if $keep; then

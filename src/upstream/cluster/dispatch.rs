@@ -488,6 +488,12 @@ fn is_error_word(reply: &[u8], word: &[u8]) -> bool {
     reply.len() > word.len() + 1 && reply[0] == b'-' && reply[1..].starts_with(word)
 }
 
+/// `TRYAGAIN` or `CLUSTERDOWN`: the command did not run, and may once the
+/// cluster settles (a migration, a failover).
+pub fn not_now(reply: &[u8]) -> bool {
+    is_error_word(reply, b"TRYAGAIN") || is_error_word(reply, b"CLUSTERDOWN")
+}
+
 /// Follow one command's redirections until it has a real answer.
 async fn resolve(
     cluster: &Cluster,
@@ -545,7 +551,7 @@ async fn resolve(
             }
             continue;
         }
-        if is_error_word(&r, b"TRYAGAIN") || is_error_word(&r, b"CLUSTERDOWN") {
+        if not_now(&r) {
             if start.elapsed() >= RETRY_BUDGET {
                 return r;
             }

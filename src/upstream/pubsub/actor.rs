@@ -45,7 +45,7 @@ struct Entry {
     /// The connections it is on, or on its way onto or off.
     ups: Vec<(usize, Up)>,
     /// Redirections followed since it was last confirmed.
-    redirects: u32,
+    redirects: usize,
 }
 
 impl Entry {
@@ -142,6 +142,20 @@ struct Conn {
     retired: bool,
 }
 
+impl Conn {
+    /// Not started yet; `stop` ends it.
+    fn new(node: Option<Node>, stop: CancellationToken) -> Conn {
+        Conn {
+            node,
+            up: None,
+            down: None,
+            started: false,
+            stop,
+            retired: false,
+        }
+    }
+}
+
 pub struct Actor {
     opts: HubOpts,
     metrics: Arc<Metrics>,
@@ -178,14 +192,7 @@ impl Actor {
     ) -> Actor {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let home = Conn {
-            node: None,
-            up: None,
-            down: None,
-            started: false,
-            stop: shutdown.child_token(),
-            retired: false,
-        };
+        let home = Conn::new(None, shutdown.child_token());
         Actor {
             opts,
             metrics,

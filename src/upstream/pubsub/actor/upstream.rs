@@ -5,6 +5,7 @@
 
 use super::{Actor, Conn, Done, Entry, Up, Upstream, HOME};
 use crate::resp;
+use crate::upstream::cluster::dispatch;
 use crate::upstream::conn::Request;
 use crate::upstream::pubsub::place::{self, Place};
 use crate::upstream::pubsub::{Kind, Start, TRACKING_CHANNEL};
@@ -15,24 +16,14 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
-/// Redirections (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) followed in a row
-/// for one subscription before its waiting clients get the error.
-const MAX_REDIRECTS: u32 = 16;
-
 impl Actor {
     /// The connection that holds `node`'s subscriptions (made on first use).
     pub(super) fn conn_for(&mut self, node: &Node) -> usize {
         if let Some(&c) = self.by_node.get(node) {
             return c;
         }
-        self.conns.push(Conn {
-            node: Some(node.clone()),
-            up: None,
-            down: None,
-            started: false,
-            stop: self.shutdown.child_token(),
-            retired: false,
-        });
+        let stop = self.shutdown.child_token();
+        self.conns.push(Conn::new(Some(node.clone()), stop));
         let c = self.conns.len() - 1;
         self.by_node.insert(node.clone(), c);
         c
@@ -221,15 +212,16 @@ impl Actor {
     /// Connection `c` is gone: nothing is subscribed on it any more. Local
     /// subscriptions stay and are made again on its next connection.
     pub(super) fn lost(&mut self, c: usize) {
-        self.conns[c].up = None;
         self.forget_conn(c);
         if c != HOME {
             self.ask_refresh();
         }
     }
 
-    /// Drop every upstream state held on connection `c`.
+    /// Connection `c` is down or closed: drop it and every upstream state
+    /// held on it.
     pub(super) fn forget_conn(&mut self, c: usize) {
+        self.conns[c].up = None;
         for (kind, n) in self.select(|e| e.state(c).is_some()) {
             self.set_up(kind, &n, c, None);
             self.reconcile(kind, &n);
@@ -277,7 +269,6 @@ impl Actor {
             let conn = &mut self.conns[c];
             conn.retired = true;
             conn.stop.cancel();
-            conn.up = None;
             self.forget_conn(c);
         }
         self.replace(self.select(|_| true));
@@ -464,15 +455,16 @@ impl Actor {
             port: 0,
         });
         let redirect = topology::parse_redirect(reply, &answered_by);
-        let later = reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN");
+        let later = dispatch::not_now(reply);
         if redirect.is_none() && !later {
             return false;
         }
         let Some(e) = self.entries[d.kind.idx()].get_mut(&d.name) else {
             return true;
         };
+        // As many in a row as a command may follow.
         e.redirects += 1;
-        if e.redirects > MAX_REDIRECTS {
+        if e.redirects > dispatch::MAX_REDIRECTS {
             return false;
         }
         self.ask_refresh();

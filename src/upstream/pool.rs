@@ -145,13 +145,13 @@ impl Pool {
         self.shared_direct(proto)
     }
 
-    /// A shared connection to this pool's own address, cluster or not.
     /// A shared connection of a cluster node's own pool (`None`: no cluster).
     pub fn node_shared(&self, node: &super::topology::Node, proto: Proto) -> Option<Handle> {
         let c = self.cluster.get()?;
         Some(c.node_pool(node).shared_direct(proto))
     }
 
+    /// A shared connection to this pool's own address, cluster or not.
     pub fn shared_direct(&self, proto: Proto) -> Handle {
         let slots = self.shared_slots(proto);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();

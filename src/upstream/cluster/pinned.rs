@@ -124,8 +124,13 @@ fn upper(a: &[u8]) -> Vec<u8> {
 }
 
 impl Virtual {
+    /// A transaction or WATCH is open: it stays on its node.
+    fn in_tx(&self) -> bool {
+        self.in_multi || self.watching
+    }
+
     fn held(&self) -> bool {
-        self.in_multi || self.watching || self.sticky
+        self.in_tx() || self.sticky
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
@@ -220,7 +225,7 @@ impl Virtual {
             self.modes.push(frame.clone());
         }
         // Outside a transaction a MOVED means the command did not run: follow it.
-        let reply = if !(self.in_multi || self.watching) {
+        let reply = if !self.in_tx() {
             self.follow_moved(frame, slot, reply).await
         } else {
             reply
@@ -283,7 +288,7 @@ impl Virtual {
         // A client mode moves to the keys' node (keeping the one it leaves);
         // a transaction or WATCH stays where it is.
         let rebind = match (&self.bound, &want) {
-            (Some(b), Some(w)) => b.node != *w && !(self.in_multi || self.watching),
+            (Some(b), Some(w)) => b.node != *w && !self.in_tx(),
             _ => false,
         };
         if rebind {
@@ -297,11 +302,7 @@ impl Virtual {
                         // The mode held there is gone with it.
                         self.lost.cancel();
                     } else {
-                        self.server.set(b.pin.server.get().map(|s| ServerConn {
-                            id: s.id,
-                            node: Some(b.node.clone()),
-                        }));
-                        self.bound = Some(b);
+                        self.stand_on(b);
                     }
                 }
             }
@@ -343,11 +344,7 @@ impl Virtual {
                 _ = done.closed() => {}
             }
         });
-        self.server.set(pin.server.get().map(|s| ServerConn {
-            id: s.id,
-            node: Some(node.clone()),
-        }));
-        self.bound = Some(Bound { node, pin });
+        self.stand_on(Bound { node, pin });
         if !self.queued.is_empty() {
             let queued = std::mem::take(&mut self.queued);
             let mut bytes = BytesMut::new();
@@ -358,6 +355,15 @@ impl Virtual {
             let _ = self.request(bytes.freeze(), queued.len(), true).await;
         }
         Ok(())
+    }
+
+    /// Bind to `b`, and say which server connection that is (CLIENT UNBLOCK).
+    fn stand_on(&mut self, b: Bound) {
+        self.server.set(b.pin.server.get().map(|s| ServerConn {
+            id: s.id,
+            node: Some(b.node.clone()),
+        }));
+        self.bound = Some(b);
     }
 
     /// Leave the bound connection: kept for later in a client mode (its

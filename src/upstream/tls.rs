@@ -331,6 +331,17 @@ impl Connector {
                 );
                 l
             }
+            None if super::policy::is_noperm(&reply) => {
+                tracing::warn!(
+                    "{}",
+                    super::policy::refusal_line(
+                        "COMMAND",
+                        &reply,
+                        "routing by the built-in table only"
+                    )
+                );
+                crate::command::Learned::default()
+            }
             None => {
                 tracing::info!(
                     reply = %resp::error_text(&reply).unwrap_or_else(|| "not a command table".into()),

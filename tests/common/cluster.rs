@@ -1,7 +1,8 @@
 //! A real Redis Cluster on loopback for the cluster tests: six TLS-only
 //! redis-server processes (three primaries, three replicas), `tls-cluster yes`
 //! and `tls-replication yes`, no plaintext port, the default user off and the
-//! same ACL users on every node.
+//! same ACL users on every node (the proxy's, and one per Azure access
+//! policy: [`super::policies`]).
 //!
 //! One cluster per variant per test binary ([`shared`]): made by the first test
 //! that asks, then used by every other. Test binaries end without running the
@@ -186,13 +187,14 @@ impl Cluster {
              cluster-node-timeout 3000\n{announce}save \"\"\nappendonly no\ndir {dir}\n\
              daemonize no\nuser default off\n\
              user admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {USER} on >{PASSWORD} ~* &* +@all\n\
-             masteruser admin\nmasterauth {ADMIN_PASSWORD}\nlogfile {log}\n",
+             {policies}masteruser admin\nmasterauth {ADMIN_PASSWORD}\nlogfile {log}\n",
             cert = self.pki.cert_pem.display(),
             key = self.pki.key_pem.display(),
             ca = self.pki.ca_pem.display(),
             nodes = nd.join("nodes.conf").display(),
             dir = nd.display(),
             log = nd.join("redis.log").display(),
+            policies = super::policies::conf_lines(),
         );
         let path = nd.join("redis.conf");
         std::fs::write(&path, conf).unwrap();

@@ -35,11 +35,12 @@ impl RedisServer {
         let pki = certs::make(dir.path(), "redis", &["localhost", "127.0.0.1"]);
         let port = free_port();
         let conf = format!(
-            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nsave \"\"\nappendonly no\ndir {}\nuser default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {user} on >{password} ~* &* +@all\nlogfile {}\n",
+            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nsave \"\"\nappendonly no\ndir {}\nuser default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {user} on >{password} ~* &* +@all\n{}logfile {}\n",
             pki.cert_pem.display(),
             pki.key_pem.display(),
             pki.ca_pem.display(),
             dir.path().display(),
+            super::policies::conf_lines(),
             dir.path().join("redis.log").display(),
         );
         let conf_path = dir.path().join("redis.conf");

@@ -22,6 +22,7 @@ pub mod pinned;
 pub mod route;
 
 use super::conn::{Handle, PushSink, Request};
+use super::policy;
 use super::pool::{Pinned, Pool};
 use super::pubsub::Hub;
 use super::tls::Connector;
@@ -74,6 +75,8 @@ pub struct Cluster {
     next: AtomicUsize,
     /// Why the last attempt to ask the seed (while undecided) failed.
     seed_error: Mutex<Option<UpstreamError>>,
+    /// Commands of the proxy's own the access policy refused (logged once).
+    refusals: policy::Refusals,
 }
 
 fn idx(proto: Proto) -> usize {
@@ -135,6 +138,7 @@ impl Cluster {
             dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
             seed_error: Mutex::new(None),
+            refusals: Default::default(),
         });
         seed.install_cluster(c.clone());
         tokio::spawn(c.clone().decide(mode == ClusterMode::On));
@@ -271,33 +275,39 @@ impl Cluster {
             // while the question fails must still wake the retry below.
             let mut tokens = self.connector.tokens().clone();
             tokens.mark_unchanged();
-            let asked = self.ask_seed(&[b"INFO", b"cluster"]).await;
+            // HELLO's mode and CLUSTER SLOTS: every built-in access policy
+            // allows both (INFO is @dangerous: refused under Contributor and
+            // Reader), see `policy`.
+            let asked = self.ask_seed(&[b"CLUSTER", b"SLOTS"]).await;
             if asked.is_ok() {
                 *self.seed_error.lock().expect("not poisoned") = None;
             }
             match asked {
-                Ok(reply) if reply.first() != Some(&b'-') => {
+                Ok(reply) => {
                     let fields = self.seed.hello_fields_direct();
                     let hello_mode = fields
                         .iter()
                         .find(|(k, _)| k == "mode")
                         .map(|(_, v)| matches!(v, resp::Value::Str(s) if &s[..] == b"cluster"));
-                    let info = memchr::memmem::find(&reply, b"cluster_enabled:1").is_some();
-                    let yes = hello_mode.unwrap_or(false) || info;
+                    let detected = policy::detect(hello_mode, &reply);
+                    if detected == policy::Detected::ClusterUnreadable {
+                        warn!(
+                            "{}",
+                            policy::refusal_line(
+                                "CLUSTER SLOTS",
+                                &reply,
+                                "HELLO says the cache is a cluster, but without its slot map the proxy cannot route by slot: clients will see MOVED"
+                            )
+                        );
+                    }
+                    let yes = detected == policy::Detected::Cluster;
                     info!(
                         hello_mode = ?hello_mode,
-                        info_cluster_enabled = info,
+                        cluster_slots = %resp::error_text(&reply).unwrap_or_else(|| "listed".into()),
                         "upstream.cluster = auto: the upstream is {}",
                         if yes { "a Redis Cluster; routing commands by hash slot" } else { "not a cluster" }
                     );
                     break yes;
-                }
-                Ok(reply) => {
-                    info!(
-                        reply = %resp::error_text(&reply).unwrap_or_default(),
-                        "upstream.cluster = auto: INFO refused; taking the upstream as not a cluster"
-                    );
-                    break false;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cluster detection waits for an upstream connection");
@@ -321,6 +331,15 @@ impl Cluster {
         if let Ok(reply) = self.ask_seed(&[b"COMMAND"]).await {
             if let Some(t) = KeyTable::from_command_reply(&reply) {
                 let _ = self.table.set(t);
+            } else if policy::is_noperm(&reply) {
+                warn!(
+                    "{}",
+                    policy::refusal_line(
+                        "COMMAND",
+                        &reply,
+                        "finding keys by the built-in command table (module commands go to any node)"
+                    )
+                );
             }
         }
         let mut attempt = 0u32;
@@ -376,12 +395,29 @@ impl Cluster {
         };
         sources.push((seed_node, self.seed.shared_direct(Proto::Resp2)));
         for (node, handle) in sources {
-            let map = match ask(&handle, resp::command(&[b"CLUSTER", b"SHARDS"])).await {
+            let shards = if self.refusals.refused("CLUSTER SHARDS") {
+                Ok(Bytes::from_static(b"-NOPERM\r\n"))
+            } else {
+                ask(&handle, resp::command(&[b"CLUSTER", b"SHARDS"])).await
+            };
+            let map = match shards {
                 Ok(r) if r.first() != Some(&b'-') => topology::parse_shards(&r, &node.host, true),
-                Ok(_) => match ask(&handle, resp::command(&[b"CLUSTER", b"SLOTS"])).await {
-                    Ok(r) => topology::parse_slots(&r, &node.host),
-                    Err(_) => None,
-                },
+                Ok(r) => {
+                    if policy::is_noperm(&r) && self.refusals.first("CLUSTER SHARDS") {
+                        warn!(
+                            "{}",
+                            policy::refusal_line(
+                                "CLUSTER SHARDS",
+                                &r,
+                                "reading CLUSTER SLOTS instead"
+                            )
+                        );
+                    }
+                    match ask(&handle, resp::command(&[b"CLUSTER", b"SLOTS"])).await {
+                        Ok(r) => topology::parse_slots(&r, &node.host),
+                        Err(_) => None,
+                    }
+                }
                 Err(_) => None,
             };
             let Some(map) = map else { continue };

@@ -29,6 +29,10 @@ pub enum Local {
     ClientReply,
     /// EXEC/DISCARD/UNWATCH: only meaningful on a pinned connection.
     TxEnd,
+    /// What the proxy answers as itself (`downstream::face`): the cluster
+    /// face, INFO's mode, CLIENT MAINT_NOTIFICATIONS. Claimed before this
+    /// table is read (the face can be turned off).
+    Face,
 }
 
 /// Why the proxy refuses a command rather than run it: what it would do to a

@@ -35,6 +35,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("listen.password", "none"),
     ("listen.password_file", "none"),
     ("listen.max_clients", "10000"),
+    ("listen.cluster_face", "true"),
     ("limits.max_bulk_bytes", "536870912"),
     ("limits.max_line_bytes", "65536"),
     ("limits.max_elements", "1048576"),
@@ -173,6 +174,9 @@ pub struct ListenConfig {
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub max_clients: usize,
+    /// Answer CLUSTER SLOTS/SHARDS/NODES/..., READONLY, READWRITE and ASKING
+    /// as one node owning every slot (`downstream::face`).
+    pub cluster_face: bool,
 }
 
 /// Bounds on what one client may send (see `resp::scan`).
@@ -340,6 +344,7 @@ impl Default for ListenConfig {
             password: None,
             password_file: None,
             max_clients: 10_000,
+            cluster_face: true,
         }
     }
 }

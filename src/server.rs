@@ -173,6 +173,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         next_id: AtomicU64::new(1),
         clients: Default::default(),
         laddr: cfg.listen.address.as_str().into(),
+        face: crate::downstream::face::Face::new(
+            cfg.listen.cluster_face,
+            &format!("{}:{}", cfg.upstream.host, cfg.upstream.port),
+            tcp.first().and_then(|l| l.local_addr().ok()),
+        ),
     });
     let admission = Arc::new(Admission::new(cfg.listen.max_clients));
     let tracker = TaskTracker::new();

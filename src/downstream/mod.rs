@@ -2,6 +2,7 @@
 //! [`session`] per client connection.
 
 pub mod clients;
+pub mod face;
 mod replies;
 pub mod session;
 
@@ -91,8 +92,11 @@ pub async fn serve(
         tracker.spawn(async move {
             let _ticket = Ticket(&admission, metrics);
             match stream {
-                ClientStream::Tcp(s) => session::run(s, peer, ctx, drain).await,
-                ClientStream::Unix(s) => session::run(s, peer, ctx, drain).await,
+                ClientStream::Tcp(s) => {
+                    let local = s.local_addr().ok();
+                    session::run(s, peer, local, ctx, drain).await
+                }
+                ClientStream::Unix(s) => session::run(s, peer, None, ctx, drain).await,
             }
         });
     }

@@ -42,6 +42,7 @@ use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
 
 mod blocking;
+mod face;
 mod local;
 mod subscribe;
 use bytes::{Bytes, BytesMut};
@@ -74,6 +75,8 @@ pub struct Context {
     pub clients: Arc<super::clients::Clients>,
     /// The client listener's address (`laddr` in CLIENT LIST).
     pub laddr: Arc<str>,
+    /// The proxy as it shows itself (cluster face, INFO's mode).
+    pub face: super::face::Face,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -154,8 +157,13 @@ impl State {
 /// Serve one client until it quits, errs, or `drain` fires: then no further
 /// command is read, the replies of those already read are written, and the
 /// connection is closed.
-pub async fn run<S>(stream: S, peer: Peer, ctx: Arc<Context>, drain: CancellationToken)
-where
+pub async fn run<S>(
+    stream: S,
+    peer: Peer,
+    local_addr: Option<std::net::SocketAddr>,
+    ctx: Arc<Context>,
+    drain: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +215,7 @@ where
         },
         silent: false,
         peer,
+        local_addr,
         reg,
         kill,
     };
@@ -421,6 +430,8 @@ struct Session {
     /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
     silent: bool,
     peer: Peer,
+    /// The accepted socket's own address (`None`: a Unix socket).
+    local_addr: Option<std::net::SocketAddr>,
     /// This client in the proxy's client table.
     reg: super::clients::Registration,
     /// Cancelled by CLIENT KILL (not by the drain).
@@ -438,6 +449,9 @@ impl Session {
                 *slot = a;
                 argn += 1;
             }
+        }
+        if super::face::claims(self.ctx.face.enabled, &argv[..argn]) {
+            return Class::Local(Local::Face);
         }
         match command::classify(&argv[..argn]) {
             Class::Shared => self.ctx.pool.refine(argv[0]),

@@ -151,6 +151,12 @@ impl Pool {
         Some(c.node_pool(node).shared_direct(proto))
     }
 
+    /// The primary that owns `slot` now (`None`: not a cluster, or no map yet).
+    pub fn slot_owner(&self, slot: u16) -> Option<super::topology::Node> {
+        let c = self.cluster.get().filter(|c| c.active())?;
+        c.map()?.owner(slot).cloned()
+    }
+
     /// A shared connection to this pool's own address, cluster or not.
     pub fn shared_direct(&self, proto: Proto) -> Handle {
         let slots = self.shared_slots(proto);

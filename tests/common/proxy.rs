@@ -41,6 +41,11 @@ pub fn static_env(redis: &RedisServer, user: &str, password: &str) -> Vec<(Strin
 
 impl Proxy {
     pub fn start(env: &[(String, String)]) -> Proxy {
+        Proxy::start_on(env, "127.0.0.1")
+    }
+
+    /// Listening on `host` (`localhost`: both 127.0.0.1 and ::1) at a free port.
+    pub fn start_on(env: &[(String, String)], host: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let log = dir.path().join("proxy.log");
@@ -49,7 +54,7 @@ impl Proxy {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env(
                 "REDIS_ENTRA_PROXY_LISTEN__ADDRESS",
-                format!("127.0.0.1:{port}"),
+                format!("{host}:{port}"),
             )
             .env("REDIS_ENTRA_PROXY_LOG__LEVEL", "debug")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

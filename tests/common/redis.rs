@@ -150,6 +150,11 @@ pub struct PlainRedis {
 
 impl PlainRedis {
     pub fn start() -> PlainRedis {
+        PlainRedis::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (`--cluster-enabled yes`, ...).
+    pub fn start_with(extra: &[&str]) -> PlainRedis {
         let dir = tempfile::tempdir().unwrap();
         // A free port can be taken by another test's server between the
         // probe and the bind: then this one exits and another answers. Only
@@ -159,6 +164,7 @@ impl PlainRedis {
             let mut child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())

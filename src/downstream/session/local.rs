@@ -90,6 +90,7 @@ impl Session {
                 }
             }
             Local::ClientUnblock => self.client_unblock(args, since).await,
+            Local::Face => return self.face(frame, args, since).await,
             Local::ClientReply => self.client_reply(args).await,
             Local::Hello => self.hello(args).await,
             Local::Quit => {
@@ -260,6 +261,7 @@ impl Session {
                     Err(e) => resp::error(e),
                 }
             }
+            Local::Face => self.face_reply(args),
             _ => resp::error("ERR internal: not a locally answered command"),
         }
     }

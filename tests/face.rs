@@ -229,3 +229,29 @@ fn cluster_face_in_front_of_the_cluster() {
         assert_eq!(r.call(&["DEL", k]), ":1\r\n");
     }
 }
+
+/// StackExchange.Redis decides cluster or not from INFO's `redis_mode` or
+/// HELLO's `mode`: both say standalone, so it leaves cross-slot commands to
+/// the proxy (which splits them) instead of refusing them itself.
+#[test]
+fn info_and_hello_agree_in_front_of_the_cluster() {
+    let c = cluster::shared(Announce::Ip);
+    let proxy = Proxy::start(&proxy_env(c));
+    let mut r = Raw::connect(proxy.port);
+    let hello = r.call(&["HELLO", "3"]);
+    assert!(
+        hello.contains("$4\r\nmode\r\n$10\r\nstandalone\r\n"),
+        "{hello}"
+    );
+    let info = r.call(&["INFO"]);
+    assert!(info.contains("redis_mode:standalone\r\n"), "{info}");
+    assert!(info.contains("cluster_enabled:0\r\n"), "{info}");
+    let info = r.call(&["INFO", "cluster"]);
+    assert!(info.contains("cluster_enabled:0\r\n"), "{info}");
+    // RESP2 too, and inside a pinned client's state (a database... only 0
+    // exists on a cluster: a client mode instead).
+    let mut r2 = Raw::connect(proxy.port);
+    assert_eq!(r2.call(&["CLIENT", "NO-EVICT", "on"]), "+OK\r\n");
+    let info = r2.call(&["INFO", "server"]);
+    assert!(info.contains("redis_mode:standalone\r\n"), "{info}");
+}

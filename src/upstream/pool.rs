@@ -460,8 +460,10 @@ impl Pool {
     pub fn hello_fields(&self) -> Arc<Vec<(String, resp::Value)>> {
         let fields = self.connector.hello_fields();
         match self.cluster.get() {
-            Some(c) if c.active() => super::cluster::standalone_hello(&fields),
-            _ => fields,
+            // Also while detection is pending: the proxy shows one Redis
+            // whatever the cache turns out to be.
+            Some(_) => super::cluster::standalone_hello(&fields),
+            None => fields,
         }
     }
 }

@@ -33,6 +33,8 @@ fn claims_what_the_face_answers() {
     let off = |a: &[&[u8]]| claims(false, a);
     assert!(on(&[b"cluster", b"slots"]) && on(&[b"READONLY"]) && on(&[b"asking"]));
     assert!(!off(&[b"CLUSTER", b"SLOTS"]) && !off(&[b"READWRITE"]));
+    // INFO whatever the setting: it agrees with HELLO.
+    assert!(off(&[b"info"]) && on(&[b"INFO", b"server"]));
     assert!(!on(&[b"CLIENT", b"ID"]) && !on(&[b"GET", b"k"]) && !on(&[]));
 }
 

@@ -255,3 +255,42 @@ fn info_and_hello_agree_in_front_of_the_cluster() {
     let info = r2.call(&["INFO", "server"]);
     assert!(info.contains("redis_mode:standalone\r\n"), "{info}");
 }
+
+/// RESP3 clients in their default mode (redis-py 7, go-redis 9.16, Lettuce 7,
+/// node-redis 5.9) send `CLIENT MAINT_NOTIFICATIONS ON ...` after HELLO 3 and
+/// turn the feature off on an error. The proxy answers that error itself:
+/// the command never reaches a connection other clients share.
+#[test]
+fn maint_notifications_are_refused_by_the_proxy() {
+    let redis = RedisServer::start("proxyuser", "tok");
+    let proxy = Proxy::start(&static_env(&redis, "proxyuser", "tok"));
+    let mut r = Raw::connect(proxy.port);
+    assert!(r.call(&["HELLO", "3"]).starts_with("%7\r\n"));
+    assert_eq!(r.call(&["SET", "face-mn", "1"]), "+OK\r\n");
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    for args in [
+        &[
+            "CLIENT",
+            "MAINT_NOTIFICATIONS",
+            "ON",
+            "moving-endpoint-type",
+            "internal-fqdn",
+        ][..],
+        &["client", "maint_notifications", "on"],
+        &["CLIENT", "MAINT_NOTIFICATIONS", "OFF"],
+    ] {
+        assert_eq!(
+            r.call(args),
+            format!(
+                "-ERR unknown subcommand '{}'. Try CLIENT HELP.\r\n",
+                args[1]
+            )
+        );
+    }
+    assert_eq!(r.call(&["GET", "face-mn"]), "$1\r\n1\r\n");
+    // Nothing of it reached the server.
+    let errors = redis.cli(&["INFO", "errorstats"]);
+    assert!(!errors.contains("errorstat_ERR"), "{errors}");
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_get:calls=1"), "{stats}");
+}

@@ -67,14 +67,19 @@ pub enum Answer {
     Info,
 }
 
-/// Whether the face answers this command (`args[0]` is the name): INFO
-/// always, the cluster commands when enabled.
+/// Whether the face answers this command (`args[0]` is the name): INFO and
+/// CLIENT MAINT_NOTIFICATIONS always, the cluster commands when enabled.
 pub fn claims(enabled: bool, args: &[&[u8]]) -> bool {
     let Some(name) = args.first() else {
         return false;
     };
     if name.eq_ignore_ascii_case(b"INFO") {
         return true;
+    }
+    if name.eq_ignore_ascii_case(b"CLIENT") {
+        return args
+            .get(1)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"MAINT_NOTIFICATIONS"));
     }
     enabled
         && [&b"CLUSTER"[..], b"READONLY", b"READWRITE", b"ASKING"]

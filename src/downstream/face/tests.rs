@@ -35,6 +35,8 @@ fn claims_what_the_face_answers() {
     assert!(!off(&[b"CLUSTER", b"SLOTS"]) && !off(&[b"READWRITE"]));
     // INFO whatever the setting: it agrees with HELLO.
     assert!(off(&[b"info"]) && on(&[b"INFO", b"server"]));
+    // MAINT_NOTIFICATIONS whatever the setting: never on a shared connection.
+    assert!(off(&[b"CLIENT", b"maint_notifications", b"on"]));
     assert!(!on(&[b"CLIENT", b"ID"]) && !on(&[b"GET", b"k"]) && !on(&[]));
 }
 

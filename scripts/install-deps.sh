@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the quick start and the tests need and the machine lacks:
 # redis-server (built with TLS), redis-tools (redis-cli, redis-benchmark) and the
-# openssl command.
+# openssl command; then the client libraries of the client matrix (install-clients.sh).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -17,3 +17,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 redis-server --version
+"$(dirname "$0")/install-clients.sh"

@@ -2,10 +2,13 @@
 # Installs the client libraries of the client matrix (tests/clients.rs), each
 # at a pinned version, from its ordinary registry:
 #   redis-py           PyPI   -> target/clients/venv
+#   node-redis, ioredis npm   -> target/clients/node/node_modules
 # Idempotent: what is there at the pinned version is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REDISPY_VERSION=7.0.1
+NODE_REDIS_VERSION=5.9.0
+IOREDIS_VERSION=5.8.2
 dest=target/clients
 mkdir -p "$dest"
 
@@ -15,4 +18,18 @@ if [ "$("$venv/bin/python" -c 'import redis; print(redis.__version__)' 2>/dev/nu
   echo "installing redis-py $REDISPY_VERSION into $venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "redis==$REDISPY_VERSION"
 fi
-echo "client matrix: redis-py $REDISPY_VERSION"
+node_dir=$dest/node
+mkdir -p "$node_dir"
+have() { node -e "console.log(require('./$node_dir/node_modules/$1/package.json').version)" 2>/dev/null || true; }
+if [ "$(have redis)" != "$NODE_REDIS_VERSION" ] || [ "$(have ioredis)" != "$IOREDIS_VERSION" ]; then
+  command -v npm >/dev/null 2>&1 || {
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  }
+  echo "installing node-redis $NODE_REDIS_VERSION and ioredis $IOREDIS_VERSION into $node_dir"
+  [ -f "$node_dir/package.json" ] || echo '{"name":"client-matrix","private":true}' >"$node_dir/package.json"
+  (cd "$node_dir" && npm install --no-audit --no-fund --silent \
+    "redis@$NODE_REDIS_VERSION" "ioredis@$IOREDIS_VERSION")
+fi
+echo "client matrix: redis-py $REDISPY_VERSION, node-redis $NODE_REDIS_VERSION, ioredis $IOREDIS_VERSION"

@@ -297,3 +297,44 @@ fn redis_py() {
         ],
     );
 }
+
+fn node_lib(name: &'static str, version: &'static str) -> Lib {
+    let modules = root().join("target/clients/node/node_modules");
+    installed(&modules.join(name_of_package(name)), name);
+    Lib {
+        name,
+        version,
+        cmd: vec!["node".into(), "scripts/clients/flow.mjs".into()],
+        env: vec![
+            ("LIB".into(), name.into()),
+            ("NODE_MODULES".into(), modules.display().to_string()),
+        ],
+    }
+}
+
+fn name_of_package(lib: &str) -> &str {
+    match lib {
+        "node-redis" => "redis",
+        other => other,
+    }
+}
+
+#[test]
+fn node_redis() {
+    matrix(
+        &node_lib("node-redis", "5.9.0"),
+        &[
+            ("client", false),
+            ("client-resp3", false),
+            ("cluster", true),
+        ],
+    );
+}
+
+#[test]
+fn ioredis() {
+    matrix(
+        &node_lib("ioredis", "5.8.2"),
+        &[("redis", false), ("cluster", true)],
+    );
+}

@@ -3,6 +3,7 @@
 # at a pinned version, from its ordinary registry:
 #   redis-py           PyPI   -> target/clients/venv
 #   node-redis, ioredis npm   -> target/clients/node/node_modules
+#   phpredis, redis-rb  Debian (php-redis, ruby-redis, with php-cli and ruby)
 # Idempotent: what is there at the pinned version is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,16 @@ NODE_REDIS_VERSION=5.9.0
 IOREDIS_VERSION=5.8.2
 dest=target/clients
 mkdir -p "$dest"
+
+deb=()
+dpkg-query -W -f='${Status}' php-redis 2>/dev/null | grep -q "ok installed" || deb+=(php-cli php-redis)
+dpkg-query -W -f='${Status}' ruby-redis 2>/dev/null | grep -q "ok installed" || deb+=(ruby ruby-redis)
+if [ ${#deb[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${deb[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${deb[@]}" >/dev/null
+fi
 
 venv=$dest/venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -32,4 +43,5 @@ if [ "$(have redis)" != "$NODE_REDIS_VERSION" ] || [ "$(have ioredis)" != "$IORE
   (cd "$node_dir" && npm install --no-audit --no-fund --silent \
     "redis@$NODE_REDIS_VERSION" "ioredis@$IOREDIS_VERSION")
 fi
-echo "client matrix: redis-py $REDISPY_VERSION, node-redis $NODE_REDIS_VERSION, ioredis $IOREDIS_VERSION"
+echo "client matrix: redis-py $REDISPY_VERSION, node-redis $NODE_REDIS_VERSION, ioredis $IOREDIS_VERSION," \
+  "php-redis $(dpkg-query -W -f='${Version}' php-redis), ruby-redis $(dpkg-query -W -f='${Version}' ruby-redis)"

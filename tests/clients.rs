@@ -338,3 +338,41 @@ fn ioredis() {
         &[("redis", false), ("cluster", true)],
     );
 }
+
+/// A library from Debian: its version as the package manager has it.
+fn debian_version(package: &str) -> String {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", package])
+        .output()
+        .expect("dpkg-query");
+    let v = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !v.is_empty(),
+        "{package} is not installed: run scripts/install-clients.sh (scripts/install-deps.sh runs it)"
+    );
+    v
+}
+
+#[test]
+fn phpredis() {
+    let version: &'static str = Box::leak(debian_version("php-redis").into_boxed_str());
+    let lib = Lib {
+        name: "phpredis",
+        version,
+        cmd: vec!["php".into(), "scripts/clients/flow.php".into()],
+        env: vec![],
+    };
+    matrix(&lib, &[("redis", false), ("cluster", true)]);
+}
+
+#[test]
+fn ruby_redis() {
+    let version: &'static str = Box::leak(debian_version("ruby-redis").into_boxed_str());
+    let lib = Lib {
+        name: "ruby-redis",
+        version,
+        cmd: vec!["ruby".into(), "scripts/clients/flow.rb".into()],
+        env: vec![],
+    };
+    matrix(&lib, &[("redis", false), ("cluster", true)]);
+}

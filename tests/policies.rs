@@ -159,3 +159,30 @@ fn single_server_under_each_policy() {
         }
     }
 }
+
+/// CLIENT UNBLOCK of a client of the proxy is sent upstream by the proxy;
+/// Data Contributor refuses it (`@dangerous`): the asking client gets the
+/// server's NOPERM, the log says once which rule it needs, and the blocked
+/// client is left as the server left it (it times out on its own).
+#[test]
+fn client_unblock_under_contributor() {
+    let redis = RedisServer::start("proxyuser", "unused");
+    let proxy = Proxy::start(&as_user(static_env(&redis, "x", "x"), "contributor"));
+    let mut blocked = Raw::connect(proxy.port);
+    let id = blocked.call(&["CLIENT", "ID"]);
+    let id = id.trim_start_matches(':').trim().to_string();
+    blocked.send(&["BLPOP", "unblock-list", "2"]);
+    let mut other = Raw::connect(proxy.port);
+    // Let the BLPOP reach the server.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        other.call(&["CLIENT", "UNBLOCK", &id]),
+        "-NOPERM this user has no permissions to run the 'client|unblock' command\r\n"
+    );
+    assert_eq!(blocked.read(), b"*-1\r\n");
+    let log = proxy.log_text();
+    assert!(
+        log.contains("refused CLIENT UNBLOCK") && log.contains("+client|unblock"),
+        "{log}"
+    );
+}

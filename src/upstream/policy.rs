@@ -12,6 +12,7 @@
 //! | `CLUSTER SLOTS` (detection, slot map) | `+cluster\|slots` | all three |
 //! | `CLUSTER SHARDS` (slot map, preferred) | `@slow` | Owner, Contributor |
 //! | `ASKING` | `@connection` | all three |
+//! | `CLIENT UNBLOCK` (for a client that asks) | `@dangerous` | Owner, Reader |
 //!
 //! `INFO` is `@dangerous` in Redis 7 (refused under Contributor and Reader):
 //! the proxy never needs it.
@@ -30,6 +31,7 @@ pub fn needs(command: &str) -> (&'static str, &'static str) {
         ),
         "CLUSTER SHARDS" => ("+cluster|shards", "Data Owner and Data Contributor"),
         "INFO" => ("+info", "Data Owner only"),
+        "CLIENT UNBLOCK" => ("+client|unblock", "Data Owner and Data Reader"),
         _ => (
             "+@connection",
             "Data Owner, Data Contributor and Data Reader",
@@ -78,6 +80,23 @@ pub fn refusal_line(command: &str, reply: &[u8], instead: &str) -> String {
         "the cache's access policy refused {command} ({}); it needs {rule} (in {policies}); {instead}",
         text.trim_end()
     )
+}
+
+/// The server's reply to a CLIENT UNBLOCK the proxy sent for a client,
+/// passed on unchanged; a refusal is logged once per process.
+pub fn note_client_unblock(reply: bytes::Bytes) -> bytes::Bytes {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if is_noperm(&reply) && !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "{}",
+            refusal_line(
+                "CLIENT UNBLOCK",
+                &reply,
+                "the client that asked gets this refusal; the blocked client waits for its own timeout"
+            )
+        );
+    }
+    reply
 }
 
 /// Refusals already logged: each command once per process, however often

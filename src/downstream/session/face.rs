@@ -84,7 +84,7 @@ impl Session {
 
     /// Send one command on `tx`; its reply, passed through `map`, is owed to
     /// the client in order (other replies are not held up meanwhile).
-    async fn send_mapped(
+    pub(super) async fn send_mapped(
         &mut self,
         tx: &mpsc::Sender<Request>,
         frame: Bytes,

@@ -54,13 +54,25 @@ impl Session {
             .store(flag, std::sync::atomic::Ordering::Release);
         let up = upstream.id.to_string();
         let frame = resp::command(&[b"CLIENT", b"UNBLOCK", up.as_bytes(), word]);
+        // A policy without +client|unblock (Data Contributor): the server's
+        // refusal goes to the client, and to the log once.
+        let note = crate::upstream::policy::note_client_unblock;
         match &upstream.node {
             // On a cluster, on the node of the blocked connection.
             Some(node) => match self.ctx.pool.node_shared(node, self.st.proto) {
-                Some(handle) => self.send_shared_on(handle, frame, since).await,
+                Some(handle) => {
+                    self.switch_to(Target::Shared).await;
+                    self.ctx.metrics.command(Route::Shared);
+                    self.send_mapped(&handle.tx, frame, since, note).await
+                }
                 None => self.reply(resp::integer(0)).await,
             },
-            None => self.send_shared(frame, since).await,
+            None => {
+                self.switch_to(Target::Shared).await;
+                self.ctx.metrics.command(Route::Shared);
+                let handle = self.shared_handle();
+                self.send_mapped(&handle.tx, frame, since, note).await
+            }
         }
     }
 

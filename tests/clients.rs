@@ -497,3 +497,32 @@ fn redis_cli_and_redis_benchmark() {
     let failed: Vec<&String> = rows.iter().filter(|r| r.contains("FAIL")).collect();
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// Redis closes the connections CLIENT KILL ends before the killer gets its
+/// reply, so a client library that checks its socket before the next command
+/// (phpredis) reconnects without an error. The proxy does the same.
+#[test]
+fn killed_connections_are_closed_before_the_killer_hears() {
+    use std::io::Read;
+    let redis = RedisServer::start("proxyuser", "unused");
+    let proxy = Proxy::start(&with_contributor(static_env(&redis, "x", "x")));
+    let mut killer = common::proxy::Raw::connect(proxy.port);
+    let mut still_open = 0;
+    for _ in 0..20 {
+        let mut victim = common::proxy::Raw::connect(proxy.port);
+        let id = victim.call(&["CLIENT", "ID"]);
+        let id = id.trim_start_matches(':').trim().to_string();
+        assert_eq!(killer.call(&["CLIENT", "KILL", "ID", &id]), ":1\r\n");
+        victim.s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        match victim.s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            _ => still_open += 1,
+        }
+    }
+    assert_eq!(
+        still_open, 0,
+        "killed connections still open after the reply"
+    );
+}

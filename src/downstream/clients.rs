@@ -311,6 +311,26 @@ impl Clients {
 
     /// Close the clients `filter` matches (never `me` with SKIPME yes);
     /// how many.
+    /// Wait (at most `bound`) until every client CLIENT KILL ended, other
+    /// than `me`, has closed its connection: Redis closes them before the
+    /// killer gets its reply, and clients that check their socket before a
+    /// command (phpredis) then reconnect without an error.
+    pub async fn killed_closed(&self, me: u64, bound: std::time::Duration) {
+        let until = tokio::time::Instant::now() + bound;
+        while tokio::time::Instant::now() < until {
+            let open = self
+                .map
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .any(|e| e.id != me && e.kill.is_cancelled());
+            if !open {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     pub fn kill(&self, filter: &KillFilter, me: u64) -> usize {
         let map = self.map.lock().expect("not poisoned");
         let mut n = 0;

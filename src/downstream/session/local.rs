@@ -94,6 +94,12 @@ impl Session {
             | Local::ClientList
             | Local::ClientKill => {
                 let reply = self.local_reply(local, args);
+                if local == Local::ClientKill {
+                    self.ctx
+                        .clients
+                        .killed_closed(self.st.id, std::time::Duration::from_secs(1))
+                        .await;
+                }
                 self.reply(reply).await;
                 if self.kill.is_cancelled() {
                     // CLIENT KILL ... SKIPME no: this client too, once its

@@ -48,6 +48,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.connect_timeout", "10s"),
     ("upstream.reply_timeout", "30s"),
     ("upstream.keepalive", "60s"),
+    ("upstream.hold", "15s"),
     ("upstream.pool_size", "2"),
     ("upstream.warm_pinned", "2"),
     ("upstream.max_pinned", "256"),
@@ -202,6 +203,11 @@ pub struct UpstreamConfig {
     pub reply_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
+    /// How long a command not yet sent waits for a shared connection being
+    /// re-established (failover, restart, network blip) before it fails;
+    /// 0 fails it at the first failed dial.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
     pub pool_size: usize,
     pub warm_pinned: usize,
     pub max_pinned: usize,
@@ -367,6 +373,11 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
+            // Azure Cache for Redis reaches the new primary 9-10 s after it
+            // closes the connections at a failover: 15 s covers that gap,
+            // a dial or two after it, and a TLS handshake and AUTH, and
+            // stays well under client libraries' usual command timeouts.
+            hold: Duration::from_secs(15),
             pool_size: 2,
             warm_pinned: 2,
             max_pinned: 256,

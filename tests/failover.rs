@@ -5,11 +5,30 @@
 mod common;
 
 use common::failover::{Pair, Timing};
-use common::proxy::{Proxy, Raw};
+use common::failover_load::{self, Outcome};
+use common::proxy::{enable_admin, http, metric_sum, Proxy, Raw};
 use std::time::Duration;
 
 const USER: &str = "proxyuser";
 const TOKEN: &str = "failover-token";
+const CLIENTS: usize = 16;
+
+fn report(name: &str, o: &Outcome, lost: u64) -> String {
+    format!(
+        "{name}: {} writes ({} acked), {} reads; errors: reads {}, writes not sent {}, writes in flight {}; stale reads {}; hung {}; lost {lost}; max stall {:?}; samples {:?}",
+        o.writes,
+        o.acked.len(),
+        o.reads,
+        o.read_errors,
+        o.write_errors_unsent,
+        o.write_errors_inflight,
+        o.stale_reads,
+        o.hung,
+        o.max_stall,
+        o.samples
+    )
+}
+
 /// The front itself: the pair replicates, a failover moves the endpoint to
 /// the promoted replica with every write, notices reach subscribers.
 #[test]
@@ -53,4 +72,43 @@ fn the_front_fails_over_like_azure() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(pair.primary().cli(&["GET", "after"]).trim(), "2");
+}
+
+/// Load through a failover the proxy is not told about: the endpoint closes
+/// every connection, refuses new ones for a gap, then reaches the promoted
+/// replica. Commands not yet sent wait for the new connection instead of
+/// failing; no acknowledged write is lost.
+#[test]
+fn an_unannounced_failover_under_load_fails_no_command_not_yet_sent() {
+    let mut pair = Pair::start(USER, TOKEN);
+    let mut env = pair.env(USER, TOKEN);
+    let admin = enable_admin(&mut env);
+    let proxy = Proxy::start(&env);
+    let load = failover_load::start(proxy.port, CLIENTS);
+    std::thread::sleep(Duration::from_millis(1500));
+    pair.planned_failover(Timing::scaled(), false);
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = load.finish();
+    let lost = failover_load::lost_writes(proxy.port, &o.acked);
+    let r = report("unannounced failover", &o, lost);
+    println!("{r}");
+    assert!(o.writes > 100 && o.reads > 100, "{r}");
+    assert_eq!(o.hung, 0, "{r}");
+    assert_eq!(o.write_errors_unsent, 0, "{r}");
+    assert_eq!(lost, 0, "{r}");
+    assert_eq!(o.stale_reads, 0, "{r}");
+    // The metrics say what was held and for how long.
+    let (_, m) = http(admin, "GET", "/metrics");
+    assert!(
+        metric_sum(&m, "redis_entra_proxy_upstream_held_total") > 0.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "redis_entra_proxy_upstream_hold_seconds_count") > 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "redis_entra_proxy_upstream_hold_dropped_total"),
+        0.0
+    );
 }

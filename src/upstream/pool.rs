@@ -49,6 +49,8 @@ pub struct Pool {
     connector: Arc<Connector>,
     opts: ConnOpts,
     pool_size: usize,
+    /// How long shared slots hold commands while they reconnect.
+    hold: Duration,
     warm_pinned: usize,
     max_pinned: usize,
     shared: [OnceLock<Vec<Handle>>; 2],
@@ -92,10 +94,18 @@ impl Pool {
             wanted: Notify::new(),
             started: OnceLock::new(),
         };
+        // A cluster node's slots fail at once as before: the cluster layer
+        // reads their errors as the sign to refresh its topology.
+        let hold = if connector.is_node() {
+            Duration::ZERO
+        } else {
+            cfg.upstream.hold
+        };
         let pool = Arc::new(Pool {
             connector,
             opts,
             pool_size: cfg.upstream.pool_size,
+            hold,
             warm_pinned: cfg.upstream.warm_pinned,
             max_pinned: cfg.upstream.max_pinned,
             shared: [OnceLock::new(), OnceLock::new()],
@@ -123,6 +133,7 @@ impl Pool {
                         proto,
                         rx,
                         self.opts.clone(),
+                        self.hold,
                         self.health.clone(),
                         self.shutdown.clone(),
                     ));

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub upstream_hold_seconds: Histogram,
     /// Commands that left the hold without being sent, by reason.
     pub upstream_hold_dropped: Family<Labels, Counter>,
+    /// Read-only commands in flight on a lost connection, sent again.
+    pub upstream_resent: Counter,
 }
 
 impl Default for Metrics {
@@ -212,6 +214,12 @@ impl Metrics {
             "Held commands failed without being sent: expired (upstream.hold passed) or full (the hold queue's bound)",
             upstream_hold_dropped.clone(),
         );
+        let upstream_resent = Counter::default();
+        registry.register(
+            "upstream_resent",
+            "Read-only commands in flight on a lost upstream connection, sent again on the next one",
+            upstream_resent.clone(),
+        );
         Metrics {
             registry,
             clients_current,
@@ -234,6 +242,7 @@ impl Metrics {
             upstream_held,
             upstream_hold_seconds,
             upstream_hold_dropped,
+            upstream_resent,
         }
     }
 

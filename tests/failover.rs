@@ -77,7 +77,7 @@ fn the_front_fails_over_like_azure() {
 /// Load through a failover the proxy is not told about: the endpoint closes
 /// every connection, refuses new ones for a gap, then reaches the promoted
 /// replica. Commands not yet sent wait for the new connection instead of
-/// failing; no acknowledged write is lost.
+/// failing, reads in flight go again; no acknowledged write is lost.
 #[test]
 fn an_unannounced_failover_under_load_fails_no_command_not_yet_sent() {
     let mut pair = Pair::start(USER, TOKEN);
@@ -95,6 +95,7 @@ fn an_unannounced_failover_under_load_fails_no_command_not_yet_sent() {
     assert!(o.writes > 100 && o.reads > 100, "{r}");
     assert_eq!(o.hung, 0, "{r}");
     assert_eq!(o.write_errors_unsent, 0, "{r}");
+    assert_eq!(o.read_errors, 0, "{r}");
     assert_eq!(lost, 0, "{r}");
     assert_eq!(o.stale_reads, 0, "{r}");
     // The metrics say what was held and for how long.
@@ -111,4 +112,26 @@ fn an_unannounced_failover_under_load_fails_no_command_not_yet_sent() {
         metric_sum(&m, "redis_entra_proxy_upstream_hold_dropped_total"),
         0.0
     );
+}
+
+/// A network blip: the endpoint closes everything and refuses for a while,
+/// then the same server again. No read and no command not yet sent fails.
+#[test]
+fn a_blip_under_load_fails_no_read_and_nothing_not_yet_sent() {
+    let pair = Pair::start(USER, TOKEN);
+    let proxy = Proxy::start(&pair.env(USER, TOKEN));
+    let load = failover_load::start(proxy.port, CLIENTS);
+    std::thread::sleep(Duration::from_millis(1500));
+    pair.blip(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = load.finish();
+    let lost = failover_load::lost_writes(proxy.port, &o.acked);
+    let r = report("blip", &o, lost);
+    println!("{r}");
+    assert!(o.writes > 100 && o.reads > 100, "{r}");
+    assert_eq!(o.hung, 0, "{r}");
+    assert_eq!(o.read_errors, 0, "{r}");
+    assert_eq!(o.write_errors_unsent, 0, "{r}");
+    assert_eq!(lost, 0, "{r}");
+    assert_eq!(o.stale_reads, 0, "{r}");
 }

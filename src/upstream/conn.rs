@@ -21,6 +21,7 @@ use crate::auth::TokenWatch;
 use crate::metrics::Metrics;
 use crate::resp;
 use crate::resp::scan::ReplyScanner;
+use crate::upstream::maintenance::retry::{self, InFlight};
 use crate::write_queue::WriteQueue;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -82,6 +83,9 @@ enum Sink {
 }
 
 struct Inflight {
+    /// The request's bytes while it may be sent again if the connection
+    /// drops (see [`run_shared`]).
+    resend: Option<Bytes>,
     count: usize,
     /// Confirmation push frames still owed (see [`Request::pushes`]).
     pushes: usize,
@@ -167,6 +171,42 @@ pub struct Link<S> {
     pub leftover: BytesMut,
 }
 
+/// [`run`] for a shared connection, which also sends again what cannot have
+/// changed anything: when the connection is lost, the read-only requests in
+/// flight that [`maintenance::retry::resend_plan`] allows are put at the
+/// front of `pending` (before those never written), for the next
+/// connection, and `resent` says how many. Requests at the front of
+/// `pending` that were sent again already (`resent` of them when called)
+/// are not sent a third time: if lost again, they get the error.
+pub async fn run_shared(
+    conn: Authed,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    pending: &mut VecDeque<Request>,
+    resent: &mut usize,
+) -> Result<(), UpstreamError> {
+    let link = Link {
+        stream: conn.stream,
+        generation: conn.generation,
+        expires_at: conn.expires_at,
+        leftover: conn.leftover,
+    };
+    run_shared_on(link, rx, opts, pending, resent).await
+}
+
+/// [`run_shared`] over any stream.
+pub async fn run_shared_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    pending: &mut VecDeque<Request>,
+    resent: &mut usize,
+) -> Result<(), UpstreamError> {
+    run_guarded(link, rx, opts, None, pending, None, Some(resent))
+        .await
+        .map(|_| ())
+}
+
 /// [`run_reusable`] over any stream.
 pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     link: Link<S>,
@@ -176,7 +216,19 @@ pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<Option<Released<S>>, UpstreamError> {
-    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out));
+    run_guarded(link, rx, opts, push, pending, expiry_out, None).await
+}
+
+async fn run_guarded<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+    resent: Option<&mut usize>,
+) -> Result<Option<Released<S>>, UpstreamError> {
+    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out, resent));
     catch_panic(task).await.unwrap_or_else(|msg| {
         tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
         Err(UpstreamError::Protocol(format!(
@@ -207,6 +259,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
+    resent: Option<&mut usize>,
 ) -> Result<Option<Released<S>>, UpstreamError> {
     let Link {
         stream,
@@ -245,6 +298,8 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         last_write: now,
         timer: Box::pin(tokio::time::sleep_until(now + opts.keepalive)),
         armed: None,
+        retry: resent.is_some(),
+        no_resend: resent.as_deref().copied().unwrap_or(0),
     };
     c.publish_expiry();
     let mut tokens_open = true;
@@ -301,8 +356,12 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    c.finish(&result);
-    *pending = std::mem::take(&mut c.staged);
+    let mut again = c.finish(&result);
+    if let Some(n) = resent {
+        *n = again.len();
+    }
+    again.extend(std::mem::take(&mut c.staged));
+    *pending = again;
     result?;
     let reusable = c.released_idle
         && c.inflight.is_empty()
@@ -372,6 +431,10 @@ struct Conn<'a, S> {
     timer: Pin<Box<tokio::time::Sleep>>,
     /// Where `timer` is set; `None` once it fired.
     armed: Option<Instant>,
+    /// Requests in flight when the connection is lost may be sent again.
+    retry: bool,
+    /// The next this many requests written were sent again already.
+    no_resend: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
@@ -549,6 +612,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             // Idle: a PING keeps Azure from closing the connection.
             self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
             self.inflight.push_back(Inflight {
+                resend: None,
                 count: 1,
                 pushes: 0,
                 sink: Sink::Ping,
@@ -560,6 +624,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
 
     /// Add a request to the write queue (written by the caller's next step).
     fn queue(&mut self, req: Request, now: Instant) {
+        // Kept (a reference count, no copy) while it may be sent again.
+        let resend = (self.retry
+            && self.no_resend == 0
+            && !self.in_multi
+            && !req.in_multi_after
+            && req.pushes == 0
+            && req.bytes.len() <= COPY_BELOW)
+            .then(|| req.bytes.clone());
+        self.no_resend = self.no_resend.saturating_sub(1);
         self.in_multi = req.in_multi_after;
         self.out.push(req.bytes);
         if req.count == 0 && req.pushes == 0 {
@@ -570,6 +643,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             return;
         }
         self.inflight.push_back(Inflight {
+            resend,
             count: req.count,
             pushes: req.pushes,
             sink: Sink::Client(req.reply),
@@ -590,6 +664,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         ]);
         self.out.push(cmd);
         self.inflight.push_back(Inflight {
+            resend: None,
             count: 1,
             pushes: 0,
             sink: Sink::Auth {
@@ -715,8 +790,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         Ok(())
     }
 
-    /// The connection ended: fail what it still owes, with the reason.
-    fn finish(&mut self, result: &Result<(), UpstreamError>) {
+    /// The connection ended: fail what it still owes, with the reason, or
+    /// give back what may be sent again on the next connection (lost
+    /// connections only, see [`run_shared`]).
+    fn finish(&mut self, result: &Result<(), UpstreamError>) -> VecDeque<Request> {
         let err = match result {
             Ok(()) | Err(UpstreamError::Shutdown) => {
                 // Its owner let go (a pinned client done, or shutdown): routine.
@@ -730,13 +807,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 e.clone()
             }
         };
-        for i in self.inflight.drain(..) {
+        let lost = self.retry && matches!(result, Err(UpstreamError::Lost { .. }));
+        let kinds: Vec<InFlight> = self
+            .inflight
+            .iter()
+            .map(|i| match (&i.sink, &i.resend) {
+                (Sink::Client(_), Some(b)) if lost && retry::request_read_only(b) => InFlight::Safe,
+                (Sink::Client(_), _) => InFlight::Unsafe,
+                _ => InFlight::Own,
+            })
+            .collect();
+        let plan = retry::resend_plan(&kinds);
+        let mut again = VecDeque::new();
+        for (i, resend) in self.inflight.drain(..).zip(plan) {
             match i.sink {
+                Sink::Client(reply) if resend => again.push_back(Request {
+                    bytes: i.resend.expect("safe only with its bytes"),
+                    count: i.count,
+                    reply,
+                    in_multi_after: false,
+                    pushes: 0,
+                }),
                 Sink::Client(reply) => fail(reply, err.clone()),
                 Sink::Auth { .. } => self.opts.metrics.reauth("failed"),
                 Sink::Ping => {}
             }
         }
+        if !again.is_empty() {
+            self.opts.metrics.upstream_resent.inc_by(again.len() as u64);
+            info!(
+                kind = self.opts.kind,
+                resent = again.len(),
+                "read-only commands in flight on the lost connection go again on the next one"
+            );
+        }
+        again
     }
 }
 

@@ -4,7 +4,7 @@
 //! `upstream.hold`) and go out in order on the new connection; a dial failure
 //! a wait cannot cure, or a hold of 0, fails them at once instead.
 
-use super::{backoff, fail, run, ConnOpts, Request};
+use super::{backoff, fail, run_shared, ConnOpts, Request};
 use crate::resp::Proto;
 use crate::upstream::maintenance::{
     self, hold_through, Dropped, HoldQueue, HOLD_MAX_BYTES, HOLD_MAX_COMMANDS, HOLD_RETRY,
@@ -49,6 +49,7 @@ pub async fn supervise_shared(
         q: HoldQueue::new(bound, HOLD_MAX_COMMANDS, HOLD_MAX_BYTES),
         hold,
         last: None,
+        resent: 0,
         opts: &opts,
     };
     let mut pending: VecDeque<Request> = VecDeque::new();
@@ -82,6 +83,8 @@ pub async fn supervise_shared(
                     }
                     pending.push_back(r);
                 }
+                // How many at the front of `pending` were sent again already.
+                let mut resent = std::mem::take(&mut held.resent);
                 attempt = 0;
                 ever_connected = true;
                 held.last = None;
@@ -89,7 +92,7 @@ pub async fn supervise_shared(
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
                 let res = tokio::select! {
-                    r = run(conn, &mut rx, &opts, None, &mut pending, None) => r,
+                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent) => r,
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
@@ -104,6 +107,7 @@ pub async fn supervise_shared(
                         for r in pending.drain(..) {
                             held.push(now, r);
                         }
+                        held.resent = resent;
                         held.last = Some(e);
                     }
                 }
@@ -141,6 +145,7 @@ pub async fn supervise_shared(
                 for (_, r) in held.q.drain(Instant::now()) {
                     fail(r.reply, e.clone());
                 }
+                held.resent = 0;
                 // Without a credential there is nothing to retry until the
                 // token source publishes one: wait for it instead of a timer.
                 let until = Instant::now()
@@ -180,6 +185,9 @@ struct Holding<'a> {
     hold: Duration,
     /// Why the last connection or dial failed, for the errors of those that wait too long.
     last: Option<UpstreamError>,
+    /// How many at the front of the queue were sent again already (see
+    /// [`run_shared`]): the oldest, so the first to expire.
+    resent: usize,
     opts: &'a ConnOpts,
 }
 
@@ -247,7 +255,9 @@ impl Holding<'_> {
                     }
                 },
                 _ = &mut timer, if deadline.is_some() => {
-                    for r in self.q.expire(Instant::now()) {
+                    let gone = self.q.expire(Instant::now());
+                    self.resent = self.resent.saturating_sub(gone.len());
+                    for r in gone {
                         self.drop_one(r, Dropped::Expired);
                     }
                     if !rx_open && self.q.is_empty() {

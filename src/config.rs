@@ -49,6 +49,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.reply_timeout", "30s"),
     ("upstream.keepalive", "60s"),
     ("upstream.hold", "15s"),
+    ("upstream.azure_events", "auto"),
     ("upstream.pool_size", "2"),
     ("upstream.warm_pinned", "2"),
     ("upstream.max_pinned", "256"),
@@ -208,11 +209,43 @@ pub struct UpstreamConfig {
     /// 0 fails it at the first failed dial.
     #[serde(with = "humantime_serde")]
     pub hold: Duration,
+    /// Follow Azure Cache for Redis's maintenance notices (`AzureRedisEvents`).
+    pub azure_events: AzureEvents,
     pub pool_size: usize,
     pub warm_pinned: usize,
     pub max_pinned: usize,
     /// Whether the upstream is a Redis Cluster (OSS cluster policy).
     pub cluster: ClusterMode,
+}
+
+/// `upstream.azure_events`: subscribe to `AzureRedisEvents` on a connection
+/// of its own and follow the notices. `auto`: when the host is an Azure
+/// Cache for Redis name (the service that publishes them).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureEvents {
+    Auto,
+    On,
+    Off,
+}
+
+impl Config {
+    /// Whether to follow `AzureRedisEvents` (see [`AzureEvents`]).
+    pub fn azure_events(&self) -> bool {
+        const HOSTS: [&str; 3] = [
+            ".redis.cache.windows.net",
+            ".redis.cache.chinacloudapi.cn",
+            ".redis.cache.usgovcloudapi.net",
+        ];
+        match self.upstream.azure_events {
+            AzureEvents::On => true,
+            AzureEvents::Off => false,
+            AzureEvents::Auto => {
+                let host = self.upstream.host.to_ascii_lowercase();
+                HOSTS.iter().any(|h| host.ends_with(h))
+            }
+        }
+    }
 }
 
 /// `upstream.cluster`: find out from the first connection, or say so.
@@ -378,6 +411,7 @@ impl Default for UpstreamConfig {
             // a dial or two after it, and a TLS handshake and AUTH, and
             // stays well under client libraries' usual command timeouts.
             hold: Duration::from_secs(15),
+            azure_events: AzureEvents::Auto,
             pool_size: 2,
             warm_pinned: 2,
             max_pinned: 256,

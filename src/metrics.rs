@@ -74,6 +74,8 @@ pub struct Metrics {
     pub upstream_hold_dropped: Family<Labels, Counter>,
     /// Read-only commands in flight on a lost connection, sent again.
     pub upstream_resent: Counter,
+    /// Azure maintenance notices by notice and the action taken.
+    pub maintenance_notices: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -220,6 +222,12 @@ impl Metrics {
             "Read-only commands in flight on a lost upstream connection, sent again on the next one",
             upstream_resent.clone(),
         );
+        let maintenance_notices = Family::<Labels, Counter>::default();
+        registry.register(
+            "maintenance_notices",
+            "Azure maintenance notices (AzureRedisEvents) by notice and the action taken",
+            maintenance_notices.clone(),
+        );
         Metrics {
             registry,
             clients_current,
@@ -243,6 +251,7 @@ impl Metrics {
             upstream_hold_seconds,
             upstream_hold_dropped,
             upstream_resent,
+            maintenance_notices,
         }
     }
 

@@ -135,3 +135,57 @@ fn a_blip_under_load_fails_no_read_and_nothing_not_yet_sent() {
     assert_eq!(lost, 0, "{r}");
     assert_eq!(o.stale_reads, 0, "{r}");
 }
+
+/// A planned failover announced on `AzureRedisEvents`, as Azure Cache for
+/// Redis runs one: the proxy stops sending into the connections about to be
+/// closed, so nothing is in flight when they close, and the commands wait
+/// for the promoted replica. No client sees an error.
+#[test]
+fn an_announced_failover_under_load_gives_no_client_an_error() {
+    let mut pair = Pair::start(USER, TOKEN);
+    let mut env = pair.env(USER, TOKEN);
+    env.push((
+        "REDIS_ENTRA_PROXY_UPSTREAM__AZURE_EVENTS".into(),
+        "on".into(),
+    ));
+    let admin = enable_admin(&mut env);
+    let proxy = Proxy::start(&env);
+    // The listener is subscribed before the notices are published.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pair
+        .primary()
+        .cli(&["PUBSUB", "CHANNELS"])
+        .contains("AzureRedisEvents")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", proxy.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let load = failover_load::start(proxy.port, CLIENTS);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Timing::scaled();
+    pair.planned_failover(t, true);
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = load.finish();
+    let lost = failover_load::lost_writes(proxy.port, &o.acked);
+    let r = report("announced failover", &o, lost);
+    println!("{r}");
+    assert!(o.writes > 100 && o.reads > 100, "{r}");
+    assert_eq!(o.hung, 0, "{r}");
+    assert_eq!(o.errors(), 0, "{r}");
+    assert_eq!(lost, 0, "{r}");
+    assert_eq!(o.stale_reads, 0, "{r}");
+    let (_, m) = http(admin, "GET", "/metrics");
+    let n = |notice: &str, action: &str| {
+        metric_sum(
+            &m,
+            &format!("redis_entra_proxy_maintenance_notices_total{{notice=\"{notice}\",action=\"{action}\"}}"),
+        )
+    };
+    assert_eq!(n("NodeMaintenanceStarting", "none"), 1.0, "{m}");
+    assert_eq!(n("NodeMaintenanceStart", "drain"), 1.0, "{m}");
+    // After it, the connections are replaced (nothing in flight, no error).
+    assert_eq!(n("NodeMaintenanceFailoverComplete", "refresh"), 1.0, "{m}");
+    assert_eq!(n("NodeMaintenanceEnded", "resume"), 1.0, "{m}");
+    let log = proxy.log_text();
+    assert!(log.contains("Azure maintenance notice"), "{log}");
+}

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -184,6 +184,7 @@ pub async fn run_shared(
     opts: &ConnOpts,
     pending: &mut VecDeque<Request>,
     resent: &mut usize,
+    maint: Option<watch::Receiver<Maint>>,
 ) -> Result<(), UpstreamError> {
     let link = Link {
         stream: conn.stream,
@@ -191,7 +192,7 @@ pub async fn run_shared(
         expires_at: conn.expires_at,
         leftover: conn.leftover,
     };
-    run_shared_on(link, rx, opts, pending, resent).await
+    run_shared_on(link, rx, opts, pending, resent, maint).await
 }
 
 /// [`run_shared`] over any stream.
@@ -201,8 +202,10 @@ pub async fn run_shared_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     opts: &ConnOpts,
     pending: &mut VecDeque<Request>,
     resent: &mut usize,
+    maint: Option<watch::Receiver<Maint>>,
 ) -> Result<(), UpstreamError> {
-    run_guarded(link, rx, opts, None, pending, None, Some(resent))
+    let shared = Shared { resent, maint };
+    run_guarded(link, rx, opts, None, pending, None, Some(shared))
         .await
         .map(|_| ())
 }
@@ -219,6 +222,13 @@ pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     run_guarded(link, rx, opts, push, pending, expiry_out, None).await
 }
 
+/// What only a shared connection has: resending (see [`run_shared`]) and
+/// the maintenance signal.
+struct Shared<'a> {
+    resent: &'a mut usize,
+    maint: Option<watch::Receiver<Maint>>,
+}
+
 async fn run_guarded<S: AsyncRead + AsyncWrite + Unpin + Send>(
     link: Link<S>,
     rx: &mut mpsc::Receiver<Request>,
@@ -226,9 +236,9 @@ async fn run_guarded<S: AsyncRead + AsyncWrite + Unpin + Send>(
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
-    resent: Option<&mut usize>,
+    shared: Option<Shared<'_>>,
 ) -> Result<Option<Released<S>>, UpstreamError> {
-    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out, resent));
+    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out, shared));
     catch_panic(task).await.unwrap_or_else(|msg| {
         tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
         Err(UpstreamError::Protocol(format!(
@@ -259,8 +269,13 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
     push: Option<PushSink>,
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
-    resent: Option<&mut usize>,
+    shared: Option<Shared<'_>>,
 ) -> Result<Option<Released<S>>, UpstreamError> {
+    let (resent, mut maint_rx) = match shared {
+        Some(s) => (Some(s.resent), s.maint),
+        None => (None, None),
+    };
+    let mut maint_open = maint_rx.is_some();
     let Link {
         stream,
         generation,
@@ -300,7 +315,17 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         armed: None,
         retry: resent.is_some(),
         no_resend: resent.as_deref().copied().unwrap_or(0),
+        maint: maint_rx.clone(),
+        born: now,
+        paused: false,
+        retiring: false,
     };
+    // A drain or a refresh signalled before this connection was made is
+    // not for it; one still to come is.
+    if let Some(m) = maint_rx.as_mut() {
+        let now = *m.borrow_and_update();
+        c.on_maint(now);
+    }
     c.publish_expiry();
     let mut tokens_open = true;
     let result = loop {
@@ -314,44 +339,58 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         // no longer registered and the next credential would go unnoticed.
         let event = {
             let mut changed = pin!(tokens.changed());
-            let mut watch: Option<Arc<WatchWaker>> = None;
+            let mut gate = ChangeGate::default();
+            let mut maint_changed = pin!(async {
+                match maint_rx.as_mut() {
+                    Some(m) => m.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            });
+            let mut maint_gate = ChangeGate::default();
             poll_fn(|cx| {
+                // Before the connection's own progress: a drain announced now
+                // must stop the commands this turn would write.
+                if let Some(peek) = c.maint.as_ref().filter(|_| maint_open) {
+                    let moved = peek.has_changed().unwrap_or(true);
+                    if let Poll::Ready(open) = maint_gate.poll(maint_changed.as_mut(), moved, cx) {
+                        return Poll::Ready(Event::Maint(open));
+                    }
+                }
                 if let Poll::Ready(r) = c.poll(cx) {
-                    return Poll::Ready(Err(r));
+                    return Poll::Ready(Event::End(r));
                 }
                 if !tokens_open {
                     return Poll::Pending;
                 }
-                let woke = watch.as_ref().is_none_or(|w| {
-                    w.woke.load(Ordering::Acquire) && w.woke.swap(false, Ordering::AcqRel)
-                });
-                if woke || c.tokens.has_changed().unwrap_or(true) {
-                    let w = Arc::new(WatchWaker {
-                        woke: AtomicBool::new(false),
-                        task: cx.waker().clone(),
-                    });
-                    let waker = Waker::from(w.clone());
-                    let res = changed.as_mut().poll(&mut Context::from_waker(&waker));
-                    watch = Some(w);
-                    if let Poll::Ready(r) = res {
-                        return Poll::Ready(Ok(r.is_ok()));
-                    }
+                let moved = c.tokens.has_changed().unwrap_or(true);
+                match gate.poll(changed.as_mut(), moved, cx) {
+                    Poll::Ready(r) => Poll::Ready(Event::Tokens(r.is_ok())),
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending
             })
             .await
         };
         match event {
-            Err(r) => break r,
-            Ok(false) => {
+            Event::End(r) => break r,
+            Event::Tokens(false) => {
                 // The source is gone (shutdown): nothing will change any more.
                 tokens_open = false;
             }
-            Ok(true) => {
+            Event::Tokens(true) => {
                 let state = tokens.borrow_and_update().clone();
                 c.tokens.mark_unchanged();
                 if state.generation != c.generation && state.current.is_some() {
                     c.reauth_at = Some(Instant::now() + reauth_jitter(c.expires_at));
+                }
+            }
+            Event::Maint(open) => {
+                maint_open = open;
+                if let Some(m) = maint_rx.as_mut() {
+                    let now = *m.borrow_and_update();
+                    if let Some(peek) = c.maint.as_mut() {
+                        peek.mark_unchanged();
+                    }
+                    c.on_maint(now);
                 }
             }
         }
@@ -374,6 +413,61 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         generation: c.generation,
         expires_at: c.expires_at,
     }))
+}
+
+/// What woke the connection's loop.
+enum Event {
+    /// The connection ended.
+    End(Result<(), UpstreamError>),
+    /// A new credential (`false`: its source is gone).
+    Tokens(bool),
+    /// A maintenance signal (`false`: its sender is gone).
+    Maint(bool),
+}
+
+/// Polls a watch's `changed()` future only when the watch moved or woke the
+/// task itself: a wake-up with nothing new (most of them) costs an atomic
+/// load, not a lock of the watch's notifier.
+#[derive(Default)]
+struct ChangeGate {
+    watch: Option<Arc<WatchWaker>>,
+}
+
+impl ChangeGate {
+    fn poll<F: Future>(
+        &mut self,
+        fut: Pin<&mut F>,
+        moved: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        let woke = self
+            .watch
+            .as_ref()
+            .is_none_or(|w| w.woke.load(Ordering::Acquire) && w.woke.swap(false, Ordering::AcqRel));
+        if !(woke || moved) {
+            return Poll::Pending;
+        }
+        let w = Arc::new(WatchWaker {
+            woke: AtomicBool::new(false),
+            task: cx.waker().clone(),
+        });
+        let waker = Waker::from(w.clone());
+        let res = fut.poll(&mut Context::from_waker(&waker));
+        self.watch = Some(w);
+        res
+    }
+}
+
+/// A maintenance signal for a pool's shared connections (set by the
+/// `AzureRedisEvents` listener, [`events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maint {
+    /// Connections opened before this take no new commands (they finish
+    /// what is in flight) until it is cleared: a close is announced.
+    pub drain_before: Option<Instant>,
+    /// Connections opened before this take no new commands and end once
+    /// their replies are in; their slot dials a new one.
+    pub retire_before: Option<Instant>,
 }
 
 /// The waker the credential watch is polled with: wakes the connection's
@@ -435,6 +529,15 @@ struct Conn<'a, S> {
     retry: bool,
     /// The next this many requests written were sent again already.
     no_resend: usize,
+    /// The maintenance signal, to see whether it moved (shared connections).
+    maint: Option<watch::Receiver<Maint>>,
+    /// When this connection was made (a [`Maint`] applies to older ones).
+    born: Instant,
+    /// A close is announced: take no new commands, finish the replies owed.
+    paused: bool,
+    /// Replaced after a maintenance: take no new commands, end once the
+    /// replies owed are in.
+    retiring: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
@@ -474,7 +577,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             // Take requests only when the last write went out: what waits in
             // `rx` (or `staged`) was never written anywhere.
             let held = std::mem::take(&mut self.holding);
-            if self.out.is_idle() && self.rx_open {
+            let intake = !self.paused && !self.retiring;
+            if self.out.is_idle() && self.rx_open && intake {
                 let mut taken = 0;
                 while self.staged.len() < BATCH {
                     match self.rx.poll_recv(cx) {
@@ -505,7 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     !held && taken > 0 && self.rx_open && !full && !self.inflight.is_empty();
             }
             if !self.holding {
-                if !self.staged.is_empty() {
+                if !self.staged.is_empty() && intake {
                     let now = Instant::now();
                     while let Some(req) = self.staged.pop_front() {
                         self.queue(req, now);
@@ -527,7 +631,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     }
                 }
             }
-            if !self.rx_open && self.inflight.is_empty() && self.out.is_idle() {
+            if (!self.rx_open || self.retiring) && self.inflight.is_empty() && self.out.is_idle() {
                 return Poll::Ready(Ok(()));
             }
             if let Some(deadline) = self.next_deadline() {
@@ -556,6 +660,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// The maintenance signal now says `m`.
+    fn on_maint(&mut self, m: Maint) {
+        let paused = m.drain_before.is_some_and(|t| self.born < t);
+        let retiring = self.retiring || m.retire_before.is_some_and(|t| self.born < t);
+        if paused != self.paused || retiring != self.retiring {
+            info!(
+                kind = self.opts.kind,
+                paused,
+                retiring,
+                in_flight = self.inflight.len(),
+                "upstream connection follows a maintenance notice"
+            );
+        }
+        self.paused = paused;
+        self.retiring = retiring;
     }
 
     /// A keepalive PING may be sent: idle, and not inside MULTI, where the
@@ -891,7 +1012,9 @@ pub struct Handle {
     pub tx: mpsc::Sender<Request>,
 }
 
-pub use supervisor::supervise_shared;
+pub use supervisor::{supervise_shared, Slot};
+
+pub mod events;
 
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {

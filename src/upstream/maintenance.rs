@@ -7,8 +7,11 @@
 //!   `upstream.hold`, while a shared connection is re-established.
 //! - [`retry`]: which commands in flight on a lost connection may be sent
 //!   again (those that cannot have changed anything).
+//! - [`notices`]: Azure Cache for Redis's `AzureRedisEvents` notices read,
+//!   and what each one makes the proxy do.
 
 pub mod hold;
+pub mod notices;
 pub mod retry;
 
 pub use hold::{

@@ -51,6 +51,9 @@ pub struct Pool {
     pool_size: usize,
     /// How long shared slots hold commands while they reconnect.
     hold: Duration,
+    /// What the shared connections follow at maintenance (set by the
+    /// `AzureRedisEvents` listener).
+    maint: Arc<tokio::sync::watch::Sender<conn::Maint>>,
     warm_pinned: usize,
     max_pinned: usize,
     shared: [OnceLock<Vec<Handle>>; 2],
@@ -106,6 +109,7 @@ impl Pool {
             opts,
             pool_size: cfg.upstream.pool_size,
             hold,
+            maint: Arc::new(tokio::sync::watch::Sender::new(conn::Maint::default())),
             warm_pinned: cfg.upstream.warm_pinned,
             max_pinned: cfg.upstream.max_pinned,
             shared: [OnceLock::new(), OnceLock::new()],
@@ -116,6 +120,14 @@ impl Pool {
             shutdown,
             cluster: OnceLock::new(),
         });
+        if cfg.azure_events() && !pool.connector.is_node() {
+            tokio::spawn(conn::events::listen(
+                pool.connector.clone(),
+                pool.opts.clone(),
+                pool.maint.clone(),
+                pool.shutdown.clone(),
+            ));
+        }
         // RESP2 is what nearly every client speaks: open it at start so the
         // first command does not pay for TLS and AUTH.
         pool.shared_slots(Proto::Resp2);
@@ -133,7 +145,10 @@ impl Pool {
                         proto,
                         rx,
                         self.opts.clone(),
-                        self.hold,
+                        conn::Slot {
+                            hold: self.hold,
+                            maint: Some(self.maint.subscribe()),
+                        },
                         self.health.clone(),
                         self.shutdown.clone(),
                     ));

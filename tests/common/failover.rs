@@ -159,6 +159,9 @@ impl Pair {
         std::thread::sleep(t.gap.saturating_sub(began.elapsed()));
         self.front.accept();
         if notices {
+            // Published once clients are back on the new primary (listeners
+            // re-subscribe within a few hundred milliseconds).
+            std::thread::sleep(Duration::from_millis(800));
             self.publish("NodeMaintenanceFailoverComplete", Duration::ZERO);
             self.publish("NodeMaintenanceEnded", Duration::ZERO);
         }

@@ -4,7 +4,7 @@
 //! `upstream.hold`) and go out in order on the new connection; a dial failure
 //! a wait cannot cure, or a hold of 0, fails them at once instead.
 
-use super::{backoff, fail, run_shared, ConnOpts, Request};
+use super::{backoff, fail, run_shared, ConnOpts, Maint, Request};
 use crate::resp::Proto;
 use crate::upstream::maintenance::{
     self, hold_through, Dropped, HoldQueue, HOLD_MAX_BYTES, HOLD_MAX_COMMANDS, HOLD_RETRY,
@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -30,10 +30,11 @@ pub async fn supervise_shared(
     proto: Proto,
     mut rx: mpsc::Receiver<Request>,
     opts: ConnOpts,
-    hold: Duration,
+    slot: Slot,
     health: Arc<crate::admin::Health>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let Slot { hold, maint } = slot;
     let mut attempt: u32 = 0;
     // Waiting for the first credential at startup is neither a connect error
     // nor a reconnect: those count only once a connection has been made.
@@ -92,12 +93,25 @@ pub async fn supervise_shared(
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
                 let res = tokio::select! {
-                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent) => r,
+                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent, maint.clone()) => r,
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
                 drop(healthy);
                 match res {
+                    // Retired after a maintenance notice, nothing in flight:
+                    // the next connection takes over what waits.
+                    Ok(()) if !rx.is_closed() && !shutdown.is_cancelled() => {
+                        info!(
+                            kind = opts.kind,
+                            "upstream connection replaced after a maintenance notice"
+                        );
+                        let now = Instant::now();
+                        for r in pending.drain(..) {
+                            held.push(now, r);
+                        }
+                        attempt = 1;
+                    }
                     Ok(()) => break,
                     Err(e) => {
                         opts.metrics.error(crate::metrics::ErrorKind::UpstreamLost);
@@ -176,6 +190,14 @@ pub async fn supervise_shared(
     for (_, r) in held.q.drain(Instant::now()) {
         fail(r.reply, UpstreamError::Shutdown);
     }
+}
+
+/// How a shared slot rides through maintenance.
+pub struct Slot {
+    /// `upstream.hold` (0: no hold).
+    pub hold: Duration,
+    /// The maintenance signal its connections follow.
+    pub maint: Option<watch::Receiver<Maint>>,
 }
 
 /// The requests of a slot with no connection, and what their errors say.

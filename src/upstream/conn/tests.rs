@@ -340,12 +340,25 @@ async fn a_panicking_task_becomes_an_error() {
 
 /// What a shared connection's task ends with: its result, what it left
 /// for the next connection, and how many of those were sent again.
-type SharedEnd = JoinHandle<(Result<(), UpstreamError>, VecDeque<Request>, usize)>;
+type SharedEnd = JoinHandle<(
+    Result<(), UpstreamError>,
+    VecDeque<Request>,
+    usize,
+    mpsc::Receiver<Request>,
+)>;
 
 /// A shared connection run with resending on, over a pipe.
 fn start_shared(
     resent_before: usize,
     pending_before: Vec<Request>,
+) -> (Server, mpsc::Sender<Request>, SharedEnd) {
+    start_shared_with(resent_before, pending_before, None)
+}
+
+fn start_shared_with(
+    resent_before: usize,
+    pending_before: Vec<Request>,
+    maint: Option<watch::Receiver<Maint>>,
 ) -> (Server, mpsc::Sender<Request>, SharedEnd) {
     let (client_io, server_io) = tokio::io::duplex(1 << 16);
     let (_tokens_tx, tokens_rx) = watch::channel(state(1, "first-secret"));
@@ -368,8 +381,8 @@ fn start_shared(
         let _keep = _tokens_tx;
         let mut pending: VecDeque<Request> = pending_before.into();
         let mut resent = resent_before;
-        let r = run_shared_on(link, &mut rx, &opts, &mut pending, &mut resent).await;
-        (r, pending, resent)
+        let r = run_shared_on(link, &mut rx, &opts, &mut pending, &mut resent, maint).await;
+        (r, pending, resent, rx)
     });
     let server = Server {
         io: server_io,
@@ -403,7 +416,7 @@ async fn a_lost_shared_connection_gives_back_its_reads_in_flight_and_fails_its_w
         server.command().await;
     }
     drop(server);
-    let (res, pending, resent) = task.await.unwrap();
+    let (res, pending, resent, _) = task.await.unwrap();
     assert!(matches!(res, Err(UpstreamError::Lost { .. })), "{res:?}");
     // The write may have run: its error says so. The reads go again, in order.
     let e = b.await.unwrap().unwrap_err().to_string();
@@ -427,7 +440,7 @@ async fn a_command_sent_again_is_not_sent_a_third_time() {
     server.command().await;
     server.command().await;
     drop(server);
-    let (_, pending, resent) = task.await.unwrap();
+    let (_, pending, resent, _) = task.await.unwrap();
     let e = again_rx.await.unwrap().unwrap_err().to_string();
     assert!(e.contains("may or may not have been executed"), "{e}");
     // The other one was sent once: it may go again, once.
@@ -442,8 +455,74 @@ async fn a_reply_timeout_sends_nothing_again() {
     tx.send(r1).await.unwrap();
     server.command().await;
     tokio::time::advance(31 * SECOND).await;
-    let (res, pending, resent) = task.await.unwrap();
+    let (res, pending, resent, _) = task.await.unwrap();
     assert!(matches!(res, Err(UpstreamError::Timeout { .. })), "{res:?}");
     assert!(a.await.unwrap().is_err());
     assert_eq!((pending.len(), resent), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_stops_new_commands_and_lets_the_replies_in_flight_come() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    let (r1, a) = request(&[b"SET", b"a", b"1"]);
+    tx.send(r1).await.unwrap();
+    assert_eq!(server.name().await, "SET");
+    // A close is announced: the connection takes nothing more.
+    signal.send_modify(|m| m.drain_before = Some(Instant::now() + SECOND));
+    let (r2, _b) = request(&[b"SET", b"b", b"2"]);
+    tx.send(r2).await.unwrap();
+    assert!(
+        server.silent().await,
+        "a command went into a draining connection"
+    );
+    // The reply in flight still comes.
+    server.send(b"+OK\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"+OK\r\n");
+    // The server closes it: nothing was in flight; the waiting command was
+    // never written and waits (taken, or still in the slot's channel) for
+    // the next connection.
+    drop(server);
+    let (res, pending, resent, mut rx) = task.await.unwrap();
+    assert!(res.is_err());
+    assert_eq!(resent, 0);
+    let mut queued = 0;
+    while rx.try_recv().is_ok() {
+        queued += 1;
+    }
+    assert_eq!(pending.len() + queued, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_ends_without_a_close_lets_commands_through_again() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, _task) = start_shared_with(0, Vec::new(), Some(maint));
+    signal.send_modify(|m| m.drain_before = Some(Instant::now() + SECOND));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    assert!(server.silent().await);
+    signal.send_modify(|m| m.drain_before = None);
+    assert_eq!(server.name().await, "GET");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_retires_the_connection_once_its_replies_are_in() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    server.command().await;
+    tokio::time::advance(SECOND).await;
+    signal.send_modify(|m| m.retire_before = Some(Instant::now()));
+    let (r2, _b) = request(&[b"GET", b"b"]);
+    tx.send(r2).await.unwrap();
+    assert!(server.silent().await);
+    assert!(!task.is_finished(), "retired with a reply owed");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+    // Ends cleanly; the command waiting was never written.
+    let (res, _, _, _) = task.await.unwrap();
+    assert!(res.is_ok(), "{res:?}");
 }

@@ -189,3 +189,69 @@ fn an_announced_failover_under_load_gives_no_client_an_error() {
     let log = proxy.log_text();
     assert!(log.contains("Azure maintenance notice"), "{log}");
 }
+
+/// A failover scenario's name and how to run it.
+type Scenario = (&'static str, fn(&mut Pair));
+
+/// The scenario table of bench/FAILOVER.md: each failover under 16 clients,
+/// one markdown row each. A measurement, not a check: run it by hand with
+/// `cargo test --test failover scenario_table -- --ignored --nocapture`
+/// (`FAILOVER_TABLE_BEFORE=1` for a build without upstream.azure_events).
+#[test]
+#[ignore = "a measurement for bench/FAILOVER.md, run by hand"]
+fn scenario_table() {
+    let before = std::env::var("FAILOVER_TABLE_BEFORE").is_ok();
+    let scenarios: [Scenario; 4] = [
+        ("planned, with AzureRedisEvents notices", |p| {
+            p.planned_failover(Timing::scaled(), true)
+        }),
+        ("planned, no notice (Azure Managed Redis)", |p| {
+            p.planned_failover(Timing::scaled(), false)
+        }),
+        ("kill -9 of the primary, replica promoted 3 s later", |p| {
+            p.kill_primary_then_promote(Duration::from_secs(3))
+        }),
+        ("blip: front refuses 3 s, same server", |p| {
+            p.blip(Duration::from_secs(3))
+        }),
+    ];
+    println!("| scenario | reads | errors: reads | writes not yet sent | writes in flight | hung clients | lost writes | max stall |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, run) in scenarios {
+        let mut pair = Pair::start(USER, TOKEN);
+        let mut env = pair.env(USER, TOKEN);
+        if !before {
+            env.push((
+                "REDIS_ENTRA_PROXY_UPSTREAM__AZURE_EVENTS".into(),
+                "on".into(),
+            ));
+        }
+        let proxy = Proxy::start(&env);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !before
+            && !pair
+                .primary()
+                .cli(&["PUBSUB", "CHANNELS"])
+                .contains("AzureRedisEvents")
+        {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let load = failover_load::start(proxy.port, CLIENTS);
+        std::thread::sleep(Duration::from_millis(1500));
+        run(&mut pair);
+        std::thread::sleep(Duration::from_millis(3000));
+        let o = load.finish();
+        let lost = failover_load::lost_writes(proxy.port, &o.acked);
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {lost} of {} | {:.2} s |",
+            o.reads,
+            o.read_errors,
+            o.write_errors_unsent,
+            o.write_errors_inflight,
+            o.hung,
+            o.acked.len(),
+            o.max_stall.as_secs_f64()
+        );
+    }
+}

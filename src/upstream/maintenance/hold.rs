@@ -7,12 +7,13 @@ use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Commands one shared connection slot holds at most while it reconnects.
-pub const HOLD_MAX_COMMANDS: usize = 100_000;
+/// Commands one shared connection slot holds at most while it reconnects
+/// (each costs about 100 bytes besides its own: see bench/FAILOVER.md).
+pub const HOLD_MAX_COMMANDS: usize = 50_000;
 /// Bytes of commands one shared connection slot holds at most while it
 /// reconnects. With the default `upstream.pool_size` (2 per protocol, RESP2
-/// and RESP3) a proxy holds at most 4 x 64 MiB of commands.
-pub const HOLD_MAX_BYTES: usize = 64 << 20;
+/// and RESP3, 4 slots) a proxy holds at most 4 x 32 MiB of commands.
+pub const HOLD_MAX_BYTES: usize = 32 << 20;
 /// While commands are held, dial again at least this often: the gap of an
 /// Azure failover ends at a moment nobody announces, and every wasted
 /// fraction of a second is a stall for every held client.

@@ -255,3 +255,32 @@ fn scenario_table() {
         );
     }
 }
+
+/// RESP3 shared connections ask for Redis Enterprise's maintenance pushes;
+/// a server that has none (Redis OSS, as Azure today) refuses, which is
+/// logged once and changes nothing for clients.
+#[test]
+fn resp3_connections_ask_for_maintenance_pushes_and_a_refusal_is_logged_once() {
+    let redis = common::redis::RedisServer::start(USER, TOKEN);
+    let proxy = Proxy::start(&common::proxy::static_env(&redis, USER, TOKEN));
+    let mut clients: Vec<Raw> = (0..4).map(|_| Raw::connect(proxy.port)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.call(&["HELLO", "3"]).starts_with('%'));
+        let k = format!("r3:{i}");
+        assert_eq!(c.call(&["SET", &k, "v"]), "+OK\r\n");
+        assert_eq!(c.call(&["GET", &k]), "$1\r\nv\r\n");
+    }
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    assert!(
+        stats.contains("cmdstat_client|maint_notifications")
+            || redis.cli(&["INFO", "errorstats"]).contains("errorstat_ERR"),
+        "{stats}"
+    );
+    let log = proxy.log_text();
+    assert_eq!(
+        log.matches("does not send RESP3 maintenance pushes")
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -184,7 +184,7 @@ pub async fn run_shared(
     opts: &ConnOpts,
     pending: &mut VecDeque<Request>,
     resent: &mut usize,
-    maint: Option<watch::Receiver<Maint>>,
+    side: SharedSide,
 ) -> Result<(), UpstreamError> {
     let link = Link {
         stream: conn.stream,
@@ -192,7 +192,17 @@ pub async fn run_shared(
         expires_at: conn.expires_at,
         leftover: conn.leftover,
     };
-    run_shared_on(link, rx, opts, pending, resent, maint).await
+    run_shared_on(link, rx, opts, pending, resent, side).await
+}
+
+/// What a shared connection follows besides its requests.
+#[derive(Default)]
+pub struct SharedSide {
+    /// The pool's maintenance signal.
+    pub maint: Option<watch::Receiver<Maint>>,
+    /// Where the server's push frames go (RESP3 maintenance pushes); never
+    /// a reply: on a shared connection a reply nobody asked for is an error.
+    pub push: Option<PushSink>,
 }
 
 /// [`run_shared`] over any stream.
@@ -202,10 +212,13 @@ pub async fn run_shared_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     opts: &ConnOpts,
     pending: &mut VecDeque<Request>,
     resent: &mut usize,
-    maint: Option<watch::Receiver<Maint>>,
+    side: SharedSide,
 ) -> Result<(), UpstreamError> {
-    let shared = Shared { resent, maint };
-    run_guarded(link, rx, opts, None, pending, None, Some(shared))
+    let shared = Shared {
+        resent,
+        maint: side.maint,
+    };
+    run_guarded(link, rx, opts, side.push, pending, None, Some(shared))
         .await
         .map(|_| ())
 }
@@ -866,8 +879,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
             let Some(cur) = self.inflight.front() else {
                 // A pinned connection in MONITOR mode streams lines nobody
-                // asked for: they belong to its client, like push frames.
-                if let (Some(p), 0) = (&self.push, self.got_len) {
+                // asked for: they belong to its client, like push frames
+                // (never on a shared connection: there it is an error).
+                if let (Some(p), 0, false) = (&self.push, self.got_len, self.retry) {
                     let _ = p.tx.send(self.rbuf.split_to(reply.len).freeze());
                     continue;
                 }
@@ -1015,6 +1029,7 @@ pub struct Handle {
 pub use supervisor::{supervise_shared, Slot};
 
 pub mod events;
+mod pushes;
 
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {

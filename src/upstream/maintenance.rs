@@ -9,9 +9,12 @@
 //!   again (those that cannot have changed anything).
 //! - [`notices`]: Azure Cache for Redis's `AzureRedisEvents` notices read,
 //!   and what each one makes the proxy do.
+//! - [`pushes`]: Redis Enterprise's RESP3 maintenance pushes (`MOVING`,
+//!   `MIGRATING`, `FAILING_OVER`, ...) read, deduplicated, and their actions.
 
 pub mod hold;
 pub mod notices;
+pub mod pushes;
 pub mod retry;
 
 pub use hold::{

@@ -147,7 +147,7 @@ impl Pool {
                         self.opts.clone(),
                         conn::Slot {
                             hold: self.hold,
-                            maint: Some(self.maint.subscribe()),
+                            maint: Some(self.maint.clone()),
                         },
                         self.health.clone(),
                         self.shutdown.clone(),

@@ -35,6 +35,8 @@ pub async fn supervise_shared(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let Slot { hold, maint } = slot;
+    // Maintenance pushes already acted on, across this slot's connections.
+    let mut dedup = crate::upstream::maintenance::pushes::Dedup::default();
     let mut attempt: u32 = 0;
     // Waiting for the first credential at startup is neither a connect error
     // nor a reconnect: those count only once a connection has been made.
@@ -92,8 +94,41 @@ pub async fn supervise_shared(
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
+                // RESP3: ask for maintenance pushes, first thing, and follow them.
+                let (push, pushes_rx) = match proto {
+                    Proto::Resp3 => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (Some(super::PushSink { tx }), Some(rx))
+                    }
+                    Proto::Resp2 => (None, None),
+                };
+                let opt_in = pushes_rx.is_some().then(|| {
+                    let (req, check) = super::pushes::opt_in();
+                    pending.push_front(req);
+                    resent += 1;
+                    check
+                });
+                let side = super::SharedSide {
+                    maint: maint.as_ref().map(|m| m.subscribe()),
+                    push,
+                };
+                let follow = async {
+                    if let Some(rx) = pushes_rx {
+                        super::pushes::follow(rx, &mut dedup, maint.as_deref(), &opts.metrics)
+                            .await;
+                    }
+                    std::future::pending::<()>().await
+                };
+                let check = async {
+                    if let Some(c) = opt_in {
+                        c.await;
+                    }
+                    std::future::pending::<()>().await
+                };
                 let res = tokio::select! {
-                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent, maint.clone()) => r,
+                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent, side) => r,
+                    _ = follow => Ok(()),
+                    _ = check => Ok(()),
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
@@ -196,8 +231,9 @@ pub async fn supervise_shared(
 pub struct Slot {
     /// `upstream.hold` (0: no hold).
     pub hold: Duration,
-    /// The maintenance signal its connections follow.
-    pub maint: Option<watch::Receiver<Maint>>,
+    /// The maintenance signal its connections follow (and that a `MOVING`
+    /// push sets).
+    pub maint: Option<Arc<watch::Sender<Maint>>>,
 }
 
 /// The requests of a slot with no connection, and what their errors say.

@@ -381,7 +381,8 @@ fn start_shared_with(
         let _keep = _tokens_tx;
         let mut pending: VecDeque<Request> = pending_before.into();
         let mut resent = resent_before;
-        let r = run_shared_on(link, &mut rx, &opts, &mut pending, &mut resent, maint).await;
+        let side = SharedSide { maint, push: None };
+        let r = run_shared_on(link, &mut rx, &opts, &mut pending, &mut resent, side).await;
         (r, pending, resent, rx)
     });
     let server = Server {

@@ -19,6 +19,7 @@
 # blip           the front closes everything and refuses for $GAP s, then the
 #                same server again.
 #
+# AZURE_EVENTS=off runs the proxy without following the notices.
 # Ports (loopback): proxy $PROXY_PORT, admin $ADMIN_PORT, front $FRONT_PORT,
 # servers $PRIMARY_PORT and $REPLICA_PORT. Everything stops on exit.
 set -euo pipefail
@@ -124,7 +125,9 @@ exec 7> "$work/front.in"
 wait_port "$FRONT_PORT"
 synced
 echo "==> proxy on 127.0.0.1:$PROXY_PORT -> front 127.0.0.1:$FRONT_PORT -> primary $primary, replica $replica"
+# The host is localhost, not an Azure name: follow AzureRedisEvents explicitly.
 start_proxy "$PROXY_PORT" "$ADMIN_PORT" "$work/proxy.log" \
+  REDIS_ENTRA_PROXY_UPSTREAM__AZURE_EVENTS="${AZURE_EVENTS:-on}" \
   REDIS_ENTRA_PROXY_AUTH__SOURCE=static REDIS_ENTRA_PROXY_AUTH__USERNAME=lab-identity \
   REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$lab_pass"
 
@@ -149,6 +152,7 @@ case "$scenario" in
     synced; promote yes
     sleep "$GAP"; front accept; echo "    front: accepting again (to $primary)"
     if [ "$scenario" = planned ]; then
+      sleep 1 # Azure publishes these once the endpoint reaches the new primary
       notice NodeMaintenanceFailoverComplete 0
       notice NodeMaintenanceEnded 0
     fi ;;
@@ -168,4 +172,4 @@ stall=$(sort -n "$work/client.log" | tail -1 | cut -d' ' -f1)
 echo "==> client: $total INCRs, $errors errors, longest call ${stall} ms; counter now $(cli "$primary" GET lab:counter)"
 grep -v '^[0-9]* [0-9]' "$work/client.log" | cut -d' ' -f2- | sort | uniq -c | head -5 || true
 echo "==> the proxy's hold and maintenance metrics:"
-admin_get /metrics | grep -E '^redis_entra_proxy_(upstream_held|upstream_hold|maintenance|upstream_retried)' || echo "    (none)"
+admin_get /metrics | grep -E '^redis_entra_proxy_(upstream_held|upstream_hold_(seconds_(sum|count)|dropped)|maintenance|upstream_resent)' || echo "    (none)"

@@ -44,6 +44,7 @@ fn a_redis_restart_gives_clear_errors_then_recovers() {
     // Commands wait 1 s for the connection, then fail (the default 15 s
     // rides through a failover: tests/failover.rs).
     env.push(("REDIS_ENTRA_PROXY_UPSTREAM__HOLD".into(), "1s".into()));
+    let admin = common::proxy::enable_admin(&mut env);
     let proxy = Proxy::start(&env);
     let mut c = Raw::connect(proxy.port);
     let mut tx = Raw::connect(proxy.port);
@@ -71,6 +72,13 @@ fn a_redis_restart_gives_clear_errors_then_recovers() {
     let rest = common::proxy::read_to_close(&mut tx.s);
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     assert!(t.elapsed() < Duration::from_secs(5));
+    // The holds that ran out are counted.
+    let (_, m) = common::proxy::http(admin, "GET", "/metrics");
+    let expired = common::proxy::metric_sum(
+        &m,
+        "redis_entra_proxy_upstream_hold_dropped_total{reason=\"expired\"}",
+    );
+    assert!(expired >= 4.0, "{m}");
     redis.start_again();
     // Service comes back without restarting the proxy or the client.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -215,8 +215,8 @@ fn scenario_table() {
             p.blip(Duration::from_secs(3))
         }),
     ];
-    println!("| scenario | reads | errors: reads | writes not yet sent | writes in flight | hung clients | lost writes | max stall |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| scenario | reads | errors: reads | writes not yet sent | writes in flight | hung clients | lost writes | max stall | jobs lost / twice | queue errors | messages after (least received) | subscriber reconnects |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, run) in scenarios {
         let mut pair = Pair::start(USER, TOKEN);
         let mut env = pair.env(USER, TOKEN);
@@ -238,20 +238,30 @@ fn scenario_table() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let load = failover_load::start(proxy.port, CLIENTS);
+        let side = failover_load::start_side(proxy.port);
         std::thread::sleep(Duration::from_millis(1500));
+        let event = side.mark();
         run(&mut pair);
         std::thread::sleep(Duration::from_millis(3000));
         let o = load.finish();
+        let s = side.finish(event, || failover_load::jobs_left(proxy.port));
         let lost = failover_load::lost_writes(proxy.port, &o.acked);
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {lost} of {} | {:.2} s |",
+            "| {name} | {} | {} | {} | {} | {} | {lost} of {} | {:.2} s | {} / {} of {} | {} | {} ({}) | {} |",
             o.reads,
             o.read_errors,
             o.write_errors_unsent,
             o.write_errors_inflight,
             o.hung,
             o.acked.len(),
-            o.max_stall.as_secs_f64()
+            o.max_stall.as_secs_f64(),
+            s.jobs_lost,
+            s.jobs_twice,
+            s.jobs_acked,
+            s.queue_errors,
+            s.messages_after,
+            s.least_received_after,
+            s.subscriber_reconnects,
         );
     }
 }

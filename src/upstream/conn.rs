@@ -264,6 +264,9 @@ pub struct Maint {
     /// Connections opened before this take no new commands and end once
     /// their replies are in; their slot dials a new one.
     pub retire_before: Option<Instant>,
+    /// The node is busy moving or failing over until then (a `MIGRATING` or
+    /// `FAILING_OVER` push): a reply is overdue only a reply timeout after it.
+    pub relax_until: Option<Instant>,
 }
 
 /// Whether a push frame confirms a (P|S)(UN)SUBSCRIBE (rather than being a

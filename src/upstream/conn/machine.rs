@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::upstream::maintenance::retry::{self, InFlight};
+
 enum Sink {
     Client(Option<ReplyTx>),
     /// The proxy's own re-AUTH with this generation's credential.
@@ -84,6 +85,7 @@ pub(super) async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         born: now,
         paused: false,
         retiring: false,
+        relax_until: None,
     };
     // A drain or a refresh signalled before this connection was made is
     // not for it; one still to come is.
@@ -291,6 +293,9 @@ struct Conn<'a, S> {
     /// Replaced after a maintenance: take no new commands, end once the
     /// replies owed are in.
     retiring: bool,
+    /// The node announced a move or failover: replies may come this much
+    /// later (see [`Maint::relax_until`]).
+    relax_until: Option<Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
@@ -430,6 +435,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         }
         self.paused = paused;
         self.retiring = retiring;
+        self.relax_until = m.relax_until;
+    }
+
+    /// When a reply written at `written_at` is overdue: the reply timeout
+    /// after it, or after the end of a relaxed window (a node busy moving or
+    /// failing over), whichever is later.
+    fn reply_deadline(&self, written_at: Instant) -> Instant {
+        let normal = written_at + self.opts.reply_timeout;
+        match self.relax_until {
+            Some(r) => normal.max(r + self.opts.reply_timeout),
+            None => normal,
+        }
     }
 
     /// A keepalive PING may be sent: idle, and not inside MULTI, where the
@@ -452,7 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let reply = self
             .inflight
             .front()
-            .map(|head| head.written_at + self.opts.reply_timeout);
+            .map(|head| self.reply_deadline(head.written_at));
         let reauth = self.reauth_at.filter(|_| self.may_reauth());
         let release = self.released_at.map(|t| t + self.opts.reply_timeout);
         [keepalive, reply, reauth, release]
@@ -471,7 +488,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
         }
         if let Some(head) = self.inflight.front() {
-            if head.written_at + self.opts.reply_timeout <= now {
+            if self.reply_deadline(head.written_at) <= now {
                 return Err(Err(UpstreamError::Timeout {
                     addr: String::from("upstream"),
                     secs: self.opts.reply_timeout.as_secs_f64(),

@@ -64,8 +64,8 @@ pub async fn follow(
         let label = match (&action, fresh) {
             (_, false) => "repeat",
             (Action::HandOver { .. }, _) => "hand-over",
-            (Action::Relax { .. }, _) => "noted-relax",
-            (Action::Restore, _) => "noted-restore",
+            (Action::Relax { .. }, _) => "relax",
+            (Action::Restore, _) => "restore",
             (Action::RefreshSlots, _) => "noted-refresh-slots",
         };
         info!(
@@ -81,11 +81,18 @@ pub async fn follow(
         if !fresh {
             continue;
         }
-        if let (Action::HandOver { .. }, Some(m)) = (action, maint) {
+        let Some(m) = maint else { continue };
+        let now = Instant::now();
+        match action {
             // The endpoint moves: the connections made before now finish
             // their replies and end; their slots dial the endpoint again.
-            let now = Instant::now();
-            m.send_modify(|s| s.retire_before = Some(now));
+            Action::HandOver { .. } => m.send_modify(|s| s.retire_before = Some(now)),
+            Action::Relax { ttl } => m.send_modify(|s| s.relax_until = Some(now + ttl)),
+            Action::Restore => {
+                m.send_if_modified(|s| s.relax_until.take().is_some());
+            }
+            // The cluster layer's: its map is refreshed on the next MOVED.
+            Action::RefreshSlots => {}
         }
     }
 }
@@ -150,9 +157,34 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("notice=\"FAILED_OVER\",action=\"noted-restore\"} 1"),
+            text.contains("notice=\"FAILED_OVER\",action=\"restore\"} 1"),
             "{text}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_over_relaxes_the_reply_timeout_until_failed_over() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let maint = watch::Sender::new(Maint::default());
+        let metrics = Metrics::new();
+        let mut dedup = Dedup::default();
+        tx.send(Bytes::from_static(
+            b">3\r\n$12\r\nFAILING_OVER\r\n:3\r\n:20\r\n",
+        ))
+        .unwrap();
+        drop(tx);
+        let start = Instant::now();
+        follow(rx, &mut dedup, Some(&maint), &metrics).await;
+        assert_eq!(
+            maint.borrow().relax_until,
+            Some(start + std::time::Duration::from_secs(20))
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Bytes::from_static(b">2\r\n$11\r\nFAILED_OVER\r\n:4\r\n"))
+            .unwrap();
+        drop(tx);
+        follow(rx, &mut dedup, Some(&maint), &metrics).await;
+        assert_eq!(maint.borrow().relax_until, None);
     }
 
     #[tokio::test]

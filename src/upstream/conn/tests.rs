@@ -527,3 +527,27 @@ async fn a_refresh_retires_the_connection_once_its_replies_are_in() {
     let (res, _, _, _) = task.await.unwrap();
     assert!(res.is_ok(), "{res:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_relaxed_connection_waits_longer_for_its_replies() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    // FAILING_OVER for 20 s: a reply may come up to 20 s + the reply timeout.
+    signal.send_modify(|m| m.relax_until = Some(Instant::now() + 20 * SECOND));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    server.command().await;
+    tokio::time::advance(45 * SECOND).await;
+    assert!(!task.is_finished(), "timed out within the relaxed window");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+    // Restored: the usual timeout again.
+    signal.send_modify(|m| m.relax_until = None);
+    let (r2, b) = request(&[b"GET", b"b"]);
+    tx.send(r2).await.unwrap();
+    server.command().await;
+    tokio::time::advance(31 * SECOND).await;
+    assert!(b.await.unwrap().is_err());
+    let (res, _, _, _) = task.await.unwrap();
+    assert!(matches!(res, Err(UpstreamError::Timeout { .. })), "{res:?}");
+}

@@ -49,6 +49,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.connect_timeout", "10s"),
     ("upstream.reply_timeout", "30s"),
     ("upstream.keepalive", "60s"),
+    ("upstream.hold", "15s"),
+    ("upstream.azure_events", "auto"),
     ("upstream.pool_size", "2"),
     ("upstream.warm_pinned", "2"),
     ("upstream.max_pinned", "256"),
@@ -206,11 +208,48 @@ pub struct UpstreamConfig {
     pub reply_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
+    /// How long a command not yet sent waits for a shared connection being
+    /// re-established (failover, restart, network blip) before it fails;
+    /// 0 fails it at the first failed dial.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
+    /// Follow Azure Cache for Redis's maintenance notices (`AzureRedisEvents`).
+    pub azure_events: AzureEvents,
     pub pool_size: usize,
     pub warm_pinned: usize,
     pub max_pinned: usize,
     /// Whether the upstream is a Redis Cluster (OSS cluster policy).
     pub cluster: ClusterMode,
+}
+
+/// `upstream.azure_events`: subscribe to `AzureRedisEvents` on a connection
+/// of its own and follow the notices. `auto`: when the host is an Azure
+/// Cache for Redis name (the service that publishes them).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureEvents {
+    Auto,
+    On,
+    Off,
+}
+
+impl Config {
+    /// Whether to follow `AzureRedisEvents` (see [`AzureEvents`]).
+    pub fn azure_events(&self) -> bool {
+        const HOSTS: [&str; 3] = [
+            ".redis.cache.windows.net",
+            ".redis.cache.chinacloudapi.cn",
+            ".redis.cache.usgovcloudapi.net",
+        ];
+        match self.upstream.azure_events {
+            AzureEvents::On => true,
+            AzureEvents::Off => false,
+            AzureEvents::Auto => {
+                let host = self.upstream.host.to_ascii_lowercase();
+                HOSTS.iter().any(|h| host.ends_with(h))
+            }
+        }
+    }
 }
 
 /// `upstream.cluster`: find out from the first connection, or say so.
@@ -372,6 +411,12 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
+            // Azure Cache for Redis reaches the new primary 9-10 s after it
+            // closes the connections at a failover: 15 s covers that gap,
+            // a dial or two after it, and a TLS handshake and AUTH, and
+            // stays well under client libraries' usual command timeouts.
+            hold: Duration::from_secs(15),
+            azure_events: AzureEvents::Auto,
             pool_size: 2,
             warm_pinned: 2,
             max_pinned: 256,

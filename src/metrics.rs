@@ -65,6 +65,17 @@ pub struct Metrics {
     pub ready: Gauge,
     pub token_refreshes: Family<Labels, Counter>,
     pub reauths: Family<Labels, Counter>,
+    /// Commands that waited for a shared connection being re-established
+    /// and then went out on it.
+    pub upstream_held: Counter,
+    /// How long each of those waited.
+    pub upstream_hold_seconds: Histogram,
+    /// Commands that left the hold without being sent, by reason.
+    pub upstream_hold_dropped: Family<Labels, Counter>,
+    /// Read-only commands in flight on a lost connection, sent again.
+    pub upstream_resent: Counter,
+    /// Azure maintenance notices by notice and the action taken.
+    pub maintenance_notices: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -186,6 +197,37 @@ impl Metrics {
             "Re-AUTHs of live upstream connections by outcome",
             reauths.clone(),
         );
+        let upstream_held = Counter::default();
+        registry.register(
+            "upstream_held",
+            "Commands that waited for a shared upstream connection being re-established, then were sent on it",
+            upstream_held.clone(),
+        );
+        let upstream_hold_seconds =
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0]);
+        registry.register(
+            "upstream_hold_seconds",
+            "How long each held command waited for its connection",
+            upstream_hold_seconds.clone(),
+        );
+        let upstream_hold_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_hold_dropped",
+            "Held commands failed without being sent: expired (upstream.hold passed) or full (the hold queue's bound)",
+            upstream_hold_dropped.clone(),
+        );
+        let upstream_resent = Counter::default();
+        registry.register(
+            "upstream_resent",
+            "Read-only commands in flight on a lost upstream connection, sent again on the next one",
+            upstream_resent.clone(),
+        );
+        let maintenance_notices = Family::<Labels, Counter>::default();
+        registry.register(
+            "maintenance_notices",
+            "Azure maintenance notices (AzureRedisEvents) by notice and the action taken",
+            maintenance_notices.clone(),
+        );
         Metrics {
             registry,
             clients_current,
@@ -205,6 +247,11 @@ impl Metrics {
             ready,
             token_refreshes,
             reauths,
+            upstream_held,
+            upstream_hold_seconds,
+            upstream_hold_dropped,
+            upstream_resent,
+            maintenance_notices,
         }
     }
 

@@ -40,17 +40,26 @@ fn killed_upstream_connections_are_replaced_without_errors_when_idle() {
 #[test]
 fn a_redis_restart_gives_clear_errors_then_recovers() {
     let mut redis = RedisServer::start(USER, TOKEN);
-    let proxy = Proxy::start(&static_env(&redis, USER, TOKEN));
+    let mut env = static_env(&redis, USER, TOKEN);
+    // Commands wait 1 s for the connection, then fail (the default 15 s
+    // rides through a failover: tests/failover.rs).
+    env.push(("REDIS_ENTRA_PROXY_UPSTREAM__HOLD".into(), "1s".into()));
+    let admin = common::proxy::enable_admin(&mut env);
+    let proxy = Proxy::start(&env);
     let mut c = Raw::connect(proxy.port);
     let mut tx = Raw::connect(proxy.port);
     assert_eq!(c.call(&["SET", "k", "1"]), "+OK\r\n");
     assert_eq!(tx.call(&["MULTI"]), "+OK\r\n");
     assert_eq!(tx.call(&["SET", "t", "1"]), "+QUEUED\r\n");
     redis.kill();
-    // While it is down: fast, clear errors, never a hang.
-    for _ in 0..5 {
+    // While it is down: clear errors after the hold, never a hang.
+    for i in 0..5 {
         let (r, took) = call_bounded(&mut c, &["GET", "k"]);
         assert!(r.starts_with("-ERR upstream"), "{r}");
+        if i > 0 {
+            assert!(r.contains("after holding the command for 1.0s"), "{r}");
+            assert!(r.contains("it was not sent"), "{r}");
+        }
         assert!(
             r.contains("refused") || r.contains("lost") || r.contains("connect failed"),
             "{r}"
@@ -63,6 +72,13 @@ fn a_redis_restart_gives_clear_errors_then_recovers() {
     let rest = common::proxy::read_to_close(&mut tx.s);
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     assert!(t.elapsed() < Duration::from_secs(5));
+    // The holds that ran out are counted.
+    let (_, m) = common::proxy::http(admin, "GET", "/metrics");
+    let expired = common::proxy::metric_sum(
+        &m,
+        "redis_entra_proxy_upstream_hold_dropped_total{reason=\"expired\"}",
+    );
+    assert!(expired >= 4.0, "{m}");
     redis.start_again();
     // Service comes back without restarting the proxy or the client.
     let deadline = Instant::now() + Duration::from_secs(20);

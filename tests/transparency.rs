@@ -259,6 +259,9 @@ fn reply_timeout_bounds_the_wait_while_redialling() {
         ("UPSTREAM__REPLY_TIMEOUT", "1s"),
         ("UPSTREAM__CONNECT_TIMEOUT", "20s"),
         ("UPSTREAM__POOL_SIZE", "1"),
+        // No hold: the wait for the redial is bounded by the reply timeout
+        // (a hold bounds it by itself: tests/failover.rs).
+        ("UPSTREAM__HOLD", "0s"),
     ]);
     let mut a = Raw::connect(proxy.port);
     assert_eq!(a.call(&["PING"]), "+PONG\r\n");

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -68,25 +68,6 @@ pub struct ConnOpts {
 /// invalidations, MONITOR lines) or the pub/sub hub.
 pub struct PushSink {
     pub tx: mpsc::UnboundedSender<Bytes>,
-}
-
-enum Sink {
-    Client(Option<ReplyTx>),
-    /// The proxy's own re-AUTH with this generation's credential.
-    Auth {
-        generation: u64,
-        expires_at: Option<SystemTime>,
-    },
-    /// A keepalive PING: the reply is dropped.
-    Ping,
-}
-
-struct Inflight {
-    count: usize,
-    /// Confirmation push frames still owed (see [`Request::pushes`]).
-    pushes: usize,
-    sink: Sink,
-    written_at: Instant,
 }
 
 /// Larger requests are written from their own buffer instead of being copied.
@@ -167,6 +148,58 @@ pub struct Link<S> {
     pub leftover: BytesMut,
 }
 
+/// [`run`] for a shared connection, which also sends again what cannot have
+/// changed anything: when the connection is lost, the read-only requests in
+/// flight that [`maintenance::retry::resend_plan`] allows are put at the
+/// front of `pending` (before those never written), for the next
+/// connection, and `resent` says how many. Requests at the front of
+/// `pending` that were sent again already (`resent` of them when called)
+/// are not sent a third time: if lost again, they get the error.
+pub async fn run_shared(
+    conn: Authed,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    pending: &mut VecDeque<Request>,
+    resent: &mut usize,
+    side: SharedSide,
+) -> Result<(), UpstreamError> {
+    let link = Link {
+        stream: conn.stream,
+        generation: conn.generation,
+        expires_at: conn.expires_at,
+        leftover: conn.leftover,
+    };
+    run_shared_on(link, rx, opts, pending, resent, side).await
+}
+
+/// What a shared connection follows besides its requests.
+#[derive(Default)]
+pub struct SharedSide {
+    /// The pool's maintenance signal.
+    pub maint: Option<watch::Receiver<Maint>>,
+    /// Where the server's push frames go (RESP3 maintenance pushes); never
+    /// a reply: on a shared connection a reply nobody asked for is an error.
+    pub push: Option<PushSink>,
+}
+
+/// [`run_shared`] over any stream.
+pub async fn run_shared_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    pending: &mut VecDeque<Request>,
+    resent: &mut usize,
+    side: SharedSide,
+) -> Result<(), UpstreamError> {
+    let shared = Shared {
+        resent,
+        maint: side.maint,
+    };
+    run_guarded(link, rx, opts, side.push, pending, None, Some(shared))
+        .await
+        .map(|_| ())
+}
+
 /// [`run_reusable`] over any stream.
 pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     link: Link<S>,
@@ -176,7 +209,28 @@ pub async fn run_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     pending: &mut VecDeque<Request>,
     expiry_out: Option<&AtomicU64>,
 ) -> Result<Option<Released<S>>, UpstreamError> {
-    let task = Box::pin(run_inner(link, rx, opts, push, pending, expiry_out));
+    run_guarded(link, rx, opts, push, pending, expiry_out, None).await
+}
+
+/// What only a shared connection has: resending (see [`run_shared`]) and
+/// the maintenance signal.
+struct Shared<'a> {
+    resent: &'a mut usize,
+    maint: Option<watch::Receiver<Maint>>,
+}
+
+async fn run_guarded<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: Link<S>,
+    rx: &mut mpsc::Receiver<Request>,
+    opts: &ConnOpts,
+    push: Option<PushSink>,
+    pending: &mut VecDeque<Request>,
+    expiry_out: Option<&AtomicU64>,
+    shared: Option<Shared<'_>>,
+) -> Result<Option<Released<S>>, UpstreamError> {
+    let task = Box::pin(machine::run_inner(
+        link, rx, opts, push, pending, expiry_out, shared,
+    ));
     catch_panic(task).await.unwrap_or_else(|msg| {
         tracing::error!(kind = opts.kind, panic = %msg, "upstream connection task panicked; replacing the connection");
         Err(UpstreamError::Protocol(format!(
@@ -200,544 +254,19 @@ pub fn catch_panic<F: Future + Unpin>(mut f: F) -> impl Future<Output = Result<F
     })
 }
 
-async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
-    link: Link<S>,
-    rx: &mut mpsc::Receiver<Request>,
-    opts: &ConnOpts,
-    push: Option<PushSink>,
-    pending: &mut VecDeque<Request>,
-    expiry_out: Option<&AtomicU64>,
-) -> Result<Option<Released<S>>, UpstreamError> {
-    let Link {
-        stream,
-        generation,
-        expires_at,
-        leftover,
-    } = link;
-    let mut tokens = opts.tokens.clone();
-    tokens.mark_unchanged();
-    let now = Instant::now();
-    // A connection handed over with an older credential re-AUTHs at once.
-    let reauth_at = (tokens.borrow().generation != generation).then_some(now);
-    let mut c = Conn {
-        stream,
-        rbuf: leftover,
-        scanner: ReplyScanner::new(),
-        got: 0,
-        got_len: 0,
-        inflight: VecDeque::new(),
-        staged: std::mem::take(pending),
-        holding: false,
-        out: WriteQueue::new(COPY_BELOW),
-        rx,
-        rx_open: true,
-        released_at: None,
-        released_idle: false,
-        push,
-        opts,
-        expiry_out,
-        tokens: tokens.clone(),
-        generation,
-        expires_at,
-        in_multi: false,
-        reauth_at,
-        auth_inflight: false,
-        last_write: now,
-        timer: Box::pin(tokio::time::sleep_until(now + opts.keepalive)),
-        armed: None,
-    };
-    c.publish_expiry();
-    let mut tokens_open = true;
-    let result = loop {
-        // A new credential is rare: `changed` is polled once to register for
-        // it and then only when the version moved (one atomic load) or it woke
-        // the task itself (another), rather than at every wake-up, which would
-        // lock its notifier each time. The second condition matters: a
-        // wake-up can come with nothing new (this registration raced the
-        // sender's notification of the version just taken, or the task's
-        // budget ran out), and unless `changed` is polled again then, it is
-        // no longer registered and the next credential would go unnoticed.
-        let event = {
-            let mut changed = pin!(tokens.changed());
-            let mut watch: Option<Arc<WatchWaker>> = None;
-            poll_fn(|cx| {
-                if let Poll::Ready(r) = c.poll(cx) {
-                    return Poll::Ready(Err(r));
-                }
-                if !tokens_open {
-                    return Poll::Pending;
-                }
-                let woke = watch.as_ref().is_none_or(|w| {
-                    w.woke.load(Ordering::Acquire) && w.woke.swap(false, Ordering::AcqRel)
-                });
-                if woke || c.tokens.has_changed().unwrap_or(true) {
-                    let w = Arc::new(WatchWaker {
-                        woke: AtomicBool::new(false),
-                        task: cx.waker().clone(),
-                    });
-                    let waker = Waker::from(w.clone());
-                    let res = changed.as_mut().poll(&mut Context::from_waker(&waker));
-                    watch = Some(w);
-                    if let Poll::Ready(r) = res {
-                        return Poll::Ready(Ok(r.is_ok()));
-                    }
-                }
-                Poll::Pending
-            })
-            .await
-        };
-        match event {
-            Err(r) => break r,
-            Ok(false) => {
-                // The source is gone (shutdown): nothing will change any more.
-                tokens_open = false;
-            }
-            Ok(true) => {
-                let state = tokens.borrow_and_update().clone();
-                c.tokens.mark_unchanged();
-                if state.generation != c.generation && state.current.is_some() {
-                    c.reauth_at = Some(Instant::now() + reauth_jitter(c.expires_at));
-                }
-            }
-        }
-    };
-    c.finish(&result);
-    *pending = std::mem::take(&mut c.staged);
-    result?;
-    let reusable = c.released_idle
-        && c.inflight.is_empty()
-        && c.out.is_idle()
-        && c.got_len == 0
-        && !c.auth_inflight;
-    Ok(reusable.then(|| Released {
-        stream: c.stream,
-        leftover: c.rbuf,
-        generation: c.generation,
-        expires_at: c.expires_at,
-    }))
-}
-
-/// The waker the credential watch is polled with: wakes the connection's
-/// task and notes that the watch did.
-struct WatchWaker {
-    woke: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for WatchWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woke.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-/// One connection's state, driven by [`Conn::poll`].
-struct Conn<'a, S> {
-    stream: S,
-    rbuf: BytesMut,
-    scanner: ReplyScanner,
-    /// Replies gathered for the head of `inflight` so far (bytes at the front of `rbuf`).
-    got: usize,
-    got_len: usize,
-    /// Written and owing replies, oldest first.
-    inflight: VecDeque<Inflight>,
-    /// Taken from `rx`, not written yet.
-    staged: VecDeque<Request>,
-    /// Let other tasks run before writing `staged`, so that more requests
-    /// join the same write.
-    holding: bool,
-    out: WriteQueue,
-    rx: &'a mut mpsc::Receiver<Request>,
-    /// False once the owner let go: finish the replies owed, then end.
-    rx_open: bool,
-    released_at: Option<Instant>,
-    /// The owner let go while nothing was owed or waiting to be written.
-    released_idle: bool,
-    push: Option<PushSink>,
-    opts: &'a ConnOpts,
-    expiry_out: Option<&'a AtomicU64>,
-    tokens: TokenWatch,
-    generation: u64,
-    expires_at: Option<SystemTime>,
-    in_multi: bool,
-    reauth_at: Option<Instant>,
-    auth_inflight: bool,
-    last_write: Instant,
-    /// One timer for the reply timeout, keepalive, re-AUTH and release
-    /// deadlines: never later than the earliest of them.
-    timer: Pin<Box<tokio::time::Sleep>>,
-    /// Where `timer` is set; `None` once it fired.
-    armed: Option<Instant>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
-    fn publish_expiry(&self) {
-        if let Some(out) = self.expiry_out {
-            out.store(unix_secs(self.expires_at), Ordering::Release);
-        }
-    }
-
-    /// Make progress on everything that is ready; `Ready` when the connection
-    /// ends (`Ok` once released and every reply is handed out).
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
-        loop {
-            let mut again = false;
-            // Replies first: a connection the server closed is noticed before
-            // anything more is taken from `rx` for it.
-            resp::reserve_for_read(&mut self.rbuf);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(UpstreamError::Lost {
-                        reason: "server closed the connection".into(),
-                    }))
-                }
-                Poll::Ready(Ok(_)) => {
-                    if let Err(e) = self.hand_out() {
-                        return Poll::Ready(Err(e));
-                    }
-                    again = true;
-                }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(UpstreamError::Lost {
-                        reason: e.to_string(),
-                    }))
-                }
-                Poll::Pending => {}
-            }
-            // Take requests only when the last write went out: what waits in
-            // `rx` (or `staged`) was never written anywhere.
-            let held = std::mem::take(&mut self.holding);
-            if self.out.is_idle() && self.rx_open {
-                let mut taken = 0;
-                while self.staged.len() < BATCH {
-                    match self.rx.poll_recv(cx) {
-                        Poll::Ready(Some(req)) => {
-                            self.staged.push_back(req);
-                            taken += 1;
-                        }
-                        Poll::Ready(None) => {
-                            self.rx_open = false;
-                            self.released_at = Some(Instant::now());
-                            self.released_idle = self.inflight.is_empty()
-                                && self.staged.is_empty()
-                                && self.got_len == 0;
-                            break;
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                // A full batch: come back for the rest (no waker registered).
-                let full = self.staged.len() >= BATCH;
-                again |= full;
-                // Requests arriving while others await their replies come from
-                // several clients at once: give the rest of them one turn of
-                // the scheduler to join this write (one TLS record, one
-                // syscall, one read for the server). A lone request is written
-                // at once.
-                self.holding =
-                    !held && taken > 0 && self.rx_open && !full && !self.inflight.is_empty();
-            }
-            if !self.holding {
-                if !self.staged.is_empty() {
-                    let now = Instant::now();
-                    while let Some(req) = self.staged.pop_front() {
-                        self.queue(req, now);
-                    }
-                }
-                if self.reauth_at.is_some_and(|t| t <= Instant::now()) && self.may_reauth() {
-                    // Due while we were busy: goes right behind this batch.
-                    self.queue_reauth();
-                }
-                if !self.out.is_idle() {
-                    match self.out.poll_write(Pin::new(&mut self.stream), cx) {
-                        Poll::Ready(Ok(())) => self.last_write = Instant::now(),
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(UpstreamError::Lost {
-                                reason: format!("write failed: {e}"),
-                            }))
-                        }
-                        Poll::Pending => {}
-                    }
-                }
-            }
-            if !self.rx_open && self.inflight.is_empty() && self.out.is_idle() {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(deadline) = self.next_deadline() {
-                // Re-armed only when the deadline moves earlier (or the timer
-                // fired): a later one leaves the timer early, where it fires,
-                // finds nothing due and is re-armed. Cheaper than moving the
-                // timer for every command.
-                if self.armed.is_none_or(|a| deadline < a) {
-                    self.timer.as_mut().reset(deadline);
-                    self.armed = Some(deadline);
-                }
-                if self.timer.as_mut().poll(cx).is_ready() {
-                    self.armed = None;
-                    if let Err(e) = self.on_timer() {
-                        return Poll::Ready(e);
-                    }
-                    again = true;
-                }
-            }
-            if self.holding {
-                // Back of the run queue: the clients already woken go first.
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            if !again {
-                return Poll::Pending;
-            }
-        }
-    }
-
-    /// A keepalive PING may be sent: idle, and not inside MULTI, where the
-    /// server would queue it and put its reply into the EXEC array.
-    fn may_ping(&self) -> bool {
-        self.rx_open && self.out.is_idle() && !self.in_multi
-    }
-
-    /// Re-AUTH is allowed now: not inside MULTI, none in flight, not released.
-    fn may_reauth(&self) -> bool {
-        self.rx_open && !self.in_multi && !self.auth_inflight
-    }
-
-    /// The earliest of the deadlines that apply now; each one has something to
-    /// do when it passes, so the timer never fires twice for nothing.
-    fn next_deadline(&self) -> Option<Instant> {
-        let keepalive = self
-            .may_ping()
-            .then(|| self.last_write + self.opts.keepalive);
-        let reply = self
-            .inflight
-            .front()
-            .map(|head| head.written_at + self.opts.reply_timeout);
-        let reauth = self.reauth_at.filter(|_| self.may_reauth());
-        let release = self.released_at.map(|t| t + self.opts.reply_timeout);
-        [keepalive, reply, reauth, release]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    /// The timer fired: whatever is due. `Err` ends the connection.
-    fn on_timer(&mut self) -> Result<(), Result<(), UpstreamError>> {
-        let now = Instant::now();
-        if let Some(t) = self.released_at {
-            if t + self.opts.reply_timeout <= now {
-                // Released by the owner; the last replies did not come in time.
-                return Err(Ok(()));
-            }
-        }
-        if let Some(head) = self.inflight.front() {
-            if head.written_at + self.opts.reply_timeout <= now {
-                return Err(Err(UpstreamError::Timeout {
-                    addr: String::from("upstream"),
-                    secs: self.opts.reply_timeout.as_secs_f64(),
-                    during: "waiting for a reply",
-                }));
-            }
-        }
-        if self.reauth_at.is_some_and(|t| t <= now) && self.may_reauth() {
-            self.queue_reauth();
-        }
-        if self.may_ping() && self.last_write + self.opts.keepalive <= now {
-            // Idle: a PING keeps Azure from closing the connection.
-            self.out.push_slice(b"*1\r\n$4\r\nPING\r\n");
-            self.inflight.push_back(Inflight {
-                count: 1,
-                pushes: 0,
-                sink: Sink::Ping,
-                written_at: now,
-            });
-        }
-        Ok(())
-    }
-
-    /// Add a request to the write queue (written by the caller's next step).
-    fn queue(&mut self, req: Request, now: Instant) {
-        self.in_multi = req.in_multi_after;
-        self.out.push(req.bytes);
-        if req.count == 0 && req.pushes == 0 {
-            // Owes nothing: complete as soon as it is written.
-            if let Some(tx) = req.reply {
-                let _ = tx.send(Ok(Bytes::new()));
-            }
-            return;
-        }
-        self.inflight.push_back(Inflight {
-            count: req.count,
-            pushes: req.pushes,
-            sink: Sink::Client(req.reply),
-            written_at: now,
-        });
-    }
-
-    fn queue_reauth(&mut self) {
-        self.reauth_at = None;
-        let state = self.tokens.borrow().clone();
-        let Some(cred) = state.usable(SystemTime::now()).cloned() else {
-            return;
-        };
-        let cmd = resp::command(&[
-            b"AUTH",
-            cred.username.as_bytes(),
-            cred.password.expose().as_bytes(),
-        ]);
-        self.out.push(cmd);
-        self.inflight.push_back(Inflight {
-            count: 1,
-            pushes: 0,
-            sink: Sink::Auth {
-                generation: state.generation,
-                expires_at: cred.expires_at,
-            },
-            written_at: Instant::now(),
-        });
-        self.auth_inflight = true;
-    }
-
-    fn on_auth_reply(
-        &mut self,
-        reply: &[u8],
-        generation: u64,
-        expires_at: Option<SystemTime>,
-    ) -> Result<(), UpstreamError> {
-        self.auth_inflight = false;
-        match resp::error_text(reply) {
-            None => {
-                self.generation = generation;
-                self.expires_at = expires_at;
-                self.publish_expiry();
-                self.opts.metrics.reauth("ok");
-                info!(
-                    kind = self.opts.kind,
-                    generation, "upstream connection re-authenticated"
-                );
-                Ok(())
-            }
-            Some(reason) => {
-                self.opts.metrics.reauth("failed");
-                warn!(kind = self.opts.kind, %reason, "re-AUTH refused; retiring the connection");
-                Err(UpstreamError::Auth {
-                    addr: self.opts.addr.clone(),
-                    reason,
-                })
-            }
-        }
-    }
-
-    /// Hand out every complete reply in the read buffer, FIFO.
-    fn hand_out(&mut self) -> Result<(), UpstreamError> {
-        loop {
-            let reply = match self.scanner.scan(&self.rbuf[self.got_len..]) {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-            };
-            if reply.push {
-                // Out of band: never part of a request's replies.
-                let got_len = self.got_len;
-                let frame = if got_len == 0 {
-                    self.rbuf.split_to(reply.len)
-                } else {
-                    let f = BytesMut::from(&self.rbuf[got_len..got_len + reply.len]);
-                    let tail = self.rbuf.split_off(got_len + reply.len);
-                    self.rbuf.truncate(got_len);
-                    self.rbuf.unsplit(tail);
-                    f
-                }
-                .freeze();
-                // A pub/sub confirmation may be what the request at the head
-                // of the queue is waiting for.
-                if got_len == 0 && is_confirmation(&frame) {
-                    if let Some(head) = self.inflight.front_mut().filter(|h| h.pushes > 0) {
-                        head.pushes -= 1;
-                        if head.pushes == 0 {
-                            let done = self.inflight.pop_front().expect("checked above");
-                            self.complete(done.sink, Bytes::new())?;
-                        }
-                    }
-                }
-                if let Some(p) = &self.push {
-                    let _ = p.tx.send(frame);
-                }
-                continue;
-            }
-            let Some(cur) = self.inflight.front() else {
-                // A pinned connection in MONITOR mode streams lines nobody
-                // asked for: they belong to its client, like push frames.
-                if let (Some(p), 0) = (&self.push, self.got_len) {
-                    let _ = p.tx.send(self.rbuf.split_to(reply.len).freeze());
-                    continue;
-                }
-                return Err(UpstreamError::Protocol(
-                    "reply with no command waiting for it".into(),
-                ));
-            };
-            if cur.pushes > 0 {
-                // A request answered by confirmations got a reply instead: its
-                // error (it never has replies of its own).
-                let bytes = self.rbuf.split_to(reply.len).freeze();
-                let done = self.inflight.pop_front().expect("checked above");
-                self.complete(done.sink, bytes)?;
-                continue;
-            }
-            self.got += 1;
-            self.got_len += reply.len;
-            if self.got < cur.count {
-                continue;
-            }
-            let bytes = self.rbuf.split_to(self.got_len).freeze();
-            self.got = 0;
-            self.got_len = 0;
-            let cur = self.inflight.pop_front().expect("checked above");
-            self.complete(cur.sink, bytes)?;
-        }
-    }
-
-    /// A request's replies are all in: hand them to where they go.
-    fn complete(&mut self, sink: Sink, bytes: Bytes) -> Result<(), UpstreamError> {
-        match sink {
-            Sink::Client(Some(tx)) => {
-                let _ = tx.send(Ok(bytes));
-            }
-            Sink::Client(None) | Sink::Ping => {}
-            Sink::Auth {
-                generation,
-                expires_at,
-            } => self.on_auth_reply(&bytes, generation, expires_at)?,
-        }
-        Ok(())
-    }
-
-    /// The connection ended: fail what it still owes, with the reason.
-    fn finish(&mut self, result: &Result<(), UpstreamError>) {
-        let err = match result {
-            Ok(()) | Err(UpstreamError::Shutdown) => {
-                // Its owner let go (a pinned client done, or shutdown): routine.
-                debug!(kind = self.opts.kind, "upstream connection released");
-                UpstreamError::Lost {
-                    reason: "connection released".into(),
-                }
-            }
-            Err(e) => {
-                info!(kind = self.opts.kind, error = %e, "upstream connection closed");
-                e.clone()
-            }
-        };
-        for i in self.inflight.drain(..) {
-            match i.sink {
-                Sink::Client(reply) => fail(reply, err.clone()),
-                Sink::Auth { .. } => self.opts.metrics.reauth("failed"),
-                Sink::Ping => {}
-            }
-        }
-    }
+/// A maintenance signal for a pool's shared connections (set by the
+/// `AzureRedisEvents` listener, [`events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maint {
+    /// Connections opened before this take no new commands (they finish
+    /// what is in flight) until it is cleared: a close is announced.
+    pub drain_before: Option<Instant>,
+    /// Connections opened before this take no new commands and end once
+    /// their replies are in; their slot dials a new one.
+    pub retire_before: Option<Instant>,
+    /// The node is busy moving or failing over until then (a `MIGRATING` or
+    /// `FAILING_OVER` push): a reply is overdue only a reply timeout after it.
+    pub relax_until: Option<Instant>,
 }
 
 /// Whether a push frame confirms a (P|S)(UN)SUBSCRIBE (rather than being a
@@ -786,7 +315,11 @@ pub struct Handle {
     pub tx: mpsc::Sender<Request>,
 }
 
-pub use supervisor::supervise_shared;
+pub use supervisor::{supervise_shared, Slot};
+
+pub mod events;
+mod machine;
+mod pushes;
 
 /// Reconnect delay: exponential from 50 ms, capped at 5 s, with full jitter.
 pub fn backoff(attempt: u32) -> Duration {

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod conn;
+pub mod maintenance;
 pub mod policy;
 pub mod pool;
 pub mod pubsub;

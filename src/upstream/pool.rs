@@ -49,6 +49,11 @@ pub struct Pool {
     connector: Arc<Connector>,
     opts: ConnOpts,
     pool_size: usize,
+    /// How long shared slots hold commands while they reconnect.
+    hold: Duration,
+    /// What the shared connections follow at maintenance (set by the
+    /// `AzureRedisEvents` listener).
+    maint: Arc<tokio::sync::watch::Sender<conn::Maint>>,
     warm_pinned: usize,
     max_pinned: usize,
     shared: [OnceLock<Vec<Handle>>; 2],
@@ -92,10 +97,19 @@ impl Pool {
             wanted: Notify::new(),
             started: OnceLock::new(),
         };
+        // A cluster node's slots fail at once as before: the cluster layer
+        // reads their errors as the sign to refresh its topology.
+        let hold = if connector.is_node() {
+            Duration::ZERO
+        } else {
+            cfg.upstream.hold
+        };
         let pool = Arc::new(Pool {
             connector,
             opts,
             pool_size: cfg.upstream.pool_size,
+            hold,
+            maint: Arc::new(tokio::sync::watch::Sender::new(conn::Maint::default())),
             warm_pinned: cfg.upstream.warm_pinned,
             max_pinned: cfg.upstream.max_pinned,
             shared: [OnceLock::new(), OnceLock::new()],
@@ -106,6 +120,14 @@ impl Pool {
             shutdown,
             cluster: OnceLock::new(),
         });
+        if cfg.azure_events() && !pool.connector.is_node() {
+            tokio::spawn(conn::events::listen(
+                pool.connector.clone(),
+                pool.opts.clone(),
+                pool.maint.clone(),
+                pool.shutdown.clone(),
+            ));
+        }
         // RESP2 is what nearly every client speaks: open it at start so the
         // first command does not pay for TLS and AUTH.
         pool.shared_slots(Proto::Resp2);
@@ -123,6 +145,10 @@ impl Pool {
                         proto,
                         rx,
                         self.opts.clone(),
+                        conn::Slot {
+                            hold: self.hold,
+                            maint: Some(self.maint.clone()),
+                        },
                         self.health.clone(),
                         self.shutdown.clone(),
                     ));

@@ -59,6 +59,8 @@ pub struct Connector {
     /// Set while one connection is asking: connections dialled at the same
     /// time (the shared slots at start) do not all fetch the table.
     learning: std::sync::atomic::AtomicBool,
+    /// Dials one cluster node found in the topology, not the configured endpoint.
+    node: bool,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -125,11 +127,17 @@ impl Connector {
             last_hello: Default::default(),
             learned: Default::default(),
             learning: Default::default(),
+            node: false,
         })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Whether this dials a cluster node (made by [`Connector::for_node`]).
+    pub fn is_node(&self) -> bool {
+        self.node
     }
 
     /// The same TLS settings, credential and server name (SNI and the name the
@@ -155,6 +163,7 @@ impl Connector {
             last_hello: Default::default(),
             learned,
             learning: Default::default(),
+            node: true,
         }
     }
 

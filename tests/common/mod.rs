@@ -5,6 +5,9 @@
 pub mod certs;
 pub mod cluster;
 pub mod cluster_load;
+pub mod failover;
+pub mod failover_load;
+pub mod front;
 pub mod policies;
 pub mod proxy;
 pub mod redis;

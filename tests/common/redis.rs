@@ -24,6 +24,18 @@ pub fn free_port() -> u16 {
 impl RedisServer {
     /// Start with one ACL user `user` whose password is `password`.
     pub fn start(user: &str, password: &str) -> RedisServer {
+        RedisServer::start_with(user, password, None, "")
+    }
+
+    /// [`RedisServer::start`] with `extra` lines appended to its redis.conf
+    /// and, given `pki`, that certificate and CA instead of its own (servers
+    /// that replicate over TLS, or that one front routes to, share one).
+    pub fn start_with(
+        user: &str,
+        password: &str,
+        pki: Option<&TestPki>,
+        extra: &str,
+    ) -> RedisServer {
         assert!(
             Command::new("redis-server")
                 .arg("--version")
@@ -32,10 +44,17 @@ impl RedisServer {
             "redis-server is not installed: run .ci/run or apt-get install redis-server"
         );
         let dir = tempfile::tempdir().unwrap();
-        let pki = certs::make(dir.path(), "redis", &["localhost", "127.0.0.1"]);
+        let pki = match pki {
+            Some(p) => TestPki {
+                ca_pem: p.ca_pem.clone(),
+                cert_pem: p.cert_pem.clone(),
+                key_pem: p.key_pem.clone(),
+            },
+            None => certs::make(dir.path(), "redis", &["localhost", "127.0.0.1"]),
+        };
         let port = free_port();
         let conf = format!(
-            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nsave \"\"\nappendonly no\ndir {}\nuser default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {user} on >{password} ~* &* +@all\n{}logfile {}\n",
+            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nsave \"\"\nappendonly no\ndir {}\nuser default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\nuser {user} on >{password} ~* &* +@all\n{}logfile {}\n{extra}",
             pki.cert_pem.display(),
             pki.key_pem.display(),
             pki.ca_pem.display(),

@@ -1,42 +1,67 @@
-//! The supervisor of a shared connection slot: dial (its waiting requests
-//! bounded by the reply timeout), run the connection ([`super::run`]), and on
-//! failure dial again with backoff, carrying the requests not yet written.
+//! The supervisor of a shared connection slot: dial, run the connection
+//! ([`super::run`]), and on failure dial again with backoff. Commands not yet
+//! sent wait meanwhile in a bounded hold queue ([`HoldQueue`]: count, bytes,
+//! `upstream.hold`) and go out in order on the new connection; a dial failure
+//! a wait cannot cure, or a hold of 0, fails them at once instead.
 
-use super::{backoff, fail, run, ConnOpts, Request};
+use super::{backoff, fail, run_shared, ConnOpts, Maint, Request};
 use crate::resp::Proto;
-use crate::upstream::tls::Authed;
+use crate::upstream::maintenance::{
+    self, hold_through, Dropped, HoldQueue, HOLD_MAX_BYTES, HOLD_MAX_COMMANDS, HOLD_RETRY,
+};
 use crate::upstream::UpstreamError;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// Keep one shared connection slot alive: connect (with backoff), run, and on
 /// failure reconnect, carrying requests not yet written to the new connection.
-/// Requests that arrive while no connection can be made fail at once with the
-/// reason, so no client hangs.
+/// With `hold` > 0, once the slot has been connected, requests wait up to
+/// `hold` for it through failed dials (see [`hold_through`]); with 0, before
+/// the first connection, or after a failure waiting cannot cure, requests
+/// fail at once with the reason, so no client hangs.
 pub async fn supervise_shared(
     connector: Arc<crate::upstream::tls::Connector>,
     proto: Proto,
     mut rx: mpsc::Receiver<Request>,
     opts: ConnOpts,
+    slot: Slot,
     health: Arc<crate::admin::Health>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let Slot { hold, maint } = slot;
+    // Maintenance pushes already acted on, across this slot's connections.
+    let mut dedup = crate::upstream::maintenance::pushes::Dedup::default();
     let mut attempt: u32 = 0;
     // Waiting for the first credential at startup is neither a connect error
     // nor a reconnect: those count only once a connection has been made.
     let mut ever_connected = false;
+    // Without a hold, a request still waits for a dial in progress, bounded
+    // by the reply timeout, as a reply would be.
+    let bound = if hold.is_zero() {
+        opts.reply_timeout
+    } else {
+        hold
+    };
+    let mut held = Holding {
+        q: HoldQueue::new(bound, HOLD_MAX_COMMANDS, HOLD_MAX_BYTES),
+        hold,
+        last: None,
+        resent: 0,
+        opts: &opts,
+    };
     let mut pending: VecDeque<Request> = VecDeque::new();
     loop {
         if shutdown.is_cancelled() {
             break;
         }
         let conn = tokio::select! {
-            c = connect_within_reply_timeout(&connector, proto, &mut rx, &mut pending, &opts) => c,
+            c = held.wait(&mut rx, connector.connect(proto)) => c,
             _ = shutdown.cancelled() => break,
         };
         let Some(conn) = conn else { return };
@@ -47,25 +72,92 @@ pub async fn supervise_shared(
                     info!(
                         kind = opts.kind,
                         ?proto,
+                        held = held.q.len(),
                         "upstream connection re-established"
                     );
                 }
+                let now = Instant::now();
+                for (waited, r) in held.q.drain(now) {
+                    if ever_connected {
+                        opts.metrics.upstream_held.inc();
+                        opts.metrics
+                            .upstream_hold_seconds
+                            .observe(waited.as_secs_f64());
+                    }
+                    pending.push_back(r);
+                }
+                // How many at the front of `pending` were sent again already.
+                let mut resent = std::mem::take(&mut held.resent);
                 attempt = 0;
                 ever_connected = true;
+                held.last = None;
                 let healthy = health.healthy_upstream();
                 let up = opts.metrics.upstream(opts.kind, "up");
                 up.inc();
+                // RESP3: ask for maintenance pushes, first thing, and follow them.
+                let (push, pushes_rx) = match proto {
+                    Proto::Resp3 => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (Some(super::PushSink { tx }), Some(rx))
+                    }
+                    Proto::Resp2 => (None, None),
+                };
+                let opt_in = pushes_rx.is_some().then(|| {
+                    let (req, check) = super::pushes::opt_in();
+                    pending.push_front(req);
+                    resent += 1;
+                    check
+                });
+                let side = super::SharedSide {
+                    maint: maint.as_ref().map(|m| m.subscribe()),
+                    push,
+                };
+                let follow = async {
+                    if let Some(rx) = pushes_rx {
+                        super::pushes::follow(rx, &mut dedup, maint.as_deref(), &opts.metrics)
+                            .await;
+                    }
+                    std::future::pending::<()>().await
+                };
+                let check = async {
+                    if let Some(c) = opt_in {
+                        c.await;
+                    }
+                    std::future::pending::<()>().await
+                };
                 let res = tokio::select! {
-                    r = run(conn, &mut rx, &opts, None, &mut pending, None) => r,
+                    r = run_shared(conn, &mut rx, &opts, &mut pending, &mut resent, side) => r,
+                    _ = follow => Ok(()),
+                    _ = check => Ok(()),
                     _ = shutdown.cancelled() => Ok(()),
                 };
                 up.dec();
                 drop(healthy);
                 match res {
+                    // Retired after a maintenance notice, nothing in flight:
+                    // the next connection takes over what waits.
+                    Ok(()) if !rx.is_closed() && !shutdown.is_cancelled() => {
+                        info!(
+                            kind = opts.kind,
+                            "upstream connection replaced after a maintenance notice"
+                        );
+                        let now = Instant::now();
+                        for r in pending.drain(..) {
+                            held.push(now, r);
+                        }
+                        attempt = 1;
+                    }
                     Ok(()) => break,
                     Err(e) => {
                         opts.metrics.error(crate::metrics::ErrorKind::UpstreamLost);
-                        warn!(kind = opts.kind, error = %e, "upstream connection failed; reconnecting");
+                        warn!(kind = opts.kind, error = %e, unsent = pending.len(), "upstream connection failed; reconnecting");
+                        // Taken but never written: they wait for the next one.
+                        let now = Instant::now();
+                        for r in pending.drain(..) {
+                            held.push(now, r);
+                        }
+                        held.resent = resent;
+                        held.last = Some(e);
                     }
                 }
             }
@@ -80,12 +172,29 @@ pub async fn supervise_shared(
                 } else {
                     opts.metrics
                         .error(crate::metrics::ErrorKind::UpstreamConnect);
-                    warn!(kind = opts.kind, error = %e, attempt, "cannot open upstream connection");
+                    warn!(kind = opts.kind, error = %e, attempt, held = held.q.len(), "cannot open upstream connection");
+                }
+                // Held only once the slot has had a connection: a proxy that
+                // never reached its upstream (a wrong port or name) says so
+                // at once rather than after the hold.
+                if !hold.is_zero() && ever_connected && hold_through(&e) {
+                    // Dial again soon, the held requests waiting meanwhile.
+                    let until = Instant::now() + backoff(attempt).min(HOLD_RETRY);
+                    held.last = Some(e);
+                    let slept = tokio::select! {
+                        s = held.wait(&mut rx, tokio::time::sleep_until(until)) => s,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    if slept.is_none() {
+                        return;
+                    }
+                    continue;
                 }
                 // Fail what is waiting now, and whatever arrives during the backoff.
-                for r in pending.drain(..) {
+                for (_, r) in held.q.drain(Instant::now()) {
                     fail(r.reply, e.clone());
                 }
+                held.resent = 0;
                 // Without a credential there is nothing to retry until the
                 // token source publishes one: wait for it instead of a timer.
                 let until = Instant::now()
@@ -113,56 +222,107 @@ pub async fn supervise_shared(
     for r in pending.drain(..) {
         fail(r.reply, UpstreamError::Shutdown);
     }
+    for (_, r) in held.q.drain(Instant::now()) {
+        fail(r.reply, UpstreamError::Shutdown);
+    }
 }
 
-/// Dial while requests wait: each waits at most `upstream.reply_timeout`
-/// (counted from when the dial began for those carried over from the lost
-/// connection), then fails with a timeout, so a server that accepts but does
-/// not answer the handshake holds no client longer than a reply would.
-/// `None` when the owner let go of the slot.
-async fn connect_within_reply_timeout(
-    connector: &crate::upstream::tls::Connector,
-    proto: Proto,
-    rx: &mut mpsc::Receiver<Request>,
-    pending: &mut VecDeque<Request>,
-    opts: &ConnOpts,
-) -> Option<Result<Authed, UpstreamError>> {
-    let start = Instant::now();
-    let mut waiting: VecDeque<(Instant, Request)> = pending
-        .drain(..)
-        .map(|r| (start + opts.reply_timeout, r))
-        .collect();
-    let mut connect = pin!(connector.connect(proto));
-    let mut rx_open = true;
-    let timer = tokio::time::sleep(opts.reply_timeout);
-    let mut timer = pin!(timer);
-    let res = loop {
-        if let Some((deadline, _)) = waiting.front() {
-            timer.as_mut().reset(*deadline);
+/// How a shared slot rides through maintenance.
+pub struct Slot {
+    /// `upstream.hold` (0: no hold).
+    pub hold: Duration,
+    /// The maintenance signal its connections follow (and that a `MOVING`
+    /// push sets).
+    pub maint: Option<Arc<watch::Sender<Maint>>>,
+}
+
+/// The requests of a slot with no connection, and what their errors say.
+struct Holding<'a> {
+    q: HoldQueue<Request>,
+    /// `upstream.hold` (0: none; the queue is then bounded by the reply timeout).
+    hold: Duration,
+    /// Why the last connection or dial failed, for the errors of those that wait too long.
+    last: Option<UpstreamError>,
+    /// How many at the front of the queue were sent again already (see
+    /// [`run_shared`]): the oldest, so the first to expire.
+    resent: usize,
+    opts: &'a ConnOpts,
+}
+
+impl Holding<'_> {
+    fn push(&mut self, now: Instant, r: Request) {
+        let size = r.bytes.len();
+        if let Err(r) = self.q.push(now, size, r) {
+            self.drop_one(r, Dropped::Full);
         }
-        tokio::select! {
-            c = &mut connect => break Some(c),
-            r = rx.recv(), if rx_open => match r {
-                Some(r) => waiting.push_back((Instant::now() + opts.reply_timeout, r)),
-                None => rx_open = false,
+    }
+
+    fn drop_one(&self, r: Request, why: Dropped) {
+        self.opts
+            .metrics
+            .upstream_hold_dropped
+            .get_or_create(&vec![("reason", why.label())])
+            .inc();
+        let addr = &self.opts.addr;
+        let e = match why {
+            Dropped::Full => maintenance::full_error(addr, self.last.as_ref()),
+            Dropped::Expired if self.hold.is_zero() => UpstreamError::Timeout {
+                addr: addr.clone(),
+                secs: self.opts.reply_timeout.as_secs_f64(),
+                during: "the upstream connection was being re-established",
             },
-            _ = &mut timer, if !waiting.is_empty() => {
-                let now = Instant::now();
-                while waiting.front().is_some_and(|(d, _)| *d <= now) {
-                    if let Some((_, r)) = waiting.pop_front() {
-                        fail(r.reply, UpstreamError::Timeout {
-                            addr: opts.addr.clone(),
-                            secs: opts.reply_timeout.as_secs_f64(),
-                            during: "the upstream connection was being re-established",
-                        });
+            Dropped::Expired => maintenance::expired_error(addr, self.hold, self.last.as_ref()),
+        };
+        fail(r.reply, e);
+    }
+
+    /// Run `f` (a dial, or a backoff) while new requests join the queue and
+    /// those held too long fail. `None` when the owner let go of the slot
+    /// and nothing is held.
+    ///
+    /// # Cancel safety
+    /// Requests already taken from `rx` stay in the queue.
+    async fn wait<F: Future>(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        f: F,
+    ) -> Option<F::Output> {
+        let mut f = pin!(f);
+        let mut rx_open = true;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        let mut timer = pin!(timer);
+        loop {
+            let deadline = self.q.next_deadline();
+            if let Some(d) = deadline {
+                timer.as_mut().reset(d);
+            }
+            tokio::select! {
+                out = &mut f => {
+                    if !rx_open && self.q.is_empty() {
+                        return None;
+                    }
+                    return Some(out);
+                }
+                r = rx.recv(), if rx_open => match r {
+                    Some(r) => self.push(Instant::now(), r),
+                    None => {
+                        rx_open = false;
+                        if self.q.is_empty() {
+                            return None;
+                        }
+                    }
+                },
+                _ = &mut timer, if deadline.is_some() => {
+                    let gone = self.q.expire(Instant::now());
+                    self.resent = self.resent.saturating_sub(gone.len());
+                    for r in gone {
+                        self.drop_one(r, Dropped::Expired);
+                    }
+                    if !rx_open && self.q.is_empty() {
+                        return None;
                     }
                 }
             }
         }
-    };
-    pending.extend(waiting.into_iter().map(|(_, r)| r));
-    if !rx_open && pending.is_empty() {
-        return None;
     }
-    res
 }

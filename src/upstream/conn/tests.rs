@@ -337,3 +337,217 @@ async fn a_panicking_task_becomes_an_error() {
     let ok = catch_panic(Box::pin(async { 7 })).await;
     assert_eq!(ok, Ok(7));
 }
+
+/// What a shared connection's task ends with: its result, what it left
+/// for the next connection, and how many of those were sent again.
+type SharedEnd = JoinHandle<(
+    Result<(), UpstreamError>,
+    VecDeque<Request>,
+    usize,
+    mpsc::Receiver<Request>,
+)>;
+
+/// A shared connection run with resending on, over a pipe.
+fn start_shared(
+    resent_before: usize,
+    pending_before: Vec<Request>,
+) -> (Server, mpsc::Sender<Request>, SharedEnd) {
+    start_shared_with(resent_before, pending_before, None)
+}
+
+fn start_shared_with(
+    resent_before: usize,
+    pending_before: Vec<Request>,
+    maint: Option<watch::Receiver<Maint>>,
+) -> (Server, mpsc::Sender<Request>, SharedEnd) {
+    let (client_io, server_io) = tokio::io::duplex(1 << 16);
+    let (_tokens_tx, tokens_rx) = watch::channel(state(1, "first-secret"));
+    let opts = ConnOpts {
+        addr: "scripted:0".into(),
+        reply_timeout: 30 * SECOND,
+        keepalive: 60 * SECOND,
+        tokens: tokens_rx,
+        metrics: Arc::new(Metrics::new()),
+        kind: "shared",
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let link = Link {
+        stream: client_io,
+        generation: 1,
+        expires_at: None,
+        leftover: BytesMut::new(),
+    };
+    let task = tokio::spawn(async move {
+        let _keep = _tokens_tx;
+        let mut pending: VecDeque<Request> = pending_before.into();
+        let mut resent = resent_before;
+        let side = SharedSide { maint, push: None };
+        let r = run_shared_on(link, &mut rx, &opts, &mut pending, &mut resent, side).await;
+        (r, pending, resent, rx)
+    });
+    let server = Server {
+        io: server_io,
+        buf: BytesMut::new(),
+    };
+    (server, tx, task)
+}
+
+fn request(args: &[&[u8]]) -> (Request, oneshot::Receiver<Result<Bytes, UpstreamError>>) {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let req = Request {
+        bytes: resp::command(args),
+        count: 1,
+        reply: Some(reply_tx),
+        in_multi_after: false,
+        pushes: 0,
+    };
+    (req, reply_rx)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_shared_connection_gives_back_its_reads_in_flight_and_fails_its_writes() {
+    let (mut server, tx, task) = start_shared(0, Vec::new());
+    let (r1, mut a) = request(&[b"GET", b"a"]);
+    let (w2, b) = request(&[b"SET", b"b", b"1"]);
+    let (r3, mut c) = request(&[b"MGET", b"c", b"d"]);
+    for r in [r1, w2, r3] {
+        tx.send(r).await.unwrap();
+    }
+    for _ in 0..3 {
+        server.command().await;
+    }
+    drop(server);
+    let (res, pending, resent, _) = task.await.unwrap();
+    assert!(matches!(res, Err(UpstreamError::Lost { .. })), "{res:?}");
+    // The write may have run: its error says so. The reads go again, in order.
+    let e = b.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("may or may not have been executed"), "{e}");
+    assert!(a.try_recv().is_err(), "the first read still waits");
+    assert!(c.try_recv().is_err(), "the second read still waits");
+    assert_eq!(resent, 2);
+    assert_eq!(pending.len(), 2);
+    assert_eq!(&pending[0].bytes[..], &resp::command(&[b"GET", b"a"])[..]);
+    assert_eq!(
+        &pending[1].bytes[..],
+        &resp::command(&[b"MGET", b"c", b"d"])[..]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_sent_again_is_not_sent_a_third_time() {
+    let (again, again_rx) = request(&[b"GET", b"a"]);
+    let (fresh, _fresh_rx) = request(&[b"GET", b"b"]);
+    let (mut server, _tx, task) = start_shared(1, vec![again, fresh]);
+    server.command().await;
+    server.command().await;
+    drop(server);
+    let (_, pending, resent, _) = task.await.unwrap();
+    let e = again_rx.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("may or may not have been executed"), "{e}");
+    // The other one was sent once: it may go again, once.
+    assert_eq!(resent, 1);
+    assert_eq!(&pending[0].bytes[..], &resp::command(&[b"GET", b"b"])[..]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_timeout_sends_nothing_again() {
+    let (mut server, tx, task) = start_shared(0, Vec::new());
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    server.command().await;
+    tokio::time::advance(31 * SECOND).await;
+    let (res, pending, resent, _) = task.await.unwrap();
+    assert!(matches!(res, Err(UpstreamError::Timeout { .. })), "{res:?}");
+    assert!(a.await.unwrap().is_err());
+    assert_eq!((pending.len(), resent), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_stops_new_commands_and_lets_the_replies_in_flight_come() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    let (r1, a) = request(&[b"SET", b"a", b"1"]);
+    tx.send(r1).await.unwrap();
+    assert_eq!(server.name().await, "SET");
+    // A close is announced: the connection takes nothing more.
+    signal.send_modify(|m| m.drain_before = Some(Instant::now() + SECOND));
+    let (r2, _b) = request(&[b"SET", b"b", b"2"]);
+    tx.send(r2).await.unwrap();
+    assert!(
+        server.silent().await,
+        "a command went into a draining connection"
+    );
+    // The reply in flight still comes.
+    server.send(b"+OK\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"+OK\r\n");
+    // The server closes it: nothing was in flight; the waiting command was
+    // never written and waits (taken, or still in the slot's channel) for
+    // the next connection.
+    drop(server);
+    let (res, pending, resent, mut rx) = task.await.unwrap();
+    assert!(res.is_err());
+    assert_eq!(resent, 0);
+    let mut queued = 0;
+    while rx.try_recv().is_ok() {
+        queued += 1;
+    }
+    assert_eq!(pending.len() + queued, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_ends_without_a_close_lets_commands_through_again() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, _task) = start_shared_with(0, Vec::new(), Some(maint));
+    signal.send_modify(|m| m.drain_before = Some(Instant::now() + SECOND));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    assert!(server.silent().await);
+    signal.send_modify(|m| m.drain_before = None);
+    assert_eq!(server.name().await, "GET");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_retires_the_connection_once_its_replies_are_in() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    server.command().await;
+    tokio::time::advance(SECOND).await;
+    signal.send_modify(|m| m.retire_before = Some(Instant::now()));
+    let (r2, _b) = request(&[b"GET", b"b"]);
+    tx.send(r2).await.unwrap();
+    assert!(server.silent().await);
+    assert!(!task.is_finished(), "retired with a reply owed");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+    // Ends cleanly; the command waiting was never written.
+    let (res, _, _, _) = task.await.unwrap();
+    assert!(res.is_ok(), "{res:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relaxed_connection_waits_longer_for_its_replies() {
+    let (signal, maint) = watch::channel(Maint::default());
+    let (mut server, tx, task) = start_shared_with(0, Vec::new(), Some(maint));
+    // FAILING_OVER for 20 s: a reply may come up to 20 s + the reply timeout.
+    signal.send_modify(|m| m.relax_until = Some(Instant::now() + 20 * SECOND));
+    let (r1, a) = request(&[b"GET", b"a"]);
+    tx.send(r1).await.unwrap();
+    server.command().await;
+    tokio::time::advance(45 * SECOND).await;
+    assert!(!task.is_finished(), "timed out within the relaxed window");
+    server.send(b"$1\r\n1\r\n").await;
+    assert_eq!(&a.await.unwrap().unwrap()[..], b"$1\r\n1\r\n");
+    // Restored: the usual timeout again.
+    signal.send_modify(|m| m.relax_until = None);
+    let (r2, b) = request(&[b"GET", b"b"]);
+    tx.send(r2).await.unwrap();
+    server.command().await;
+    tokio::time::advance(31 * SECOND).await;
+    assert!(b.await.unwrap().is_err());
+    let (res, _, _, _) = task.await.unwrap();
+    assert!(matches!(res, Err(UpstreamError::Timeout { .. })), "{res:?}");
+}

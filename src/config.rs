@@ -95,6 +95,61 @@ pub const KEYS: &[(&str, &str)] = &[
     ("shutdown.min_delay", "0s"),
 ];
 
+/// The values each enum-valued key accepts (besides `log.level`, a filter: see
+/// [`check_log_level`]). Checked before deserializing, so that the error names them.
+pub const ENUM_VALUES: &[(&str, &[&str])] = &[
+    ("upstream.cluster", &["auto", "on", "off"]),
+    ("auth.source", &["entra", "static"]),
+    (
+        "auth.entra.credential",
+        &[
+            "auto",
+            "managed-identity",
+            "workload-identity",
+            "client-secret",
+            "client-certificate",
+            "azure-cli",
+            "azure-developer-cli",
+            "azd",
+            "developer-tools",
+        ],
+    ),
+    ("admin.readiness", &["listening", "credential", "upstream"]),
+    ("log.format", &["text", "json"]),
+];
+
+/// The level names `log.level` accepts, alone or as `target=level`.
+pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+
+/// `log.level`: a level name, or comma-separated directives `target=level` (a
+/// level alone among them sets the default). A bare word that is not a level is
+/// refused: tracing would read `warning` as "every level of the target
+/// `warning`", which silences everything else.
+pub fn check_log_level(filter: &str) -> Result<(), String> {
+    let accepted = || {
+        format!(
+            "expected one of {} (or target=level, ...)",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l.trim()));
+    if filter.trim().is_empty() {
+        return Err(format!("is empty: {}", accepted()));
+    }
+    for directive in filter.split(',') {
+        let level = match directive.rsplit_once('=') {
+            Some((_target, level)) => level,
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(format!("`{}` is not a level: {}", level.trim(), accepted()));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| format!("{e}: {}", accepted()))
+}
+
 /// Command-line flags for the common keys: (flag, key).
 pub const FLAGS: &[(&str, &str)] = &[
     ("--listen-address", "listen.address"),
@@ -485,6 +540,16 @@ impl Config {
         if let Some(path) = sources.file {
             secrets::refuse_in_file(path)?;
         }
+        for (key, values) in ENUM_VALUES {
+            if let Ok(v) = merged.get::<String>(key) {
+                if !values.contains(&v.as_str()) {
+                    return Err(invalid(
+                        key,
+                        format!("`{v}` is not one of {}", values.join(", ")),
+                    ));
+                }
+            }
+        }
         let admin_address_set = merged.get::<String>("admin.address").is_ok();
         let admin_enabled_set = merged.get::<String>("admin.enabled").is_ok();
         let mut cfg: Config = merged.try_deserialize().map_err(map_deserialize_error)?;
@@ -559,12 +624,7 @@ impl Config {
         if self.auth.entra.attempt_timeout.is_zero() {
             return Err(invalid("auth.entra.attempt_timeout", "must be positive"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                "expected error, warn, info, debug, trace or a tracing filter",
-            ));
-        }
+        check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         Ok(())
     }
 
@@ -748,6 +808,85 @@ mod tests {
                 .contains("missing required key `upstream.host`"),
             "{e}"
         );
+    }
+
+    /// Every enum-valued key refuses a value it does not know and names the ones
+    /// it accepts; `log.level` too (`warning` once silenced every line).
+    #[test]
+    fn unknown_enum_values_name_the_accepted_ones() {
+        for (key, bad, accepted) in [
+            (
+                "log.level",
+                "warning",
+                "error, warn, info, debug, trace, off",
+            ),
+            (
+                "log.level",
+                "verbose",
+                "error, warn, info, debug, trace, off",
+            ),
+            (
+                "log.level",
+                "info,azure_core=loud",
+                "error, warn, info, debug, trace, off",
+            ),
+            ("log.format", "yaml", "text, json"),
+            ("auth.source", "magic", "entra, static"),
+            ("upstream.cluster", "yes", "auto, on, off"),
+            (
+                "admin.readiness",
+                "always",
+                "listening, credential, upstream",
+            ),
+            ("auth.entra.credential", "msi", "auto, managed-identity"),
+        ] {
+            let e = load(
+                &[
+                    ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                    (&env_name(key), bad),
+                ],
+                None,
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("`{key}`"))
+                    && e.contains(accepted)
+                    && e.contains(bad.rsplit('=').next().unwrap()),
+                "{key} = {bad}: {e}"
+            );
+        }
+        // Every value the list names is one the key takes.
+        for (key, values) in ENUM_VALUES {
+            for v in *values {
+                load(
+                    &[
+                        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                        ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD", "p"),
+                        (&env_name(key), v),
+                    ],
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{key} = {v}: {e}"));
+            }
+        }
+        for good in [
+            "warn",
+            "DEBUG",
+            "off",
+            "info,redis_entra_proxy=debug",
+            "trace",
+        ] {
+            load(
+                &[
+                    ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                    ("REDIS_ENTRA_PROXY_LOG__LEVEL", good),
+                ],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]

@@ -474,3 +474,60 @@ async fn sighup_rereads_the_clients_password_file() {
         "SIGHUP ended the proxy"
     );
 }
+
+/// `listen.unix_socket` naming another service's live socket: the proxy refuses to
+/// start, and the other service keeps its socket (it used to be deleted and taken
+/// over, and removed on exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_unix_socket_of_another_process_is_never_taken_over() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("theirs.sock");
+    let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET".into(),
+        path.display().to_string(),
+    ));
+    let log = dir.path().join("proxy.log");
+    let mut child = Reaper(spawn(&env, std::fs::File::create(&log).unwrap().into()));
+    let status = wait_exit(&mut child.0, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the proxy started on another process's socket: {text}"
+    );
+    assert!(text.contains("another process"), "{text}");
+    // Theirs still: a client reaches their listener.
+    std::os::unix::net::UnixStream::connect(&path).unwrap();
+    theirs.accept().unwrap();
+}
+
+/// A stale socket file (its process died) is replaced; on exit the proxy removes
+/// its own socket file, and leaves alone one that another process put there since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unix_socket_is_replaced_and_only_our_own_is_removed() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET".into(),
+        path.display().to_string(),
+    ));
+    let mut child = Reaper(spawn(&env, Stdio::null()));
+    wait_listening(&mut child.0, listen);
+    std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // Another process takes the path over while the proxy runs.
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).is_some());
+    assert!(
+        std::fs::symlink_metadata(&path).is_ok(),
+        "the proxy removed another process's socket file on exit"
+    );
+}

@@ -493,7 +493,7 @@ fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Respons
 
 /// `POST /quitquitquit`: start a graceful exit. Only from the same host: a peer
 /// address of exactly 127.0.0.1 or ::1, and no header saying a proxy forwarded the
-/// request. Any other loopback address is someone else's: a service mesh's
+/// request, and nothing a web browser adds (see [`from_a_browser`]). Any other loopback address is someone else's: a service mesh's
 /// sidecar hands inbound traffic from other pods to the app from 127.0.0.6
 /// (Istio), so "any loopback address" would let every pod of the mesh that can
 /// reach the admin port (open for kubelet and Prometheus) stop the proxy.
@@ -502,7 +502,7 @@ fn quit<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Response<F
         tracing::warn!(%peer, "admin: /quitquitquit refused: {why}");
         return text(
             StatusCode::FORBIDDEN,
-            format!("forbidden: /quitquitquit is accepted from this host only (127.0.0.1 or ::1): {why}"),
+            format!("forbidden: /quitquitquit is accepted from this host only (127.0.0.1 or ::1, not from a browser): {why}"),
         );
     }
     if state.quit.is_cancelled() {
@@ -530,6 +530,43 @@ fn same_host<B>(req: &Request<B>, peer: SocketAddr) -> Result<(), String> {
         return Err(format!(
             "the request was relayed by a proxy (header {name})"
         ));
+    }
+    from_a_browser(req)
+}
+
+/// Refuse what a web browser sends: a page open on this machine could otherwise
+/// stop the proxy with a cross-origin "simple" POST (no CORS preflight), whose
+/// peer address is 127.0.0.1. Browsers add `Origin` and `Sec-Fetch-*` to such
+/// requests and may only send the form content types without a preflight; a
+/// script or `curl -X POST` sends none of these.
+fn from_a_browser<B>(req: &Request<B>) -> Result<(), String> {
+    let headers = req.headers();
+    if let Some(name) = headers
+        .keys()
+        .find(|n| n.as_str() == "origin" || n.as_str().starts_with("sec-fetch-"))
+    {
+        return Err(format!(
+            "the request came from a web browser (header {name})"
+        ));
+    }
+    if let Some(ct) = headers.get(CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if matches!(
+            essence.as_str(),
+            "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
+        ) || ct.to_str().is_err()
+        {
+            return Err(format!(
+                "form content type {essence:?}, as a browser sends; send no body (curl -X POST)"
+            ));
+        }
     }
     Ok(())
 }

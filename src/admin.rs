@@ -14,6 +14,7 @@
 //! [`healthcheck`] is the client side: a tiny blocking GET for the container
 //! `HEALTHCHECK`, where there is no curl and no shell.
 
+use crate::acceptance::Acceptance;
 use crate::auth::{TokenState, TokenWatch};
 use crate::config::Readiness;
 use crate::metrics::Metrics;
@@ -73,6 +74,8 @@ pub struct Health {
     created: Instant,
     /// `admin.readiness`.
     mode: Readiness,
+    /// What the cache answered to the proxy's own AUTHs (`None`: not judged).
+    acceptance: Option<Arc<Acceptance>>,
 }
 
 /// The answer to a probe: whether it passed and a short line saying why.
@@ -114,7 +117,15 @@ impl Health {
             last_ready: AtomicU8::new(0),
             created: Instant::now(),
             mode: Readiness::Credential,
+            acceptance: None,
         }
+    }
+
+    /// Readiness (beyond `listening`) also wants the cache to have accepted the
+    /// current credential (see [`Acceptance::judge`]).
+    pub fn with_acceptance(mut self, acceptance: Arc<Acceptance>) -> Self {
+        self.acceptance = Some(acceptance);
+        self
     }
 
     /// What readiness waits for (`admin.readiness`); [`Readiness::Credential`] unless set.
@@ -253,10 +264,16 @@ impl Health {
         }
         let state = self.token.borrow().clone();
         let received = self.note_generation(&state, now);
-        let token = match judge_credential(&state, received, now) {
+        let mut token = match judge_credential(&state, received, now) {
             Ok(line) => line,
             Err(why) => return Check::fail(format!("not ready: {why}")),
         };
+        if let (Some(acceptance), Some(current)) = (&self.acceptance, &state.current) {
+            match acceptance.judge(state.generation, &current.username) {
+                Ok(line) => token = format!("{token}, {line}"),
+                Err(why) => return Check::fail(format!("not ready: {token}, but {why}")),
+            }
+        }
         let healthy = match self.upstream_healthy() {
             1 => "1 healthy upstream connection".to_string(),
             n => format!("{n} healthy upstream connections"),

@@ -6,6 +6,7 @@
 //! pinned `upstream::conn` -> `upstream::tls` to Azure and back, FIFO. `auth`
 //! publishes the credential every upstream connection AUTHs with.
 
+pub mod acceptance;
 pub mod admin;
 pub mod auth;
 pub mod command;

@@ -89,7 +89,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let connector = Arc::new(Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?);
+    let connector = Arc::new(
+        Connector::new(cfg, tokens.clone())
+            .map_err(StartError::Config)?
+            .with_acceptance(metrics.acceptance.clone()),
+    );
     let addrs = cfg
         .listen_addrs()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -104,7 +108,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         })?),
         None => None,
     };
-    let health = Arc::new(Health::new(tokens.clone()).with_readiness(cfg.admin.readiness));
+    let health = Arc::new(
+        Health::new(tokens.clone())
+            .with_readiness(cfg.admin.readiness)
+            .with_acceptance(metrics.acceptance.clone()),
+    );
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let mut admin_task = None;

@@ -608,8 +608,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         expires_at: Option<SystemTime>,
     ) -> Result<(), UpstreamError> {
         self.auth_inflight = false;
+        let user = {
+            let state = self.tokens.borrow();
+            match &state.current {
+                Some(c) if state.generation == generation => c.username.clone(),
+                _ => String::new(),
+            }
+        };
+        let acceptance = &self.opts.metrics.acceptance;
         match resp::error_text(reply) {
             None => {
+                acceptance.accepted(generation, &user);
                 self.generation = generation;
                 self.expires_at = expires_at;
                 self.publish_expiry();
@@ -621,6 +630,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 Ok(())
             }
             Some(reason) => {
+                acceptance.refused(generation, &user, &reason, std::time::Instant::now());
                 self.opts.metrics.reauth("failed");
                 warn!(kind = self.opts.kind, %reason, "re-AUTH refused; retiring the connection");
                 Err(UpstreamError::Auth {

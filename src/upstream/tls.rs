@@ -59,6 +59,8 @@ pub struct Connector {
     /// Set while one connection is asking: connections dialled at the same
     /// time (the shared slots at start) do not all fetch the table.
     learning: std::sync::atomic::AtomicBool,
+    /// Where each HELLO AUTH outcome is recorded (readiness, metrics, log).
+    acceptance: Arc<crate::acceptance::Acceptance>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -125,7 +127,14 @@ impl Connector {
             last_hello: Default::default(),
             learned: Default::default(),
             learning: Default::default(),
+            acceptance: Default::default(),
         })
+    }
+
+    /// Record AUTH outcomes in `acceptance` (shared with readiness and metrics).
+    pub fn with_acceptance(mut self, acceptance: Arc<crate::acceptance::Acceptance>) -> Self {
+        self.acceptance = acceptance;
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -155,6 +164,7 @@ impl Connector {
             last_hello: Default::default(),
             learned,
             learning: Default::default(),
+            acceptance: self.acceptance.clone(),
         }
     }
 
@@ -237,11 +247,14 @@ impl Connector {
         let mut buf = BytesMut::with_capacity(4096);
         let reply = self.read_reply(&mut stream, &mut buf, "HELLO").await?;
         if let Some(text) = resp::error_text(&reply) {
+            self.acceptance
+                .refused(generation, &cred.username, &text, std::time::Instant::now());
             return Err(UpstreamError::Auth {
                 addr: self.addr.clone(),
                 reason: format!("{text} (as user `{}`)", cred.username),
             });
         }
+        self.acceptance.accepted(generation, &cred.username);
         use std::sync::atomic::Ordering;
         if self.learned.get().is_none()
             && self

@@ -24,12 +24,10 @@ LABEL org.opencontainers.image.title="redis-entra-proxy" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT"
 COPY --from=build /out/redis-entra-proxy /usr/local/bin/redis-entra-proxy
-# The admin port is for kubelet probes and Prometheus, so it listens on all of the
-# container's addresses, IPv6 and IPv4 ("[::]" falls back to 0.0.0.0 where the
-# container has no IPv6); the Redis port stays on the loopbacks, 127.0.0.1 and ::1
-# (the proxy's default), unless listen.address and listen.password are set.
-ENV REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
-    REDIS_ENTRA_PROXY_ADMIN__ADDRESS="[::]:9090"
+# The image's own settings (admin server on, on [::]:9090 for kubelet and
+# Prometheus) are a defaults file, below the user's config file, environment and
+# flags: as ENV they would silently win over a mounted TOML.
+COPY deploy/container/image-defaults.toml /etc/redis-entra-proxy/image-defaults.toml
 # distroless "nonroot" (65532), numeric so that Kubernetes runAsNonRoot can verify it.
 USER 65532:65532
 EXPOSE 6379 9090
@@ -37,5 +35,5 @@ EXPOSE 6379 9090
 # It follows admin.readiness like any readiness probe: by default a usable token,
 # not a healthy cache connection.
 HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
-    CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]
-ENTRYPOINT ["/usr/local/bin/redis-entra-proxy"]
+    CMD ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml"]

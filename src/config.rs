@@ -497,6 +497,9 @@ impl Default for ShutdownConfig {
 /// Where a configuration comes from. `env` is passed in (tests give a map; `main`
 /// gives the process environment), never read here.
 pub struct Sources<'a> {
+    /// A TOML file of defaults, below everything else (`--defaults`: the container
+    /// image's own settings, which the user's file, environment and flags override).
+    pub defaults: Option<&'a Path>,
     pub file: Option<&'a Path>,
     pub env: HashMap<String, String>,
     /// (key, value) pairs from flags; they win over everything.
@@ -507,6 +510,13 @@ impl Config {
     /// Merge file, environment and flags, reject unknown keys, and validate.
     pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
+        if let Some(path) = sources.defaults {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
         if let Some(path) = sources.file {
             builder = builder.add_source(
                 config::File::from(path)
@@ -537,7 +547,7 @@ impl Config {
             source,
         })?;
         check_known_keys(&merged)?;
-        if let Some(path) = sources.file {
+        for path in sources.defaults.iter().chain(sources.file.iter()) {
             secrets::refuse_in_file(path)?;
         }
         for (key, values) in ENUM_VALUES {
@@ -698,6 +708,7 @@ mod tests {
             std::fs::write(&path, text).unwrap();
         }
         Config::load(Sources {
+            defaults: None,
             file: file.map(|_| path.as_path()),
             env: env
                 .iter()
@@ -751,6 +762,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[upstream]\nhost = \"file\"\nport = 1\n").unwrap();
         let c = Config::load(Sources {
+            defaults: None,
             file: Some(&path),
             env: [(
                 "REDIS_ENTRA_PROXY_UPSTREAM__PORT".to_string(),
@@ -941,6 +953,7 @@ mod tests {
         )]
         .into();
         Config::load(Sources {
+            defaults: None,
             file: Some(Path::new(path)),
             env,
             overrides: vec![],

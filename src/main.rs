@@ -24,8 +24,12 @@ struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
     /// TOML config file (optional when everything comes from the environment).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// TOML file of defaults, below the config file, the environment and the flags
+    /// (the container image passes its own: admin server on [::]:9090).
+    #[arg(long, value_name = "FILE", global = true)]
+    defaults: Option<PathBuf>,
     /// listen.address
     #[arg(long)]
     listen_address: Option<String>,
@@ -117,6 +121,7 @@ fn main() {
         }
     };
     let loaded = Config::load(Sources {
+        defaults: args.defaults.as_deref(),
         file: args.config.as_deref(),
         env: std::env::vars().collect(),
         overrides: args.overrides(),

@@ -241,7 +241,7 @@ fn labels_the_version_and_checks_health() {
     assert!(
         health
             .args
-            .contains(r#"CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]"#),
+            .contains(r#"CMD ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml", "healthcheck"]"#),
         "{}",
         health.args
     );
@@ -264,14 +264,15 @@ fn image_env(all: &[Instruction]) -> Vec<(String, String)> {
 }
 
 #[test]
-fn the_image_environment_is_a_valid_config_with_a_dual_stack_admin_port() {
-    let env = image_env(&dockerfile());
+fn the_image_settings_are_a_valid_config_with_a_dual_stack_admin_port() {
+    let (env, defaults) = image_sources(&dockerfile());
     let mut vars: std::collections::HashMap<String, String> = env.iter().cloned().collect();
     vars.insert(
         "REDIS_ENTRA_PROXY_UPSTREAM__HOST".into(),
         "cache.example".into(),
     );
     let cfg = Config::load(redis_entra_proxy::config::Sources {
+        defaults: defaults.as_deref(),
         file: None,
         env: vars,
         overrides: vec![],
@@ -283,4 +284,66 @@ fn the_image_environment_is_a_valid_config_with_a_dual_stack_admin_port() {
         cfg.listen_addr().unwrap(),
         "127.0.0.1:6379".parse().unwrap()
     );
+}
+
+/// The image's settings as the proxy sees them: its `ENV`, and the `--defaults`
+/// file its ENTRYPOINT names (mapped back to the repository file COPY put there).
+fn image_sources(all: &[Instruction]) -> (Vec<(String, String)>, Option<std::path::PathBuf>) {
+    let last = final_stage(all);
+    let entry = last
+        .iter()
+        .find(|i| i.keyword == "ENTRYPOINT")
+        .expect("an ENTRYPOINT");
+    let args: Vec<String> = entry
+        .args
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|a| a.trim().trim_matches('"').to_string())
+        .collect();
+    let defaults = args
+        .iter()
+        .position(|a| a == "--defaults")
+        .map(|i| args[i + 1].clone())
+        .map(|in_image| {
+            let copy = last
+                .iter()
+                .filter(|i| i.keyword == "COPY" && !i.args.contains("--from="))
+                .find(|i| words(&i.args).last() == Some(&in_image.as_str()))
+                .unwrap_or_else(|| panic!("no COPY puts {in_image} in the image"));
+            Path::new(ROOT).join(words(&copy.args)[0])
+        });
+    (image_env(all), defaults)
+}
+
+/// The image's defaults are defaults: `admin.enabled = false` (or another admin
+/// address) in the user's TOML wins over them. The image used to set them as
+/// `ENV`, which is above the file, so the TOML was silently ignored.
+#[test]
+fn a_toml_value_wins_over_the_image_defaults() {
+    let (env, defaults) = image_sources(&dockerfile());
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars: std::collections::HashMap<String, String> = env.into_iter().collect();
+    vars.insert(
+        "REDIS_ENTRA_PROXY_UPSTREAM__HOST".into(),
+        "cache.example".into(),
+    );
+    let load = |toml: &str| {
+        let path = dir.path().join("user.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(redis_entra_proxy::config::Sources {
+            defaults: defaults.as_deref(),
+            file: Some(&path),
+            env: vars.clone(),
+            overrides: vec![],
+        })
+        .unwrap()
+    };
+    let cfg = load("[admin]\nenabled = false\n");
+    assert!(!cfg.admin.enabled, "the image's defaults overrode the TOML");
+    let cfg = load("[admin]\nenabled = true\naddress = \"127.0.0.1:9191\"\n");
+    assert_eq!(cfg.admin.address, "127.0.0.1:9191".parse().unwrap());
+    // Without a word about admin, the image's defaults hold.
+    let cfg = load("");
+    assert!(cfg.admin.enabled);
+    assert_eq!(cfg.admin.address, "[::]:9090".parse().unwrap());
 }

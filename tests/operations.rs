@@ -277,31 +277,27 @@ async fn reconnect_warnings_in_an_outage_are_rate_limited() {
     );
 }
 
-/// The image's `ENV` settings (the final stage's `NAME=value` pairs).
-fn image_env() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
-    let last = &text[text.rfind("\nFROM ").unwrap()..];
-    let joined = last.replace("\\\n", " ");
-    joined
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ENV "))
-        .flat_map(|args| {
-            args.split_whitespace()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            Some((k.to_string(), v.trim_matches('"').to_string()))
-        })
-        .collect()
+/// The image's defaults file (what its ENTRYPOINT passes with `--defaults`), with
+/// its admin port moved to `admin`, written into `dir`.
+fn image_defaults(dir: &std::path::Path, admin: u16) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/container/image-defaults.toml"
+    ))
+    .unwrap();
+    assert!(text.contains("\"[::]:9090\""), "{text}");
+    let path = dir.join("image-defaults.toml");
+    std::fs::write(&path, text.replace(":9090", &format!(":{admin}"))).unwrap();
+    path
 }
 
-/// What Docker would run as the image's HEALTHCHECK, with the image's environment
-/// (its admin port moved to a free one). The image cannot be built here (no
-/// Docker daemon), so its settings are exercised on the binary it ships.
-fn healthcheck(env: &[(String, String)]) -> Option<i32> {
+/// What Docker would run as the image's HEALTHCHECK, with the image's defaults
+/// (its admin port moved to a free one). The image is built by
+/// scripts/check-deploy.sh; here its settings are exercised on the binary it ships.
+fn healthcheck(defaults: &std::path::Path, env: &[(String, String)]) -> Option<i32> {
     Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("--defaults")
+        .arg(defaults)
         .arg("healthcheck")
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -324,18 +320,22 @@ async fn the_image_healthcheck_follows_the_readiness_setting() {
         let (listen, admin) = (free_port(), free_port());
         let mut env = entra_env(&emu, listen, admin);
         env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
-        for (k, v) in image_env() {
-            env.push((k, v.replace(":9090", &format!(":{admin}"))));
-        }
-        assert!(
-            env.iter()
-                .any(|(k, v)| k == "REDIS_ENTRA_PROXY_ADMIN__ADDRESS" && v.starts_with("[::]")),
-            "{env:?}"
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let defaults = image_defaults(dir.path(), admin);
         if let Some(r) = readiness {
             env.push(("REDIS_ENTRA_PROXY_ADMIN__READINESS".into(), r.into()));
         }
-        let mut proxy = Reaper(spawn(&env, Stdio::null()));
+        let mut proxy = Reaper(
+            Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+                .arg("--defaults")
+                .arg(&defaults)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         wait_listening(&mut proxy.0, listen);
         // /startup passes once the first token is in.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -348,15 +348,15 @@ async fn the_image_healthcheck_follows_the_readiness_setting() {
             assert!(Instant::now() < deadline, "no first token");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let e = env.clone();
+        let (e, d) = (env.clone(), defaults.clone());
         codes.push(
-            tokio::task::spawn_blocking(move || healthcheck(&e))
+            tokio::task::spawn_blocking(move || healthcheck(&d, &e))
                 .await
                 .unwrap(),
         );
         drop(proxy);
-        let e = env.clone();
-        let gone = tokio::task::spawn_blocking(move || healthcheck(&e))
+        let (e, d) = (env.clone(), defaults.clone());
+        let gone = tokio::task::spawn_blocking(move || healthcheck(&d, &e))
             .await
             .unwrap();
         assert_eq!(gone, Some(1), "nothing listening is unhealthy");

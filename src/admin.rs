@@ -76,6 +76,8 @@ pub struct Health {
     mode: Readiness,
     /// What the cache answered to the proxy's own AUTHs (`None`: not judged).
     acceptance: Option<Arc<Acceptance>>,
+    /// `upstream.tls_insecure_skip_verify`: said in every `/readyz` answer.
+    insecure_tls: bool,
 }
 
 /// The answer to a probe: whether it passed and a short line saying why.
@@ -118,7 +120,14 @@ impl Health {
             created: Instant::now(),
             mode: Readiness::Credential,
             acceptance: None,
+            insecure_tls: false,
         }
+    }
+
+    /// The upstream certificate is not verified: `/readyz` says so in every answer.
+    pub fn with_insecure_tls(mut self, insecure: bool) -> Self {
+        self.insecure_tls = insecure;
+        self
     }
 
     /// Readiness (beyond `listening`) also wants the cache to have accepted the
@@ -240,7 +249,12 @@ impl Health {
     /// least the margin of [`READY_TOKEN_MARGIN`] left, and at least one healthy
     /// upstream connection. Answered from held state only.
     pub fn readiness(&self, now: SystemTime) -> Check {
-        let check = self.judge_readiness(now);
+        let mut check = self.judge_readiness(now);
+        if self.insecure_tls {
+            check.message.push_str(
+                "; WARNING: the upstream certificate is NOT verified (upstream.tls_insecure_skip_verify)",
+            );
+        }
         let code = if check.ok { 1 } else { 2 };
         if self.last_ready.swap(code, Ordering::AcqRel) != code {
             if check.ok {

@@ -45,6 +45,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.ca_file", "none"),
     ("upstream.server_name", "upstream.host"),
     ("upstream.tls_insecure_skip_verify", "false"),
+    ("upstream.tls_insecure_send_credentials", "false"),
     ("upstream.connect_timeout", "10s"),
     ("upstream.reply_timeout", "30s"),
     ("upstream.keepalive", "60s"),
@@ -251,6 +252,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,
     pub tls_insecure_skip_verify: bool,
+    /// The second key `tls_insecure_skip_verify` needs: yes, send the credential
+    /// (token or password) to a server whose certificate is not verified.
+    pub tls_insecure_send_credentials: bool,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -419,6 +423,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             server_name: None,
             tls_insecure_skip_verify: false,
+            tls_insecure_send_credentials: false,
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
@@ -605,6 +610,16 @@ impl Config {
                 .is_none_or(Secret::is_empty)
         {
             return Err(ConfigError::Missing("auth.static.password"));
+        }
+        if self.upstream.tls_insecure_skip_verify && !self.upstream.tls_insecure_send_credentials {
+            return Err(invalid(
+                "upstream.tls_insecure_skip_verify",
+                format!(
+                    "the proxy would send its credential (an Entra token or a password) to a server whose \
+                     certificate is not verified, to anyone on the path; for a test, also set {} = true",
+                    describe_key("upstream.tls_insecure_send_credentials")
+                ),
+            ));
         }
         if self.upstream.pool_size == 0 {
             return Err(invalid("upstream.pool_size", "must be at least 1"));
@@ -899,6 +914,32 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{good}: {e}"));
         }
+    }
+
+    /// Sending a token (or password) to a server whose certificate is not verified
+    /// gives it to anyone on the path: one key is not enough to do that.
+    #[test]
+    fn insecure_tls_needs_a_second_key() {
+        let base = [
+            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+            (
+                "REDIS_ENTRA_PROXY_UPSTREAM__TLS_INSECURE_SKIP_VERIFY",
+                "true",
+            ),
+        ];
+        let e = load(&base, None).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("`upstream.tls_insecure_skip_verify`")
+                && e.contains("upstream.tls_insecure_send_credentials"),
+            "{e}"
+        );
+        let mut both = base.to_vec();
+        both.push((
+            "REDIS_ENTRA_PROXY_UPSTREAM__TLS_INSECURE_SEND_CREDENTIALS",
+            "true",
+        ));
+        let c = load(&both, None).unwrap();
+        assert!(c.upstream.tls_insecure_skip_verify);
     }
 
     #[test]

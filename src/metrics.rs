@@ -68,6 +68,8 @@ pub struct Metrics {
     pub reauths: Family<Labels, Counter>,
     /// What the cache answered to the proxy's own AUTHs (rendered from it).
     pub acceptance: Arc<Acceptance>,
+    /// 1 when `upstream.tls_insecure_skip_verify` is on.
+    pub tls_insecure: Gauge,
 }
 
 impl Default for Metrics {
@@ -189,9 +191,16 @@ impl Metrics {
             "Re-AUTHs of live upstream connections by outcome",
             reauths.clone(),
         );
+        let tls_insecure = Gauge::default();
+        registry.register(
+            "upstream_tls_insecure",
+            "1 when the upstream certificate is not verified (upstream.tls_insecure_skip_verify), else 0",
+            tls_insecure.clone(),
+        );
         let acceptance = Arc::new(Acceptance::new());
         registry.register_collector(Box::new(AcceptanceMetrics(acceptance.clone())));
         Metrics {
+            tls_insecure,
             acceptance,
             registry,
             clients_current,

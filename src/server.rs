@@ -111,8 +111,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let health = Arc::new(
         Health::new(tokens.clone())
             .with_readiness(cfg.admin.readiness)
-            .with_acceptance(metrics.acceptance.clone()),
+            .with_acceptance(metrics.acceptance.clone())
+            .with_insecure_tls(cfg.upstream.tls_insecure_skip_verify),
     );
+    metrics
+        .tls_insecure
+        .set(i64::from(cfg.upstream.tls_insecure_skip_verify));
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let mut admin_task = None;

@@ -577,3 +577,16 @@ fn quitquitquit_refuses_what_a_browser_sends() {
     assert_eq!(respond(&admin, &curl, local).status(), StatusCode::OK);
     assert!(admin.quit.is_cancelled());
 }
+
+/// With `upstream.tls_insecure_skip_verify` on, every `/readyz` answer says so.
+#[test]
+fn readiness_says_when_the_upstream_certificate_is_not_verified() {
+    let (_tx, rx) = watch::channel(TokenState::default());
+    let health = Health::new(rx)
+        .with_readiness(Readiness::Listening)
+        .with_insecure_tls(true);
+    health.set_listening();
+    let check = health.readiness(SystemTime::now());
+    assert!(check.ok);
+    assert!(check.message.contains("NOT verified"), "{}", check.message);
+}

@@ -535,3 +535,35 @@ async fn a_stale_unix_socket_is_replaced_and_only_our_own_is_removed() {
         "the proxy removed another process's socket file on exit"
     );
 }
+
+/// Pointed at a port that does not speak TLS (a plaintext Redis, Azure's 6379), a
+/// client's command fails with an error that says so, instead of a timeout or a
+/// "cluster node ... reading the cluster topology" that hints at nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_port_is_named_as_such() {
+    let plain = common::redis::PlainRedis::start();
+    let env: Vec<(String, String)> = [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", plain.port.to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "3s".into()),
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static".into()),
+        ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD", "unused".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let proxy = common::proxy::Proxy::start(&env);
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut c = common::proxy::Raw::connect(proxy.port);
+        let r = c.call(&["PING"]);
+        (r, proxy.log_text())
+    })
+    .await
+    .unwrap();
+    assert!(
+        reply.0.contains("did not speak TLS") && reply.0.contains("plaintext port?"),
+        "reply: {}\nlog: {}",
+        reply.0,
+        reply.1
+    );
+}

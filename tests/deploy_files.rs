@@ -56,6 +56,25 @@ fn dockerfile() -> Vec<Instruction> {
     parse(&text)
 }
 
+/// `FROM` arguments with `${NAME}` replaced by the default of the `ARG NAME=...`
+/// declared before the first `FROM` (the base images are build arguments).
+fn resolve_args(all: &[Instruction], text: &str) -> String {
+    let mut out = text.to_string();
+    for arg in all.iter().take_while(|i| i.keyword != "FROM") {
+        if arg.keyword != "ARG" {
+            continue;
+        }
+        if let Some((name, default)) = arg.args.split_once('=') {
+            out = out.replace(&format!("${{{name}}}"), default.trim_matches('"'));
+        }
+    }
+    assert!(
+        !out.contains("${"),
+        "no default for a build argument in `{text}`"
+    );
+    out
+}
+
 /// The instructions of the last stage (what the image is).
 fn final_stage(all: &[Instruction]) -> &[Instruction] {
     let start = all
@@ -107,7 +126,8 @@ fn base_images_are_pinned_and_never_latest() {
     let all = dockerfile();
     let mut stages: Vec<String> = Vec::new();
     for from in all.iter().filter(|i| i.keyword == "FROM") {
-        let w = words(&from.args);
+        let args = resolve_args(&all, &from.args);
+        let w = words(&args);
         let image = w[0];
         if let Some(alias) = w.iter().position(|x| x.eq_ignore_ascii_case("AS")) {
             stages.push(w[alias + 1].to_string());
@@ -134,7 +154,10 @@ fn base_images_are_pinned_and_never_latest() {
 #[test]
 fn build_image_matches_the_toolchain() {
     let all = dockerfile();
-    let first = &all.iter().find(|i| i.keyword == "FROM").unwrap().args;
+    let first = resolve_args(
+        &all,
+        &all.iter().find(|i| i.keyword == "FROM").unwrap().args,
+    );
     let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
         .arg("--version")
         .output()
@@ -346,4 +369,29 @@ fn a_toml_value_wins_over_the_image_defaults() {
     let cfg = load("");
     assert!(cfg.admin.enabled);
     assert_eq!(cfg.admin.address, "[::]:9090".parse().unwrap());
+}
+
+/// jemalloc (tikv-jemallocator, the global allocator) is built from C sources by
+/// its `configure` and `make`: the rust slim image has a C compiler but no
+/// `make`, so `docker build` failed. The build stage installs it. (The image
+/// build itself runs in scripts/check-deploy.sh.)
+#[test]
+fn the_build_stage_installs_what_jemalloc_needs() {
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    if !manifest.contains("tikv-jemallocator") {
+        return;
+    }
+    let all = dockerfile();
+    let build_stage_end = all
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .expect("a final FROM");
+    let installs_make = all[..build_stage_end].iter().any(|i| {
+        i.keyword == "RUN"
+            && i.args.contains("apt-get install")
+            && i.args
+                .split_whitespace()
+                .any(|w| w == "make" || w.starts_with("make="))
+    });
+    assert!(installs_make, "the build stage must apt-get install make");
 }

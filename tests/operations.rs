@@ -567,3 +567,59 @@ async fn a_plaintext_port_is_named_as_such() {
         reply.1
     );
 }
+
+/// `--help` says what each flag does, with its environment variable and TOML key
+/// (it used to give the key name only).
+#[test]
+fn help_describes_every_flag_with_its_env_and_toml_names() {
+    let out = Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+    let help: String = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for (flag, key) in redis_entra_proxy::config::FLAGS {
+        let env = redis_entra_proxy::config::env_name(key);
+        let at = help
+            .find(&format!("{flag} "))
+            .or_else(|| help.find(&format!("{flag}[")))
+            .unwrap_or_else(|| panic!("{flag} missing from --help: {help}"));
+        let entry = &help[at..];
+        let end = entry[flag.len()..]
+            .find(" --")
+            .map_or(entry.len(), |e| e + flag.len());
+        let entry = &entry[..end];
+        assert!(
+            entry.contains(&env) && entry.contains(&format!("TOML {key}")),
+            "{flag}: {entry}"
+        );
+        // A sentence, not just the key's name.
+        let words = entry.split_whitespace().count();
+        assert!(words >= 8, "{flag}: {entry}");
+    }
+}
+
+/// A boolean flag works bare: `--admin-enabled` (it used to need a value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boolean_flags_work_bare() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+            .args(["--admin-enabled", "--admin-address"])
+            .arg(format!("127.0.0.1:{admin}"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(&mut child.0, listen);
+    let (status, _) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}

@@ -9,6 +9,7 @@
 pub mod acceptance;
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod command;
 pub mod config;
 pub mod downstream;

@@ -101,6 +101,11 @@ enum Cmd {
         #[arg(default_value = "/readyz")]
         path: String,
     },
+    /// Will this configuration work? Obtain a token and show its claims, connect
+    /// (TLS version, certificate names), AUTH, HELLO, cluster or not, the commands
+    /// the proxy needs, one round trip: a line per step, a hint per failure; exit 0
+    /// only when all pass. Takes the same configuration as a run.
+    Check,
 }
 
 impl Args {
@@ -172,6 +177,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(Cmd::Check) = &args.command {
+        let steps = rt.block_on(redis_entra_proxy::check::run(&cfg));
+        let report = format!(
+            "{}\n{}",
+            redis_entra_proxy::check::header(&cfg),
+            redis_entra_proxy::check::verdict::render(&steps)
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), report.as_bytes());
+        let code = if redis_entra_proxy::check::passed(&steps) {
+            0
+        } else {
+            1
+        };
+        exit(&log, code);
+    }
     let code = rt.block_on(run(cfg, log.clone()));
     exit(&log, code);
 }

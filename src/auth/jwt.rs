@@ -22,6 +22,32 @@ pub struct Claims {
     /// Issued at, Unix seconds.
     #[serde(default)]
     pub iat: Option<u64>,
+    /// Audience: a string, or a list of them (`check` shows and checks it).
+    #[serde(default)]
+    pub aud: Option<serde_json::Value>,
+    /// Tenant id.
+    #[serde(default)]
+    pub tid: Option<String>,
+    /// A user's sign-in name, when the identity is a user.
+    #[serde(default)]
+    pub upn: Option<String>,
+    /// The client (application) id the token was issued to.
+    #[serde(default)]
+    pub appid: Option<String>,
+}
+
+impl Claims {
+    /// The `aud` claim as a list (empty when absent).
+    pub fn audiences(&self) -> Vec<String> {
+        match &self.aud {
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Why a token's claims could not be read. Never contains the token.

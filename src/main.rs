@@ -229,7 +229,8 @@ async fn run(cfg: Config, log: LogSink) -> i32 {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
-    hangups.spawn(running.tokens.clone(), running.listen_password.clone());
+    let listen_password = running.listen_password.clone();
+    hangups.spawn(running.tokens.clone(), move || listen_password.reload());
     let systemd = redis_entra_proxy::systemd::Notifier::new(std::env::var("NOTIFY_SOCKET").ok());
     systemd.notify(&format!(
         "READY=1\nSTATUS=listening on {:?}",

@@ -113,12 +113,17 @@ impl Acceptance {
         let kind = Refusal::of(reason);
         self.refused_total[kind as usize].fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
-        s.refused = Some(Refused {
-            generation,
-            user: user.to_string(),
-            kind,
-            reason: one_line(reason),
-        });
+        // Only a verdict on the credential moves readiness: `LOADING` or `BUSY`
+        // while the cache restarts says nothing about it, and every pod would
+        // leave its Service at once.
+        if kind != Refusal::Other {
+            s.refused = Some(Refused {
+                generation,
+                user: user.to_string(),
+                kind,
+                reason: one_line(reason),
+            });
+        }
         let due = s
             .last_log
             .is_none_or(|at| now.saturating_duration_since(at) >= LOG_EVERY);
@@ -245,6 +250,15 @@ mod tests {
         assert!(a.judge(2, "oid-a").unwrap_err().contains("too narrow"));
         a.accepted(2, "oid-a");
         assert!(a.judge(2, "oid-a").is_ok());
+        // A cache that is loading says nothing about the credential.
+        a.refused(
+            3,
+            "oid-a",
+            "LOADING Redis is loading the dataset in memory",
+            t0,
+        );
+        assert!(a.judge(3, "oid-a").is_ok());
+        assert_eq!(a.refused_total(Refusal::Other), 1);
         assert_eq!(a.refused_total(Refusal::WrongPass), 1);
         assert_eq!(a.refused_total(Refusal::NoPerm), 1);
         assert_eq!(a.accepted_total(), 2);

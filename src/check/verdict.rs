@@ -94,16 +94,7 @@ pub fn expected_audience(scope: &str) -> String {
         .to_string()
 }
 
-/// The application id of Azure Cache for Redis: tokens for it may carry this as
-/// their `aud` instead of the URI.
-pub const REDIS_APP_ID: &str = "acca5fbb-b7e4-4009-81f1-37e38fd66d78";
-
-/// Whether `aud` names Azure Redis (`https://redis.azure.com`, a sovereign
-/// cloud's `https://redis.azure.*`, or the application id).
-pub fn is_redis_audience(aud: &str) -> bool {
-    let a = aud.trim_end_matches('/');
-    a == REDIS_APP_ID || a.to_ascii_lowercase().starts_with("https://redis.azure.")
-}
+pub use crate::auth::jwt::{is_redis_audience, REDIS_APP_ID};
 
 /// Whether a token's `aud` (one or several) suits `scope`.
 pub fn audience_matches(aud: &[String], scope: &str) -> bool {

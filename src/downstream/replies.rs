@@ -38,6 +38,10 @@ pub(super) enum Out {
 
 /// Stop reading a client that owes this many replies (it is not reading them).
 pub(super) const MAX_OWED: usize = 1024;
+/// How long a closing session waits for the client to close its side, and
+/// how much of its input it reads meanwhile (see [`Client::close`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 /// Replies of at least this many bytes are written without a copy.
 pub(super) const COPY_BELOW: usize = 16 * 1024;
 /// Pub/sub messages are taken from the hub's queue only while fewer bytes than
@@ -151,6 +155,34 @@ impl Client {
         self.owed_replies + more < MAX_OWED
             && self.owed.len() < MAX_OWED
             && self.out.queued_bytes() < self.max_out
+    }
+
+    /// Close so that everything written arrives: end the write side (FIN
+    /// after the last reply), then read and drop what the client still
+    /// sends until it closes (at most [`LINGER_BYTES`] within [`LINGER`]).
+    /// Closing with input unread makes the kernel answer with RST, which
+    /// discards replies not yet delivered (an error line after a protocol
+    /// error, say).
+    pub(super) async fn close(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.gone {
+            return;
+        }
+        let io = &mut self.io;
+        let _ = tokio::time::timeout(LINGER, async {
+            if io.shutdown().await.is_err() {
+                return;
+            }
+            let mut sink = vec![0u8; 16 * 1024];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match io.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
 
     pub(super) fn may_read(&self) -> bool {

@@ -33,7 +33,7 @@ use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
-use crate::route::{route, Action, ClientView};
+use crate::route::{rejection, route, Action, ClientView};
 use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
@@ -401,6 +401,12 @@ where
     }
     // Write the replies still owed (each arrives or fails), then close.
     session.settle(true).await;
+    // Gone from CLIENT LIST (and KILL) before the client closes its side.
+    let Session {
+        mut client, reg, ..
+    } = session;
+    drop(reg);
+    client.close().await;
 }
 
 /// What woke the session.
@@ -439,10 +445,25 @@ impl Session {
                 argn += 1;
             }
         }
-        match command::classify(&argv[..argn]) {
+        let class = match command::classify(&argv[..argn]) {
             Class::Shared => self.ctx.pool.refine(argv[0]),
             class => class,
+        };
+        // A command the proxy answers or tracks, or one it would refuse
+        // itself (subscribed mode, no authentication), is first checked as
+        // the server checks it; the rest go to the server, which does.
+        // What the proxy refuses is never sent, whatever its arity.
+        if matches!(class, Class::Refuse(_)) {
+            return class;
         }
+        let judged = class != Class::Shared
+            || !self.st.authed
+            || (self.st.proto == Proto::Resp2 && self.st.subscribed());
+        let learned = self.ctx.pool.learned();
+        if judged && command::server_refuses(learned, &argv[..argn], cmd.argc).is_some() {
+            return Class::Invalid;
+        }
+        class
     }
 
     /// Handle one whole command (RESP array) outside a shared batch. False
@@ -721,14 +742,21 @@ impl Session {
             }
             Action::NoAuth => {
                 self.ctx.metrics.error(ErrorKind::ClientAuth);
-                self.reply(resp::error("NOAUTH Authentication required."))
-                    .await;
+                let text = rejection(name, "NOAUTH Authentication required.");
+                self.reply(resp::error(&text)).await;
             }
             Action::NotWhileSubscribed => {
-                self.reply(resp::error(&format!(
-                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                    String::from_utf8_lossy(&args[0]).to_lowercase()
-                )))
+                let refs: Vec<&[u8]> = args.iter().take(2).map(|a| &a[..]).collect();
+                let full = command::full_name(self.ctx.pool.learned(), &refs);
+                let text = rejection(name, &format!(
+                    "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                ));
+                self.reply(resp::error(&text)).await;
+            }
+            Action::SubscribedPing if args.len() > 2 => {
+                self.reply(resp::error(
+                    "ERR wrong number of arguments for 'ping' command",
+                ))
                 .await;
             }
             Action::SubscribedPing => {
@@ -761,6 +789,20 @@ impl Session {
             Action::Local(local) => return self.local(local, name, frame, args, since).await,
             Action::Hub(cmd) => return self.pubsub(cmd, args).await,
             Action::Pin(pin) => return self.pinned_command(pin, name, frame, args, since).await,
+            Action::ServerRefuses => {
+                if name == b"EXEC" && self.st.in_multi {
+                    // A refused EXEC discards the transaction (and its WATCH).
+                    self.st.in_multi = false;
+                    self.st.watching = false;
+                    self.st.tx = Tx::default();
+                }
+                if self.st.pinned.is_some() {
+                    self.ctx.metrics.command(Route::Pinned);
+                    self.forward_pinned(frame, 1, since).await;
+                } else {
+                    self.send_shared(frame, since).await;
+                }
+            }
             Action::Pinned | Action::Shared => {
                 self.maybe_unpin().await;
                 if self.st.pinned.is_some() {

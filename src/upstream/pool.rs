@@ -439,6 +439,11 @@ impl Pool {
         }
     }
 
+    /// What the server's `COMMAND` said (`None` until a connection learned it).
+    pub fn learned(&self) -> Option<&crate::command::Learned> {
+        self.connector.learned()
+    }
+
     /// The longest a blocking command may wait server-side in one go: two
     /// thirds of `upstream.reply_timeout` (at least 1 s), so that the reply
     /// timeout never ends a wait the client asked for.

@@ -10,3 +10,4 @@ pub mod redis;
 pub mod rotator;
 pub mod tls;
 pub mod token_emulator;
+pub mod twin;

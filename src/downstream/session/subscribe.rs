@@ -25,6 +25,8 @@ impl Session {
             return true;
         }
         if self.st.in_multi {
+            // Refused at queue time: EXEC discards the transaction.
+            self.st.tx.abort = true;
             let reply = resp::error(&format!(
                 "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
                 String::from_utf8_lossy(&args[0]).to_lowercase()

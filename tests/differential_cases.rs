@@ -206,3 +206,57 @@ fn a_protocol_error_reaches_the_client() {
         );
     }
 }
+
+/// A transaction that arrives whole (MULTI ... EXEC in one write, as pooled
+/// client libraries send it) runs on the client's shared connection: the
+/// same replies as Redis, errors inside and EXECABORT included, and no
+/// dedicated connection taken and reset for it. Before: every such block
+/// pinned a connection, reset with RESET + HELLO once the client moved on.
+#[test]
+fn a_whole_transaction_needs_no_dedicated_connection() {
+    let (redis, proxy, direct) = setup();
+    let round = [
+        "MULTI",
+        "INCR n",
+        "SET k v",
+        "EXEC",
+        "GET k",
+        "MULTI",
+        "SET s text",
+        "INCR s",
+        "GET n",
+        "EXEC",
+        "MULTI",
+        "SET k",
+        "INCR n",
+        "EXEC",
+        "MULTI",
+        "INCR n",
+        "DISCARD",
+        "MULTI",
+        "NOSUCH x",
+        "EXEC",
+        "MULTI",
+        "EXEC",
+        "GET n",
+    ];
+    let resets = |r: &RedisServer| {
+        let stats = r.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_reset:"))
+            .map(|l| l.to_string())
+            .unwrap_or_default()
+    };
+    let before = resets(&redis);
+    for _ in 0..5 {
+        let (want, got) = both(direct.port, proxy.port, &[], &round);
+        assert_eq!(got, want);
+    }
+    // Once the clients are gone, any pinned connection would have been reset.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(resets(&redis), before, "transactions took dedicated connections");
+    // Sent one command at a time, the same replies (on a dedicated one).
+    let (want, got) = both_stepwise(direct.port, proxy.port, &round);
+    assert_eq!(got, want);
+}

@@ -44,6 +44,7 @@ use crate::write_queue::WriteQueue;
 mod blocking;
 mod local;
 mod subscribe;
+mod whole_tx;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -103,6 +104,9 @@ struct State {
     hub_seq: u64,
     pinned: Option<Pinned>,
     shared: Option<Handle>,
+    /// `shared` is a plain connection: a whole transaction may run on it
+    /// (see [`whole_tx`]).
+    shared_plain: bool,
     last_target: Target,
     /// CLIENT REPLY: whether replies are written.
     reply_mode: ReplyMode,
@@ -200,6 +204,7 @@ where
             hub_seq: 0,
             pinned: None,
             shared: None,
+            shared_plain: false,
             last_target: Target::Shared,
             reply_mode: ReplyMode::On,
             tx: Tx::default(),
@@ -348,14 +353,35 @@ where
                 continue;
             }
             let class = session.classify(frame, &cmd);
-            let batchable = class == Class::Shared
-                && session.st.authed
+            let shared_ok = session.st.authed
                 && session.st.pinned.is_none()
                 && session.st.last_target == Target::Shared
                 && session.st.reply_mode == ReplyMode::On
                 && session.st.tx.doomed.is_none()
                 // RESP2 subscribed mode refuses most commands: see `handle`.
                 && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
+            let batchable = class == Class::Shared && shared_ok;
+            let block = if class == Class::Pin(Pin::Transaction) && shared_ok {
+                session.whole_tx(&buf[batch_len..])
+            } else {
+                None
+            };
+            if let Some((len, count)) = block {
+                // One piece on the shared connection, never split.
+                if batch_count + count > MAX_BATCH {
+                    session
+                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                        .await;
+                }
+                batch_len += len;
+                batch_count += count;
+                if batch_count >= MAX_BATCH {
+                    session
+                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
+                        .await;
+                }
+                continue;
+            }
             if batchable {
                 batch_len += cmd.len;
                 batch_count += 1;
@@ -607,12 +633,41 @@ impl Session {
     /// The shared connection this client uses (one per client, so its
     /// commands run in the order sent), chosen on first use.
     fn shared_handle(&mut self) -> Handle {
-        let proto = self.st.proto;
-        let pool = &self.ctx.pool;
-        self.st
-            .shared
-            .get_or_insert_with(|| pool.shared(proto))
-            .clone()
+        if let Some(h) = &self.st.shared {
+            return h.clone();
+        }
+        let (h, plain) = self.ctx.pool.shared_plain(self.st.proto);
+        self.st.shared = Some(h.clone());
+        self.st.shared_plain = plain;
+        h
+    }
+
+    /// A transaction at the front of `buf` that can run on the client's
+    /// shared connection as one write (see [`whole_tx`]): its bytes and
+    /// commands.
+    fn whole_tx(&mut self, buf: &[u8]) -> Option<(usize, usize)> {
+        if self.st.tx.watch_failed {
+            // The transaction after a failed WATCH must abort.
+            return None;
+        }
+        self.shared_handle();
+        if !self.st.shared_plain {
+            return None;
+        }
+        let limits = self.ctx.limits;
+        let this = &*self;
+        whole_tx::whole_tx(buf, limits, |frame, cmd| match this.classify(frame, cmd) {
+            Class::Shared => whole_tx::Part::Plain,
+            Class::Local(Local::TxEnd) => {
+                let name = cmd.arg(frame, 0).unwrap_or_default();
+                if name.eq_ignore_ascii_case(b"EXEC") || name.eq_ignore_ascii_case(b"DISCARD") {
+                    whole_tx::Part::End
+                } else {
+                    whole_tx::Part::Other
+                }
+            }
+            _ => whole_tx::Part::Other,
+        })
     }
 
     /// Queue `bytes` on an upstream connection; `replies` replies are owed.

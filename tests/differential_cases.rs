@@ -255,7 +255,11 @@ fn a_whole_transaction_needs_no_dedicated_connection() {
     }
     // Once the clients are gone, any pinned connection would have been reset.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(resets(&redis), before, "transactions took dedicated connections");
+    assert_eq!(
+        resets(&redis),
+        before,
+        "transactions took dedicated connections"
+    );
     // Sent one command at a time, the same replies (on a dedicated one).
     let (want, got) = both_stepwise(direct.port, proxy.port, &round);
     assert_eq!(got, want);

@@ -177,6 +177,7 @@ where
             io: Box::new(stream),
             owed: VecDeque::new(),
             waits: 0,
+            reply_size: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
             max_push: ctx.max_push_bytes,

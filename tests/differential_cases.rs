@@ -264,3 +264,36 @@ fn a_whole_transaction_needs_no_dedicated_connection() {
     let (want, got) = both_stepwise(direct.port, proxy.port, &round);
     assert_eq!(got, want);
 }
+
+/// Found by the differential run (tests/differential.rs): SELECT with a bad
+/// index inside MULTI is queued (its error comes in EXEC's array); RESET
+/// answers even under CLIENT REPLY OFF; a protocol error under CLIENT REPLY
+/// OFF gets no reply either.
+#[test]
+fn found_by_the_differential_run() {
+    let (_redis, proxy, direct) = setup();
+    same(
+        direct.port,
+        proxy.port,
+        &[],
+        &[
+            "MULTI",
+            "SELECT x",
+            "SET k 1",
+            "EXEC",
+            "GET k",
+            "CLIENT REPLY OFF",
+            "RESET",
+            "PING",
+        ],
+    );
+    for port in [direct.port, proxy.port] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&common::twin::cmd("CLIENT REPLY OFF")).unwrap();
+        s.write_all(b"*1\r\n+PING\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert_eq!(String::from_utf8_lossy(&got), "", "port {port}");
+    }
+}

@@ -560,6 +560,10 @@ impl Session {
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
+        if self.st.reply_mode == ReplyMode::Off {
+            // Redis writes no reply at all then, not even this one.
+            return;
+        }
         self.client
             .owed
             .push_back(Out::Now(resp::error(&format!("ERR {e}"))));
@@ -768,7 +772,9 @@ impl Session {
         }
         self.silent = match self.st.reply_mode {
             ReplyMode::On => false,
-            ReplyMode::Off => true,
+            // RESET turns replies back on before it answers (not after a
+            // SKIP, which holds for the command it applies to).
+            ReplyMode::Off => action != Action::Local(Local::Reset),
             ReplyMode::Skip => {
                 self.st.reply_mode = ReplyMode::On;
                 true

@@ -128,6 +128,15 @@ impl Session {
                 self.st.last_target = Target::Shared;
                 self.reply(resp::simple("RESET")).await;
             }
+            Local::Select if self.st.in_multi => {
+                // Queued by the server, run (or refused) at EXEC: the
+                // database changes only if its index is a number.
+                if let Some(db) = args.get(1).and_then(|a| redis_int(a)) {
+                    self.st.db = db;
+                }
+                self.ctx.metrics.command(Route::Pinned);
+                self.forward_pinned(frame, 1, since).await;
+            }
             Local::Select => {
                 let Some(db) = args.get(1).and_then(|a| redis_int(a)) else {
                     self.reply(resp::error("ERR value is not an integer or out of range"))

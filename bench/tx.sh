@@ -76,7 +76,7 @@ if command -v strace >/dev/null; then
   sleep 1
   "$load" mixed "${proxy[@]}" --clients 1 --max-ops "$OPS" --seconds 60 >/dev/null
   kill -INT "$strace_pid"; wait "$strace_pid" 2>/dev/null || true
-  calls=$(awk '$NF == "total" {print $3}' "$work/strace.txt")
+  calls=$(awk '$NF == "total" {print $4}' "$work/strace.txt")
   sys_per=$(awk -v c="$calls" -v n="$cmds" 'BEGIN {printf "%.2f", c / n}')
 fi
 rss=$(awk '/VmRSS/ {print $2}' /proc/"$proxy_pid"/status)

@@ -55,8 +55,8 @@ fn the_proxy_answers_as_redis_does() {
     let redis = RedisServer::start(USER, TOKEN);
     let proxy = Proxy::start(&static_env(&redis, USER, TOKEN));
     let direct = PlainRedis::start();
-    let seeds = env_or("DIFF_SEEDS", 8);
-    let steps = env_or("DIFF_STEPS", 120);
+    let seeds = env_or("DIFF_SEEDS", 12);
+    let steps = env_or("DIFF_STEPS", 150);
     let clients = env_or("DIFF_CLIENTS", 4);
     let (diffs, documented, commands) = campaign(direct.port, proxy.port, seeds, steps, clients);
     eprintln!(

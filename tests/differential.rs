@@ -55,8 +55,8 @@ fn the_proxy_answers_as_redis_does() {
     let redis = RedisServer::start(USER, TOKEN);
     let proxy = Proxy::start(&static_env(&redis, USER, TOKEN));
     let direct = PlainRedis::start();
-    let seeds = env_or("DIFF_SEEDS", 12);
-    let steps = env_or("DIFF_STEPS", 150);
+    let seeds = env_or("DIFF_SEEDS", 6);
+    let steps = env_or("DIFF_STEPS", 120);
     let clients = env_or("DIFF_CLIENTS", 4);
     let (diffs, documented, commands) = campaign(direct.port, proxy.port, seeds, steps, clients);
     eprintln!(
@@ -73,11 +73,11 @@ fn the_comparison_sees_a_swapped_reply_and_nothing_else() {
     let a = PlainRedis::start();
     let b = PlainRedis::start();
     let plain = relay(b.port, None);
-    let (diffs, documented, commands) = campaign(a.port, plain, 3, 40, 3);
+    let (diffs, documented, commands) = campaign(a.port, plain, 2, 30, 3);
     assert!(commands > 0);
     assert_eq!(documented, 0);
     assert!(diffs.is_empty(), "{}", diffs.join("\n\n"));
     let swapping = relay(b.port, Some(3));
-    let (diffs, _, _) = campaign(a.port, swapping, 3, 40, 3);
+    let (diffs, _, _) = campaign(a.port, swapping, 2, 30, 3);
     assert!(!diffs.is_empty(), "a swapped reply went unnoticed");
 }

@@ -364,16 +364,17 @@ impl Session {
             Class::Shared => self.ctx.pool.refine(argv[0]),
             class => class,
         };
-        // A command the proxy answers or tracks, or one it would refuse
-        // itself (subscribed mode, no authentication), is first checked as
-        // the server checks it; the rest go to the server, which does.
         // What the proxy refuses is never sent, whatever its arity.
         if matches!(class, Class::Refuse(_)) {
             return class;
         }
+        // A command the proxy answers or tracks, or one it would refuse
+        // itself in subscribed mode, is first checked as the server checks
+        // it; the rest go to the server, which does. (Not a plain command of
+        // a client yet to authenticate: it gets NOAUTH, and nothing of it
+        // reaches the server.)
         let judged = class != Class::Shared
-            || !self.st.authed
-            || (self.st.proto == Proto::Resp2 && self.st.subscribed());
+            || (self.st.authed && self.st.proto == Proto::Resp2 && self.st.subscribed());
         let learned = self.ctx.pool.learned();
         if judged && command::server_refuses(learned, &argv[..argn], cmd.argc).is_some() {
             return Class::Invalid;

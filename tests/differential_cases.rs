@@ -297,3 +297,23 @@ fn found_by_the_differential_run() {
         assert_eq!(String::from_utf8_lossy(&got), "", "port {port}");
     }
 }
+
+/// Found by the long differential run: the proxy's own refusal of
+/// SUBSCRIBE inside MULTI was written under CLIENT REPLY OFF (only pub/sub
+/// confirmations, which are pushes, pass it).
+#[test]
+fn a_refusal_under_client_reply_off_is_not_written() {
+    let (_redis, proxy, _direct) = setup();
+    let mut c = Raw::connect(proxy.port);
+    for cmd in [
+        &["CLIENT", "REPLY", "OFF"][..],
+        &["MULTI"],
+        &["SUBSCRIBE", "a"],
+        &["DISCARD"],
+        &["CLIENT", "REPLY", "ON"],
+    ] {
+        c.send(cmd);
+    }
+    assert_eq!(String::from_utf8_lossy(&c.read()), "+OK\r\n");
+    assert_eq!(c.call(&["PING"]), "+PONG\r\n");
+}

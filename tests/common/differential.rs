@@ -91,8 +91,10 @@ pub fn sequence(seed: u64, client: usize, steps: usize, mix: Mix) -> Vec<Step> {
         for _ in 0..n {
             let mut words = command(&mut r, &p, mix);
             let name = words[0].to_ascii_uppercase();
-            let refused = matches!(&name[..], "SUBSCRIBE" | "PSUBSCRIBE" | "HELLO")
-                || (name == "CLIENT" && words[1] == "REPLY");
+            let refused = matches!(
+                &name[..],
+                "SUBSCRIBE" | "PSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE" | "HELLO"
+            ) || (name == "CLIENT" && words[1] == "REPLY");
             if in_multi && refused {
                 words = vec!["GET".into(), format!("{p}a")];
             }

@@ -317,3 +317,32 @@ fn a_refusal_under_client_reply_off_is_not_written() {
     assert_eq!(String::from_utf8_lossy(&c.read()), "+OK\r\n");
     assert_eq!(c.call(&["PING"]), "+PONG\r\n");
 }
+
+/// Found by the long differential run (seed 8): `SELECT 0` queued in a
+/// transaction that is then discarded left the proxy believing the client
+/// was on database 0 while its connection stayed on 1; its next commands
+/// went to a shared connection, on database 0.
+#[test]
+fn a_select_in_a_discarded_transaction_changes_nothing() {
+    let (_redis, proxy, direct) = setup();
+    same(
+        direct.port,
+        proxy.port,
+        &[],
+        &[
+            "SELECT 1",
+            "SET k one",
+            "MULTI",
+            "SELECT 0",
+            "DISCARD",
+            "GET k",
+            "MULTI",
+            "SELECT 0",
+            "NOSUCH",
+            "EXEC",
+            "GET k",
+            "SELECT 0",
+            "GET k",
+        ],
+    );
+}

@@ -129,10 +129,15 @@ impl Session {
                 self.reply(resp::simple("RESET")).await;
             }
             Local::Select if self.st.in_multi => {
-                // Queued by the server, run (or refused) at EXEC: the
-                // database changes only if its index is a number.
+                // Queued by the server, run at EXEC if the transaction runs
+                // (and the index is good). Only a move away from database 0
+                // is believed now: it keeps the pinned connection, which is
+                // harmless if the SELECT never runs; a move back to 0 is
+                // believed once the client selects 0 outside a transaction.
                 if let Some(db) = args.get(1).and_then(|a| redis_int(a)) {
-                    self.st.db = db;
+                    if db != 0 {
+                        self.st.db = db;
+                    }
                 }
                 self.ctx.metrics.command(Route::Pinned);
                 self.forward_pinned(frame, 1, since).await;

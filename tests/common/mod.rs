@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod cluster_load;
+pub mod differential;
 pub mod failover;
 pub mod failover_load;
 pub mod front;
@@ -14,3 +15,4 @@ pub mod redis;
 pub mod rotator;
 pub mod tls;
 pub mod token_emulator;
+pub mod twin;

@@ -34,11 +34,14 @@ use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 struct Bound {
     node: Node,
     pin: Pinned,
+    /// Cancelled when this binding is dropped: ends the task that passes
+    /// the session's abort on, which must not keep the connection open.
+    _released: DropGuard,
 }
 
 struct Virtual {
@@ -58,9 +61,13 @@ struct Virtual {
     sticky: bool,
     /// MULTI and the keyless commands after it, not yet sent (no node yet).
     queued: Vec<Bytes>,
-    /// A command of the open transaction was refused here (CROSSSLOT): EXEC
-    /// discards it, as Redis does after an error while queueing.
+    /// A command of the open transaction was refused here (CROSSSLOT, no
+    /// connection to be had): EXEC discards it, as Redis does after an error
+    /// while queueing.
     tx_failed: bool,
+    /// WATCH could not be given a connection: the next transaction aborts
+    /// (it would otherwise run unwatched).
+    watch_failed: bool,
     spread: usize,
     /// The bound connection's server side, for CLIENT UNBLOCK.
     server: ServerRef,
@@ -103,6 +110,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         sticky: false,
         queued: Vec::new(),
         tx_failed: false,
+        watch_failed: false,
         spread: fastrand::usize(..1024),
         server: server.clone(),
         parked: Vec::new(),
@@ -197,6 +205,9 @@ impl Virtual {
             // A new transaction goes to the node of its own first key.
             self.bound = None;
         }
+        if name == b"MULTI" && !self.in_multi && self.watch_failed {
+            self.tx_failed = true;
+        }
         match &name[..] {
             b"MULTI" if self.bound.is_none() => {
                 self.in_multi = true;
@@ -217,7 +228,11 @@ impl Virtual {
                 self.slot = Some(s);
             }
         }
-        let reply = self.forward(frame.clone(), slot).await;
+        let reply = match self.forward(frame.clone(), slot).await {
+            Ok(r) => r,
+            // No connection: the command did not reach the server.
+            Err(e) => return self.unsent(&name, e),
+        };
         if mode && !reply.starts_with(b"-") {
             if self.modes.len() == MAX_MODES {
                 self.modes.remove(0);
@@ -231,11 +246,16 @@ impl Virtual {
             reply
         };
         match &name[..] {
-            b"EXEC" | b"DISCARD" => self.end_tx(),
+            b"EXEC" | b"DISCARD" => {
+                self.end_tx();
+                self.release();
+            }
             b"UNWATCH" => {
                 self.watching = false;
+                self.watch_failed = false;
                 if !self.in_multi {
                     self.slot = None;
+                    self.release();
                 }
             }
             b"MULTI" => self.in_multi = true,
@@ -254,8 +274,31 @@ impl Virtual {
         e
     }
 
+    /// `name` could not be sent (no connection to be had): its error, and
+    /// what that means for a transaction or WATCH of the client.
+    fn unsent(&mut self, name: &[u8], e: Bytes) -> Bytes {
+        match name {
+            b"WATCH" => self.watch_failed = true,
+            b"EXEC" if self.in_multi => {
+                self.end_tx();
+                let why = resp::error_text(&e).unwrap_or_default();
+                return resp::error(&format!(
+                    "EXECABORT Transaction discarded: {}",
+                    why.trim_start_matches("ERR ")
+                ));
+            }
+            b"DISCARD" if self.in_multi => {
+                self.end_tx();
+                return resp::ok();
+            }
+            _ => {}
+        }
+        self.refuse(e)
+    }
+
     fn end_tx(&mut self) {
         self.tx_failed = false;
+        self.watch_failed = false;
         self.in_multi = false;
         self.watching = false;
         self.slot = None;
@@ -271,7 +314,10 @@ impl Virtual {
                 Some((true, s, to)) => {
                     self.cluster.moved(s, to);
                     self.unbind();
-                    reply = self.forward(frame.clone(), slot).await;
+                    reply = self
+                        .forward(frame.clone(), slot)
+                        .await
+                        .unwrap_or_else(|e| e);
                 }
                 _ => return reply,
             }
@@ -280,7 +326,8 @@ impl Virtual {
     }
 
     /// Send one command on the connection of `slot`'s node (binding first).
-    async fn forward(&mut self, frame: Bytes, slot: Option<u16>) -> Bytes {
+    /// `Err`: no connection could be had, the command was not sent.
+    async fn forward(&mut self, frame: Bytes, slot: Option<u16>) -> Result<Bytes, Bytes> {
         let want = match slot {
             Some(_) => self.cluster.node_for(slot, self.spread),
             None => None,
@@ -311,24 +358,24 @@ impl Virtual {
             if self.in_multi && slot.is_none() && !frame_is(&frame, b"EXEC") {
                 // Still no node: keep it for when one is known.
                 self.queued.push(frame);
-                return resp::simple("QUEUED");
+                return Ok(resp::simple("QUEUED"));
             }
             let node = match want.or_else(|| self.cluster.node_for(None, self.spread)) {
                 Some(n) => n,
-                None => return resp::error("CLUSTERDOWN Hash slot not served"),
+                None => return Err(resp::error("CLUSTERDOWN Hash slot not served")),
             };
             if let Err(e) = self.bind(node).await {
-                return e.to_reply();
+                return Err(e.to_reply());
             }
             // A new node's connection takes the client's modes first.
             for m in self.modes.clone() {
                 let r = self.send(m).await;
                 if r.starts_with(b"-") {
-                    return r;
+                    return Ok(r);
                 }
             }
         }
-        self.send(frame).await
+        Ok(self.send(frame).await)
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
@@ -336,15 +383,21 @@ impl Virtual {
             tx: self.push.clone(),
         };
         let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
-        // Until that connection ends, an abort of this one closes it.
-        let (abort, real, done) = (self.abort.clone(), pin.abort.clone(), pin.tx.clone());
+        // While bound, an abort of this one closes that connection. The task
+        // holds no sender of it: dropping the binding lets it go back.
+        let released = CancellationToken::new();
+        let (abort, real, done) = (self.abort.clone(), pin.abort.clone(), released.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = abort.cancelled() => real.cancel(),
-                _ = done.closed() => {}
+                _ = done.cancelled() => {}
             }
         });
-        self.stand_on(Bound { node, pin });
+        self.stand_on(Bound {
+            node,
+            pin,
+            _released: released.drop_guard(),
+        });
         if !self.queued.is_empty() {
             let queued = std::mem::take(&mut self.queued);
             let mut bytes = BytesMut::new();
@@ -364,6 +417,14 @@ impl Virtual {
             node: Some(b.node.clone()),
         }));
         self.bound = Some(b);
+    }
+
+    /// The transaction is over: its connection goes back to its node now,
+    /// not when the client next needs one (as a new MULTI would anyway).
+    fn release(&mut self) {
+        if !self.held() {
+            self.bound = None;
+        }
     }
 
     /// Leave the bound connection: kept for later in a client mode (its

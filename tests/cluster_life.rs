@@ -187,3 +187,200 @@ fn a_transaction_without_a_connection_aborts_and_reports_nothing_done() {
     assert!(w.call(&["EXEC"]).starts_with("-EXECABORT"));
     assert_eq!(check.call(&["EXISTS", &keys[7]]), ":0\r\n");
 }
+
+/// The primary that owns `key`'s slot: the one that does not answer MOVED.
+pub fn owner_of(c: &Cluster, key: &str) -> u16 {
+    c.primaries()
+        .into_iter()
+        .find(|&p| !c.cli(p, &["EXISTS", key]).contains("MOVED"))
+        .expect("an owner")
+}
+
+fn node_id(c: &Cluster, port: u16) -> String {
+    c.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+}
+
+/// A slot being moved from one primary to another with `CLUSTER SETSLOT`.
+struct Migration {
+    slot: String,
+    from: u16,
+    to: u16,
+}
+
+impl Migration {
+    /// Start moving `key`'s slot (holding no key yet) to another primary.
+    fn start(c: &Cluster, key: &str) -> Migration {
+        let slot = c
+            .cli(c.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .to_string();
+        let from = owner_of(c, key);
+        let to = c.primaries().into_iter().find(|&p| p != from).unwrap();
+        let (fid, tid) = (node_id(c, from), node_id(c, to));
+        let out = c.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &fid]);
+        assert_eq!(out.trim(), "OK", "{out}");
+        let out = c.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &tid]);
+        assert_eq!(out.trim(), "OK", "{out}");
+        Migration { slot, from, to }
+    }
+
+    /// Finish: the slot is the importing node's, told to every primary.
+    fn finish(&self, c: &Cluster) {
+        let tid = node_id(c, self.to);
+        for p in [self.to, self.from] {
+            let out = c.cli(p, &["CLUSTER", "SETSLOT", &self.slot, "NODE", &tid]);
+            assert_eq!(out.trim(), "OK", "{out}");
+        }
+        for p in c.primaries() {
+            c.cli(p, &["CLUSTER", "SETSLOT", &self.slot, "NODE", &tid]);
+        }
+        c.wait_converged();
+    }
+}
+
+/// Finding 4: with a slot migrating, commands on dedicated connections
+/// (blocking, transactions, WATCH, client modes) follow `ASK` (with
+/// `ASKING`) and `MOVED`; no redirection reaches the client.
+#[test]
+fn redirections_are_followed_on_dedicated_connections() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let tag = format!("mig{}", std::process::id());
+    let k = |n: &str| format!("{{{tag}}}{n}");
+    let mut w = Raw::connect(proxy.port);
+    // Warm the proxy's slot map before the migration starts.
+    assert_eq!(w.call(&["SET", &k("warm"), "1"]), "+OK\r\n");
+    assert_eq!(w.call(&["DEL", &k("warm")]), ":1\r\n");
+    let m = Migration::start(c, &k("x"));
+    let mut seen = Vec::new();
+    let mut note = |what: &str, reply: String, want: &str| {
+        if reply != want {
+            seen.push(format!("{what}: {reply:?} (wanted {want:?})"));
+        }
+    };
+    // A blocking wait on a key that is not on the migrating node.
+    let mut b = Raw::connect(proxy.port);
+    note(
+        "BLPOP timeout",
+        b.call(&["BLPOP", &k("q1"), "0.2"]),
+        "*-1\r\n",
+    );
+    b.send(&["BLPOP", &k("q2"), "10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    note("RPUSH", w.call(&["RPUSH", &k("q2"), "v"]), ":1\r\n");
+    let got = String::from_utf8(b.read()).unwrap();
+    note(
+        "BLPOP woken",
+        got,
+        &format!("*2\r\n${}\r\n{}\r\n$1\r\nv\r\n", k("q2").len(), k("q2")),
+    );
+    // Transactions on new keys.
+    let mut t = Raw::connect(proxy.port);
+    for i in 0..5 {
+        let key = k(&format!("t{i}"));
+        note("MULTI", t.call(&["MULTI"]), "+OK\r\n");
+        note("SET in MULTI", t.call(&["SET", &key, "1"]), "+QUEUED\r\n");
+        note("INCR in MULTI", t.call(&["INCR", &key]), "+QUEUED\r\n");
+        note("EXEC", t.call(&["EXEC"]), "*2\r\n+OK\r\n:2\r\n");
+        note("read back", w.call(&["GET", &key]), "$1\r\n2\r\n");
+    }
+    // WATCH, then a transaction on the watched key.
+    note("WATCH", t.call(&["WATCH", &k("w")]), "+OK\r\n");
+    note("MULTI", t.call(&["MULTI"]), "+OK\r\n");
+    note(
+        "SET in MULTI",
+        t.call(&["SET", &k("w"), "5"]),
+        "+QUEUED\r\n",
+    );
+    let exec = t.call(&["EXEC"]);
+    let wv = w.call(&["GET", &k("w")]);
+    match exec.as_str() {
+        "*1\r\n+OK\r\n" => note("watched value", wv, "$1\r\n5\r\n"),
+        // Aborted as if the key had changed: nothing written.
+        "*-1\r\n" => note("watched value", wv, "$-1\r\n"),
+        _ => note("EXEC after WATCH", exec, "*1\r\n+OK\r\n"),
+    }
+    // A client mode: every command on its own connections.
+    let mut r = Raw::connect(proxy.port);
+    note(
+        "CLIENT NO-EVICT",
+        r.call(&["CLIENT", "NO-EVICT", "on"]),
+        "+OK\r\n",
+    );
+    note("GET in a mode", r.call(&["GET", &k("t0")]), "$1\r\n2\r\n");
+    note("SET in a mode", r.call(&["SET", &k("m"), "1"]), "+OK\r\n");
+    // The migration ends: MOVED from the old node now.
+    m.finish(c);
+    note(
+        "BLPOP after",
+        b.call(&["BLPOP", &k("q3"), "0.2"]),
+        "*-1\r\n",
+    );
+    note(
+        "GET in a mode after",
+        r.call(&["GET", &k("m")]),
+        "$1\r\n1\r\n",
+    );
+    note("MULTI", t.call(&["MULTI"]), "+OK\r\n");
+    note("INCR in MULTI", t.call(&["INCR", &k("t1")]), "+QUEUED\r\n");
+    note("EXEC after", t.call(&["EXEC"]), "*1\r\n:3\r\n");
+    eprintln!("{} redirections or errors reached clients", seen.len());
+    assert!(seen.is_empty(), "{seen:#?}");
+}
+
+/// The TLS port of a replica of primary `port`.
+fn replica_of(c: &Cluster, port: u16) -> u16 {
+    let id = node_id(c, port);
+    let out = c.cli(port, &["CLUSTER", "REPLICAS", &id]);
+    let addr = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no replica: {out}"));
+    let port = addr
+        .split(['@', ','])
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
+    port.parse().unwrap()
+}
+
+/// Wait until `port` says it is a primary (bounded).
+fn wait_primary(c: &Cluster, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.cli(port, &["ROLE"]).starts_with("master") {
+        assert!(Instant::now() < deadline, "{port} not promoted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Finding 4: a blocking wait whose primary fails over (`-UNBLOCKED` from
+/// the demoted node) is made again on the new primary, nothing consumed.
+#[test]
+fn a_blocking_wait_survives_a_failover_of_its_node() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let key = format!("fo:{}", std::process::id());
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    let owner = owner_of(c, &key);
+    let replica = replica_of(c, owner);
+    let mut b = Raw::connect(proxy.port);
+    b.send(&["BLPOP", &key, "20"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.cli(replica, &["CLUSTER", "FAILOVER"]);
+    assert_eq!(out.trim(), "OK", "{out}");
+    wait_primary(c, replica);
+    c.wait_converged();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w.call(&["RPUSH", &key, "after"]), ":1\r\n");
+    let got = String::from_utf8(b.read()).unwrap();
+    assert_eq!(
+        got,
+        format!("*2\r\n${}\r\n{key}\r\n$5\r\nafter\r\n", key.len()),
+        "BLPOP across the failover"
+    );
+}

@@ -468,7 +468,7 @@ async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent)
 }
 
 /// `n` whole replies from `b`; `None` where they are missing.
-fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
+pub(super) fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
     let mut out = Vec::with_capacity(n);
     let mut pos = 0;
     for _ in 0..n {

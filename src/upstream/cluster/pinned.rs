@@ -21,6 +21,8 @@
 //! If the bound connection is lost while it holds the client's state, the
 //! session is told (`lost`), as for any pinned connection.
 
+mod follow;
+
 use super::route::{self, Plan};
 use super::Cluster;
 use crate::command::{self, Class, Pin};
@@ -28,7 +30,7 @@ use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{PushSink, Request};
 use crate::upstream::pool::{Pinned, ServerConn, ServerRef};
-use crate::upstream::topology::{self, Node};
+use crate::upstream::topology::Node;
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 struct Bound {
     node: Node,
     pin: Pinned,
+    /// Reached through `ASK`: commands outside `MULTI` (and `MULTI`) are
+    /// sent after `ASKING`.
+    asking: bool,
     /// Cancelled when this binding is dropped: ends the task that passes
     /// the session's abort on, which must not keep the connection open.
     _released: DropGuard,
@@ -68,6 +73,16 @@ struct Virtual {
     /// WATCH could not be given a connection: the next transaction aborts
     /// (it would otherwise run unwatched).
     watch_failed: bool,
+    /// The transaction as sent to the server since `MULTI` (made again
+    /// elsewhere when the cluster redirects it).
+    tx_log: Vec<Bytes>,
+    /// The watched keys' slot moved: the next (or open) transaction answers
+    /// as aborted by a changed key.
+    watch_lost: bool,
+    /// The open transaction answers null at `EXEC` (see `watch_lost`).
+    tx_null: bool,
+    /// A binding made now to this node is reached through `ASK`.
+    ask_at: Option<Node>,
     spread: usize,
     /// The bound connection's server side, for CLIENT UNBLOCK.
     server: ServerRef,
@@ -111,6 +126,10 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         queued: Vec::new(),
         tx_failed: false,
         watch_failed: false,
+        tx_log: Vec::new(),
+        watch_lost: false,
+        tx_null: false,
+        ask_at: None,
         spread: fastrand::usize(..1024),
         server: server.clone(),
         parked: Vec::new(),
@@ -208,9 +227,21 @@ impl Virtual {
         if name == b"MULTI" && !self.in_multi && self.watch_failed {
             self.tx_failed = true;
         }
+        if self.in_multi && self.tx_null {
+            return self.tx_lost(&name);
+        }
+        if name == b"MULTI" && !self.in_multi && self.watch_lost {
+            self.in_multi = true;
+            self.tx_null = true;
+            return resp::ok();
+        }
+        if self.in_multi && name != b"EXEC" && name != b"DISCARD" {
+            self.tx_log.push(frame.clone());
+        }
         match &name[..] {
             b"MULTI" if self.bound.is_none() => {
                 self.in_multi = true;
+                self.tx_log = vec![frame.clone()];
                 self.queued = vec![frame];
                 return resp::ok();
             }
@@ -228,7 +259,7 @@ impl Virtual {
                 self.slot = Some(s);
             }
         }
-        let reply = match self.forward(frame.clone(), slot).await {
+        let reply = match self.forward(frame.clone(), slot, None).await {
             Ok(r) => r,
             // No connection: the command did not reach the server.
             Err(e) => return self.unsent(&name, e),
@@ -239,12 +270,11 @@ impl Virtual {
             }
             self.modes.push(frame.clone());
         }
-        // Outside a transaction a MOVED means the command did not run: follow it.
-        let reply = if !self.in_tx() {
-            self.follow_moved(frame, slot, reply).await
-        } else {
-            reply
-        };
+        // A redirection means the command did not run: follow it.
+        let reply = self.settle(&name, frame.clone(), slot, reply).await;
+        if self.tx_null {
+            return reply;
+        }
         match &name[..] {
             b"EXEC" | b"DISCARD" => {
                 self.end_tx();
@@ -258,7 +288,10 @@ impl Virtual {
                     self.release();
                 }
             }
-            b"MULTI" => self.in_multi = true,
+            b"MULTI" => {
+                self.in_multi = true;
+                self.tx_log = vec![frame];
+            }
             b"WATCH" if !reply.starts_with(b"-") => self.watching = true,
             b"WATCH" if !self.watching && !self.in_multi => self.slot = None,
             _ => {}
@@ -299,38 +332,28 @@ impl Virtual {
     fn end_tx(&mut self) {
         self.tx_failed = false;
         self.watch_failed = false;
+        self.watch_lost = false;
+        self.tx_null = false;
+        self.tx_log.clear();
         self.in_multi = false;
         self.watching = false;
         self.slot = None;
         self.queued.clear();
     }
 
-    async fn follow_moved(&mut self, frame: Bytes, slot: Option<u16>, mut reply: Bytes) -> Bytes {
-        for _ in 0..super::dispatch::MAX_REDIRECTS {
-            let Some(node) = self.bound.as_ref().map(|b| b.node.clone()) else {
-                return reply;
-            };
-            match topology::parse_redirect(&reply, &node) {
-                Some((true, s, to)) => {
-                    self.cluster.moved(s, to);
-                    self.unbind();
-                    reply = self
-                        .forward(frame.clone(), slot)
-                        .await
-                        .unwrap_or_else(|e| e);
-                }
-                _ => return reply,
-            }
-        }
-        reply
-    }
-
     /// Send one command on the connection of `slot`'s node (binding first).
     /// `Err`: no connection could be had, the command was not sent.
-    async fn forward(&mut self, frame: Bytes, slot: Option<u16>) -> Result<Bytes, Bytes> {
-        let want = match slot {
-            Some(_) => self.cluster.node_for(slot, self.spread),
-            None => None,
+    /// `to`: that node instead of the slot's owner.
+    async fn forward(
+        &mut self,
+        frame: Bytes,
+        slot: Option<u16>,
+        to: Option<Node>,
+    ) -> Result<Bytes, Bytes> {
+        let want = match (to, slot) {
+            (Some(n), _) => Some(n),
+            (None, Some(_)) => self.cluster.node_for(slot, self.spread),
+            (None, None) => None,
         };
         // A client mode moves to the keys' node (keeping the one it leaves);
         // a transaction or WATCH stays where it is.
@@ -396,6 +419,7 @@ impl Virtual {
         self.stand_on(Bound {
             node,
             pin,
+            asking: false,
             _released: released.drop_guard(),
         });
         if !self.queued.is_empty() {
@@ -411,7 +435,8 @@ impl Virtual {
     }
 
     /// Bind to `b`, and say which server connection that is (CLIENT UNBLOCK).
-    fn stand_on(&mut self, b: Bound) {
+    fn stand_on(&mut self, mut b: Bound) {
+        b.asking = self.ask_at.as_ref() == Some(&b.node);
         self.server.set(b.pin.server.get().map(|s| ServerConn {
             id: s.id,
             node: Some(b.node.clone()),
@@ -438,10 +463,25 @@ impl Virtual {
     }
 
     async fn send(&mut self, frame: Bytes) -> Bytes {
+        let is_multi = frame_is(&frame, b"MULTI");
         let in_multi_after =
             self.in_multi && !frame_is(&frame, b"EXEC") && !frame_is(&frame, b"DISCARD")
-                || frame_is(&frame, b"MULTI");
-        match self.request(frame, 1, in_multi_after).await {
+                || is_multi;
+        // On a node reached through ASK: ASKING first, except inside MULTI
+        // (where ASKING from before MULTI holds, and would be queued).
+        let ask = self.bound.as_ref().is_some_and(|b| b.asking) && (!self.in_multi || is_multi);
+        let (bytes, count) = if ask {
+            let mut b = BytesMut::from(&resp::command(&[b"ASKING"])[..]);
+            b.extend_from_slice(&frame);
+            (b.freeze(), 2)
+        } else {
+            (frame, 1)
+        };
+        match self.request(bytes, count, in_multi_after).await {
+            Ok(b) if count == 2 => super::dispatch::split_replies(&b, 2)
+                .pop()
+                .flatten()
+                .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")),
             Ok(b) => b,
             Err(e) => e.to_reply(),
         }

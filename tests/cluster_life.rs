@@ -384,3 +384,101 @@ fn a_blocking_wait_survives_a_failover_of_its_node() {
         "BLPOP across the failover"
     );
 }
+
+/// Move `n` slots from one primary to another with `redis-cli --cluster reshard`.
+fn reshard(c: &Cluster, from: u16, to: u16, n: usize) {
+    let (fid, tid) = (node_id(c, from), node_id(c, to));
+    let out = c.cluster_cli(&[
+        "reshard",
+        &format!("127.0.0.1:{from}"),
+        "--cluster-from",
+        &fid,
+        "--cluster-to",
+        &tid,
+        "--cluster-slots",
+        &n.to_string(),
+        "--cluster-yes",
+        "--cluster-pipeline",
+        "20",
+    ]);
+    assert!(out.contains("Moving slot"), "reshard: {out}");
+}
+
+/// Finding 5: a SCAN with a small COUNT across resharding returns every key
+/// that existed for the whole scan (duplicates allowed).
+#[test]
+fn scan_across_a_reshard_returns_every_key() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let mut w = Raw::connect(proxy.port);
+    let keys: Vec<String> = (0..3000).map(|i| format!("scan:{i}")).collect();
+    for chunk in keys.chunks(500) {
+        for k in chunk {
+            w.send(&["SET", k, "v"]);
+        }
+        for _ in chunk {
+            assert_eq!(w.read(), b"+OK\r\n");
+        }
+    }
+    let primaries = c.primaries();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (seen, calls) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Slots move each way, so keys land on nodes scanned before and after.
+            reshard(c, primaries[2], primaries[0], 1000);
+            reshard(c, primaries[0], primaries[1], 2000);
+            reshard(c, primaries[1], primaries[2], 1000);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let mut r = Raw::connect(proxy.port);
+        let mut seen = std::collections::HashSet::new();
+        let mut calls = 0;
+        // SCANs, one after another, until one of them ran wholly after the
+        // resharding began and it ended (bounded).
+        for round in 0..20 {
+            let mut cursor = "0".to_string();
+            loop {
+                r.send(&["SCAN", &cursor, "MATCH", "scan:*", "COUNT", "5"]);
+                let reply = String::from_utf8(r.read()).unwrap();
+                assert!(reply.starts_with("*2\r\n"), "{reply}");
+                let lines: Vec<&str> = reply.split("\r\n").collect();
+                cursor = lines[2].to_string();
+                if round == 0 {
+                    seen.extend(lines[4..].iter().skip(1).step_by(2).map(|s| s.to_string()));
+                }
+                calls += 1;
+                std::thread::sleep(Duration::from_millis(5));
+                if cursor == "0" {
+                    break;
+                }
+            }
+            if done.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        (seen, calls)
+    });
+    c.wait_converged();
+    let missing: Vec<&String> = keys.iter().filter(|k| !seen.contains(*k)).collect();
+    eprintln!(
+        "SCAN across a reshard: {} of {} keys seen by the first scan ({calls} calls in all), {} missing",
+        keys.len() - missing.len(),
+        keys.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for chunk in keys.chunks(500) {
+        for k in chunk {
+            w.send(&["DEL", k]);
+        }
+        for _ in chunk {
+            w.read();
+        }
+    }
+}

@@ -12,10 +12,10 @@
 //! within [`MAX_REDIRECTS`] and [`RETRY_BUDGET`]. Such replies mean the
 //! command did not run, so re-sending cannot run it twice.
 
-use super::merge;
+use super::merge::{self, split_replies};
 use super::route::{self, Fan, Merge, Plan};
 use super::Cluster;
-use crate::resp::scan::{args_of, CommandScanner, Limits, ReplyScanner};
+use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{Handle, ReplyTx, Request};
 use crate::upstream::topology::{self, Node};
@@ -64,8 +64,7 @@ enum Item {
         parts: Vec<Sent>,
     },
     Scan {
-        shard: usize,
-        shards: usize,
+        step: super::scan::Step,
         part: Sent,
     },
     Now(Bytes),
@@ -349,27 +348,37 @@ async fn flush(
     items.push(Item::Plain(sent));
 }
 
-/// SCAN: the client's cursor names the shard; ask that shard with its own cursor.
+/// SCAN: the client's cursor names a run of slots; ask its owner now.
 async fn scan(cluster: &Cluster, links: &mut Links, args: &[&[u8]]) -> Item {
+    use super::scan::{step, Cursor};
     let Some(map) = cluster.map() else {
         return Item::Now(resp::error("CLUSTERDOWN no slot map yet"));
     };
-    let Some((shard, cursor)) = args.get(1).and_then(|c| merge::decode_cursor(c)) else {
+    let Some(cursor) = args.get(1).and_then(|c| Cursor::decode(c)) else {
         return Item::Now(resp::error("ERR invalid cursor"));
     };
-    let Some(node) = map.nodes.get(shard).cloned() else {
-        return Item::Now(resp::error("ERR invalid cursor"));
+    let Some(step) = step(&map, cursor) else {
+        // No owner for that slot now (a failover): the same cursor again.
+        let c = args[1];
+        return Item::Now(merge::array(&[&resp::bulk(c)[..], b"*0\r\n"]));
     };
-    let c = cursor.to_string();
+    let c = step.node_cursor.to_string();
     let mut rewritten: Vec<&[u8]> = args.to_vec();
     rewritten[1] = c.as_bytes();
-    let bytes = resp::command(&rewritten);
-    let part = links.send_one(Some(node), Cmd { bytes, slot: None }).await;
-    Item::Scan {
-        shard,
-        shards: map.nodes.len(),
-        part,
-    }
+    // The node's own word on its slots, in the same write.
+    let scan = resp::command(&rewritten);
+    let nodes = resp::command(&[b"CLUSTER", b"NODES"]);
+    let mut bytes = BytesMut::from(&scan[..]);
+    bytes.extend_from_slice(&nodes);
+    let cmd = |bytes| Cmd { bytes, slot: None };
+    let part = links
+        .send(
+            Some(step.node.clone()),
+            vec![cmd(scan), cmd(nodes)],
+            bytes.freeze(),
+        )
+        .await;
+    Item::Scan { step, part }
 }
 
 /// The completer half: answers jobs in the order they were routed.
@@ -415,14 +424,14 @@ async fn complete(
                     let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
                     out.extend_from_slice(&merge::fan(kind, &refs));
                 }
-                Item::Scan {
-                    shard,
-                    shards,
-                    part,
-                } => {
+                Item::Scan { step, part } => {
                     let r = replies(&cluster, &mut links, index, part).await;
-                    let r = r.into_iter().next().unwrap_or_default();
-                    out.extend_from_slice(&merge::scan_reply(&r, shard, shards));
+                    let (scan, nodes) = (&r[0], &r[1]);
+                    let (page, stale) = super::scan::reply(scan, nodes, &step);
+                    if stale {
+                        cluster.stale();
+                    }
+                    out.extend_from_slice(&page);
                 }
             }
         }
@@ -463,23 +472,6 @@ async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent)
     let mut out = Vec::with_capacity(n);
     for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
         out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
-    }
-    out
-}
-
-/// `n` whole replies from `b`; `None` where they are missing.
-pub(super) fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
-    let mut out = Vec::with_capacity(n);
-    let mut pos = 0;
-    for _ in 0..n {
-        let mut s = ReplyScanner::new();
-        match s.scan(&b[pos..]) {
-            Ok(Some(r)) => {
-                out.push(Some(b.slice(pos..pos + r.len)));
-                pos += r.len;
-            }
-            _ => out.push(None),
-        }
     }
     out
 }

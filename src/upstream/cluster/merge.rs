@@ -8,20 +8,20 @@ use crate::resp::scan::ReplyScanner;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The first error among `replies`, if any.
-fn first_error(replies: &[&[u8]]) -> Option<Bytes> {
+pub(super) fn first_error(replies: &[&[u8]]) -> Option<Bytes> {
     replies
         .iter()
         .find(|r| r.first().is_some_and(|&b| b == b'-' || b == b'!'))
         .map(|r| Bytes::copy_from_slice(r))
 }
 
-fn bad(what: &str) -> Bytes {
+pub(super) fn bad(what: &str) -> Bytes {
     crate::resp::error(&format!(
         "ERR redis-entra-proxy: cannot merge the shards' replies ({what})"
     ))
 }
 
-fn line_int(r: &[u8], prefix: u8) -> Option<(i64, usize)> {
+pub(super) fn line_int(r: &[u8], prefix: u8) -> Option<(i64, usize)> {
     if r.first() != Some(&prefix) {
         return None;
     }
@@ -46,7 +46,7 @@ pub fn elements(reply: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
-fn array(items: &[&[u8]]) -> Bytes {
+pub(super) fn array(items: &[&[u8]]) -> Bytes {
     let mut b = BytesMut::with_capacity(16 + items.iter().map(|i| i.len()).sum::<usize>());
     b.put_slice(format!("*{}\r\n", items.len()).as_bytes());
     for i in items {
@@ -156,53 +156,25 @@ pub fn fan(kind: Fan, replies: &[&[u8]]) -> Bytes {
                 (None, None) => bad("no shard"),
             }
         }
-        Fan::Scan => bad("SCAN is merged by scan_reply"),
+        Fan::Scan => bad("SCAN is merged by scan::reply"),
     }
 }
 
-/// Low bits of a proxy SCAN cursor that name the shard being scanned.
-const SHARD_BITS: u32 = 10;
-
-/// A client's SCAN cursor as (shard index, that shard's own cursor).
-pub fn decode_cursor(cursor: &[u8]) -> Option<(usize, u64)> {
-    let c: u64 = std::str::from_utf8(cursor).ok()?.parse().ok()?;
-    Some(((c & ((1 << SHARD_BITS) - 1)) as usize, c >> SHARD_BITS))
-}
-
-/// Rewrite one shard's SCAN reply for the client: the next cursor names the
-/// same shard while it has more, then the next shard, then 0 after the last.
-pub fn scan_reply(reply: &[u8], shard: usize, shards: usize) -> Bytes {
-    if first_error(&[reply]).is_some() {
-        return Bytes::copy_from_slice(reply);
-    }
-    let Some(els) = elements(reply) else {
-        return bad("SCAN reply is not an array");
-    };
-    let [cursor, keys] = els[..] else {
-        return bad("SCAN reply of the wrong shape");
-    };
-    let Some((len, at)) = line_int(cursor, b'$') else {
-        return bad("SCAN cursor");
-    };
-    let Some(node_cursor) = cursor
-        .get(at..at.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)))
-        .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok())
-    else {
-        return bad("SCAN cursor");
-    };
-    let next: u64 = if node_cursor != 0 {
-        if node_cursor >> (64 - SHARD_BITS) != 0 {
-            return bad("SCAN cursor too large to carry the shard");
+/// `n` whole replies from `b`; `None` where they are missing.
+pub fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0;
+    for _ in 0..n {
+        let mut s = ReplyScanner::new();
+        match s.scan(&b[pos..]) {
+            Ok(Some(r)) => {
+                out.push(Some(b.slice(pos..pos + r.len)));
+                pos += r.len;
+            }
+            _ => out.push(None),
         }
-        (node_cursor << SHARD_BITS) | shard as u64
-    } else if shard + 1 < shards {
-        (shard + 1) as u64
-    } else {
-        0
-    };
-    let c = next.to_string();
-    let cbulk = crate::resp::bulk(c.as_bytes());
-    array(&[&cbulk[..], keys])
+    }
+    out
 }
 
 #[cfg(test)]
@@ -268,32 +240,5 @@ mod tests {
             &fan(Fan::AllOk, &[b"+OK\r\n", b"-ERR no\r\n"])[..],
             b"-ERR no\r\n"
         );
-    }
-
-    #[test]
-    fn scan_cursor_carries_the_shard() {
-        assert_eq!(decode_cursor(b"0"), Some((0, 0)));
-        assert_eq!(decode_cursor(b"x"), None);
-        // Shard 1 has more: its cursor 12 goes out as 12 << 10 | 1.
-        let r = b"*2\r\n$2\r\n12\r\n*1\r\n$1\r\nk\r\n";
-        let got = scan_reply(r, 1, 3);
-        let want_cursor = ((12u64 << 10) | 1).to_string();
-        assert_eq!(
-            got,
-            array(&[
-                &crate::resp::bulk(want_cursor.as_bytes())[..],
-                b"*1\r\n$1\r\nk\r\n"
-            ])
-        );
-        assert_eq!(decode_cursor(want_cursor.as_bytes()), Some((1, 12)));
-        // Shard 1 done: next is shard 2 from its start; after the last, 0.
-        let done = b"*2\r\n$1\r\n0\r\n*0\r\n";
-        assert_eq!(&scan_reply(done, 1, 3)[..], b"*2\r\n$1\r\n2\r\n*0\r\n");
-        assert_eq!(&scan_reply(done, 2, 3)[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
-        assert!(scan_reply(b"*1\r\n:1\r\n", 0, 1).starts_with(b"-ERR"));
-        assert!(scan_reply(b"*2\r\n$1\r\nz\r\n*0\r\n", 0, 1).starts_with(b"-ERR"));
-        // A cursor length no reply can have: an error, not an overflow.
-        let huge = b"*2\r\n$9223372036854775807\r\n0\r\n*0\r\n";
-        assert!(scan_reply(huge, 0, 1).starts_with(b"-ERR"));
     }
 }

@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod merge;
 pub mod pinned;
 pub mod route;
+pub mod scan;
 
 use super::conn::{Handle, PushSink, Request};
 use super::pool::{Pinned, Pool};

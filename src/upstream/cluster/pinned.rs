@@ -478,7 +478,7 @@ impl Virtual {
             (frame, 1)
         };
         match self.request(bytes, count, in_multi_after).await {
-            Ok(b) if count == 2 => super::dispatch::split_replies(&b, 2)
+            Ok(b) if count == 2 => super::merge::split_replies(&b, 2)
                 .pop()
                 .flatten()
                 .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")),

@@ -17,7 +17,8 @@
 
 use super::Virtual;
 use crate::resp::{self, Proto};
-use crate::upstream::cluster::dispatch::{not_now, split_replies, MAX_REDIRECTS, RETRY_BUDGET};
+use crate::upstream::cluster::dispatch::{not_now, MAX_REDIRECTS, RETRY_BUDGET};
+use crate::upstream::cluster::merge::split_replies;
 use crate::upstream::topology::{self, Node};
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;

@@ -482,3 +482,66 @@ fn scan_across_a_reshard_returns_every_key() {
         }
     }
 }
+
+/// Finding 7: keyless commands answer for the whole cache: RANDOMKEY from
+/// every shard, INFO keyspace summed as DBSIZE is; an upstream error names
+/// the node and the slot.
+#[test]
+fn keyless_commands_answer_for_the_whole_cache() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.flush();
+    let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "2s")]);
+    let mut r = Raw::connect(proxy.port);
+    let keys: Vec<String> = (0..300).map(|i| format!("rk:{i}")).collect();
+    for k in &keys {
+        assert_eq!(r.call(&["SET", k, "v"]), "+OK\r\n");
+    }
+    let mut owners: HashMap<String, u16> = HashMap::new();
+    for p in c.primaries() {
+        for k in c.cli(p, &["KEYS", "rk:*"]).lines() {
+            owners.insert(k.trim().to_string(), p);
+        }
+    }
+    assert_eq!(owners.len(), 300);
+    let mut from: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..150 {
+        let k = r.call(&["RANDOMKEY"]);
+        let k = k.split("\r\n").nth(1).unwrap().to_string();
+        *from.entry(owners[&k]).or_default() += 1;
+    }
+    eprintln!("RANDOMKEY x150 by shard: {from:?}");
+    assert_eq!(from.len(), 3, "RANDOMKEY from every shard: {from:?}");
+    assert_eq!(r.call(&["DBSIZE"]), ":300\r\n");
+    let info = r.call(&["INFO", "keyspace"]);
+    assert!(info.contains("db0:keys=300,"), "{info}");
+    let info = r.call(&["INFO"]);
+    assert!(info.contains("db0:keys=300,"), "INFO (all sections)");
+    // A frozen shard: the timeout names the node and the slot.
+    let k = &keys[0];
+    let owner = owners[k];
+    let pid: i32 = c
+        .cli(owner, &["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signals to a redis-server child of this test process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let reply = r.call(&["GET", k]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let slot = c
+        .cli(c.ports[0], &["CLUSTER", "KEYSLOT", k])
+        .trim()
+        .to_string();
+    eprintln!("GET on a frozen shard: {reply:?}");
+    assert!(
+        reply.starts_with("-")
+            && reply.contains(&format!("127.0.0.1:{owner}"))
+            && reply.contains(&format!("slot {slot}")),
+        "{reply}"
+    );
+    c.wait_converged();
+}

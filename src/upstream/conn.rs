@@ -536,7 +536,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         if let Some(head) = self.inflight.front() {
             if head.written_at + self.opts.reply_timeout <= now {
                 return Err(Err(UpstreamError::Timeout {
-                    addr: String::from("upstream"),
+                    addr: self.opts.addr.clone(),
                     secs: self.opts.reply_timeout.as_secs_f64(),
                     during: "waiting for a reply",
                 }));

@@ -466,7 +466,11 @@ async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent)
             ) {
                 cluster.stale();
             }
-            return vec![e.to_reply(); n];
+            return sent
+                .cmds
+                .iter()
+                .map(|c| super::node_error(&e, sent.node.as_ref(), c.slot))
+                .collect();
         }
     };
     let mut out = Vec::with_capacity(n);
@@ -514,7 +518,7 @@ async fn resolve(
                 }
                 match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
                     Ok(r) => r,
-                    Err(e) => return e.to_reply(),
+                    Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
                 }
             }
         };
@@ -539,7 +543,7 @@ async fn resolve(
             node = Some(to);
             match send_and_wait(links, node.clone(), bytes, count).await {
                 Ok(r) => reply = Some(r),
-                Err(e) => return e.to_reply(),
+                Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
             }
             continue;
         }
@@ -555,7 +559,7 @@ async fn resolve(
             node = cluster.node_for(cmd.slot, index).or(node);
             match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
                 Ok(r) => reply = Some(r),
-                Err(e) => return e.to_reply(),
+                Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
             }
             continue;
         }

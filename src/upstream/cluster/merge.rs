@@ -147,16 +147,102 @@ pub fn fan(kind: Fan, replies: &[&[u8]]) -> Bytes {
             array(&items)
         }
         Fan::Random => {
-            let key = replies
+            // A shard with keys, chosen at random (a shard's chance does
+            // not follow its size: see the README's cluster section).
+            let keys: Vec<&&[u8]> = replies
                 .iter()
-                .find(|r| r.first() == Some(&b'$') && !r.starts_with(b"$-1"));
-            match (key, replies.first()) {
-                (Some(k), _) => Bytes::copy_from_slice(k),
-                (None, Some(nil)) => Bytes::copy_from_slice(nil),
-                (None, None) => bad("no shard"),
+                .filter(|r| r.first() == Some(&b'$') && !r.starts_with(b"$-1"))
+                .collect();
+            match (keys.len(), replies.first()) {
+                (0, Some(nil)) => Bytes::copy_from_slice(nil),
+                (0, None) => bad("no shard"),
+                (n, _) => Bytes::copy_from_slice(keys[fastrand::usize(..n)]),
             }
         }
+        Fan::Info => info(replies),
         Fan::Scan => bad("SCAN is merged by scan::reply"),
+    }
+}
+
+/// INFO from every primary: the first one's, with its `# Keyspace`
+/// section made of every shard's (keys and expires summed per database,
+/// avg_ttl weighted by expires). Other sections describe that one node.
+fn info(replies: &[&[u8]]) -> Bytes {
+    let bodies: Option<Vec<InfoBody>> = replies.iter().map(|r| info_body(r)).collect();
+    let Some(bodies) = bodies else {
+        return bad("INFO reply is not a string");
+    };
+    let Some(&(kind, prefix, first)) = bodies.first() else {
+        return bad("no shard");
+    };
+    let Ok(first) = std::str::from_utf8(first) else {
+        return bad("INFO reply is not text");
+    };
+    let Some(at) = first.find("# Keyspace\r\n") else {
+        return Bytes::copy_from_slice(replies[0]);
+    };
+    let head_end = at + "# Keyspace\r\n".len();
+    let tail_at = first[head_end..]
+        .find("\r\n\r\n")
+        .map_or(first.len(), |i| head_end + i + 2);
+    // db -> (keys, expires, ttl * expires)
+    let mut dbs: std::collections::BTreeMap<u32, (u64, u64, u128)> = Default::default();
+    for (_, _, body) in &bodies {
+        let text = String::from_utf8_lossy(body);
+        let Some(at) = text.find("# Keyspace\r\n") else {
+            continue;
+        };
+        for line in text[at..].lines().skip(1) {
+            if line.is_empty() {
+                break;
+            }
+            let Some((db, fields)) = line.split_once(':') else {
+                continue;
+            };
+            let Some(n) = db.strip_prefix("db").and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let field = |name: &str| -> u64 {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            let e = dbs.entry(n).or_default();
+            e.0 += field("keys");
+            e.1 += field("expires");
+            e.2 += u128::from(field("avg_ttl")) * u128::from(field("expires"));
+        }
+    }
+    let mut text = String::from(&first[..head_end]);
+    for (db, (keys, expires, ttl)) in dbs {
+        let avg = if expires > 0 {
+            ttl / u128::from(expires)
+        } else {
+            0
+        };
+        text += &format!("db{db}:keys={keys},expires={expires},avg_ttl={avg}\r\n");
+    }
+    text += &first[tail_at..];
+    let body = [prefix, text.as_bytes()].concat();
+    let mut out = BytesMut::new();
+    out.put_slice(format!("{}{}\r\n", kind as char, body.len()).as_bytes());
+    out.put_slice(&body);
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+/// (type byte, verbatim prefix, text) of a bulk or verbatim string reply.
+type InfoBody<'a> = (u8, &'a [u8], &'a [u8]);
+
+fn info_body(r: &[u8]) -> Option<InfoBody<'_>> {
+    let kind = *r.first()?;
+    let (len, at) = line_int(r, kind)?;
+    let body = r.get(at..at.checked_add(usize::try_from(len).ok()?)?)?;
+    match kind {
+        b'$' => Some((kind, &[], body)),
+        b'=' if body.len() >= 4 => Some((kind, &body[..4], &body[4..])),
+        _ => None,
     }
 }
 
@@ -240,5 +326,28 @@ mod tests {
             &fan(Fan::AllOk, &[b"+OK\r\n", b"-ERR no\r\n"])[..],
             b"-ERR no\r\n"
         );
+    }
+
+    #[test]
+    fn info_keyspace_is_every_shards() {
+        let a = "# Server\r\nredis_version:7.0.15\r\n\r\n# Keyspace\r\ndb0:keys=10,expires=2,avg_ttl=100\r\n";
+        let b =
+            "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=300\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
+        let c = "# Server\r\nredis_version:7.0.15\r\n";
+        let bulk = |t: &str| format!("${}\r\n{t}\r\n", t.len()).into_bytes();
+        let got = fan(Fan::Info, &[&bulk(a), &bulk(b), &bulk(c)]);
+        let want = "# Server\r\nredis_version:7.0.15\r\n\r\n# Keyspace\r\ndb0:keys=15,expires=4,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
+        assert_eq!(got, bulk(want));
+        // RESP3 verbatim, and a section after the keyspace kept.
+        let v = |t: &str| format!("={}\r\ntxt:{t}\r\n", t.len() + 4).into_bytes();
+        let a2 = "# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n# Other\r\nx:1\r\n";
+        let got = fan(Fan::Info, &[&v(a2), &v(a2)]);
+        assert_eq!(
+            got,
+            v("# Keyspace\r\ndb0:keys=2,expires=0,avg_ttl=0\r\n\r\n# Other\r\nx:1\r\n")
+        );
+        // No keyspace section asked for: the first as it is.
+        assert_eq!(fan(Fan::Info, &[&bulk(c), &bulk(c)]), bulk(c));
+        assert!(fan(Fan::Info, &[b":1\r\n"]).starts_with(b"-ERR"));
     }
 }

@@ -423,6 +423,18 @@ impl Cluster {
     }
 }
 
+/// An upstream failure as the client sees it: which node, which slot.
+pub(crate) fn node_error(e: &UpstreamError, node: Option<&Node>, slot: Option<u16>) -> Bytes {
+    let mut text = format!("ERR {e}");
+    match (node, slot) {
+        (Some(n), Some(s)) => text += &format!(" (node {n}, slot {s})"),
+        (Some(n), None) => text += &format!(" (node {n})"),
+        (None, Some(s)) => text += &format!(" (slot {s})"),
+        (None, None) => {}
+    }
+    resp::error(&text)
+}
+
 /// Send one command on `handle` and wait for its reply.
 async fn ask(handle: &Handle, bytes: Bytes) -> Result<Bytes, UpstreamError> {
     let (tx, rx) = oneshot::channel();

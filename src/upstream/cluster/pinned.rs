@@ -387,8 +387,8 @@ impl Virtual {
                 Some(n) => n,
                 None => return Err(resp::error("CLUSTERDOWN Hash slot not served")),
             };
-            if let Err(e) = self.bind(node).await {
-                return Err(e.to_reply());
+            if let Err(e) = self.bind(node.clone()).await {
+                return Err(super::node_error(&e, Some(&node), slot));
             }
             // A new node's connection takes the client's modes first.
             for m in self.modes.clone() {
@@ -477,13 +477,14 @@ impl Virtual {
         } else {
             (frame, 1)
         };
+        let node = self.bound.as_ref().map(|b| b.node.clone());
         match self.request(bytes, count, in_multi_after).await {
             Ok(b) if count == 2 => super::merge::split_replies(&b, 2)
                 .pop()
                 .flatten()
                 .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")),
             Ok(b) => b,
-            Err(e) => e.to_reply(),
+            Err(e) => super::node_error(&e, node.as_ref(), self.slot),
         }
     }
 

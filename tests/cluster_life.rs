@@ -545,3 +545,60 @@ fn keyless_commands_answer_for_the_whole_cache() {
     );
     c.wait_converged();
 }
+
+/// Finding 3: plain pub/sub does not go deaf when the configured host's node
+/// dies (kill -9): the subscriptions move to a live node (or the subscriber
+/// is disconnected to resubscribe); never silent.
+#[test]
+fn subscribers_keep_hearing_when_the_configured_node_dies() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let mut sub = Raw::connect(proxy.port);
+    assert!(sub.call(&["SUBSCRIBE", "life:news"]).ends_with(":1\r\n"));
+    let mut p = Raw::connect(proxy.port);
+    p.call(&["PUBLISH", "life:news", "before"]);
+    let m = String::from_utf8(sub.read()).unwrap();
+    assert!(m.contains("before"), "{m}");
+    let seed = c.ports[0];
+    c.wait_replicas_synced();
+    let pid = c.pid(seed);
+    c.signal(pid, libc::SIGKILL);
+    // Publish until the subscriber hears one again (or is disconnected).
+    let start = Instant::now();
+    let mut heard = None;
+    let mut published = 0;
+    while start.elapsed() < Duration::from_secs(30) {
+        published += 1;
+        let r = p.call(&["PUBLISH", "life:news", &format!("after-{published}")]);
+        if published % 20 == 1 {
+            eprintln!("PUBLISH {published} at {:?}: {r:?}", start.elapsed());
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sub.try_read(Duration::from_millis(200))
+        })) {
+            Ok(Some(m)) => {
+                heard = Some(String::from_utf8(m).unwrap());
+                break;
+            }
+            Ok(None) => {}
+            Err(_) => {
+                heard = Some("disconnected".into());
+                break;
+            }
+        }
+    }
+    let waited = start.elapsed();
+    c.restart(seed);
+    c.wait_converged();
+    eprintln!(
+        "after kill -9 of the configured node: {heard:?} after {waited:?}, {published} PUBLISH sent"
+    );
+    let heard = heard.expect("the subscriber heard nothing for 30 s and stayed connected");
+    if heard != "disconnected" {
+        assert!(heard.contains("after-"), "{heard}");
+        // A new subscriber is accepted too.
+        let mut s2 = Raw::connect(proxy.port);
+        assert!(s2.call(&["SUBSCRIBE", "life:news2"]).ends_with(":1\r\n"));
+    }
+}

@@ -175,6 +175,8 @@ pub struct Actor {
     /// (subscription, connection) pairs confirmed upstream (the
     /// `pubsub_channels` gauge).
     held: usize,
+    /// When the home connection last moved to another node (see `move_home`).
+    home_moved_at: Option<tokio::time::Instant>,
     starter: Starter,
     shutdown: CancellationToken,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -205,6 +207,7 @@ impl Actor {
             refresh: None,
             retry: HashSet::new(),
             held: 0,
+            home_moved_at: None,
             starter,
             shutdown,
             events_tx,

@@ -228,8 +228,9 @@ pub enum Event {
     ConnectFailed { conn: usize, error: UpstreamError },
 }
 
-/// The hub asks for a connection to be kept: to the configured host (`node`
-/// `None`, connection 0) or to a cluster primary, until `stop`.
+/// The hub asks for a connection to be kept: the home one (connection 0: to
+/// the configured host, `node` `None`, or on a cluster to the node it moved
+/// to) or one to a cluster primary, until `stop`.
 pub struct Start {
     pub conn: usize,
     pub node: Option<Node>,
@@ -288,10 +289,12 @@ impl Hub {
         let upstream = Arc::new(std::sync::Mutex::new(None));
         let up = upstream.clone();
         let starter: Starter = Box::new(move |s: Start| {
-            let (connector, target) = match &s.node {
-                None => (connector.clone(), Some(up.clone())),
-                Some(n) => (Arc::new(connector.for_node(&n.host, n.port)), None),
+            let connector = match &s.node {
+                None => connector.clone(),
+                Some(n) => Arc::new(connector.for_node(&n.host, n.port)),
             };
+            // The home connection (wherever it is) is the tracking redirect target.
+            let target = (s.conn == 0).then(|| up.clone());
             let mut opts = conn_opts.clone();
             opts.addr = connector.addr().to_string();
             tokio::spawn(supervise::supervise(

@@ -48,7 +48,7 @@ fn spread(n: usize, threads: usize, f: impl Fn(usize) + Sync) {
 /// leaves: the per-node count returns to its idle value.
 #[test]
 fn dedicated_connections_return_to_their_node_after_one_shot_clients() {
-    let _g = EXCLUSIVE.read().unwrap();
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     let proxy = proxy_with(c, &[]);
     // Warm every node's pools: one transaction on each slot range.
@@ -133,7 +133,7 @@ fn dedicated_connections_return_to_their_node_after_one_shot_clients() {
 /// EXEC answers EXECABORT; nothing reported done is lost.
 #[test]
 fn a_transaction_without_a_connection_aborts_and_reports_nothing_done() {
-    let _g = EXCLUSIVE.read().unwrap();
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__MAX_PINNED", "3")]);
     let mut check = Raw::connect(proxy.port);
@@ -366,6 +366,7 @@ fn a_blocking_wait_survives_a_failover_of_its_node() {
     let key = format!("fo:{}", std::process::id());
     let mut w = Raw::connect(proxy.port);
     assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    c.wait_replicas_synced();
     let owner = owner_of(c, &key);
     let replica = replica_of(c, owner);
     let mut b = Raw::connect(proxy.port);
@@ -564,6 +565,15 @@ fn subscribers_keep_hearing_when_the_configured_node_dies() {
     c.wait_replicas_synced();
     let pid = c.pid(seed);
     c.signal(pid, libc::SIGKILL);
+    struct Back<'a>(&'a Cluster, u16);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.restart(self.1);
+            }
+        }
+    }
+    let _back = Back(c, seed);
     // Publish until the subscriber hears one again (or is disconnected).
     let start = Instant::now();
     let mut heard = None;
@@ -591,6 +601,7 @@ fn subscribers_keep_hearing_when_the_configured_node_dies() {
     let waited = start.elapsed();
     c.restart(seed);
     c.wait_converged();
+    c.wait_replicas_synced();
     eprintln!(
         "after kill -9 of the configured node: {heard:?} after {waited:?}, {published} PUBLISH sent"
     );
@@ -601,4 +612,110 @@ fn subscribers_keep_hearing_when_the_configured_node_dies() {
         let mut s2 = Raw::connect(proxy.port);
         assert!(s2.call(&["SUBSCRIBE", "life:news2"]).ends_with(":1\r\n"));
     }
+}
+
+/// Finding 6: kill -9 of a primary: commands for its slots wait for the
+/// promotion the cluster announces and go to the new owner (no error);
+/// the node that left is forgotten (not redialled when it comes back as a
+/// replica).
+#[test]
+fn commands_for_a_dead_primary_wait_for_its_replacement() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let mut w = Raw::connect(proxy.port);
+    // A key on a primary that is not the configured host.
+    let tag = (0..)
+        .map(|i| format!("hold{i}"))
+        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
+        .unwrap();
+    let victim = owner_of(c, &format!("{{{tag}}}"));
+    for i in 0..30 {
+        assert_eq!(w.call(&["SET", &format!("warm:{i}"), "1"]), "+OK\r\n");
+    }
+    c.wait_replicas_synced();
+    c.signal(c.pid(victim), libc::SIGKILL);
+    // Whatever happens below, the node comes back for the other tests.
+    struct Back<'a>(&'a Cluster, u16);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.restart(self.1);
+            }
+        }
+    }
+    let _back = Back(c, victim);
+    let mut disconnected = 0;
+    let start = Instant::now();
+    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(12) {
+        let k = format!("{{{tag}}}k{i}");
+        i += 1;
+        let r = if i % 10 == 1 {
+            // A transaction too, on a dedicated connection. One that took a
+            // connection to the dead node just before the kill loses its
+            // state: the client is disconnected, never told it ran.
+            let tx = std::panic::catch_unwind(|| {
+                let mut t = Raw::connect(proxy.port);
+                t.call(&["MULTI"]);
+                t.call(&["SET", &k, "v"]);
+                t.call(&["EXEC"])
+            });
+            match tx.as_deref() {
+                Ok("*1\r\n+OK\r\n") => "+OK\r\n".to_string(),
+                Ok(other) => other.to_string(),
+                Err(_) => {
+                    disconnected += 1;
+                    continue;
+                }
+            }
+        } else {
+            w.call(&["SET", &k, "v"])
+        };
+        if r == "+OK\r\n" {
+            ok.push(k);
+        } else {
+            errors.push(r);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for k in &ok {
+        assert_eq!(
+            w.call(&["GET", k]),
+            "$1\r\nv\r\n",
+            "{k} acknowledged, then lost"
+        );
+    }
+    // The dead node comes back (as a replica): the proxy has forgotten it.
+    c.restart(victim);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    std::thread::sleep(Duration::from_secs(3));
+    let back = proxy_conns(c, cluster::USER)
+        .into_iter()
+        .filter(|(p, _, _)| *p == victim)
+        .count();
+    eprintln!(
+        "kill -9 of a primary: {} SETs acknowledged, {} errors {:?}, {disconnected} transaction clients disconnected; {back} proxy connections on it once back",
+        ok.len(),
+        errors.len(),
+        errors
+    );
+    // At most the one SET in flight when the node died (it may or may not
+    // have run: said so, never retried).
+    let lost = errors
+        .iter()
+        .filter(|e| e.contains("may or may not"))
+        .count();
+    assert!(
+        lost <= 1 && errors.len() == lost,
+        "{} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    assert_eq!(
+        back, 0,
+        "the proxy still dials a node that left the topology"
+    );
 }

@@ -287,14 +287,17 @@ impl Cluster {
         }
     }
 
-    /// Every replica's link to its primary is up (a replica that never
-    /// synced does not take over when its primary dies).
+    /// Every primary has a replica and every replica's link to its primary
+    /// is up (a replica that never synced does not take over when its
+    /// primary dies; a restarted node takes a moment to become a replica).
     pub fn wait_replicas_synced(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = self.ports.iter().all(|&p| {
                 let info = self.cli(p, &["INFO", "replication"]);
-                info.contains("role:master") || info.contains("master_link_status:up")
+                // A primary with its replica, or a replica linked to its primary.
+                (info.contains("role:master") && !info.contains("connected_slaves:0"))
+                    || info.contains("master_link_status:up")
             });
             if ok {
                 return;

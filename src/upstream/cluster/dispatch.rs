@@ -33,6 +33,10 @@ pub const MAX_REDIRECTS: usize = 16;
 /// Time spent retrying `TRYAGAIN`/`CLUSTERDOWN` (and waiting for a slot owner)
 /// for one command before its last answer is given.
 pub const RETRY_BUDGET: Duration = Duration::from_secs(10);
+/// How long a keyed command whose node cannot be reached (the command was
+/// not written) waits for the cluster to name a new owner (a replica's
+/// promotion takes the node timeout and an election) before its error.
+pub const NODE_DOWN_HOLD: Duration = Duration::from_secs(15);
 
 type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
@@ -81,10 +85,20 @@ struct Links {
     cluster: Arc<Cluster>,
     proto: Proto,
     handles: HashMap<Node, Handle>,
+    /// The map `handles` was last pruned by: nodes that left it are let go
+    /// (their connections end with the last handle).
+    pruned: usize,
 }
 
 impl Links {
     fn get(&mut self, node: &Node) -> Handle {
+        let version = self.cluster.map_version();
+        if version != self.pruned {
+            self.pruned = version;
+            if let Some(m) = self.cluster.map() {
+                self.handles.retain(|n, _| m.nodes.contains(n));
+            }
+        }
         if let Some(h) = self.handles.get(node) {
             return h.clone();
         }
@@ -170,6 +184,7 @@ pub async fn run(
                 cluster: cluster.clone(),
                 proto,
                 handles: HashMap::new(),
+                pruned: 0,
             };
             (jobs_tx, links)
         });
@@ -392,6 +407,7 @@ async fn complete(
         cluster: cluster.clone(),
         proto,
         handles: HashMap::new(),
+        pruned: 0,
     };
     while let Some(job) = jobs.recv().await {
         let mut out = BytesMut::new();
@@ -466,11 +482,16 @@ async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent)
             ) {
                 cluster.stale();
             }
-            return sent
-                .cmds
-                .iter()
-                .map(|c| super::node_error(&e, sent.node.as_ref(), c.slot))
-                .collect();
+            let mut out = Vec::with_capacity(n);
+            for cmd in sent.cmds {
+                out.push(if cmd.slot.is_some() && super::node_unreachable(&e) {
+                    // Not written: wait for the slot's owner, as for a map without one.
+                    resolve(cluster, links, index, cmd, None, None).await
+                } else {
+                    super::node_error(&e, sent.node.as_ref(), cmd.slot)
+                });
+            }
+            return out;
         }
     };
     let mut out = Vec::with_capacity(n);
@@ -501,23 +522,44 @@ async fn resolve(
 ) -> Bytes {
     let start = Instant::now();
     let mut attempt = 0u32;
+    // The last "node unreachable" error while its slot is being taken over.
+    let mut held: Option<Bytes> = None;
     for _ in 0..MAX_REDIRECTS {
         let r = match reply.take() {
             Some(r) => r,
             None => {
-                // No owner for the slot (failover, resharding): wait for the map.
-                if start.elapsed() >= RETRY_BUDGET {
-                    return resp::error("CLUSTERDOWN Hash slot not served");
+                // No owner for the slot (failover, resharding), or its node
+                // cannot be reached: wait for the map.
+                let budget = if held.is_some() {
+                    NODE_DOWN_HOLD
+                } else {
+                    RETRY_BUDGET
+                };
+                if start.elapsed() >= budget {
+                    return held.unwrap_or_else(|| resp::error("CLUSTERDOWN Hash slot not served"));
                 }
                 attempt += 1;
                 cluster.stale();
-                tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2)).await;
-                node = cluster.node_for(cmd.slot, index);
+                // Back off, but go as soon as the map names another owner.
+                let was = node.take();
+                let until = (Instant::now() + crate::upstream::conn::backoff(attempt + 2))
+                    .min(start + budget);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    node = cluster.node_for(cmd.slot, index);
+                    if node != was || Instant::now() >= until {
+                        break;
+                    }
+                }
                 if node.is_none() {
                     continue;
                 }
                 match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
                     Ok(r) => r,
+                    Err(e) if cmd.slot.is_some() && super::node_unreachable(&e) => {
+                        held = Some(super::node_error(&e, node.as_ref(), cmd.slot));
+                        continue;
+                    }
                     Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
                 }
             }
@@ -543,6 +585,9 @@ async fn resolve(
             node = Some(to);
             match send_and_wait(links, node.clone(), bytes, count).await {
                 Ok(r) => reply = Some(r),
+                Err(e) if cmd.slot.is_some() && super::node_unreachable(&e) => {
+                    held = Some(super::node_error(&e, node.as_ref(), cmd.slot));
+                }
                 Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
             }
             continue;
@@ -559,13 +604,18 @@ async fn resolve(
             node = cluster.node_for(cmd.slot, index).or(node);
             match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
                 Ok(r) => reply = Some(r),
+                Err(e) if cmd.slot.is_some() && super::node_unreachable(&e) => {
+                    held = Some(super::node_error(&e, node.as_ref(), cmd.slot));
+                }
                 Err(e) => return super::node_error(&e, node.as_ref(), cmd.slot),
             }
             continue;
         }
         return r;
     }
-    reply.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: too many cluster redirections"))
+    reply
+        .or(held)
+        .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: too many cluster redirections"))
 }
 
 /// Send `bytes` (owing `count` replies) and return the last reply.

@@ -83,6 +83,8 @@ struct Virtual {
     tx_null: bool,
     /// A binding made now to this node is reached through `ASK`.
     ask_at: Option<Node>,
+    /// The node of the last binding (kept when its connection closes).
+    was_on: Option<Node>,
     spread: usize,
     /// The bound connection's server side, for CLIENT UNBLOCK.
     server: ServerRef,
@@ -130,6 +132,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         watch_lost: false,
         tx_null: false,
         ask_at: None,
+        was_on: None,
         spread: fastrand::usize(..1024),
         server: server.clone(),
         parked: Vec::new(),
@@ -387,7 +390,7 @@ impl Virtual {
                 Some(n) => n,
                 None => return Err(resp::error("CLUSTERDOWN Hash slot not served")),
             };
-            if let Err(e) = self.bind(node.clone()).await {
+            if let Err((e, node)) = self.bind_held(node, slot).await {
                 return Err(super::node_error(&e, Some(&node), slot));
             }
             // A new node's connection takes the client's modes first.
@@ -399,6 +402,47 @@ impl Virtual {
             }
         }
         Ok(self.send(frame).await)
+    }
+
+    /// [`bind`](Self::bind); when the node of `slot` cannot be reached,
+    /// wait (bounded, as the shared path does) for the cluster to name a
+    /// new owner and bind there.
+    async fn bind_held(
+        &mut self,
+        mut node: Node,
+        slot: Option<u16>,
+    ) -> Result<(), (UpstreamError, Node)> {
+        use super::dispatch::NODE_DOWN_HOLD;
+        let start = tokio::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match self.bind(node.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if slot.is_some()
+                        && super::node_unreachable(&e)
+                        && start.elapsed() < NODE_DOWN_HOLD =>
+                {
+                    attempt += 1;
+                    self.cluster.stale();
+                    let until = (tokio::time::Instant::now()
+                        + crate::upstream::conn::backoff(attempt + 2))
+                    .min(start + NODE_DOWN_HOLD);
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let now = self.cluster.node_for(slot, self.spread);
+                        if now.as_ref().is_some_and(|n| *n != node) {
+                            node = now.expect("checked");
+                            break;
+                        }
+                        if tokio::time::Instant::now() >= until {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => return Err((e, node)),
+            }
+        }
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
@@ -436,6 +480,7 @@ impl Virtual {
 
     /// Bind to `b`, and say which server connection that is (CLIENT UNBLOCK).
     fn stand_on(&mut self, mut b: Bound) {
+        self.was_on = Some(b.node.clone());
         b.asking = self.ask_at.as_ref() == Some(&b.node);
         self.server.set(b.pin.server.get().map(|s| ServerConn {
             id: s.id,

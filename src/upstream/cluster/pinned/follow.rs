@@ -63,8 +63,15 @@ impl Virtual {
             if !redirected(&reply) {
                 return reply;
             }
-            let Some(node) = self.bound.as_ref().map(|b| b.node.clone()) else {
-                return reply;
+            // The connection may have closed after the reply (a demoted
+            // primary): outside a transaction the command can still go on.
+            let node = match &self.bound {
+                Some(b) => b.node.clone(),
+                None if self.in_tx() => return reply,
+                None => match self.was_on.clone() {
+                    Some(n) => n,
+                    None => return reply,
+                },
             };
             let target: Target = match topology::parse_redirect(&reply, &node) {
                 Some((moved, s, to)) => {

@@ -14,6 +14,9 @@
 //! order, and a key that exists for the whole scan is returned at least once
 //! (duplicates are allowed, as Redis allows).
 //!
+//! A node that refuses `CLUSTER NODES` (an ACL without it) is taken at the
+//! proxy's map's word for its run, without the migration check.
+//!
 //! A node holding several runs is walked once per run (the price of not
 //! depending on node order); most caches hold one run per shard.
 
@@ -63,21 +66,33 @@ pub struct Step {
     pub node: Node,
     pub node_cursor: u64,
     pub cursor: Cursor,
+    /// The run as the proxy's map has it: used when the node does not
+    /// answer `CLUSTER NODES` (an ACL without it).
+    pub by_map: Own,
 }
 
 /// What to ask for `cursor`: the owner of its slot in the map now; `None`:
 /// no owner now (a failover in progress).
 pub fn step(map: &SlotMap, cursor: Cursor) -> Option<Step> {
+    let node = map.owner(cursor.slot)?;
+    let mut end = cursor.slot;
+    while end + 1 < SLOTS && map.owner(end + 1) == Some(node) {
+        end += 1;
+    }
     Some(Step {
-        node: map.owner(cursor.slot)?.clone(),
+        node: node.clone(),
         node_cursor: cursor.node,
         cursor,
+        by_map: Own {
+            ranges: vec![(cursor.slot, end)],
+            migrating: Vec::new(),
+        },
     })
 }
 
 /// What a node says of itself in `CLUSTER NODES`: slot ranges it owns
 /// (inclusive) and slots it is migrating away.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Own {
     pub ranges: Vec<(u16, u16)>,
     pub migrating: Vec<u16>,
@@ -142,9 +157,7 @@ pub fn reply(scan: &[u8], nodes: &[u8], step: &Step) -> (Bytes, bool) {
     if let Some(e) = first_error(&[scan]) {
         return (e, false);
     }
-    let Some(own) = parse_own(nodes) else {
-        return (bad("CLUSTER NODES"), false);
-    };
+    let own = parse_own(nodes).unwrap_or_else(|| step.by_map.clone());
     let from = step.cursor.slot;
     let again = |fp| Cursor {
         slot: from,
@@ -397,9 +410,26 @@ mod tests {
         assert!(reply(b"+OK\r\n", &nodes_reply(own), &s)
             .0
             .starts_with(b"-ERR"));
-        assert!(reply(&scan_reply("0", &[]), b"+OK\r\n", &s)
-            .0
-            .starts_with(b"-ERR"));
+        // CLUSTER NODES refused (an ACL without it): the map's run.
+        let s = step(
+            &map,
+            Cursor {
+                slot: 0,
+                fp: 0,
+                node: 0,
+            },
+        )
+        .unwrap();
+        let (r, stale) = reply(&scan_reply("0", &[]), b"-NOPERM no\r\n", &s);
+        assert!(!stale);
+        assert_eq!(
+            keys_of(&r).0,
+            Cursor {
+                slot: 8001,
+                fp: 0,
+                node: 0
+            }
+        );
         assert_eq!(&reply(b"-ERR x\r\n", b"", &s).0[..], b"-ERR x\r\n");
     }
 }

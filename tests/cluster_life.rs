@@ -285,6 +285,29 @@ fn redirections_are_followed_on_dedicated_connections() {
         note("EXEC", t.call(&["EXEC"]), "*2\r\n+OK\r\n:2\r\n");
         note("read back", w.call(&["GET", &key]), "$1\r\n2\r\n");
     }
+    // A command refused inside it (another slot) dooms the transaction,
+    // even when a later one is made again on the importing node.
+    note("MULTI", t.call(&["MULTI"]), "+OK\r\n");
+    let other = t.call(&["MSET", "{a}x", "1", "{b}y", "2"]);
+    if !other.starts_with("-CROSSSLOT") {
+        note("keys of two slots in MULTI", other, "-CROSSSLOT ...");
+    }
+    note(
+        "SET in MULTI",
+        t.call(&["SET", &k("d1"), "1"]),
+        "+QUEUED\r\n",
+    );
+    note(
+        "SET in MULTI",
+        t.call(&["SET", &k("d2"), "1"]),
+        "+QUEUED\r\n",
+    );
+    let exec = t.call(&["EXEC"]);
+    if !exec.starts_with("-EXECABORT") {
+        note("EXEC after a refusal", exec, "-EXECABORT ...");
+    }
+    note("nothing written", w.call(&["EXISTS", &k("d1")]), ":0\r\n");
+    note("nothing written", w.call(&["EXISTS", &k("d2")]), ":0\r\n");
     // WATCH, then a transaction on the watched key.
     note("WATCH", t.call(&["WATCH", &k("w")]), "+OK\r\n");
     note("MULTI", t.call(&["MULTI"]), "+OK\r\n");

@@ -238,9 +238,6 @@ impl Virtual {
             self.tx_null = true;
             return resp::ok();
         }
-        if self.in_multi && name != b"EXEC" && name != b"DISCARD" {
-            self.tx_log.push(frame.clone());
-        }
         match &name[..] {
             b"MULTI" if self.bound.is_none() => {
                 self.in_multi = true;
@@ -262,10 +259,20 @@ impl Virtual {
                 self.slot = Some(s);
             }
         }
+        // What the transaction is made of, should it be made again elsewhere.
+        let logged = self.in_multi && name != b"EXEC" && name != b"DISCARD";
+        if logged {
+            self.tx_log.push(frame.clone());
+        }
         let reply = match self.forward(frame.clone(), slot, None).await {
             Ok(r) => r,
             // No connection: the command did not reach the server.
-            Err(e) => return self.unsent(&name, e),
+            Err(e) => {
+                if logged {
+                    self.tx_log.pop();
+                }
+                return self.unsent(&name, e);
+            }
         };
         if mode && !reply.starts_with(b"-") {
             if self.modes.len() == MAX_MODES {

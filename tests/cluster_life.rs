@@ -742,3 +742,41 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
         "the proxy still dials a node that left the topology"
     );
 }
+
+/// Finding 7: PUBLISH counts the receivers as one Redis would, the proxy's
+/// own subscribers included, whichever node it went to (compared with a
+/// plain redis-server holding the same subscribers).
+#[test]
+fn publish_counts_every_receiver_like_one_redis() {
+    let _g = EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let plain = common::redis::PlainRedis::start();
+    let subscribe = |port: u16| {
+        let mut a = Raw::connect(port);
+        a.call(&["SUBSCRIBE", "pc:news"]);
+        let mut b = Raw::connect(port);
+        b.call(&["PSUBSCRIBE", "pc:*"]);
+        let mut d = Raw::connect(port);
+        d.call(&["SUBSCRIBE", "pc:news"]);
+        d.call(&["PSUBSCRIBE", "pc:n*"]);
+        d.call(&["PSUBSCRIBE", "other:*"]);
+        vec![a, b, d]
+    };
+    let _p = subscribe(proxy.port);
+    let _r = subscribe(plain.port);
+    let mut counts = Vec::new();
+    for i in 0..6 {
+        for ch in ["pc:news", "pc:sport", "nobody"] {
+            // A new client each time: spread over the dispatchers and nodes.
+            let mut p = Raw::connect(proxy.port);
+            let mut r = Raw::connect(plain.port);
+            let msg = format!("m{i}");
+            let want = r.call(&["PUBLISH", ch, &msg]);
+            let got = p.call(&["PUBLISH", ch, &msg]);
+            counts.push((ch, got.clone(), want.clone()));
+            assert_eq!(got, want, "PUBLISH {ch}");
+        }
+    }
+    eprintln!("PUBLISH counts (proxy, plain): {:?}", &counts[..3]);
+}

@@ -197,6 +197,12 @@ enum Op {
     },
     /// The client is gone.
     Gone { id: u64 },
+    /// Who a `PUBLISH` to `channel` on `node` reaches through the hub.
+    Receivers {
+        channel: Bytes,
+        node: String,
+        reply: oneshot::Sender<Receivers>,
+    },
     /// The upstream is a cluster with this slot map (each new one); `refresh`
     /// asks the cluster layer to read it again.
     Topology {
@@ -259,6 +265,17 @@ pub struct Hub {
     upstream: supervise::RedirectTarget,
 }
 
+/// What the hub adds to and takes from a node's `PUBLISH` count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receivers {
+    /// Local clients a message of the channel reaches (one per client
+    /// subscribed to it, one per client and matching pattern), as Redis counts.
+    pub local: usize,
+    /// The hub's own subscriptions on that node that match (the node counted
+    /// them as receivers).
+    pub upstream: usize,
+}
+
 /// The RESP2 client-side caching channel: `CLIENT TRACKING on REDIRECT <id>`
 /// sends invalidations there.
 pub const TRACKING_CHANNEL: &[u8] = b"__redis__:invalidate";
@@ -314,6 +331,20 @@ impl Hub {
     /// keyspace notifications are held on the primaries it names.
     pub fn topology(&self, map: Arc<SlotMap>, refresh: Arc<Notify>) {
         let _ = self.ops.send(Op::Topology { map, refresh });
+    }
+
+    /// Who a `PUBLISH` to `channel` sent to `node` (`host:port`) reaches
+    /// through the hub (`None`: the hub did not answer).
+    pub async fn receivers(&self, channel: Bytes, node: String) -> Option<Receivers> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Receivers {
+                channel,
+                node,
+                reply,
+            })
+            .ok()?;
+        rx.await.ok()
     }
 
     /// Where a RESP2 client's `CLIENT TRACKING on REDIRECT <local id>` must

@@ -47,6 +47,9 @@ use tracing::{info, warn};
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// The slot map is re-read this often even when nothing seems to change.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// How long the connections of a node that left the topology are kept for
+/// the commands in flight on them.
+const LEFT_GRACE: Duration = Duration::from_secs(5);
 /// Time allowed for one topology query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -419,8 +422,14 @@ impl Cluster {
                 self.nodes.lock().expect("not poisoned").retain(|n, (_, stop)| {
                     let keep = map.nodes.contains(n);
                     if !keep {
-                        info!(node = %n, "cluster node left the topology; its connections are closed");
-                        stop.cancel();
+                        info!(node = %n, "cluster node left the topology; its connections close in {}s", LEFT_GRACE.as_secs());
+                        // Commands in flight there (answered by MOVED, say)
+                        // finish first; then nothing redials it.
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(LEFT_GRACE).await;
+                            stop.cancel();
+                        });
                     }
                     keep
                 });

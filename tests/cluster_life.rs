@@ -1,12 +1,13 @@
 //! Clustered caches as a busy application uses them: many short clients,
-//! a limit reached, a slot migrating, a reshard under a SCAN. The proxy in
-//! front of the real six-node TLS cluster (one per test binary, shared).
-//! Tests that change the topology hold [`EXCLUSIVE`] for writing.
+//! a limit reached, a slot migrating, keyless commands. The proxy in front
+//! of the real six-node TLS cluster (one per test binary, shared). Tests that
+//! change the topology hold [`EXCLUSIVE`] for writing. Nodes dying and
+//! resharding under a SCAN: `tests/cluster_failures.rs`.
 
 mod common;
 
 use common::cluster::{self, proxy_env, Announce, Cluster};
-use common::cluster_load::proxy_conns;
+use common::cluster_ops::{owner_of, per_node, replica_of, spread, wait_primary, Migration};
 use common::proxy::{Proxy, Raw};
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -18,29 +19,6 @@ fn proxy_with(c: &Cluster, extra: &[(&str, &str)]) -> Proxy {
     let mut env = proxy_env(c);
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Proxy::start(&env)
-}
-
-/// The proxy's connections per node port now.
-fn per_node(c: &Cluster) -> HashMap<u16, usize> {
-    let mut m: HashMap<u16, usize> = c.ports.iter().map(|&p| (p, 0)).collect();
-    for (p, _, _) in proxy_conns(c, cluster::USER) {
-        *m.entry(p).or_default() += 1;
-    }
-    m
-}
-
-/// Run `f(i)` for `i in 0..n` on `threads` threads.
-fn spread(n: usize, threads: usize, f: impl Fn(usize) + Sync) {
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let f = &f;
-            s.spawn(move || {
-                for i in (t..n).step_by(threads) {
-                    f(i);
-                }
-            });
-        }
-    });
 }
 
 /// Finding 1: a dedicated connection goes back to its node (or is closed)
@@ -188,56 +166,6 @@ fn a_transaction_without_a_connection_aborts_and_reports_nothing_done() {
     assert_eq!(check.call(&["EXISTS", &keys[7]]), ":0\r\n");
 }
 
-/// The primary that owns `key`'s slot: the one that does not answer MOVED.
-pub fn owner_of(c: &Cluster, key: &str) -> u16 {
-    c.primaries()
-        .into_iter()
-        .find(|&p| !c.cli(p, &["EXISTS", key]).contains("MOVED"))
-        .expect("an owner")
-}
-
-fn node_id(c: &Cluster, port: u16) -> String {
-    c.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
-}
-
-/// A slot being moved from one primary to another with `CLUSTER SETSLOT`.
-struct Migration {
-    slot: String,
-    from: u16,
-    to: u16,
-}
-
-impl Migration {
-    /// Start moving `key`'s slot (holding no key yet) to another primary.
-    fn start(c: &Cluster, key: &str) -> Migration {
-        let slot = c
-            .cli(c.ports[0], &["CLUSTER", "KEYSLOT", key])
-            .trim()
-            .to_string();
-        let from = owner_of(c, key);
-        let to = c.primaries().into_iter().find(|&p| p != from).unwrap();
-        let (fid, tid) = (node_id(c, from), node_id(c, to));
-        let out = c.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &fid]);
-        assert_eq!(out.trim(), "OK", "{out}");
-        let out = c.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &tid]);
-        assert_eq!(out.trim(), "OK", "{out}");
-        Migration { slot, from, to }
-    }
-
-    /// Finish: the slot is the importing node's, told to every primary.
-    fn finish(&self, c: &Cluster) {
-        let tid = node_id(c, self.to);
-        for p in [self.to, self.from] {
-            let out = c.cli(p, &["CLUSTER", "SETSLOT", &self.slot, "NODE", &tid]);
-            assert_eq!(out.trim(), "OK", "{out}");
-        }
-        for p in c.primaries() {
-            c.cli(p, &["CLUSTER", "SETSLOT", &self.slot, "NODE", &tid]);
-        }
-        c.wait_converged();
-    }
-}
-
 /// Finding 4: with a slot migrating, commands on dedicated connections
 /// (blocking, transactions, WATCH, client modes) follow `ASK` (with
 /// `ASKING`) and `MOVED`; no redirection reaches the client.
@@ -352,33 +280,6 @@ fn redirections_are_followed_on_dedicated_connections() {
     assert!(seen.is_empty(), "{seen:#?}");
 }
 
-/// The TLS port of a replica of primary `port`.
-fn replica_of(c: &Cluster, port: u16) -> u16 {
-    let id = node_id(c, port);
-    let out = c.cli(port, &["CLUSTER", "REPLICAS", &id]);
-    let addr = out
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_else(|| panic!("no replica: {out}"));
-    let port = addr
-        .split(['@', ','])
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap();
-    port.parse().unwrap()
-}
-
-/// Wait until `port` says it is a primary (bounded).
-fn wait_primary(c: &Cluster, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !c.cli(port, &["ROLE"]).starts_with("master") {
-        assert!(Instant::now() < deadline, "{port} not promoted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Finding 4: a blocking wait whose primary fails over (`-UNBLOCKED` from
 /// the demoted node) is made again on the new primary, nothing consumed.
 #[test]
@@ -407,104 +308,6 @@ fn a_blocking_wait_survives_a_failover_of_its_node() {
         format!("*2\r\n${}\r\n{key}\r\n$5\r\nafter\r\n", key.len()),
         "BLPOP across the failover"
     );
-}
-
-/// Move `n` slots from one primary to another with `redis-cli --cluster reshard`.
-fn reshard(c: &Cluster, from: u16, to: u16, n: usize) {
-    let (fid, tid) = (node_id(c, from), node_id(c, to));
-    let out = c.cluster_cli(&[
-        "reshard",
-        &format!("127.0.0.1:{from}"),
-        "--cluster-from",
-        &fid,
-        "--cluster-to",
-        &tid,
-        "--cluster-slots",
-        &n.to_string(),
-        "--cluster-yes",
-        "--cluster-pipeline",
-        "20",
-    ]);
-    assert!(out.contains("Moving slot"), "reshard: {out}");
-}
-
-/// Finding 5: a SCAN with a small COUNT across resharding returns every key
-/// that existed for the whole scan (duplicates allowed).
-#[test]
-fn scan_across_a_reshard_returns_every_key() {
-    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
-    let c = cluster::shared(Announce::Ip);
-    let proxy = proxy_with(c, &[]);
-    let mut w = Raw::connect(proxy.port);
-    let keys: Vec<String> = (0..3000).map(|i| format!("scan:{i}")).collect();
-    for chunk in keys.chunks(500) {
-        for k in chunk {
-            w.send(&["SET", k, "v"]);
-        }
-        for _ in chunk {
-            assert_eq!(w.read(), b"+OK\r\n");
-        }
-    }
-    let primaries = c.primaries();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (seen, calls) = std::thread::scope(|s| {
-        s.spawn(|| {
-            // Slots move each way, so keys land on nodes scanned before and after.
-            reshard(c, primaries[2], primaries[0], 1000);
-            reshard(c, primaries[0], primaries[1], 2000);
-            reshard(c, primaries[1], primaries[2], 1000);
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        let mut r = Raw::connect(proxy.port);
-        let mut seen = std::collections::HashSet::new();
-        let mut calls = 0;
-        // SCANs, one after another, until one of them ran wholly after the
-        // resharding began and it ended (bounded).
-        for round in 0..20 {
-            let mut cursor = "0".to_string();
-            loop {
-                r.send(&["SCAN", &cursor, "MATCH", "scan:*", "COUNT", "5"]);
-                let reply = String::from_utf8(r.read()).unwrap();
-                assert!(reply.starts_with("*2\r\n"), "{reply}");
-                let lines: Vec<&str> = reply.split("\r\n").collect();
-                cursor = lines[2].to_string();
-                if round == 0 {
-                    seen.extend(lines[4..].iter().skip(1).step_by(2).map(|s| s.to_string()));
-                }
-                calls += 1;
-                std::thread::sleep(Duration::from_millis(5));
-                if cursor == "0" {
-                    break;
-                }
-            }
-            if done.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-        }
-        (seen, calls)
-    });
-    c.wait_converged();
-    let missing: Vec<&String> = keys.iter().filter(|k| !seen.contains(*k)).collect();
-    eprintln!(
-        "SCAN across a reshard: {} of {} keys seen by the first scan ({calls} calls in all), {} missing",
-        keys.len() - missing.len(),
-        keys.len(),
-        missing.len()
-    );
-    assert!(
-        missing.is_empty(),
-        "{} missing, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
-    for chunk in keys.chunks(500) {
-        for k in chunk {
-            w.send(&["DEL", k]);
-        }
-        for _ in chunk {
-            w.read();
-        }
-    }
 }
 
 /// Finding 7: keyless commands answer for the whole cache: RANDOMKEY from
@@ -568,179 +371,6 @@ fn keyless_commands_answer_for_the_whole_cache() {
         "{reply}"
     );
     c.wait_converged();
-}
-
-/// Finding 3: plain pub/sub does not go deaf when the configured host's node
-/// dies (kill -9): the subscriptions move to a live node (or the subscriber
-/// is disconnected to resubscribe); never silent.
-#[test]
-fn subscribers_keep_hearing_when_the_configured_node_dies() {
-    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
-    let c = cluster::shared(Announce::Ip);
-    let proxy = proxy_with(c, &[]);
-    let mut sub = Raw::connect(proxy.port);
-    assert!(sub.call(&["SUBSCRIBE", "life:news"]).ends_with(":1\r\n"));
-    let mut p = Raw::connect(proxy.port);
-    p.call(&["PUBLISH", "life:news", "before"]);
-    let m = String::from_utf8(sub.read()).unwrap();
-    assert!(m.contains("before"), "{m}");
-    let seed = c.ports[0];
-    c.wait_replicas_synced();
-    let pid = c.pid(seed);
-    c.signal(pid, libc::SIGKILL);
-    struct Back<'a>(&'a Cluster, u16);
-    impl Drop for Back<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                self.0.restart(self.1);
-            }
-        }
-    }
-    let _back = Back(c, seed);
-    // Publish until the subscriber hears one again (or is disconnected).
-    let start = Instant::now();
-    let mut heard = None;
-    let mut published = 0;
-    while start.elapsed() < Duration::from_secs(30) {
-        published += 1;
-        let r = p.call(&["PUBLISH", "life:news", &format!("after-{published}")]);
-        if published % 20 == 1 {
-            eprintln!("PUBLISH {published} at {:?}: {r:?}", start.elapsed());
-        }
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            sub.try_read(Duration::from_millis(200))
-        })) {
-            Ok(Some(m)) => {
-                heard = Some(String::from_utf8(m).unwrap());
-                break;
-            }
-            Ok(None) => {}
-            Err(_) => {
-                heard = Some("disconnected".into());
-                break;
-            }
-        }
-    }
-    let waited = start.elapsed();
-    c.restart(seed);
-    c.wait_converged();
-    c.wait_replicas_synced();
-    eprintln!(
-        "after kill -9 of the configured node: {heard:?} after {waited:?}, {published} PUBLISH sent"
-    );
-    let heard = heard.expect("the subscriber heard nothing for 30 s and stayed connected");
-    if heard != "disconnected" {
-        assert!(heard.contains("after-"), "{heard}");
-        // A new subscriber is accepted too.
-        let mut s2 = Raw::connect(proxy.port);
-        assert!(s2.call(&["SUBSCRIBE", "life:news2"]).ends_with(":1\r\n"));
-    }
-}
-
-/// Finding 6: kill -9 of a primary: commands for its slots wait for the
-/// promotion the cluster announces and go to the new owner (no error);
-/// the node that left is forgotten (not redialled when it comes back as a
-/// replica).
-#[test]
-fn commands_for_a_dead_primary_wait_for_its_replacement() {
-    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
-    let c = cluster::shared(Announce::Ip);
-    let proxy = proxy_with(c, &[]);
-    let mut w = Raw::connect(proxy.port);
-    // A key on a primary that is not the configured host.
-    let tag = (0..)
-        .map(|i| format!("hold{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
-    let victim = owner_of(c, &format!("{{{tag}}}"));
-    for i in 0..30 {
-        assert_eq!(w.call(&["SET", &format!("warm:{i}"), "1"]), "+OK\r\n");
-    }
-    c.wait_replicas_synced();
-    c.signal(c.pid(victim), libc::SIGKILL);
-    // Whatever happens below, the node comes back for the other tests.
-    struct Back<'a>(&'a Cluster, u16);
-    impl Drop for Back<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                self.0.restart(self.1);
-            }
-        }
-    }
-    let _back = Back(c, victim);
-    let mut disconnected = 0;
-    let start = Instant::now();
-    let (mut ok, mut errors) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while start.elapsed() < Duration::from_secs(12) {
-        let k = format!("{{{tag}}}k{i}");
-        i += 1;
-        let r = if i % 10 == 1 {
-            // A transaction too, on a dedicated connection. One that took a
-            // connection to the dead node just before the kill loses its
-            // state: the client is disconnected, never told it ran.
-            let tx = std::panic::catch_unwind(|| {
-                let mut t = Raw::connect(proxy.port);
-                t.call(&["MULTI"]);
-                t.call(&["SET", &k, "v"]);
-                t.call(&["EXEC"])
-            });
-            match tx.as_deref() {
-                Ok("*1\r\n+OK\r\n") => "+OK\r\n".to_string(),
-                Ok(other) => other.to_string(),
-                Err(_) => {
-                    disconnected += 1;
-                    continue;
-                }
-            }
-        } else {
-            w.call(&["SET", &k, "v"])
-        };
-        if r == "+OK\r\n" {
-            ok.push(k);
-        } else {
-            errors.push(r);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for k in &ok {
-        assert_eq!(
-            w.call(&["GET", k]),
-            "$1\r\nv\r\n",
-            "{k} acknowledged, then lost"
-        );
-    }
-    // The dead node comes back (as a replica): the proxy has forgotten it.
-    c.restart(victim);
-    c.wait_converged();
-    c.wait_replicas_synced();
-    std::thread::sleep(Duration::from_secs(3));
-    let back = proxy_conns(c, cluster::USER)
-        .into_iter()
-        .filter(|(p, _, _)| *p == victim)
-        .count();
-    eprintln!(
-        "kill -9 of a primary: {} SETs acknowledged, {} errors {:?}, {disconnected} transaction clients disconnected; {back} proxy connections on it once back",
-        ok.len(),
-        errors.len(),
-        errors
-    );
-    // At most the one SET in flight when the node died (it may or may not
-    // have run: said so, never retried).
-    let lost = errors
-        .iter()
-        .filter(|e| e.contains("may or may not"))
-        .count();
-    assert!(
-        lost <= 1 && errors.len() == lost,
-        "{} errors: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(3)]
-    );
-    assert_eq!(
-        back, 0,
-        "the proxy still dials a node that left the topology"
-    );
 }
 
 /// Finding 7: PUBLISH counts the receivers as one Redis would, the proxy's

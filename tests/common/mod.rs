@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod cluster_load;
+pub mod cluster_ops;
 pub mod differential;
 pub mod failover;
 pub mod failover_load;

@@ -44,6 +44,7 @@ use crate::write_queue::WriteQueue;
 mod blocking;
 mod face;
 mod local;
+mod lost;
 mod subscribe;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -278,6 +279,9 @@ pub async fn run<S>(
                 ctx.metrics.bytes_in.inc_by(n as u64);
             }
             Event::Closed => break,
+            // Issue 18: kept when what it had there can be answered
+            // clearly (an aborted MULTI, a failed WATCH); see session/lost.rs.
+            Event::Lost if session.pinned_lost() => {}
             Event::Lost => {
                 // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so

@@ -9,11 +9,14 @@
 //!   again (those that cannot have changed anything).
 //! - [`notices`]: Azure Cache for Redis's `AzureRedisEvents` notices read,
 //!   and what each one makes the proxy do.
+//! - [`pinned`]: dedicated connections through a drop: what the client's
+//!   session does, when a blocked command waits again, how long to dial.
 //! - [`pushes`]: Redis Enterprise's RESP3 maintenance pushes (`MOVING`,
 //!   `MIGRATING`, `FAILING_OVER`, ...) read, deduplicated, and their actions.
 
 pub mod hold;
 pub mod notices;
+pub mod pinned;
 pub mod pushes;
 pub mod retry;
 

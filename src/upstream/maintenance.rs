@@ -11,6 +11,8 @@
 //!   and what each one makes the proxy do.
 //! - [`pinned`]: dedicated connections through a drop: what the client's
 //!   session does, when a blocked command waits again, how long to dial.
+//! - [`resubscribe`]: the hub's subscriptions are made again before held
+//!   commands (its `PUBLISH`es) go out after a drop.
 //! - [`pushes`]: Redis Enterprise's RESP3 maintenance pushes (`MOVING`,
 //!   `MIGRATING`, `FAILING_OVER`, ...) read, deduplicated, and their actions.
 
@@ -18,6 +20,7 @@ pub mod hold;
 pub mod notices;
 pub mod pinned;
 pub mod pushes;
+pub mod resubscribe;
 pub mod retry;
 
 pub use hold::{

@@ -61,6 +61,9 @@ pub struct Connector {
     learning: std::sync::atomic::AtomicBool,
     /// Dials one cluster node found in the topology, not the configured endpoint.
     node: bool,
+    /// Closed while the pub/sub hub subscribes again on this endpoint; its
+    /// re-established shared connections wait for it (issue 18).
+    resub: Arc<super::maintenance::resubscribe::ResubGate>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -128,6 +131,7 @@ impl Connector {
             learned: Default::default(),
             learning: Default::default(),
             node: false,
+            resub: Default::default(),
         })
     }
 
@@ -164,7 +168,13 @@ impl Connector {
             learned,
             learning: Default::default(),
             node: true,
+            resub: Default::default(),
         }
+    }
+
+    /// The gate the pub/sub hub closes while it subscribes again here.
+    pub fn resubscribe_gate(&self) -> &Arc<super::maintenance::resubscribe::ResubGate> {
+        &self.resub
     }
 
     pub fn tokens(&self) -> &TokenWatch {

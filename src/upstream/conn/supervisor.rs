@@ -6,6 +6,7 @@
 
 use super::{backoff, fail, run_shared, ConnOpts, Maint, Request};
 use crate::resp::Proto;
+use crate::upstream::maintenance::resubscribe::RESUB_WAIT_MAX;
 use crate::upstream::maintenance::{
     self, hold_through, Dropped, HoldQueue, HOLD_MAX_BYTES, HOLD_MAX_COMMANDS, HOLD_RETRY,
 };
@@ -67,6 +68,18 @@ pub async fn supervise_shared(
         let Some(conn) = conn else { return };
         match conn {
             Ok(conn) => {
+                // The pub/sub hub is subscribing again after the same drop:
+                // what was held (PUBLISHes among it) waits for it, so that
+                // no subscriber misses a message published after the gap.
+                let gate = connector.resubscribe_gate().clone();
+                if ever_connected && gate.is_closed() {
+                    let waited = tokio::select! {
+                        w = held.wait(&mut rx, gate.wait_open(RESUB_WAIT_MAX)) => w,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let Some(waited) = waited else { return };
+                    info!(kind = opts.kind, ?waited, "waited for the pub/sub hub to subscribe again before sending held commands");
+                }
                 if attempt > 0 && ever_connected {
                     opts.metrics.upstream_reconnects.inc();
                     info!(

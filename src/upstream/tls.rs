@@ -64,6 +64,9 @@ pub struct Connector {
     /// Closed while the pub/sub hub subscribes again on this endpoint; its
     /// re-established shared connections wait for it (issue 18).
     resub: Arc<super::maintenance::resubscribe::ResubGate>,
+    /// Where a `MOVING` push said the endpoint went, until its ttl: new
+    /// connections dial there (issue 18: maintenance/moving.rs).
+    moved: std::sync::Mutex<Option<super::maintenance::moving::Moved>>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -132,6 +135,7 @@ impl Connector {
             learning: Default::default(),
             node: false,
             resub: Default::default(),
+            moved: Default::default(),
         })
     }
 
@@ -169,6 +173,26 @@ impl Connector {
             learning: Default::default(),
             node: true,
             resub: Default::default(),
+            moved: Default::default(),
+        }
+    }
+
+    /// A `MOVING` push named where the endpoint went: dial there until
+    /// `moved.until` (the TLS name checked stays the configured one).
+    pub fn set_moved(&self, moved: super::maintenance::moving::Moved) {
+        *self.moved.lock().expect("not poisoned") = Some(moved);
+    }
+
+    /// Where the next connection goes: (host, port, the address for errors).
+    fn dial_to(&self) -> (String, u16, String) {
+        let moved = self.moved.lock().expect("not poisoned");
+        match super::maintenance::moving::dial_target(moved.as_ref(), tokio::time::Instant::now()) {
+            Some((host, port)) => (
+                host.to_string(),
+                port,
+                format!("{host}:{port} (moved from {})", self.addr),
+            ),
+            None => (self.host.clone(), self.port, self.addr.clone()),
         }
     }
 
@@ -220,10 +244,11 @@ impl Connector {
                 }
             }
         };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let (host, port, addr) = self.dial_to();
+        let tcp = TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| UpstreamError::Connect {
-                addr: self.addr.clone(),
+                addr: addr.clone(),
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
@@ -232,7 +257,7 @@ impl Connector {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
-                addr: self.addr.clone(),
+                addr,
                 reason: e.to_string(),
             })?;
         let version: &[u8] = match proto {

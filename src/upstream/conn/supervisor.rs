@@ -57,12 +57,22 @@ pub async fn supervise_shared(
         opts: &opts,
     };
     let mut pending: VecDeque<Request> = VecDeque::new();
+    let spare = std::sync::Mutex::new(None);
     loop {
         if shutdown.is_cancelled() {
             break;
         }
+        // A connection dialled ahead to where a MOVING push said the
+        // endpoint went (make before break), else a new dial.
+        let ahead = spare.lock().expect("not poisoned").take();
+        let dial = async {
+            match ahead {
+                Some(c) => Ok(c),
+                None => connector.connect(proto).await,
+            }
+        };
         let conn = tokio::select! {
-            c = held.wait(&mut rx, connector.connect(proto)) => c,
+            c = held.wait(&mut rx, dial) => c,
             _ = shutdown.cancelled() => break,
         };
         let Some(conn) = conn else { return };
@@ -127,8 +137,19 @@ pub async fn supervise_shared(
                 };
                 let follow = async {
                     if let Some(rx) = pushes_rx {
-                        super::pushes::follow(rx, &mut dedup, maint.as_deref(), &opts.metrics)
-                            .await;
+                        let handover = super::pushes::Handover {
+                            connector: &connector,
+                            proto,
+                            spare: &spare,
+                        };
+                        super::pushes::follow(
+                            rx,
+                            &mut dedup,
+                            maint.as_deref(),
+                            &opts.metrics,
+                            Some(handover),
+                        )
+                        .await;
                     }
                     std::future::pending::<()>().await
                 };

@@ -2,14 +2,27 @@
 #
 #   docker build --build-arg VERSION=0.1.0 -t redis-entra-proxy:0.1.0 .
 #
-# Needs BuildKit (the default builder since Docker 23) for the cache mounts.
-# The build stage is Debian 12 (bookworm), like the runtime, so the binary links
-# against the same glibc it runs with.
+# Needs BuildKit (the default builder since Docker 23) or buildah for the cache
+# mounts. The build stage is Debian 12 (bookworm), like the runtime, so the binary
+# links against the same glibc it runs with. The base images are build arguments
+# (scripts/image-build.sh builds from local stand-ins where registries are out of
+# reach); the defaults are the images the release uses.
+ARG BUILD_IMAGE=rust:1.95.0-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
-FROM rust:1.95.0-slim-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
+# jemalloc (the allocator) builds its C sources with configure and make; the slim
+# image has a C compiler but no make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo reads every target the manifest names, even to build one binary.
+COPY examples/testpki.rs ./examples/testpki.rs
+COPY bench/load.rs ./bench/load.rs
+COPY benches/hot_path.rs ./benches/hot_path.rs
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/build/target,sharing=locked \
     cargo build --release --locked --bin redis-entra-proxy \
@@ -17,19 +30,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 # distroless/cc: glibc, libgcc and CA certificates (the system trust store that
 # rustls-native-certs reads); no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="redis-entra-proxy" \
       org.opencontainers.image.description="Plain RESP on localhost to Azure Redis over TLS with Microsoft Entra ID tokens" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT"
 COPY --from=build /out/redis-entra-proxy /usr/local/bin/redis-entra-proxy
-# The admin port is for kubelet probes and Prometheus, so it listens on all of the
-# container's addresses, IPv6 and IPv4 ("[::]" falls back to 0.0.0.0 where the
-# container has no IPv6); the Redis port stays on the loopbacks, 127.0.0.1 and ::1
-# (the proxy's default), unless listen.address and listen.password are set.
-ENV REDIS_ENTRA_PROXY_ADMIN__ENABLED=true \
-    REDIS_ENTRA_PROXY_ADMIN__ADDRESS="[::]:9090"
+# The image's own settings (admin server on, on [::]:9090 for kubelet and
+# Prometheus) are a defaults file, below the user's config file, environment and
+# flags: as ENV they would silently win over a mounted TOML.
+COPY deploy/container/image-defaults.toml /etc/redis-entra-proxy/image-defaults.toml
 # distroless "nonroot" (65532), numeric so that Kubernetes runAsNonRoot can verify it.
 USER 65532:65532
 EXPOSE 6379 9090
@@ -37,5 +48,5 @@ EXPOSE 6379 9090
 # It follows admin.readiness like any readiness probe: by default a usable token,
 # not a healthy cache connection.
 HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
-    CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]
-ENTRYPOINT ["/usr/local/bin/redis-entra-proxy"]
+    CMD ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml"]

@@ -9,7 +9,11 @@
 #      a memory limit that holds the most the limits.* it sets let clients make
 #      the proxy buffer), and its self-test (it catches the old 128Mi limit);
 #   4. systemd-analyze verify on deploy/systemd/redis-entra-proxy.service;
-#   5. cargo test --test deploy_files: the Dockerfile basics.
+#   5. cargo test --test deploy_files: the Dockerfile basics;
+#   6. scripts/image-build.sh: the image built with buildah (vfs, chroot) from
+#      stand-in base images, then `--version` and `check` run inside it (bounded:
+#      IMAGE_BUILD_TIMEOUT; SKIP_IMAGE_BUILD=1 leaves it out, e.g. on a laptop
+#      without root).
 # Tools go into a venv under target/ (pinned in scripts/deploy-requirements.txt).
 # Exits non-zero if anything failed, after running every check and naming each
 # failure.
@@ -89,10 +93,18 @@ fi
 step "cargo test --test deploy_files"
 cargo test --quiet --test deploy_files || fail "cargo test --test deploy_files"
 
+image="image build (buildah)"
+if [ "${SKIP_IMAGE_BUILD:-0}" = 1 ]; then
+    image="image build skipped (SKIP_IMAGE_BUILD=1)"
+else
+    step "scripts/image-build.sh"
+    scripts/image-build.sh || fail "scripts/image-build.sh"
+fi
+
 echo
 if [ ${#failed[@]} -gt 0 ]; then
     echo "deploy checks FAILED:"
     printf '  - %s\n' "${failed[@]}"
     exit 1
 fi
-echo "deploy checks passed: hadolint, kubernetes-validate (${K8S_VERSIONS[*]}), manifest checks, systemd unit, Dockerfile basics"
+echo "deploy checks passed: hadolint, kubernetes-validate (${K8S_VERSIONS[*]}), manifest checks, systemd unit, Dockerfile basics, $image"

@@ -18,8 +18,11 @@ PROXY_PORT="${PROXY_PORT:-6379}"
 ADMIN_PORT="${ADMIN_PORT:-9090}"
 STACK_AUTH="${STACK_AUTH:-entra}"
 TOKEN_LIFETIME="${TOKEN_LIFETIME:-15}"
-# Where cargo puts its builds.
+# Where cargo puts its builds. Everything the stack runs is built once, in the
+# release profile: the proxy and the two helper examples share its dependencies
+# (a debug build of the examples beside it doubled a first run's build time).
 target="${CARGO_TARGET_DIR:-target}"
+examples="$target/release/examples"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -78,7 +81,7 @@ direct_cli() {
 # The token-endpoint emulator for $TLS_PORT's server: tokens valid $2 seconds,
 # ACL users named "$1<generation>"; its IMDS endpoint URL ends up in $3.
 start_emulator() { # oid-prefix lifetime endpoint-file log
-  EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" "$target/debug/examples/token_emulator" \
+  EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" "$examples/token_emulator" \
     --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$2" \
     --oid-prefix "$1" --endpoint-file "$3" > "$4" 2>&1 &
   pids+=($!)
@@ -122,9 +125,8 @@ start_stack() {
   esac
   scripts/install-deps.sh >/dev/null
   rm -rf "$work"; mkdir -p "$work"
-  cargo build --release --quiet --bin redis-entra-proxy
-  cargo build --quiet --example testpki --example token_emulator
-  "$target/debug/examples/testpki" "$work/tls" >/dev/null
+  cargo build --release --quiet --bin redis-entra-proxy --example testpki --example token_emulator
+  "$examples/testpki" "$work/tls" >/dev/null
   for port in "$PROXY_PORT" "$TLS_PORT" "$ADMIN_PORT"; do
     if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
       echo "port $port is already in use (a local redis?): stop it and run again" >&2

@@ -14,6 +14,7 @@
 //! [`healthcheck`] is the client side: a tiny blocking GET for the container
 //! `HEALTHCHECK`, where there is no curl and no shell.
 
+use crate::acceptance::Acceptance;
 use crate::auth::{TokenState, TokenWatch};
 use crate::config::Readiness;
 use crate::metrics::Metrics;
@@ -73,6 +74,10 @@ pub struct Health {
     created: Instant,
     /// `admin.readiness`.
     mode: Readiness,
+    /// What the cache answered to the proxy's own AUTHs (`None`: not judged).
+    acceptance: Option<Arc<Acceptance>>,
+    /// `upstream.tls_insecure_skip_verify`: said in every `/readyz` answer.
+    insecure_tls: bool,
 }
 
 /// The answer to a probe: whether it passed and a short line saying why.
@@ -114,7 +119,22 @@ impl Health {
             last_ready: AtomicU8::new(0),
             created: Instant::now(),
             mode: Readiness::Credential,
+            acceptance: None,
+            insecure_tls: false,
         }
+    }
+
+    /// The upstream certificate is not verified: `/readyz` says so in every answer.
+    pub fn with_insecure_tls(mut self, insecure: bool) -> Self {
+        self.insecure_tls = insecure;
+        self
+    }
+
+    /// Readiness (beyond `listening`) also wants the cache to have accepted the
+    /// current credential (see [`Acceptance::judge`]).
+    pub fn with_acceptance(mut self, acceptance: Arc<Acceptance>) -> Self {
+        self.acceptance = Some(acceptance);
+        self
     }
 
     /// What readiness waits for (`admin.readiness`); [`Readiness::Credential`] unless set.
@@ -229,7 +249,12 @@ impl Health {
     /// least the margin of [`READY_TOKEN_MARGIN`] left, and at least one healthy
     /// upstream connection. Answered from held state only.
     pub fn readiness(&self, now: SystemTime) -> Check {
-        let check = self.judge_readiness(now);
+        let mut check = self.judge_readiness(now);
+        if self.insecure_tls {
+            check.message.push_str(
+                "; WARNING: the upstream certificate is NOT verified (upstream.tls_insecure_skip_verify)",
+            );
+        }
         let code = if check.ok { 1 } else { 2 };
         if self.last_ready.swap(code, Ordering::AcqRel) != code {
             if check.ok {
@@ -253,10 +278,16 @@ impl Health {
         }
         let state = self.token.borrow().clone();
         let received = self.note_generation(&state, now);
-        let token = match judge_credential(&state, received, now) {
+        let mut token = match judge_credential(&state, received, now) {
             Ok(line) => line,
             Err(why) => return Check::fail(format!("not ready: {why}")),
         };
+        if let (Some(acceptance), Some(current)) = (&self.acceptance, &state.current) {
+            match acceptance.judge(state.generation, &current.username) {
+                Ok(line) => token = format!("{token}, {line}"),
+                Err(why) => return Check::fail(format!("not ready: {token}, but {why}")),
+            }
+        }
         let healthy = match self.upstream_healthy() {
             1 => "1 healthy upstream connection".to_string(),
             n => format!("{n} healthy upstream connections"),
@@ -493,7 +524,7 @@ fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Respons
 
 /// `POST /quitquitquit`: start a graceful exit. Only from the same host: a peer
 /// address of exactly 127.0.0.1 or ::1, and no header saying a proxy forwarded the
-/// request. Any other loopback address is someone else's: a service mesh's
+/// request, and nothing a web browser adds (see [`from_a_browser`]). Any other loopback address is someone else's: a service mesh's
 /// sidecar hands inbound traffic from other pods to the app from 127.0.0.6
 /// (Istio), so "any loopback address" would let every pod of the mesh that can
 /// reach the admin port (open for kubelet and Prometheus) stop the proxy.
@@ -502,7 +533,7 @@ fn quit<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Response<F
         tracing::warn!(%peer, "admin: /quitquitquit refused: {why}");
         return text(
             StatusCode::FORBIDDEN,
-            format!("forbidden: /quitquitquit is accepted from this host only (127.0.0.1 or ::1): {why}"),
+            format!("forbidden: /quitquitquit is accepted from this host only (127.0.0.1 or ::1, not from a browser): {why}"),
         );
     }
     if state.quit.is_cancelled() {
@@ -530,6 +561,43 @@ fn same_host<B>(req: &Request<B>, peer: SocketAddr) -> Result<(), String> {
         return Err(format!(
             "the request was relayed by a proxy (header {name})"
         ));
+    }
+    from_a_browser(req)
+}
+
+/// Refuse what a web browser sends: a page open on this machine could otherwise
+/// stop the proxy with a cross-origin "simple" POST (no CORS preflight), whose
+/// peer address is 127.0.0.1. Browsers add `Origin` and `Sec-Fetch-*` to such
+/// requests and may only send the form content types without a preflight; a
+/// script or `curl -X POST` sends none of these.
+fn from_a_browser<B>(req: &Request<B>) -> Result<(), String> {
+    let headers = req.headers();
+    if let Some(name) = headers
+        .keys()
+        .find(|n| n.as_str() == "origin" || n.as_str().starts_with("sec-fetch-"))
+    {
+        return Err(format!(
+            "the request came from a web browser (header {name})"
+        ));
+    }
+    if let Some(ct) = headers.get(CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if matches!(
+            essence.as_str(),
+            "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
+        ) || ct.to_str().is_err()
+        {
+            return Err(format!(
+                "form content type {essence:?}, as a browser sends; send no body (curl -X POST)"
+            ));
+        }
     }
     Ok(())
 }

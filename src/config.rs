@@ -46,6 +46,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("upstream.ca_file", "none"),
     ("upstream.server_name", "upstream.host"),
     ("upstream.tls_insecure_skip_verify", "false"),
+    ("upstream.tls_insecure_send_credentials", "false"),
     ("upstream.connect_timeout", "10s"),
     ("upstream.reply_timeout", "30s"),
     ("upstream.keepalive", "60s"),
@@ -97,6 +98,61 @@ pub const KEYS: &[(&str, &str)] = &[
     ("shutdown.grace", "30s"),
     ("shutdown.min_delay", "0s"),
 ];
+
+/// The values each enum-valued key accepts (besides `log.level`, a filter: see
+/// [`check_log_level`]). Checked before deserializing, so that the error names them.
+pub const ENUM_VALUES: &[(&str, &[&str])] = &[
+    ("upstream.cluster", &["auto", "on", "off"]),
+    ("auth.source", &["entra", "static"]),
+    (
+        "auth.entra.credential",
+        &[
+            "auto",
+            "managed-identity",
+            "workload-identity",
+            "client-secret",
+            "client-certificate",
+            "azure-cli",
+            "azure-developer-cli",
+            "azd",
+            "developer-tools",
+        ],
+    ),
+    ("admin.readiness", &["listening", "credential", "upstream"]),
+    ("log.format", &["text", "json"]),
+];
+
+/// The level names `log.level` accepts, alone or as `target=level`.
+pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+
+/// `log.level`: a level name, or comma-separated directives `target=level` (a
+/// level alone among them sets the default). A bare word that is not a level is
+/// refused: tracing would read `warning` as "every level of the target
+/// `warning`", which silences everything else.
+pub fn check_log_level(filter: &str) -> Result<(), String> {
+    let accepted = || {
+        format!(
+            "expected one of {} (or target=level, ...)",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l.trim()));
+    if filter.trim().is_empty() {
+        return Err(format!("is empty: {}", accepted()));
+    }
+    for directive in filter.split(',') {
+        let level = match directive.rsplit_once('=') {
+            Some((_target, level)) => level,
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(format!("`{}` is not a level: {}", level.trim(), accepted()));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| format!("{e}: {}", accepted()))
+}
 
 /// Command-line flags for the common keys: (flag, key).
 pub const FLAGS: &[(&str, &str)] = &[
@@ -202,6 +258,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,
     pub tls_insecure_skip_verify: bool,
+    /// The second key `tls_insecure_skip_verify` needs: yes, send the credential
+    /// (token or password) to a server whose certificate is not verified.
+    pub tls_insecure_send_credentials: bool,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -408,6 +467,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             server_name: None,
             tls_insecure_skip_verify: false,
+            tls_insecure_send_credentials: false,
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(60),
@@ -492,6 +552,9 @@ impl Default for ShutdownConfig {
 /// Where a configuration comes from. `env` is passed in (tests give a map; `main`
 /// gives the process environment), never read here.
 pub struct Sources<'a> {
+    /// A TOML file of defaults, below everything else (`--defaults`: the container
+    /// image's own settings, which the user's file, environment and flags override).
+    pub defaults: Option<&'a Path>,
     pub file: Option<&'a Path>,
     pub env: HashMap<String, String>,
     /// (key, value) pairs from flags; they win over everything.
@@ -502,6 +565,13 @@ impl Config {
     /// Merge file, environment and flags, reject unknown keys, and validate.
     pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
+        if let Some(path) = sources.defaults {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
         if let Some(path) = sources.file {
             builder = builder.add_source(
                 config::File::from(path)
@@ -532,8 +602,18 @@ impl Config {
             source,
         })?;
         check_known_keys(&merged)?;
-        if let Some(path) = sources.file {
+        for path in sources.defaults.iter().chain(sources.file.iter()) {
             secrets::refuse_in_file(path)?;
+        }
+        for (key, values) in ENUM_VALUES {
+            if let Ok(v) = merged.get::<String>(key) {
+                if !values.contains(&v.as_str()) {
+                    return Err(invalid(
+                        key,
+                        format!("`{v}` is not one of {}", values.join(", ")),
+                    ));
+                }
+            }
         }
         let admin_address_set = merged.get::<String>("admin.address").is_ok();
         let admin_enabled_set = merged.get::<String>("admin.enabled").is_ok();
@@ -581,6 +661,16 @@ impl Config {
         {
             return Err(ConfigError::Missing("auth.static.password"));
         }
+        if self.upstream.tls_insecure_skip_verify && !self.upstream.tls_insecure_send_credentials {
+            return Err(invalid(
+                "upstream.tls_insecure_skip_verify",
+                format!(
+                    "the proxy would send its credential (an Entra token or a password) to a server whose \
+                     certificate is not verified, to anyone on the path; for a test, also set {} = true",
+                    describe_key("upstream.tls_insecure_send_credentials")
+                ),
+            ));
+        }
         if self.upstream.pool_size == 0 {
             return Err(invalid("upstream.pool_size", "must be at least 1"));
         }
@@ -609,12 +699,7 @@ impl Config {
         if self.auth.entra.attempt_timeout.is_zero() {
             return Err(invalid("auth.entra.attempt_timeout", "must be positive"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                "expected error, warn, info, debug, trace or a tracing filter",
-            ));
-        }
+        check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         Ok(())
     }
 
@@ -688,6 +773,7 @@ mod tests {
             std::fs::write(&path, text).unwrap();
         }
         Config::load(Sources {
+            defaults: None,
             file: file.map(|_| path.as_path()),
             env: env
                 .iter()
@@ -741,6 +827,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[upstream]\nhost = \"file\"\nport = 1\n").unwrap();
         let c = Config::load(Sources {
+            defaults: None,
             file: Some(&path),
             env: [(
                 "REDIS_ENTRA_PROXY_UPSTREAM__PORT".to_string(),
@@ -800,6 +887,111 @@ mod tests {
         );
     }
 
+    /// Every enum-valued key refuses a value it does not know and names the ones
+    /// it accepts; `log.level` too (`warning` once silenced every line).
+    #[test]
+    fn unknown_enum_values_name_the_accepted_ones() {
+        for (key, bad, accepted) in [
+            (
+                "log.level",
+                "warning",
+                "error, warn, info, debug, trace, off",
+            ),
+            (
+                "log.level",
+                "verbose",
+                "error, warn, info, debug, trace, off",
+            ),
+            (
+                "log.level",
+                "info,azure_core=loud",
+                "error, warn, info, debug, trace, off",
+            ),
+            ("log.format", "yaml", "text, json"),
+            ("auth.source", "magic", "entra, static"),
+            ("upstream.cluster", "yes", "auto, on, off"),
+            (
+                "admin.readiness",
+                "always",
+                "listening, credential, upstream",
+            ),
+            ("auth.entra.credential", "msi", "auto, managed-identity"),
+        ] {
+            let e = load(
+                &[
+                    ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                    (&env_name(key), bad),
+                ],
+                None,
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("`{key}`"))
+                    && e.contains(accepted)
+                    && e.contains(bad.rsplit('=').next().unwrap()),
+                "{key} = {bad}: {e}"
+            );
+        }
+        // Every value the list names is one the key takes.
+        for (key, values) in ENUM_VALUES {
+            for v in *values {
+                load(
+                    &[
+                        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                        ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD", "p"),
+                        (&env_name(key), v),
+                    ],
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{key} = {v}: {e}"));
+            }
+        }
+        for good in [
+            "warn",
+            "DEBUG",
+            "off",
+            "info,redis_entra_proxy=debug",
+            "trace",
+        ] {
+            load(
+                &[
+                    ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+                    ("REDIS_ENTRA_PROXY_LOG__LEVEL", good),
+                ],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    /// Sending a token (or password) to a server whose certificate is not verified
+    /// gives it to anyone on the path: one key is not enough to do that.
+    #[test]
+    fn insecure_tls_needs_a_second_key() {
+        let base = [
+            ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h"),
+            (
+                "REDIS_ENTRA_PROXY_UPSTREAM__TLS_INSECURE_SKIP_VERIFY",
+                "true",
+            ),
+        ];
+        let e = load(&base, None).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("`upstream.tls_insecure_skip_verify`")
+                && e.contains("upstream.tls_insecure_send_credentials"),
+            "{e}"
+        );
+        let mut both = base.to_vec();
+        both.push((
+            "REDIS_ENTRA_PROXY_UPSTREAM__TLS_INSECURE_SEND_CREDENTIALS",
+            "true",
+        ));
+        let c = load(&both, None).unwrap();
+        assert!(c.upstream.tls_insecure_skip_verify);
+    }
+
     #[test]
     fn non_loopback_listener_needs_password() {
         let base = [
@@ -852,6 +1044,7 @@ mod tests {
         )]
         .into();
         Config::load(Sources {
+            defaults: None,
             file: Some(Path::new(path)),
             env,
             overrides: vec![],

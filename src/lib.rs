@@ -6,8 +6,10 @@
 //! pinned `upstream::conn` -> `upstream::tls` to Azure and back, FIFO. `auth`
 //! publishes the credential every upstream connection AUTHs with.
 
+pub mod acceptance;
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod command;
 pub mod config;
 pub mod downstream;

@@ -24,49 +24,71 @@ struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
     /// TOML config file (optional when everything comes from the environment).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// listen.address
-    #[arg(long)]
+    /// TOML file of defaults, below the config file, the environment and the flags
+    /// (the container image passes its own: admin server on [::]:9090).
+    #[arg(long, value_name = "FILE", global = true)]
+    defaults: Option<PathBuf>,
+    /// Where clients connect: HOST:PORT, or a comma-separated list; `localhost`
+    /// is 127.0.0.1 and ::1; a non-loopback address needs listen.password
+    /// [env REDIS_ENTRA_PROXY_LISTEN__ADDRESS, TOML listen.address; default localhost:6379]
+    #[arg(long, value_name = "HOST:PORT")]
     listen_address: Option<String>,
-    /// listen.unix_socket
-    #[arg(long)]
+    /// Also listen on this Unix socket path (a live socket of another process
+    /// there stops the start) [env REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET, TOML listen.unix_socket]
+    #[arg(long, value_name = "PATH")]
     listen_unix_socket: Option<String>,
-    /// upstream.host
-    #[arg(long)]
+    /// The cache's host name, e.g. NAME.redis.cache.windows.net (required)
+    /// [env REDIS_ENTRA_PROXY_UPSTREAM__HOST, TOML upstream.host]
+    #[arg(long, value_name = "HOST")]
     upstream_host: Option<String>,
-    /// upstream.port
-    #[arg(long)]
+    /// The cache's TLS port: 6380 for Azure Cache for Redis, 10000 for Azure
+    /// Managed Redis [env REDIS_ENTRA_PROXY_UPSTREAM__PORT, TOML upstream.port; default 6380]
+    #[arg(long, value_name = "PORT")]
     upstream_port: Option<String>,
-    /// upstream.ca_file
-    #[arg(long)]
+    /// Extra PEM trust anchors for the cache's certificate (private CAs, tests)
+    /// [env REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE, TOML upstream.ca_file]
+    #[arg(long, value_name = "FILE")]
     upstream_ca_file: Option<String>,
-    /// upstream.server_name
-    #[arg(long)]
+    /// The name the cache's certificate must carry, when you connect through
+    /// another name (private endpoint IP, CNAME)
+    /// [env REDIS_ENTRA_PROXY_UPSTREAM__SERVER_NAME, TOML upstream.server_name]
+    #[arg(long, value_name = "NAME")]
     upstream_server_name: Option<String>,
-    /// auth.source (entra | static)
-    #[arg(long)]
+    /// Where the proxy's own credential comes from: entra (tokens) or static
+    /// (an access key) [env REDIS_ENTRA_PROXY_AUTH__SOURCE, TOML auth.source; default entra]
+    #[arg(long, value_name = "entra|static")]
     auth_source: Option<String>,
-    /// auth.username
-    #[arg(long)]
+    /// The username the proxy AUTHs as; by default each token's oid claim
+    /// [env REDIS_ENTRA_PROXY_AUTH__USERNAME, TOML auth.username]
+    #[arg(long, value_name = "NAME")]
     auth_username: Option<String>,
-    /// auth.entra.credential
-    #[arg(long)]
+    /// Which Entra credential to use: auto, managed-identity, workload-identity,
+    /// client-secret, client-certificate, azure-cli, azure-developer-cli, developer-tools
+    /// [env REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL, TOML auth.entra.credential; default auto]
+    #[arg(long, value_name = "KIND")]
     auth_entra_credential: Option<String>,
-    /// auth.entra.client_id
-    #[arg(long)]
+    /// The client (application) id of a user-assigned managed identity or an app
+    /// registration [env REDIS_ENTRA_PROXY_AUTH__ENTRA__CLIENT_ID, TOML auth.entra.client_id]
+    #[arg(long, value_name = "ID")]
     auth_entra_client_id: Option<String>,
-    /// admin.enabled
-    #[arg(long)]
+    /// Serve /startup, /livez, /readyz, /metrics and /quitquitquit (bare: true;
+    /// `=false` to turn it off)
+    /// [env REDIS_ENTRA_PROXY_ADMIN__ENABLED, TOML admin.enabled; default false]
+    #[arg(long, value_name = "true|false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     admin_enabled: Option<String>,
-    /// admin.address
-    #[arg(long)]
+    /// The admin server's address (needs admin.enabled)
+    /// [env REDIS_ENTRA_PROXY_ADMIN__ADDRESS, TOML admin.address; default 127.0.0.1:9090]
+    #[arg(long, value_name = "HOST:PORT")]
     admin_address: Option<String>,
-    /// log.format (text | json)
-    #[arg(long)]
+    /// Log line format on stderr: text or json
+    /// [env REDIS_ENTRA_PROXY_LOG__FORMAT, TOML log.format; default text]
+    #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
-    /// log.level
-    #[arg(long)]
+    /// How much to log: error, warn, info, debug, trace or off, or target=level
+    /// directives [env REDIS_ENTRA_PROXY_LOG__LEVEL, TOML log.level; default info]
+    #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
 }
 
@@ -79,6 +101,11 @@ enum Cmd {
         #[arg(default_value = "/readyz")]
         path: String,
     },
+    /// Will this configuration work? Obtain a token and show its claims, connect
+    /// (TLS version, certificate names), AUTH, HELLO, cluster or not, the commands
+    /// the proxy needs, one round trip: a line per step, a hint per failure; exit 0
+    /// only when all pass. Takes the same configuration as a run.
+    Check,
 }
 
 impl Args {
@@ -117,6 +144,7 @@ fn main() {
         }
     };
     let loaded = Config::load(Sources {
+        defaults: args.defaults.as_deref(),
         file: args.config.as_deref(),
         env: std::env::vars().collect(),
         overrides: args.overrides(),
@@ -149,6 +177,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(Cmd::Check) = &args.command {
+        let steps = rt.block_on(redis_entra_proxy::check::run(&cfg));
+        let report = format!(
+            "{}\n{}",
+            redis_entra_proxy::check::header(&cfg),
+            redis_entra_proxy::check::verdict::render(&steps)
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), report.as_bytes());
+        let code = if redis_entra_proxy::check::passed(&steps) {
+            0
+        } else {
+            1
+        };
+        exit(&log, code);
+    }
     let code = rt.block_on(run(cfg, log.clone()));
     exit(&log, code);
 }
@@ -186,7 +229,8 @@ async fn run(cfg: Config, log: LogSink) -> i32 {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
-    hangups.spawn(running.tokens.clone(), running.listen_password.clone());
+    let listen_password = running.listen_password.clone();
+    hangups.spawn(running.tokens.clone(), move || listen_password.reload());
     let systemd = redis_entra_proxy::systemd::Notifier::new(std::env::var("NOTIFY_SOCKET").ok());
     systemd.notify(&format!(
         "READY=1\nSTATUS=listening on {:?}",

@@ -3,6 +3,7 @@
 //! on `/metrics`. Hot-path counters are resolved once here, so recording is one
 //! atomic add with no label lookup.
 
+use crate::acceptance::{Acceptance, Refusal};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -65,6 +66,10 @@ pub struct Metrics {
     pub ready: Gauge,
     pub token_refreshes: Family<Labels, Counter>,
     pub reauths: Family<Labels, Counter>,
+    /// What the cache answered to the proxy's own AUTHs (rendered from it).
+    pub acceptance: Arc<Acceptance>,
+    /// 1 when `upstream.tls_insecure_skip_verify` is on.
+    pub tls_insecure: Gauge,
     /// Commands that waited for a shared connection being re-established
     /// and then went out on it.
     pub upstream_held: Counter,
@@ -197,6 +202,14 @@ impl Metrics {
             "Re-AUTHs of live upstream connections by outcome",
             reauths.clone(),
         );
+        let tls_insecure = Gauge::default();
+        registry.register(
+            "upstream_tls_insecure",
+            "1 when the upstream certificate is not verified (upstream.tls_insecure_skip_verify), else 0",
+            tls_insecure.clone(),
+        );
+        let acceptance = Arc::new(Acceptance::new());
+        registry.register_collector(Box::new(AcceptanceMetrics(acceptance.clone())));
         let upstream_held = Counter::default();
         registry.register(
             "upstream_held",
@@ -229,6 +242,8 @@ impl Metrics {
             maintenance_notices.clone(),
         );
         Metrics {
+            tls_insecure,
+            acceptance,
             registry,
             clients_current,
             clients_total,
@@ -365,6 +380,38 @@ impl Collector for TokenExpiry {
     }
 }
 
+/// `upstream_auth_refused_total{reason}` and `upstream_auth_accepted`, read
+/// from the shared [`Acceptance`] at each scrape.
+#[derive(Debug)]
+struct AcceptanceMetrics(Arc<Acceptance>);
+
+impl Collector for AcceptanceMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let refused = Family::<Labels, Counter>::default();
+        for kind in [Refusal::WrongPass, Refusal::NoPerm, Refusal::Other] {
+            refused
+                .get_or_create(&vec![("reason", kind.label())])
+                .inc_by(self.0.refused_total(kind));
+        }
+        let metric = encoder.encode_descriptor(
+            "upstream_auth_refused",
+            "The proxy's own AUTHs the cache refused, by reason (wrongpass: identity without access policy or wrong audience; noperm: policy too narrow)",
+            None,
+            refused.metric_type(),
+        )?;
+        refused.encode(metric)?;
+        let accepted: Gauge = Gauge::default();
+        accepted.set(i64::from(self.0.accepted_now()));
+        let metric = encoder.encode_descriptor(
+            "upstream_auth_accepted",
+            "1 while the cache's latest answer to the proxy's own AUTH is an acceptance, else 0",
+            None,
+            accepted.metric_type(),
+        )?;
+        accepted.encode(metric)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +439,27 @@ mod tests {
             text.contains("redis_entra_proxy_build_info{version=\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn auth_refusals_by_reason() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(
+            text.contains("\nredis_entra_proxy_upstream_auth_accepted 0\n"),
+            "{text}"
+        );
+        m.acceptance
+            .refused(1, "u", "WRONGPASS x", std::time::Instant::now());
+        let text = m.render();
+        assert!(
+            text.contains("redis_entra_proxy_upstream_auth_refused_total{reason=\"wrongpass\"} 1"),
+            "{text}"
+        );
+        m.acceptance.accepted(1, "u");
+        assert!(m
+            .render()
+            .contains("\nredis_entra_proxy_upstream_auth_accepted 1\n"));
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
+
+mod unix_socket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -77,7 +79,8 @@ pub struct Running {
     stop_accepting: CancellationToken,
     /// Cancels sessions and upstream connections.
     shutdown: CancellationToken,
-    unix_path: Option<std::path::PathBuf>,
+    /// The socket file we created, removed on exit if still ours.
+    unix_socket: Option<unix_socket::OwnedSocket>,
 }
 
 /// Bind the listeners, start the credential source and the upstream pool.
@@ -86,7 +89,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let connector = Arc::new(Connector::new(cfg, tokens.clone()).map_err(StartError::Config)?);
+    let connector = Arc::new(
+        Connector::new(cfg, tokens.clone())
+            .map_err(StartError::Config)?
+            .with_acceptance(metrics.acceptance.clone()),
+    );
     let addrs = cfg
         .listen_addrs()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -94,23 +101,22 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let tcp_addrs: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
     let tcp_addr = tcp_addrs[0];
     let unix = match &cfg.listen.unix_socket {
-        Some(path) => {
-            // A stale socket file from a previous run would make bind fail.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
-            }
-            Some(UnixListener::bind(path).map_err(|source| StartError::Bind {
-                what: path.display().to_string(),
-                key: "listen.unix_socket",
-                source,
-            })?)
-        }
+        Some(path) => Some(unix_socket::bind(path).map_err(|source| StartError::Bind {
+            what: path.display().to_string(),
+            key: "listen.unix_socket",
+            source,
+        })?),
         None => None,
     };
-    let health = Arc::new(Health::new(tokens.clone()).with_readiness(cfg.admin.readiness));
+    let health = Arc::new(
+        Health::new(tokens.clone())
+            .with_readiness(cfg.admin.readiness)
+            .with_acceptance(metrics.acceptance.clone())
+            .with_insecure_tls(cfg.upstream.tls_insecure_skip_verify),
+    );
+    metrics
+        .tls_insecure
+        .set(i64::from(cfg.upstream.tls_insecure_skip_verify));
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let mut admin_task = None;
@@ -194,7 +200,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             stop_accepting.clone(),
         ));
     }
-    if let Some(u) = unix {
+    let unix_socket = unix.as_ref().map(|(_, owned)| owned.clone());
+    if let Some((u, _)) = unix {
         tokio::spawn(downstream::serve(
             Listener::Unix(u),
             ctx.clone(),
@@ -232,7 +239,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         tracker,
         stop_accepting,
         shutdown,
-        unix_path: cfg.listen.unix_socket.clone(),
+        unix_socket,
     })
 }
 
@@ -308,8 +315,8 @@ impl Running {
         }
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
-        if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
+        if let Some(s) = &self.unix_socket {
+            s.remove();
         }
         info!("redis-entra-proxy stopped");
     }

@@ -127,14 +127,16 @@ impl Hangups {
     /// through `tokens`, which re-reads the secret files
     /// (`auth.static.password_file`, `auth.entra.client_secret_file`, the federated
     /// token file). SIGHUP never stops the proxy.
+    /// `reload` runs first on each SIGHUP (main passes the listener's password
+    /// file re-read), so this module needs nothing from `server`.
     pub fn spawn(
         mut self,
         tokens: crate::auth::TokenWatch,
-        listen_password: crate::server::ListenPassword,
+        reload: impl Fn() + Send + 'static,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
             while self.0.recv().await.is_some() {
-                listen_password.reload();
+                reload();
                 tokens.borrow().refresh.request();
                 tracing::info!(
                     "SIGHUP: re-reading the secret files and refreshing the upstream credential now"

@@ -56,6 +56,25 @@ fn dockerfile() -> Vec<Instruction> {
     parse(&text)
 }
 
+/// `FROM` arguments with `${NAME}` replaced by the default of the `ARG NAME=...`
+/// declared before the first `FROM` (the base images are build arguments).
+fn resolve_args(all: &[Instruction], text: &str) -> String {
+    let mut out = text.to_string();
+    for arg in all.iter().take_while(|i| i.keyword != "FROM") {
+        if arg.keyword != "ARG" {
+            continue;
+        }
+        if let Some((name, default)) = arg.args.split_once('=') {
+            out = out.replace(&format!("${{{name}}}"), default.trim_matches('"'));
+        }
+    }
+    assert!(
+        !out.contains("${"),
+        "no default for a build argument in `{text}`"
+    );
+    out
+}
+
 /// The instructions of the last stage (what the image is).
 fn final_stage(all: &[Instruction]) -> &[Instruction] {
     let start = all
@@ -107,7 +126,8 @@ fn base_images_are_pinned_and_never_latest() {
     let all = dockerfile();
     let mut stages: Vec<String> = Vec::new();
     for from in all.iter().filter(|i| i.keyword == "FROM") {
-        let w = words(&from.args);
+        let args = resolve_args(&all, &from.args);
+        let w = words(&args);
         let image = w[0];
         if let Some(alias) = w.iter().position(|x| x.eq_ignore_ascii_case("AS")) {
             stages.push(w[alias + 1].to_string());
@@ -134,7 +154,10 @@ fn base_images_are_pinned_and_never_latest() {
 #[test]
 fn build_image_matches_the_toolchain() {
     let all = dockerfile();
-    let first = &all.iter().find(|i| i.keyword == "FROM").unwrap().args;
+    let first = resolve_args(
+        &all,
+        &all.iter().find(|i| i.keyword == "FROM").unwrap().args,
+    );
     let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
         .arg("--version")
         .output()
@@ -241,7 +264,7 @@ fn labels_the_version_and_checks_health() {
     assert!(
         health
             .args
-            .contains(r#"CMD ["/usr/local/bin/redis-entra-proxy", "healthcheck"]"#),
+            .contains(r#"CMD ["/usr/local/bin/redis-entra-proxy", "--defaults", "/etc/redis-entra-proxy/image-defaults.toml", "healthcheck"]"#),
         "{}",
         health.args
     );
@@ -264,14 +287,15 @@ fn image_env(all: &[Instruction]) -> Vec<(String, String)> {
 }
 
 #[test]
-fn the_image_environment_is_a_valid_config_with_a_dual_stack_admin_port() {
-    let env = image_env(&dockerfile());
+fn the_image_settings_are_a_valid_config_with_a_dual_stack_admin_port() {
+    let (env, defaults) = image_sources(&dockerfile());
     let mut vars: std::collections::HashMap<String, String> = env.iter().cloned().collect();
     vars.insert(
         "REDIS_ENTRA_PROXY_UPSTREAM__HOST".into(),
         "cache.example".into(),
     );
     let cfg = Config::load(redis_entra_proxy::config::Sources {
+        defaults: defaults.as_deref(),
         file: None,
         env: vars,
         overrides: vec![],
@@ -283,4 +307,91 @@ fn the_image_environment_is_a_valid_config_with_a_dual_stack_admin_port() {
         cfg.listen_addr().unwrap(),
         "127.0.0.1:6379".parse().unwrap()
     );
+}
+
+/// The image's settings as the proxy sees them: its `ENV`, and the `--defaults`
+/// file its ENTRYPOINT names (mapped back to the repository file COPY put there).
+fn image_sources(all: &[Instruction]) -> (Vec<(String, String)>, Option<std::path::PathBuf>) {
+    let last = final_stage(all);
+    let entry = last
+        .iter()
+        .find(|i| i.keyword == "ENTRYPOINT")
+        .expect("an ENTRYPOINT");
+    let args: Vec<String> = entry
+        .args
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|a| a.trim().trim_matches('"').to_string())
+        .collect();
+    let defaults = args
+        .iter()
+        .position(|a| a == "--defaults")
+        .map(|i| args[i + 1].clone())
+        .map(|in_image| {
+            let copy = last
+                .iter()
+                .filter(|i| i.keyword == "COPY" && !i.args.contains("--from="))
+                .find(|i| words(&i.args).last() == Some(&in_image.as_str()))
+                .unwrap_or_else(|| panic!("no COPY puts {in_image} in the image"));
+            Path::new(ROOT).join(words(&copy.args)[0])
+        });
+    (image_env(all), defaults)
+}
+
+/// The image's defaults are defaults: `admin.enabled = false` (or another admin
+/// address) in the user's TOML wins over them. The image used to set them as
+/// `ENV`, which is above the file, so the TOML was silently ignored.
+#[test]
+fn a_toml_value_wins_over_the_image_defaults() {
+    let (env, defaults) = image_sources(&dockerfile());
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars: std::collections::HashMap<String, String> = env.into_iter().collect();
+    vars.insert(
+        "REDIS_ENTRA_PROXY_UPSTREAM__HOST".into(),
+        "cache.example".into(),
+    );
+    let load = |toml: &str| {
+        let path = dir.path().join("user.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(redis_entra_proxy::config::Sources {
+            defaults: defaults.as_deref(),
+            file: Some(&path),
+            env: vars.clone(),
+            overrides: vec![],
+        })
+        .unwrap()
+    };
+    let cfg = load("[admin]\nenabled = false\n");
+    assert!(!cfg.admin.enabled, "the image's defaults overrode the TOML");
+    let cfg = load("[admin]\nenabled = true\naddress = \"127.0.0.1:9191\"\n");
+    assert_eq!(cfg.admin.address, "127.0.0.1:9191".parse().unwrap());
+    // Without a word about admin, the image's defaults hold.
+    let cfg = load("");
+    assert!(cfg.admin.enabled);
+    assert_eq!(cfg.admin.address, "[::]:9090".parse().unwrap());
+}
+
+/// jemalloc (tikv-jemallocator, the global allocator) is built from C sources by
+/// its `configure` and `make`: the rust slim image has a C compiler but no
+/// `make`, so `docker build` failed. The build stage installs it. (The image
+/// build itself runs in scripts/check-deploy.sh.)
+#[test]
+fn the_build_stage_installs_what_jemalloc_needs() {
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    if !manifest.contains("tikv-jemallocator") {
+        return;
+    }
+    let all = dockerfile();
+    let build_stage_end = all
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .expect("a final FROM");
+    let installs_make = all[..build_stage_end].iter().any(|i| {
+        i.keyword == "RUN"
+            && i.args.contains("apt-get install")
+            && i.args
+                .split_whitespace()
+                .any(|w| w == "make" || w.starts_with("make="))
+    });
+    assert!(installs_make, "the build stage must apt-get install make");
 }

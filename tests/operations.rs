@@ -151,10 +151,11 @@ async fn sighup_refreshes_the_token_and_never_exits() {
         proxy.0.try_wait().unwrap().is_none(),
         "SIGHUP ended the proxy"
     );
-    let (status, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/readyz"))
+    // The token is fine (no cache here, so /readyz waits for the cache's AUTH).
+    let (_, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/readyz"))
         .await
         .unwrap();
-    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("token expires in"), "{body}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("SIGHUP: re-reading the secret files")
@@ -276,31 +277,27 @@ async fn reconnect_warnings_in_an_outage_are_rate_limited() {
     );
 }
 
-/// The image's `ENV` settings (the final stage's `NAME=value` pairs).
-fn image_env() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
-    let last = &text[text.rfind("\nFROM ").unwrap()..];
-    let joined = last.replace("\\\n", " ");
-    joined
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ENV "))
-        .flat_map(|args| {
-            args.split_whitespace()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            Some((k.to_string(), v.trim_matches('"').to_string()))
-        })
-        .collect()
+/// The image's defaults file (what its ENTRYPOINT passes with `--defaults`), with
+/// its admin port moved to `admin`, written into `dir`.
+fn image_defaults(dir: &std::path::Path, admin: u16) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/container/image-defaults.toml"
+    ))
+    .unwrap();
+    assert!(text.contains("\"[::]:9090\""), "{text}");
+    let path = dir.join("image-defaults.toml");
+    std::fs::write(&path, text.replace(":9090", &format!(":{admin}"))).unwrap();
+    path
 }
 
-/// What Docker would run as the image's HEALTHCHECK, with the image's environment
-/// (its admin port moved to a free one). The image cannot be built here (no
-/// Docker daemon), so its settings are exercised on the binary it ships.
-fn healthcheck(env: &[(String, String)]) -> Option<i32> {
+/// What Docker would run as the image's HEALTHCHECK, with the image's defaults
+/// (its admin port moved to a free one). The image is built by
+/// scripts/check-deploy.sh; here its settings are exercised on the binary it ships.
+fn healthcheck(defaults: &std::path::Path, env: &[(String, String)]) -> Option<i32> {
     Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("--defaults")
+        .arg(defaults)
         .arg("healthcheck")
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -311,29 +308,34 @@ fn healthcheck(env: &[(String, String)]) -> Option<i32> {
         .code()
 }
 
-/// The image's HEALTHCHECK follows `admin.readiness`: by default a proxy holding a
-/// token is healthy while the cache is unreachable (every pod would otherwise
-/// fail together); with `upstream` it is not.
+/// The image's HEALTHCHECK follows `admin.readiness`: with `listening`, a proxy is
+/// healthy while the cache is unreachable; by default (`credential`) not until the
+/// cache has accepted a token (tests/entra_readiness.rs: and then it stays healthy
+/// through a cache outage); with `upstream` not without a live connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_healthcheck_follows_the_readiness_setting() {
     let emu = TokenEmulator::start(EmulatorConfig::default()).await;
     let mut codes = Vec::new();
-    for readiness in [None, Some("upstream")] {
+    for readiness in [Some("listening"), None, Some("upstream")] {
         let (listen, admin) = (free_port(), free_port());
         let mut env = entra_env(&emu, listen, admin);
         env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
-        for (k, v) in image_env() {
-            env.push((k, v.replace(":9090", &format!(":{admin}"))));
-        }
-        assert!(
-            env.iter()
-                .any(|(k, v)| k == "REDIS_ENTRA_PROXY_ADMIN__ADDRESS" && v.starts_with("[::]")),
-            "{env:?}"
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let defaults = image_defaults(dir.path(), admin);
         if let Some(r) = readiness {
             env.push(("REDIS_ENTRA_PROXY_ADMIN__READINESS".into(), r.into()));
         }
-        let mut proxy = Reaper(spawn(&env, Stdio::null()));
+        let mut proxy = Reaper(
+            Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+                .arg("--defaults")
+                .arg(&defaults)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         wait_listening(&mut proxy.0, listen);
         // /startup passes once the first token is in.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -346,23 +348,23 @@ async fn the_image_healthcheck_follows_the_readiness_setting() {
             assert!(Instant::now() < deadline, "no first token");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let e = env.clone();
+        let (e, d) = (env.clone(), defaults.clone());
         codes.push(
-            tokio::task::spawn_blocking(move || healthcheck(&e))
+            tokio::task::spawn_blocking(move || healthcheck(&d, &e))
                 .await
                 .unwrap(),
         );
         drop(proxy);
-        let e = env.clone();
-        let gone = tokio::task::spawn_blocking(move || healthcheck(&e))
+        let (e, d) = (env.clone(), defaults.clone());
+        let gone = tokio::task::spawn_blocking(move || healthcheck(&d, &e))
             .await
             .unwrap();
         assert_eq!(gone, Some(1), "nothing listening is unhealthy");
     }
     assert_eq!(
         codes,
-        vec![Some(0), Some(1)],
-        "default: healthy; upstream: not"
+        vec![Some(0), Some(1), Some(1)],
+        "listening: healthy; default and upstream: not, with no cache to accept the token"
     );
 }
 
@@ -473,4 +475,151 @@ async fn sighup_rereads_the_clients_password_file() {
         proxy.0.try_wait().unwrap().is_none(),
         "SIGHUP ended the proxy"
     );
+}
+
+/// `listen.unix_socket` naming another service's live socket: the proxy refuses to
+/// start, and the other service keeps its socket (it used to be deleted and taken
+/// over, and removed on exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_unix_socket_of_another_process_is_never_taken_over() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("theirs.sock");
+    let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET".into(),
+        path.display().to_string(),
+    ));
+    let log = dir.path().join("proxy.log");
+    let mut child = Reaper(spawn(&env, std::fs::File::create(&log).unwrap().into()));
+    let status = wait_exit(&mut child.0, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the proxy started on another process's socket: {text}"
+    );
+    assert!(text.contains("another process"), "{text}");
+    // Theirs still: a client reaches their listener.
+    std::os::unix::net::UnixStream::connect(&path).unwrap();
+    theirs.accept().unwrap();
+}
+
+/// A stale socket file (its process died) is replaced; on exit the proxy removes
+/// its own socket file, and leaves alone one that another process put there since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unix_socket_is_replaced_and_only_our_own_is_removed() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.push((
+        "REDIS_ENTRA_PROXY_LISTEN__UNIX_SOCKET".into(),
+        path.display().to_string(),
+    ));
+    let mut child = Reaper(spawn(&env, Stdio::null()));
+    wait_listening(&mut child.0, listen);
+    std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // Another process takes the path over while the proxy runs (more than a tick
+    // of the file system's clock after the proxy made it: see OwnedSocket).
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).is_some());
+    assert!(
+        std::fs::symlink_metadata(&path).is_ok(),
+        "the proxy removed another process's socket file on exit"
+    );
+}
+
+/// Pointed at a port that does not speak TLS (a plaintext Redis, Azure's 6379), a
+/// client's command fails with an error that says so, instead of a timeout or a
+/// "cluster node ... reading the cluster topology" that hints at nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_port_is_named_as_such() {
+    let plain = common::redis::PlainRedis::start();
+    let env: Vec<(String, String)> = [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", plain.port.to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "3s".into()),
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "static".into()),
+        ("REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD", "unused".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let proxy = common::proxy::Proxy::start(&env);
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut c = common::proxy::Raw::connect(proxy.port);
+        let r = c.call(&["PING"]);
+        (r, proxy.log_text())
+    })
+    .await
+    .unwrap();
+    assert!(
+        reply.0.contains("did not speak TLS") && reply.0.contains("plaintext port?"),
+        "reply: {}\nlog: {}",
+        reply.0,
+        reply.1
+    );
+}
+
+/// `--help` says what each flag does, with its environment variable and TOML key
+/// (it used to give the key name only).
+#[test]
+fn help_describes_every_flag_with_its_env_and_toml_names() {
+    let out = Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+    let help: String = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for (flag, key) in redis_entra_proxy::config::FLAGS {
+        let env = redis_entra_proxy::config::env_name(key);
+        let at = help
+            .find(&format!("{flag} "))
+            .or_else(|| help.find(&format!("{flag}[")))
+            .unwrap_or_else(|| panic!("{flag} missing from --help: {help}"));
+        let entry = &help[at..];
+        let end = entry[flag.len()..]
+            .find(" --")
+            .map_or(entry.len(), |e| e + flag.len());
+        let entry = &entry[..end];
+        assert!(
+            entry.contains(&env) && entry.contains(&format!("TOML {key}")),
+            "{flag}: {entry}"
+        );
+        // A sentence, not just the key's name.
+        let words = entry.split_whitespace().count();
+        assert!(words >= 8, "{flag}: {entry}");
+    }
+}
+
+/// A boolean flag works bare: `--admin-enabled` (it used to need a value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boolean_flags_work_bare() {
+    let emu = TokenEmulator::start(EmulatorConfig::default()).await;
+    let (listen, admin) = (free_port(), free_port());
+    let mut env = entra_env(&emu, listen, admin);
+    env.retain(|(k, _)| !k.starts_with("REDIS_ENTRA_PROXY_ADMIN__"));
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"))
+            .args(["--admin-enabled", "--admin-address"])
+            .arg(format!("127.0.0.1:{admin}"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(&mut child.0, listen);
+    let (status, _) = tokio::task::spawn_blocking(move || http(admin, "GET", "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
 }

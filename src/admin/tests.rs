@@ -536,3 +536,57 @@ async fn quitquitquit_from_a_mesh_sidecar_address_is_refused() {
     assert!(r.quit.is_cancelled());
     r.shutdown.cancel();
 }
+
+/// A web page open on the same machine can make the browser POST to
+/// `127.0.0.1:9090/quitquitquit` (a "simple" cross-origin request needs no CORS
+/// preflight). Browsers mark such requests (`Origin`, `Sec-Fetch-*`) and can only
+/// send form content types without a preflight: each is refused. A plain
+/// `curl -X POST` still works.
+#[test]
+fn quitquitquit_refuses_what_a_browser_sends() {
+    let (_tx, rx) = watch::channel(TokenState::default());
+    let admin = AdminState {
+        health: Arc::new(Health::new(rx)),
+        metrics: Arc::new(Metrics::new()),
+        quit: CancellationToken::new(),
+    };
+    let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    for (name, value) in [
+        ("origin", "http://any.page"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "no-cors"),
+        ("content-type", "text/plain"),
+        ("content-type", "text/plain;charset=UTF-8"),
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("content-type", "Multipart/Form-Data; boundary=x"),
+    ] {
+        let req = Request::post("/quitquitquit")
+            .header(name, value)
+            .body(())
+            .unwrap();
+        let resp = respond(&admin, &req, local);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+        assert!(!admin.quit.is_cancelled(), "{name}: {value}");
+    }
+    let curl = Request::post("/quitquitquit")
+        .header("user-agent", "curl/8.0")
+        .header("accept", "*/*")
+        .body(())
+        .unwrap();
+    assert_eq!(respond(&admin, &curl, local).status(), StatusCode::OK);
+    assert!(admin.quit.is_cancelled());
+}
+
+/// With `upstream.tls_insecure_skip_verify` on, every `/readyz` answer says so.
+#[test]
+fn readiness_says_when_the_upstream_certificate_is_not_verified() {
+    let (_tx, rx) = watch::channel(TokenState::default());
+    let health = Health::new(rx)
+        .with_readiness(Readiness::Listening)
+        .with_insecure_tls(true);
+    health.set_listening();
+    let check = health.readiness(SystemTime::now());
+    assert!(check.ok);
+    assert!(check.message.contains("NOT verified"), "{}", check.message);
+}

@@ -11,7 +11,7 @@
 //! gets the developer tools at once and an Azure VM gets IMDS even with `az`
 //! installed.
 
-use super::entra::EntraEnv;
+use super::env::EntraEnv;
 use crate::config::{EntraConfig, EntraCredentialKind};
 use std::path::Path;
 
@@ -35,8 +35,8 @@ impl Facts {
     pub fn gather(env: &EntraEnv) -> Facts {
         let tag = std::fs::read_to_string(DMI_ASSET_TAG).unwrap_or_default();
         Facts {
-            az: super::entra::find_on_path("az", env.get("PATH")).is_some(),
-            azd: super::entra::find_on_path("azd", env.get("PATH")).is_some(),
+            az: super::env::find_on_path("az", env.get("PATH")).is_some(),
+            azd: super::env::find_on_path("azd", env.get("PATH")).is_some(),
             azure_vm: tag.trim() == AZURE_ASSET_TAG,
         }
     }

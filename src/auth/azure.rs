@@ -18,7 +18,7 @@
 //! it decided from agrees with the process for those.
 
 use super::cert::{Certificate, CertificateFile};
-use super::entra::EntraEnv;
+use super::env::EntraEnv;
 use super::http::{CrateTransport, Exchange, Rewrite};
 use super::rotator::{FetchError, FetchFuture, FetchedToken, TokenSource};
 use crate::secret::Secret;

@@ -1,9 +1,11 @@
 //! [`EntraEnv`]: the snapshot of environment variables the Entra sources
 //! ([`super::entra`], [`super::auto`], [`super::azure`]) decide from, taken once at
-//! start or handed in by tests.
+//! start or handed in by tests, and [`find_on_path`] (a program on its `PATH`). A
+//! leaf: the sources import it, it imports none of them.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// A snapshot of the environment variables the Entra sources read. Built once at
 /// start ([`EntraEnv::from_process`]) or from a map in tests. An empty value counts
@@ -58,4 +60,19 @@ impl fmt::Debug for EntraEnv {
         names.sort();
         f.debug_struct("EntraEnv").field("names", &names).finish()
     }
+}
+
+/// The first executable `name` in the directories of `path` (a `PATH` value).
+pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+    std::env::split_paths(path?)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }

@@ -128,6 +128,12 @@ impl Answer {
 
     /// The error this (non-success) answer maps to.
     pub fn error(&self) -> FetchError {
+        tracing::debug!(
+            status = self.status,
+            body_bytes = self.body.len(),
+            excerpt = %debug_excerpt(&self.body),
+            "token endpoint error body (excerpt)"
+        );
         classify(self.status, self.retry_after(), error_detail(&self.body))
     }
 }
@@ -197,28 +203,115 @@ pub fn classify(status: u16, retry_after: Option<Duration>, detail: String) -> F
     }
 }
 
-/// The useful part of an error body: Entra's `error`/`error_description`, App
-/// Service's `message`, or the text itself, shortened.
+/// The useful part of an error body, safe to show anywhere (client replies, logs,
+/// probe bodies): Entra's `error` code and `error_description`, or App Service's
+/// `message`, cleaned; never the raw body. A body that is not JSON is described
+/// by its size only: an endpoint (or something in front of it) that echoes the
+/// request would otherwise hand out its headers (App Service's
+/// `X-IDENTITY-HEADER`). A description that seems to quote a secret is withheld.
+/// The body itself goes to debug logs only, as [`debug_excerpt`].
 pub fn error_detail(body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let parts: Vec<String> = [
-            field("error"),
-            field("error_description"),
-            field("message").or_else(|| field("Message")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let code = field("error").map(|c| {
+            let is_code = !c.is_empty()
+                && c.len() <= 64
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if is_code {
+                c
+            } else {
+                "(error code withheld: not a code)".into()
+            }
+        });
+        let text = field("error_description")
+            .or_else(|| field("message"))
+            .or_else(|| field("Message"))
+            .map(|t| {
+                if quotes_a_secret(&t) {
+                    "(description withheld: it quotes the request or a credential)".into()
+                } else {
+                    t
+                }
+            });
+        let parts: Vec<String> = [code, text].into_iter().flatten().collect();
         if !parts.is_empty() {
             return shorten(&parts.join(": "));
         }
+        return format!("a {}-byte JSON body without an error field", body.len());
     }
-    let text = String::from_utf8_lossy(body);
-    if text.trim().is_empty() {
+    if body.iter().all(u8::is_ascii_whitespace) {
         "(empty body)".into()
     } else {
-        shorten(&text)
+        format!(
+            "a {}-byte body that is not JSON (not shown; see the debug log)",
+            body.len()
+        )
+    }
+}
+
+/// Words that mark a text quoting a request or a credential.
+const SECRET_MARKS: &[&str] = &[
+    "x-identity-header",
+    "authorization",
+    "bearer ",
+    "client_secret",
+    "client_assertion",
+    "secret=",
+    "password",
+    "eyj", // the start of a base64url JSON object: a JWT
+    "metadata: true",
+    "http/1.",
+];
+
+fn quotes_a_secret(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    SECRET_MARKS.iter().any(|m| lower.contains(m))
+}
+
+/// The most of an error body a debug log line shows.
+pub const MAX_EXCERPT: usize = 200;
+
+/// A bounded, header-free excerpt of an error body for debug logs: lines shaped
+/// like HTTP headers (`Name: value`) are dropped, and so is any line quoting a
+/// secret; at most [`MAX_EXCERPT`] characters.
+pub fn debug_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let kept: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !looks_like_a_header(l))
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            !SECRET_MARKS
+                .iter()
+                .filter(|m| **m != "http/1.")
+                .any(|m| lower.contains(m))
+        })
+        .collect();
+    let flat: String = kept
+        .join(" | ")
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= MAX_EXCERPT {
+        flat
+    } else {
+        let cut: String = flat.chars().take(MAX_EXCERPT).collect();
+        format!("{cut}...")
+    }
+}
+
+fn looks_like_a_header(line: &str) -> bool {
+    match line.split_once(':') {
+        Some((name, _)) => {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }
+        None => false,
     }
 }
 
@@ -427,7 +520,44 @@ mod tests {
         let long = "x".repeat(5000);
         assert!(error_detail(long.as_bytes()).len() < MAX_DETAIL + 10);
         assert_eq!(error_detail(b""), "(empty body)");
-        assert_eq!(error_detail(b"a\r\nb"), "a  b");
+        assert!(error_detail(b"a\r\nb").contains("4-byte body that is not JSON"));
+        let d = error_detail(br#"{"error":"a\r\nb"}"#);
+        assert!(d.contains("withheld"), "{d}");
+        let d = error_detail(br#"{"message":"line one\r\nline two"}"#);
+        assert_eq!(d, "line one  line two");
+    }
+
+    /// An endpoint (or something in front of it) that echoes the request put the
+    /// App Service identity header into the error, and from there into client
+    /// replies, logs and probe bodies. Only a known JSON error field, cleaned, ever
+    /// gets out; never the raw body.
+    #[test]
+    fn error_details_never_quote_the_raw_body() {
+        let echo = b"POST /msi/token?resource=x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-IDENTITY-HEADER: s3cr3t-identity\r\n\r\n";
+        let d = error_detail(echo);
+        assert!(!d.contains("s3cr3t") && !d.contains("X-IDENTITY"), "{d}");
+        assert!(d.contains("not JSON"), "{d}");
+        let html = b"<html><body>Bad gateway: upstream said Authorization: Bearer eyJabc.def.ghi</body></html>";
+        let d = error_detail(html);
+        assert!(!d.contains("eyJ") && !d.contains("Bearer"), "{d}");
+        // A JSON message that quotes the request is withheld too.
+        let d = error_detail(
+            br#"{"message":"bad request: headers were X-IDENTITY-HEADER: s3cr3t-identity"}"#,
+        );
+        assert!(!d.contains("s3cr3t"), "{d}");
+        let d = error_detail(
+            br#"{"error":"invalid_request","error_description":"client_secret=abc is wrong"}"#,
+        );
+        assert!(!d.contains("abc"), "{d}");
+        assert!(d.starts_with("invalid_request"), "{d}");
+        // An error code that is not a code is not repeated either.
+        let d = error_detail(br#"{"error":"Authorization: Bearer eyJx.y.z"}"#);
+        assert!(!d.contains("eyJ"), "{d}");
+        // The debug excerpt: bounded, header lines and secrets dropped.
+        let x = debug_excerpt(echo);
+        assert!(!x.contains("s3cr3t") && !x.contains("Host:"), "{x}");
+        assert!(x.contains("POST /msi/token"), "{x}");
+        assert!(debug_excerpt("y".repeat(10_000).as_bytes()).len() <= MAX_EXCERPT + 3);
     }
 
     #[test]

@@ -22,6 +22,56 @@ pub struct Claims {
     /// Issued at, Unix seconds.
     #[serde(default)]
     pub iat: Option<u64>,
+    /// Audience: a string, or a list of them (`check` shows and checks it).
+    #[serde(default)]
+    pub aud: Option<serde_json::Value>,
+    /// Tenant id.
+    #[serde(default)]
+    pub tid: Option<String>,
+    /// A user's sign-in name, when the identity is a user.
+    #[serde(default)]
+    pub upn: Option<String>,
+    /// The client (application) id the token was issued to.
+    #[serde(default)]
+    pub appid: Option<String>,
+}
+
+impl Claims {
+    /// The `aud` claim as a list (empty when absent).
+    pub fn audiences(&self) -> Vec<String> {
+        match &self.aud {
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The application id of Azure Cache for Redis: tokens for it may carry this as
+/// their `aud` instead of the URI.
+pub const REDIS_APP_ID: &str = "acca5fbb-b7e4-4009-81f1-37e38fd66d78";
+
+/// Whether `aud` names Azure Redis (`https://redis.azure.com`, a sovereign
+/// cloud's `https://redis.azure.*`, or the application id).
+pub fn is_redis_audience(aud: &str) -> bool {
+    let a = aud.trim_end_matches('/');
+    a == REDIS_APP_ID || a.to_ascii_lowercase().starts_with("https://redis.azure.")
+}
+
+/// What to say about a token's audience: `None` when it is Azure Redis's (or the
+/// token carries none to judge), else a warning naming the audience and the setting.
+pub fn audience_warning(claims: &Claims) -> Option<String> {
+    let aud = claims.audiences();
+    if aud.is_empty() || aud.iter().any(|a| is_redis_audience(a)) {
+        return None;
+    }
+    Some(format!(
+        "the token's audience is {}, not Azure Redis: the cache will refuse it (WRONGPASS); set auth.entra.scope to https://redis.azure.com/.default",
+        aud.join(" ")
+    ))
 }
 
 /// Why a token's claims could not be read. Never contains the token.
@@ -61,6 +111,20 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
             URL_SAFE_NO_PAD.encode(payload)
         )
+    }
+
+    #[test]
+    fn audiences_are_judged() {
+        let c = |aud: &str| claims(&token(&format!(r#"{{"oid":"o","aud":{aud}}}"#))).unwrap();
+        assert_eq!(audience_warning(&c(r#""https://redis.azure.com""#)), None);
+        assert_eq!(audience_warning(&c(&format!("\"{REDIS_APP_ID}\""))), None);
+        assert_eq!(
+            audience_warning(&c(r#"["x","https://redis.azure.com/"]"#)),
+            None
+        );
+        let w = audience_warning(&c(r#""https://management.azure.com""#)).unwrap();
+        assert!(w.contains("https://management.azure.com") && w.contains("auth.entra.scope"));
+        assert!(!is_redis_audience("https://management.azure.com"));
     }
 
     #[test]

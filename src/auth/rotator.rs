@@ -389,9 +389,14 @@ pub async fn run(
                 } else {
                     generation += 1;
                     let delay = refresh_in(lifetime, fastrand::f64());
+                    let claims = jwt::claims(cred.password.expose()).unwrap_or_default();
+                    if let Some(w) = jwt::audience_warning(&claims) {
+                        warn!(generation, "{w}");
+                    }
                     info!(
                         generation,
                         username = %cred.username,
+                        audience = %claims.audiences().join(" "),
                         expires_at = %cred.expires_at.map(fmt_time).unwrap_or_default(),
                         lifetime_s = lifetime.as_secs(),
                         refresh_in_s = delay.as_secs_f64(),

@@ -59,6 +59,8 @@ pub struct Connector {
     /// Set while one connection is asking: connections dialled at the same
     /// time (the shared slots at start) do not all fetch the table.
     learning: std::sync::atomic::AtomicBool,
+    /// Where each HELLO AUTH outcome is recorded (readiness, metrics, log).
+    acceptance: Arc<crate::acceptance::Acceptance>,
     /// Dials one cluster node found in the topology, not the configured endpoint.
     node: bool,
     /// Closed while the pub/sub hub subscribes again on this endpoint; its
@@ -133,10 +135,17 @@ impl Connector {
             last_hello: Default::default(),
             learned: Default::default(),
             learning: Default::default(),
+            acceptance: Default::default(),
             node: false,
             resub: Default::default(),
             moved: Default::default(),
         })
+    }
+
+    /// Record AUTH outcomes in `acceptance` (shared with readiness and metrics).
+    pub fn with_acceptance(mut self, acceptance: Arc<crate::acceptance::Acceptance>) -> Self {
+        self.acceptance = acceptance;
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -171,6 +180,7 @@ impl Connector {
             last_hello: Default::default(),
             learned,
             learning: Default::default(),
+            acceptance: self.acceptance.clone(),
             node: true,
             resub: Default::default(),
             moved: Default::default(),
@@ -218,17 +228,30 @@ impl Connector {
 
     /// Dial, handshake and authenticate one connection speaking `proto`.
     pub async fn connect(&self, proto: Proto) -> Result<Authed, UpstreamError> {
-        match tokio::time::timeout(self.connect_timeout, self.connect_inner(proto)).await {
+        let phase = std::sync::atomic::AtomicU8::new(PHASE_TCP);
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(proto, &phase)).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout {
                 addr: self.addr.clone(),
                 secs: self.connect_timeout.as_secs_f64(),
-                during: "connecting, TLS handshake and AUTH",
+                during: match phase.load(std::sync::atomic::Ordering::Acquire) {
+                    PHASE_TCP => "connecting (TCP)",
+                    // A plaintext Redis reads the ClientHello as the start of an
+                    // inline command and waits for its end: nothing comes back.
+                    PHASE_TLS => {
+                        "in the TLS handshake, with no TLS answer: the server did not speak TLS (plaintext port?)"
+                    }
+                    _ => "authenticating (HELLO AUTH)",
+                },
             }),
         }
     }
 
-    async fn connect_inner(&self, proto: Proto) -> Result<Authed, UpstreamError> {
+    async fn connect_inner(
+        &self,
+        proto: Proto,
+        phase: &std::sync::atomic::AtomicU8,
+    ) -> Result<Authed, UpstreamError> {
         let (cred, generation) = {
             let state = self.tokens.borrow();
             match state.usable(SystemTime::now()) {
@@ -252,14 +275,16 @@ impl Connector {
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
+        phase.store(PHASE_TLS, std::sync::atomic::Ordering::Release);
         let mut stream = self
             .tls
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
                 addr,
-                reason: e.to_string(),
+                reason: tls_reason(&e),
             })?;
+        phase.store(PHASE_AUTH, std::sync::atomic::Ordering::Release);
         let version: &[u8] = match proto {
             Proto::Resp2 => b"2",
             Proto::Resp3 => b"3",
@@ -281,11 +306,14 @@ impl Connector {
         let mut buf = BytesMut::with_capacity(4096);
         let reply = self.read_reply(&mut stream, &mut buf, "HELLO").await?;
         if let Some(text) = resp::error_text(&reply) {
+            self.acceptance
+                .refused(generation, &cred.username, &text, std::time::Instant::now());
             return Err(UpstreamError::Auth {
                 addr: self.addr.clone(),
                 reason: format!("{text} (as user `{}`)", cred.username),
             });
         }
+        self.acceptance.accepted(generation, &cred.username);
         use std::sync::atomic::Ordering;
         if self.learned.get().is_none()
             && self
@@ -314,6 +342,21 @@ impl Connector {
             leftover: buf,
             hello,
         })
+    }
+}
+
+const PHASE_TCP: u8 = 0;
+const PHASE_TLS: u8 = 1;
+const PHASE_AUTH: u8 = 2;
+
+/// A TLS handshake error, with a hint when the server answered with something
+/// that is not TLS at all (a plaintext Redis's `-ERR ...`).
+pub fn tls_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        format!("the server did not speak TLS (plaintext port?): {text}")
+    } else {
+        text
     }
 }
 
@@ -479,5 +522,23 @@ mod danger {
                 .signature_verification_algorithms
                 .supported_schemes()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_non_tls_answer_is_named() {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+        );
+        let r = super::tls_reason(&e);
+        assert!(r.contains("did not speak TLS (plaintext port?)"), "{r}");
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+        );
+        assert!(!super::tls_reason(&e).contains("plaintext"));
     }
 }

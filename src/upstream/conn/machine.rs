@@ -490,7 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         if let Some(head) = self.inflight.front() {
             if self.reply_deadline(head.written_at) <= now {
                 return Err(Err(UpstreamError::Timeout {
-                    addr: String::from("upstream"),
+                    addr: self.opts.addr.clone(),
                     secs: self.opts.reply_timeout.as_secs_f64(),
                     during: "waiting for a reply",
                 }));
@@ -574,8 +574,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         expires_at: Option<SystemTime>,
     ) -> Result<(), UpstreamError> {
         self.auth_inflight = false;
+        let user = {
+            let state = self.tokens.borrow();
+            match &state.current {
+                Some(c) if state.generation == generation => c.username.clone(),
+                _ => String::new(),
+            }
+        };
+        let acceptance = &self.opts.metrics.acceptance;
         match resp::error_text(reply) {
             None => {
+                acceptance.accepted(generation, &user);
                 self.generation = generation;
                 self.expires_at = expires_at;
                 self.publish_expiry();
@@ -587,6 +596,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 Ok(())
             }
             Some(reason) => {
+                acceptance.refused(generation, &user, &reason, std::time::Instant::now());
                 self.opts.metrics.reauth("failed");
                 warn!(kind = self.opts.kind, %reason, "re-AUTH refused; retiring the connection");
                 Err(UpstreamError::Auth {

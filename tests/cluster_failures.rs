@@ -191,7 +191,8 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
         let r = if i % 10 == 1 {
             // A transaction too, on a dedicated connection. One that took a
             // connection to the dead node just before the kill loses its
-            // state: the client is disconnected, never told it ran.
+            // state: EXEC answers EXECABORT (issue 18; a disconnect before),
+            // never told it ran, never half run.
             let tx = std::panic::catch_unwind(|| {
                 let mut t = Raw::connect(proxy.port);
                 t.call(&["MULTI"]);
@@ -200,6 +201,10 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
             });
             match tx.as_deref() {
                 Ok("*1\r\n+OK\r\n") => "+OK\r\n".to_string(),
+                Ok(other) if other.starts_with("-EXECABORT") => {
+                    disconnected += 1;
+                    continue;
+                }
                 Ok(other) => other.to_string(),
                 Err(_) => {
                     disconnected += 1;
@@ -233,7 +238,7 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
         .filter(|(p, _, _)| *p == victim)
         .count();
     eprintln!(
-        "kill -9 of a primary: {} SETs acknowledged, {} errors {:?}, {disconnected} transaction clients disconnected; {back} proxy connections on it once back",
+        "kill -9 of a primary: {} SETs acknowledged, {} errors {:?}, {disconnected} transactions aborted whole (EXECABORT or disconnected); {back} proxy connections on it once back",
         ok.len(),
         errors.len(),
         errors

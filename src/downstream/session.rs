@@ -49,6 +49,7 @@ mod blocking;
 mod commands;
 mod face;
 mod local;
+mod lost;
 mod subscribe;
 mod upstream;
 mod whole_tx;
@@ -290,6 +291,9 @@ pub async fn run<S>(
                 ctx.metrics.bytes_in.inc_by(n as u64);
             }
             Event::Closed => break,
+            // Issue 18: kept when what it had there can be answered
+            // clearly (an aborted MULTI, a failed WATCH); see session/lost.rs.
+            Event::Lost if session.pinned_lost() => {}
             Event::Lost => {
                 // Its transaction, database or client mode went with the
                 // connection: close, as a direct Redis connection would be, so

@@ -9,12 +9,20 @@
 //!   again (those that cannot have changed anything).
 //! - [`notices`]: Azure Cache for Redis's `AzureRedisEvents` notices read,
 //!   and what each one makes the proxy do.
+//! - [`pinned`]: dedicated connections through a drop: what the client's
+//!   session does, when a blocked command waits again, how long to dial.
+//! - [`resubscribe`]: the hub's subscriptions are made again before held
+//!   commands (its `PUBLISH`es) go out after a drop.
+//! - [`moving`]: where new connections go after a `MOVING` push.
 //! - [`pushes`]: Redis Enterprise's RESP3 maintenance pushes (`MOVING`,
 //!   `MIGRATING`, `FAILING_OVER`, ...) read, deduplicated, and their actions.
 
 pub mod hold;
+pub mod moving;
 pub mod notices;
+pub mod pinned;
 pub mod pushes;
+pub mod resubscribe;
 pub mod retry;
 
 pub use hold::{

@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod conn;
 pub mod maintenance;
+pub mod pinned_hold;
 pub mod policy;
 pub mod pool;
 pub mod pubsub;

@@ -259,7 +259,12 @@ impl Pool {
         self.warm[idx(proto)].wanted.notify_one();
         let conn = match warm {
             Some(c) => c,
-            None => self.connector.connect(proto).await?,
+            // Dialled again through a failover's gap, for at most
+            // upstream.hold (issue 18: see upstream/pinned_hold.rs).
+            None => {
+                super::pinned_hold::connect(&self.connector, proto, self.hold, &self.shutdown)
+                    .await?
+            }
         };
         let upstream_id = conn.server_id();
         let (tx, mut rx) = mpsc::channel::<Request>(1024);

@@ -63,6 +63,12 @@ pub struct Connector {
     acceptance: Arc<crate::acceptance::Acceptance>,
     /// Dials one cluster node found in the topology, not the configured endpoint.
     node: bool,
+    /// Closed while the pub/sub hub subscribes again on this endpoint; its
+    /// re-established shared connections wait for it (issue 18).
+    resub: Arc<super::maintenance::resubscribe::ResubGate>,
+    /// Where a `MOVING` push said the endpoint went, until its ttl: new
+    /// connections dial there (issue 18: maintenance/moving.rs).
+    moved: std::sync::Mutex<Option<super::maintenance::moving::Moved>>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -131,6 +137,8 @@ impl Connector {
             learning: Default::default(),
             acceptance: Default::default(),
             node: false,
+            resub: Default::default(),
+            moved: Default::default(),
         })
     }
 
@@ -174,7 +182,33 @@ impl Connector {
             learning: Default::default(),
             acceptance: self.acceptance.clone(),
             node: true,
+            resub: Default::default(),
+            moved: Default::default(),
         }
+    }
+
+    /// A `MOVING` push named where the endpoint went: dial there until
+    /// `moved.until` (the TLS name checked stays the configured one).
+    pub fn set_moved(&self, moved: super::maintenance::moving::Moved) {
+        *self.moved.lock().expect("not poisoned") = Some(moved);
+    }
+
+    /// Where the next connection goes: (host, port, the address for errors).
+    fn dial_to(&self) -> (String, u16, String) {
+        let moved = self.moved.lock().expect("not poisoned");
+        match super::maintenance::moving::dial_target(moved.as_ref(), tokio::time::Instant::now()) {
+            Some((host, port)) => (
+                host.to_string(),
+                port,
+                format!("{host}:{port} (moved from {})", self.addr),
+            ),
+            None => (self.host.clone(), self.port, self.addr.clone()),
+        }
+    }
+
+    /// The gate the pub/sub hub closes while it subscribes again here.
+    pub fn resubscribe_gate(&self) -> &Arc<super::maintenance::resubscribe::ResubGate> {
+        &self.resub
     }
 
     pub fn tokens(&self) -> &TokenWatch {
@@ -233,10 +267,11 @@ impl Connector {
                 }
             }
         };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let (host, port, addr) = self.dial_to();
+        let tcp = TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| UpstreamError::Connect {
-                addr: self.addr.clone(),
+                addr: addr.clone(),
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
@@ -246,7 +281,7 @@ impl Connector {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls {
-                addr: self.addr.clone(),
+                addr,
                 reason: tls_reason(&e),
             })?;
         phase.store(PHASE_AUTH, std::sync::atomic::Ordering::Release);

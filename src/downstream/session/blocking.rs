@@ -5,6 +5,7 @@
 //! an element.
 
 use super::*;
+use crate::upstream::maintenance::pinned::reissue_blocking;
 
 impl Session {
     /// A blocking command must not outlive the credential its connection is
@@ -16,7 +17,7 @@ impl Session {
     /// client sees only its own result or its own timeout.
     pub(super) async fn blocking(&mut self, name: &[u8], frame: Bytes, args: &[Bytes]) {
         let Some(p) = &self.st.pinned else { return };
-        let (tx, expiry) = (p.tx.clone(), p.expiry.clone());
+        let (mut tx, mut expiry) = (p.tx.clone(), p.expiry.clone());
         let pos = block_timeout_pos(name, args);
         let client_timeout = pos.and_then(|(i, ms)| {
             let v: f64 = std::str::from_utf8(args.get(i)?).ok()?.parse().ok()?;
@@ -94,7 +95,29 @@ impl Session {
             }
             let reply = match self.wait_blocking(reply_rx).await {
                 Ok(b) => b,
-                Err(e) => break e.to_reply(),
+                Err(e) => {
+                    // Issue 18: the connection dropped (failover, blip)
+                    // before any reply: wait again on a new one, for what is
+                    // left of the client's timeout (at least 1 ms, so the
+                    // server answers a timeout in the command's own form).
+                    let unblocked = self.reg.entry.unblock.load(Ordering::Acquire)
+                        != crate::downstream::clients::UNBLOCK_NONE;
+                    if !reissue_blocking(&e, self.client.gone, unblocked, self.st.needs_pin()) {
+                        break e.to_reply();
+                    }
+                    debug!(error = %e, "blocked command's connection lost before its reply; waiting again on a new one");
+                    self.st.pinned = None;
+                    if let Err(e) = self.ensure_pinned().await {
+                        break e.to_reply();
+                    }
+                    let Some(p) = &self.st.pinned else {
+                        break connection_ended().to_reply();
+                    };
+                    (tx, expiry) = (p.tx.clone(), p.expiry.clone());
+                    let server = p.server.clone();
+                    self.reg.entry.update(|s| s.blocked_on = Some(server));
+                    continue;
+                }
             };
             let timed_out = matches!(&reply[..], b"*-1\r\n" | b"$-1\r\n" | b"_\r\n");
             let client_done = !forever && start.elapsed() >= client_timeout;

@@ -6,6 +6,7 @@
 
 use super::{backoff, fail, run_shared, ConnOpts, Maint, Request};
 use crate::resp::Proto;
+use crate::upstream::maintenance::resubscribe::RESUB_WAIT_MAX;
 use crate::upstream::maintenance::{
     self, hold_through, Dropped, HoldQueue, HOLD_MAX_BYTES, HOLD_MAX_COMMANDS, HOLD_RETRY,
 };
@@ -56,17 +57,39 @@ pub async fn supervise_shared(
         opts: &opts,
     };
     let mut pending: VecDeque<Request> = VecDeque::new();
+    let spare = std::sync::Mutex::new(None);
     loop {
         if shutdown.is_cancelled() {
             break;
         }
+        // A connection dialled ahead to where a MOVING push said the
+        // endpoint went (make before break), else a new dial.
+        let ahead = spare.lock().expect("not poisoned").take();
+        let dial = async {
+            match ahead {
+                Some(c) => Ok(c),
+                None => connector.connect(proto).await,
+            }
+        };
         let conn = tokio::select! {
-            c = held.wait(&mut rx, connector.connect(proto)) => c,
+            c = held.wait(&mut rx, dial) => c,
             _ = shutdown.cancelled() => break,
         };
         let Some(conn) = conn else { return };
         match conn {
             Ok(conn) => {
+                // The pub/sub hub is subscribing again after the same drop:
+                // what was held (PUBLISHes among it) waits for it, so that
+                // no subscriber misses a message published after the gap.
+                let gate = connector.resubscribe_gate().clone();
+                if ever_connected && gate.is_closed() {
+                    let waited = tokio::select! {
+                        w = held.wait(&mut rx, gate.wait_open(RESUB_WAIT_MAX)) => w,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let Some(waited) = waited else { return };
+                    info!(kind = opts.kind, ?waited, "waited for the pub/sub hub to subscribe again before sending held commands");
+                }
                 if attempt > 0 && ever_connected {
                     opts.metrics.upstream_reconnects.inc();
                     info!(
@@ -114,8 +137,19 @@ pub async fn supervise_shared(
                 };
                 let follow = async {
                     if let Some(rx) = pushes_rx {
-                        super::pushes::follow(rx, &mut dedup, maint.as_deref(), &opts.metrics)
-                            .await;
+                        let handover = super::pushes::Handover {
+                            connector: &connector,
+                            proto,
+                            spare: &spare,
+                        };
+                        super::pushes::follow(
+                            rx,
+                            &mut dedup,
+                            maint.as_deref(),
+                            &opts.metrics,
+                            Some(handover),
+                        )
+                        .await;
                     }
                     std::future::pending::<()>().await
                 };

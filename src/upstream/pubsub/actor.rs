@@ -183,6 +183,8 @@ pub struct Actor {
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: Option<mpsc::UnboundedReceiver<Done>>,
+    /// The home connection's subscriptions being made again (issue 18).
+    resubscribing: crate::upstream::maintenance::resubscribe::Resubscribing,
 }
 
 impl Actor {
@@ -214,6 +216,7 @@ impl Actor {
             events_rx: Some(events_rx),
             done_tx,
             done_rx: Some(done_rx),
+            resubscribing: Default::default(),
         }
     }
 
@@ -241,12 +244,22 @@ impl Actor {
     }
 
     fn event(&mut self, ev: Event) {
+        // Issue 18: held PUBLISHes wait until the home connection's
+        // subscriptions are made again (see maintenance/resubscribe.rs).
+        if self.opts.resub.is_some() {
+            self.follow_resubscribe(&ev);
+        }
         match ev {
             Event::Connected {
                 conn,
                 epoch,
                 requests,
-            } => self.connected(conn, epoch, requests),
+            } => {
+                self.connected(conn, epoch, requests);
+                if conn == HOME && self.opts.resub.is_some() {
+                    self.resubscribe_sent();
+                }
+            }
             Event::Push { conn, epoch, frame } => {
                 if self.is_current(conn, epoch) {
                     self.push(conn, frame);
@@ -258,6 +271,46 @@ impl Actor {
                 }
             }
             Event::ConnectFailed { conn, error } => self.connect_failed(conn, error),
+        }
+    }
+
+    /// Keep the resubscribe gate: closed at a home connection's drop while
+    /// it held subscriptions, open once as many confirmations came in on
+    /// the next one as subscriptions were sent there.
+    fn follow_resubscribe(&mut self, ev: &Event) {
+        use crate::upstream::maintenance::resubscribe::is_subscribe_confirmation;
+        let closed = match ev {
+            Event::Lost { conn, epoch } if *conn == HOME && self.is_current(*conn, *epoch) => {
+                let held = self.select(|e| e.wanted() && e.state(HOME).is_some()).len();
+                self.resubscribing.lost(held)
+            }
+            Event::Connected { conn, .. } if *conn == HOME => {
+                // Counted once the connection's subscriptions are sent: see
+                // the end of `event`, which calls this again.
+                return;
+            }
+            Event::Push { conn, epoch, frame }
+                if *conn == HOME
+                    && self.is_current(*conn, *epoch)
+                    && is_subscribe_confirmation(frame) =>
+            {
+                self.resubscribing.confirmed()
+            }
+            _ => return,
+        };
+        if let Some(g) = &self.opts.resub {
+            g.set(closed);
+        }
+    }
+
+    /// After a home connection came up: the subscriptions sent on it.
+    fn resubscribe_sent(&mut self) {
+        let sent = self
+            .select(|e| e.state(HOME) == Some(Up::Subscribing))
+            .len();
+        let closed = self.resubscribing.connected(sent);
+        if let Some(g) = &self.opts.resub {
+            g.set(closed);
         }
     }
 

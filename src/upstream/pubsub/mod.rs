@@ -254,6 +254,9 @@ pub struct HubOpts {
     /// A SUBSCRIBE not confirmed upstream within this fails.
     pub op_timeout: Duration,
     pub addr: String,
+    /// Closed while the home connection's subscriptions are made again
+    /// after a drop (issue 18: upstream/maintenance/resubscribe.rs).
+    pub resub: Option<Arc<crate::upstream::maintenance::resubscribe::ResubGate>>,
 }
 
 /// The sessions' handle on the hub.
@@ -302,6 +305,7 @@ impl Hub {
             max_queued_bytes: cfg.limits.max_pubsub_queued_bytes,
             op_timeout: cfg.upstream.reply_timeout + cfg.upstream.connect_timeout,
             addr: connector.addr().to_string(),
+            resub: Some(connector.resubscribe_gate().clone()),
         };
         let upstream = Arc::new(std::sync::Mutex::new(None));
         let up = upstream.clone();

@@ -129,6 +129,11 @@ pub async fn supervise(
                 });
                 let wait = if no_credential {
                     Duration::from_secs(3600)
+                } else if had_one {
+                    // Issue 18: once it had a connection, dial as often as
+                    // the shared connections do (they wait for its
+                    // subscriptions before sending what they held).
+                    conn::backoff(attempt).min(crate::upstream::maintenance::HOLD_RETRY)
                 } else {
                     conn::backoff(attempt)
                 };

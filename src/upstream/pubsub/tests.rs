@@ -31,6 +31,7 @@ async fn hub(max_queued: usize) -> Fixture {
             max_queued_bytes: max_queued,
             op_timeout: Duration::from_secs(30),
             addr: "upstream:6380".into(),
+            resub: None,
         },
         metrics.clone(),
         starter,

@@ -7,8 +7,9 @@
 //! upstream connection and one back). Consecutive stateless commands from one
 //! read go upstream as one batch of raw bytes (no copy, no re-encoding). Before
 //! a client's commands move from one upstream connection to another (shared ->
-//! pinned and back), the session waits until every reply of the previous one
-//! has arrived, so they run in the order sent.
+//! pinned and back, a RESP2 and a RESP3 shared connection after HELLO or
+//! RESET, a cluster node's own), the session waits until every reply of the
+//! previous one has arrived, so they run in the order sent.
 //!
 //! Subscriptions go to the shared pub/sub hub ([`crate::upstream::pubsub`]),
 //! which queues the client's confirmations and messages on a channel of their
@@ -117,6 +118,9 @@ struct State {
     /// (see [`whole_tx`]).
     shared_plain: bool,
     last_target: Target,
+    /// The connection the client's last command upstream went on (see
+    /// `Session::same_connection`).
+    last_conn: Option<mpsc::WeakSender<Request>>,
     /// CLIENT REPLY: whether replies are written.
     reply_mode: ReplyMode,
     /// The transaction the client believes it is in (see [`Tx`]).
@@ -221,6 +225,7 @@ pub async fn run<S>(
             shared: None,
             shared_plain: false,
             last_target: Target::Shared,
+            last_conn: None,
             reply_mode: ReplyMode::On,
             tx: Tx::default(),
             redirect_lost: None,

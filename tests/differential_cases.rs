@@ -398,3 +398,39 @@ fn a_switch_of_connection_keeps_the_order_sent() {
         panic!("reply {i} to {:?}: want {w}, got {g}", label.get(i));
     }
 }
+
+/// Issue 19, finding 6: a RESP3 client publishing to a channel it is
+/// subscribed to (by name or by pattern) gets its `>message` (and
+/// `>pmessage`) pushes before the `:n` of its PUBLISH, as Redis sends them.
+/// (No UNSUBSCRIBE before a PUBLISH here: the count a PUBLISH answers is the
+/// hub's, documented apart.)
+#[test]
+fn a_resp3_client_hears_its_own_message_before_the_publish_reply() {
+    let (_redis, proxy, direct) = setup();
+    let mut lines = Vec::new();
+    for _ in 0..20 {
+        lines.extend(["PUBLISH ch hi", "PUBLISH other y", "PING"]);
+    }
+    same(
+        direct.port,
+        proxy.port,
+        &["HELLO 3", "SUBSCRIBE ch"],
+        &lines,
+    );
+    let mut lines = Vec::new();
+    for _ in 0..20 {
+        lines.extend([
+            "PUBLISH ch x",
+            "PUBLISH other y",
+            "PUBLISH cz w",
+            "SET k v",
+            "PUBLISH ch2 v",
+        ]);
+    }
+    same(
+        direct.port,
+        proxy.port,
+        &["HELLO 3", "SUBSCRIBE ch", "PSUBSCRIBE c*"],
+        &lines,
+    );
+}

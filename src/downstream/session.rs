@@ -27,7 +27,7 @@
 //! hub; the replies owed, in order and within their budgets, are in
 //! [`super::replies`].
 
-use super::replies::{connection_ended, Client, HubFeed, Out, COPY_BELOW};
+use super::replies::{connection_ended, Client, HubFeed, Out, OwnMessages, COPY_BELOW};
 
 /// Commands of one read sent upstream as one batch at most: their replies
 /// are handed back together, so this bounds what one piece can hold (with
@@ -50,6 +50,7 @@ mod blocking;
 mod commands;
 mod face;
 mod local;
+mod publish;
 mod subscribe;
 mod upstream;
 mod whole_tx;
@@ -108,6 +109,8 @@ struct State {
     /// channels + patterns, and shard channels.
     subs: usize,
     shard_subs: usize,
+    /// Their names, for a RESP3 client's own messages (see [`publish`]).
+    names: publish::Names,
     /// The hub's way to this client; made on its first pub/sub command.
     link: Option<Arc<Link>>,
     /// Number of the client's last pub/sub command.
@@ -195,6 +198,7 @@ pub async fn run<S>(
             io: Box::new(stream),
             owed: VecDeque::new(),
             waits: 0,
+            owns: 0,
             reply_size: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
@@ -219,6 +223,7 @@ pub async fn run<S>(
             sticky: false,
             subs: 0,
             shard_subs: 0,
+            names: publish::Names::default(),
             link: None,
             hub_seq: 0,
             pinned: None,
@@ -597,6 +602,7 @@ impl Session {
                 } else {
                     self.send_shared(frame, since).await;
                 }
+                self.await_own_messages(args);
             }
         }
         true

@@ -141,6 +141,7 @@ impl Session {
             count: replies,
             since,
             silent: self.silent,
+            own: None,
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;

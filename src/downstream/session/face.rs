@@ -91,6 +91,7 @@ impl Session {
         since: Instant,
         map: fn(Bytes) -> Bytes,
     ) {
+        self.same_connection(tx).await;
         let (up_tx, up_rx) = oneshot::channel();
         let req = Request {
             bytes: frame,

@@ -14,6 +14,16 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF`
+/// environment variable overrides them). By default jemalloc returns freed
+/// pages only when the process allocates again, 10 s after they were freed:
+/// an idle proxy kept the memory of its last burst. A background thread
+/// returns them while the proxy is idle, after 1 s (bench/MEMORY.md: after
+/// the unread-client burst, RSS back near its start).
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "redis-entra-proxy",

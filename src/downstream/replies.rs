@@ -30,10 +30,90 @@ pub(super) enum Out {
         since: Instant,
         /// CLIENT REPLY OFF/SKIP: the reply is taken and dropped.
         silent: bool,
+        /// A PUBLISH to a channel the client listens to itself: the reply
+        /// waits for the client's own messages (see [`OwnMessages`]).
+        own: Option<Box<OwnMessages>>,
     },
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
     Hub(u64),
+}
+
+/// How long the reply of a PUBLISH waits for the client's own messages
+/// before it is written anyway (the hub's connection may be down: then
+/// they are lost, as messages published in a gap are).
+const OWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A RESP3 client's PUBLISH (or SPUBLISH) to a channel it is subscribed to,
+/// by name or by pattern: Redis writes the client its own `message` and
+/// `pmessage` pushes before the reply, in the same event. Through the proxy
+/// they come over the hub's connection, the reply over another; the reply
+/// is held until the hub has delivered them (issue 19, finding 6).
+pub(super) struct OwnMessages {
+    channel: Bytes,
+    payload: Bytes,
+    /// Own messages still to come (one per name and matching pattern).
+    left: usize,
+    /// The reply, once it arrived.
+    reply: Option<Result<Bytes, UpstreamError>>,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl OwnMessages {
+    pub(super) fn new(channel: Bytes, payload: Bytes, expect: usize) -> Box<Self> {
+        Box::new(OwnMessages {
+            channel,
+            payload,
+            left: expect,
+            reply: None,
+            deadline: Box::pin(tokio::time::sleep(OWN_WAIT)),
+        })
+    }
+
+    /// Whether the hub frame is one of the messages waited for.
+    fn is_own(&self, frame: &[u8]) -> bool {
+        is_message_of(frame, &self.channel, &self.payload)
+    }
+
+    /// The reply said the message reached at least one receiver (an error,
+    /// or 0 receivers: nothing to wait for).
+    fn delivered(&self) -> bool {
+        match &self.reply {
+            Some(Ok(b)) => b.len() > 3 && b[0] == b':' && b[1] != b'0' && b[1] != b'-',
+            _ => false,
+        }
+    }
+}
+
+/// A message taken for writing: the first reply still waiting for such a
+/// message of its client's own counts it.
+fn count_own(owed: &mut VecDeque<Out>, frame: &[u8]) {
+    for o in owed.iter_mut() {
+        if let Out::Wait { own: Some(own), .. } = o {
+            if own.left > 0 && own.is_own(frame) {
+                own.left -= 1;
+                return;
+            }
+        }
+    }
+}
+
+/// A pub/sub message frame (`message`, `pmessage`, `smessage`, RESP2 or
+/// RESP3) carrying `payload` on `channel`: its last element is the payload,
+/// and the channel is one of its elements.
+pub(super) fn is_message_of(frame: &[u8], channel: &[u8], payload: &[u8]) -> bool {
+    let bulk = |b: &[u8]| {
+        let mut v = format!("${}\r\n", b.len()).into_bytes();
+        v.extend_from_slice(b);
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    let (ch, pl) = (bulk(channel), bulk(payload));
+    frame.len() >= pl.len() + ch.len()
+        && frame.ends_with(&pl)
+        && frame[..frame.len() - pl.len()]
+            .windows(ch.len())
+            .any(|w| w == &ch[..])
 }
 
 /// Stop reading a client that owes this many replies (it is not reading them).
@@ -62,6 +142,8 @@ pub(super) struct Client {
     pub(super) owed: VecDeque<Out>,
     /// `Out::Wait` entries in `owed`: replies still due from upstream.
     pub(super) waits: usize,
+    /// `Out::Wait` entries in `owed` waiting for the client's own messages.
+    pub(super) owns: usize,
     /// Recent size of one reply (0: none seen yet), for back-pressure.
     pub(super) reply_size: usize,
     pub(super) out: WriteQueue,
@@ -128,12 +210,24 @@ impl HubFeed {
         out: &mut WriteQueue,
         metrics: &Metrics,
     ) -> bool {
+        self.take_seen(cx, out, metrics, &mut |_| {})
+    }
+
+    /// [`Self::take_one`], showing each message frame taken to `seen`.
+    pub(super) fn take_seen(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut WriteQueue,
+        metrics: &Metrics,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> bool {
         if !self.open {
             return false;
         }
         let bytes = match self.rx.poll_recv(cx) {
             Poll::Ready(Some(ToClient::Message(b))) => {
                 self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+                seen(&b);
                 b
             }
             Poll::Ready(Some(ToClient::Reply { bytes, seq })) => {
@@ -282,10 +376,53 @@ impl Client {
                     count,
                     since,
                     silent,
+                    own,
                 } => {
-                    let res = match std::pin::Pin::new(rx).poll(cx) {
-                        Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
-                        Poll::Pending => break,
+                    let res = match own {
+                        None => match std::pin::Pin::new(rx).poll(cx) {
+                            Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
+                            Poll::Pending => break,
+                        },
+                        Some(own) => {
+                            if own.reply.is_none() {
+                                match std::pin::Pin::new(rx).poll(cx) {
+                                    Poll::Ready(r) => {
+                                        own.reply =
+                                            Some(r.unwrap_or_else(|_| Err(connection_ended())))
+                                    }
+                                    Poll::Pending => break,
+                                }
+                            }
+                            if own.delivered() {
+                                // The client's own messages first (and any
+                                // other message the hub has for it before them).
+                                while own.left > 0 {
+                                    let Some(hub) = self.hub.as_mut().filter(|h| h.open) else {
+                                        break;
+                                    };
+                                    if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
+                                        return true;
+                                    }
+                                    let mut mine = 0;
+                                    let took =
+                                        hub.take_seen(cx, &mut self.out, &self.metrics, &mut |f| {
+                                            if own.is_own(f) {
+                                                mine += 1;
+                                            }
+                                        });
+                                    own.left = own.left.saturating_sub(mine);
+                                    if !took && own.left > 0 {
+                                        if own.deadline.as_mut().poll(cx).is_ready() {
+                                            own.left = 0;
+                                        } else {
+                                            break 'owed;
+                                        }
+                                    }
+                                }
+                            }
+                            self.owns -= 1;
+                            own.reply.take().unwrap_or_else(|| Err(connection_ended()))
+                        }
                     };
                     self.owed_replies -= *count;
                     if let Ok(b) = &res {
@@ -362,14 +499,28 @@ impl Client {
                 Poll::Pending => break,
             }
         }
-        if let Some(hub) = &mut self.hub {
+        // A client's own messages go after the replies of the commands it
+        // sent before that PUBLISH: while one waits behind other replies,
+        // the hub's frames stay queued (its reply and theirs are in flight).
+        let held = self.owns > 0
+            && self
+                .owed
+                .iter()
+                .skip(1)
+                .any(|o| matches!(o, Out::Wait { own: Some(own), .. } if own.left > 0));
+        if let Some(hub) = self.hub.as_mut().filter(|_| !held) {
             // Messages (and confirmations) between whole replies, as long as
             // the client takes them.
             loop {
                 if self.out.queued_bytes() >= HUB_WRITE_AHEAD {
                     return true;
                 }
-                if !hub.take_one(cx, &mut self.out, &self.metrics) {
+                // A client's own messages may come before its PUBLISH's
+                // reply: counted now, not waited for later.
+                let owed = &mut self.owed;
+                if !hub.take_seen(cx, &mut self.out, &self.metrics, &mut |f| {
+                    count_own(owed, f)
+                }) {
                     break;
                 }
             }
@@ -382,5 +533,29 @@ impl Client {
 pub(super) fn connection_ended() -> UpstreamError {
     UpstreamError::Lost {
         reason: "the upstream connection ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_message_of;
+
+    #[test]
+    fn own_messages_are_recognised() {
+        let m3 = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        let m2 = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        let pm = b">4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        for f in [&m3[..], m2, pm] {
+            assert!(is_message_of(f, b"ch", b"hi"));
+            assert!(!is_message_of(f, b"ch", b"h"));
+            assert!(!is_message_of(f, b"c", b"hi"));
+            assert!(!is_message_of(f, b"other", b"hi"));
+        }
+        assert!(!is_message_of(b"", b"ch", b"hi"));
+        assert!(is_message_of(
+            b">3\r\n$7\r\nmessage\r\n$0\r\n\r\n$0\r\n\r\n",
+            b"",
+            b""
+        ));
     }
 }

@@ -7,8 +7,9 @@
 //! upstream connection and one back). Consecutive stateless commands from one
 //! read go upstream as one batch of raw bytes (no copy, no re-encoding). Before
 //! a client's commands move from one upstream connection to another (shared ->
-//! pinned and back), the session waits until every reply of the previous one
-//! has arrived, so they run in the order sent.
+//! pinned and back, a RESP2 and a RESP3 shared connection after HELLO or
+//! RESET, a cluster node's own), the session waits until every reply of the
+//! previous one has arrived, so they run in the order sent.
 //!
 //! Subscriptions go to the shared pub/sub hub ([`crate::upstream::pubsub`]),
 //! which queues the client's confirmations and messages on a channel of their
@@ -26,7 +27,7 @@
 //! hub; the replies owed, in order and within their budgets, are in
 //! [`super::replies`].
 
-use super::replies::{connection_ended, Client, HubFeed, Out, COPY_BELOW};
+use super::replies::{connection_ended, Client, HubFeed, Out, OwnMessages, COPY_BELOW};
 
 /// Commands of one read sent upstream as one batch at most: their replies
 /// are handed back together, so this bounds what one piece can hold (with
@@ -50,6 +51,7 @@ mod commands;
 mod face;
 mod local;
 mod lost;
+mod publish;
 mod subscribe;
 mod upstream;
 mod whole_tx;
@@ -108,6 +110,8 @@ struct State {
     /// channels + patterns, and shard channels.
     subs: usize,
     shard_subs: usize,
+    /// Their names, for a RESP3 client's own messages (see [`publish`]).
+    names: publish::Names,
     /// The hub's way to this client; made on its first pub/sub command.
     link: Option<Arc<Link>>,
     /// Number of the client's last pub/sub command.
@@ -118,6 +122,9 @@ struct State {
     /// (see [`whole_tx`]).
     shared_plain: bool,
     last_target: Target,
+    /// The connection the client's last command upstream went on (see
+    /// `Session::same_connection`).
+    last_conn: Option<mpsc::WeakSender<Request>>,
     /// CLIENT REPLY: whether replies are written.
     reply_mode: ReplyMode,
     /// The transaction the client believes it is in (see [`Tx`]).
@@ -192,6 +199,7 @@ pub async fn run<S>(
             io: Box::new(stream),
             owed: VecDeque::new(),
             waits: 0,
+            owns: 0,
             reply_size: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
@@ -216,12 +224,14 @@ pub async fn run<S>(
             sticky: false,
             subs: 0,
             shard_subs: 0,
+            names: publish::Names::default(),
             link: None,
             hub_seq: 0,
             pinned: None,
             shared: None,
             shared_plain: false,
             last_target: Target::Shared,
+            last_conn: None,
             reply_mode: ReplyMode::On,
             tx: Tx::default(),
             redirect_lost: None,
@@ -596,6 +606,7 @@ impl Session {
                 } else {
                     self.send_shared(frame, since).await;
                 }
+                self.await_own_messages(args);
             }
         }
         true

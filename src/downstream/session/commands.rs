@@ -86,7 +86,11 @@ impl Session {
                 && self.st.tx.doomed.is_none()
                 // RESP2 subscribed mode refuses most commands: see `handle`.
                 && !(self.st.proto == Proto::Resp2 && self.st.subscribed());
-            let batchable = class == Class::Shared && shared_ok;
+            // A RESP3 client's PUBLISH to its own channel goes alone: its
+            // reply waits for the client's own messages.
+            let batchable = class == Class::Shared
+                && shared_ok
+                && !(self.st.subscribed() && self.publishes_to_itself(frame, &cmd));
             let block = if class == Class::Pin(Pin::Transaction) && shared_ok {
                 self.whole_tx(&buf[batch_len..])
             } else {

@@ -91,6 +91,7 @@ impl Session {
         since: Instant,
         map: fn(Bytes) -> Bytes,
     ) {
+        self.same_connection(tx).await;
         let (up_tx, up_rx) = oneshot::channel();
         let req = Request {
             bytes: frame,
@@ -114,6 +115,7 @@ impl Session {
             count: 1,
             since,
             silent: self.silent,
+            own: None,
         });
         self.client.owed_replies += 1;
         self.client.waits += 1;

@@ -129,6 +129,7 @@ impl Session {
                     }
                     self.st.subs = 0;
                     self.st.shard_subs = 0;
+                    self.st.names.clear();
                 }
                 self.st.pinned = None;
                 self.st.in_multi = false;

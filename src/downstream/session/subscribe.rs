@@ -44,13 +44,18 @@ impl Session {
         let link = self.link();
         let hub = &self.ctx.hub;
         let res = if subscribe {
-            hub.subscribe(&link, self.st.proto, kind, names, seq).await
+            hub.subscribe(&link, self.st.proto, kind, names.clone(), seq)
+                .await
         } else {
-            hub.unsubscribe(&link, self.st.proto, kind, names, seq)
+            hub.unsubscribe(&link, self.st.proto, kind, names.clone(), seq)
                 .await
         };
         let item = match res {
             Ok(counts) => {
+                self.st.names.apply(kind, subscribe, &names);
+                if counts.total() == 0 {
+                    self.st.names.clear();
+                }
                 self.st.subs = counts.subs;
                 self.st.shard_subs = counts.shard;
                 Out::Hub(seq)

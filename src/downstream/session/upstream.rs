@@ -122,6 +122,7 @@ impl Session {
         in_multi_after: bool,
         since: Instant,
     ) {
+        self.same_connection(tx).await;
         let (reply_tx, reply_rx) = oneshot::channel();
         let req = Request {
             bytes,
@@ -140,9 +141,31 @@ impl Session {
             count: replies,
             since,
             silent: self.silent,
+            own: None,
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;
+    }
+
+    /// Before a command goes on another connection than the previous one
+    /// (any switch: shared and pinned, a RESP2 and a RESP3 shared
+    /// connection after HELLO or RESET, a cluster node's own), wait for the
+    /// replies still due: commands run in the order the client sent them.
+    /// (Only a weak reference to the last connection is kept: holding it
+    /// must not keep a released pinned connection open.)
+    pub(super) async fn same_connection(&mut self, tx: &mpsc::Sender<Request>) {
+        let moved = self
+            .st
+            .last_conn
+            .as_ref()
+            .is_some_and(|last| !last.upgrade().is_some_and(|l| l.same_channel(tx)));
+        if moved && self.client.waits > 0 {
+            self.settle(false).await;
+        }
+        if !moved && self.st.last_conn.is_some() {
+            return;
+        }
+        self.st.last_conn = Some(tx.downgrade());
     }
 
     /// Move this client's commands to `target`, waiting for the replies still

@@ -21,6 +21,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # Cargo reads every target the manifest names, even to build one binary.
 COPY examples/testpki.rs ./examples/testpki.rs
+COPY examples/failover_front.rs ./examples/failover_front.rs
 COPY bench/load.rs ./bench/load.rs
 COPY benches/hot_path.rs ./benches/hot_path.rs
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \

@@ -395,3 +395,48 @@ fn the_build_stage_installs_what_jemalloc_needs() {
     });
     assert!(installs_make, "the build stage must apt-get install make");
 }
+
+/// Cargo reads every target the manifest names, even to build one binary: each
+/// example, bench and extra binary source must be copied into the build stage.
+#[test]
+fn every_target_the_manifest_names_is_copied_into_the_build_stage() {
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap())
+            .unwrap();
+    let all = dockerfile();
+    let copied: Vec<String> = all
+        .iter()
+        .filter(|i| i.keyword == "COPY" && !i.args.contains("--from"))
+        .flat_map(|i| {
+            let w = words(&i.args);
+            w[..w.len().saturating_sub(1)]
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let covered = |path: &str| {
+        copied
+            .iter()
+            .any(|c| path == c || path.starts_with(&format!("{c}/")))
+    };
+    for (kind, dir) in [("example", "examples"), ("bench", "benches")] {
+        for target in manifest
+            .get(kind)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let name = target["name"].as_str().unwrap();
+            let path = target
+                .get("path")
+                .and_then(|p| p.as_str())
+                .map(String::from)
+                .unwrap_or_else(|| format!("{dir}/{name}.rs"));
+            assert!(
+                covered(&path),
+                "Cargo.toml names {kind} {name} at {path}, which the Dockerfile does not copy: the image build fails"
+            );
+        }
+    }
+}

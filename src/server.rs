@@ -87,12 +87,15 @@ pub struct Running {
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    // Before the credential source starts: its first token fetch is a span.
+    start_otel(cfg, &metrics, &shutdown)?;
     let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
         .map_err(|e| StartError::Config(e.to_string()))?;
     let connector = Arc::new(
         Connector::new(cfg, tokens.clone())
             .map_err(StartError::Config)?
-            .with_acceptance(metrics.acceptance.clone()),
+            .with_acceptance(metrics.acceptance.clone())
+            .with_otel(metrics.otel_handle()),
     );
     let addrs = cfg
         .listen_addrs()
@@ -296,6 +299,36 @@ async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
         }
         other => other,
     }
+}
+
+/// Start the OpenTelemetry exporter when `otel.enabled`.
+fn start_otel(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
+    let Some(settings) = cfg.otel.settings().map_err(StartError::Config)? else {
+        return Ok(());
+    };
+    info!(
+        metrics = %settings.metrics_url,
+        traces = %settings.traces_url,
+        interval_secs = settings.metrics_interval.as_secs_f64(),
+        sample_ratio = settings.trace_sample_ratio,
+        "OpenTelemetry export on (OTLP/HTTP JSON)"
+    );
+    let (telemetry, spans) = crate::otel::Telemetry::new(settings.trace_sample_ratio);
+    let telemetry = Arc::new(telemetry);
+    metrics.set_otel(telemetry.clone());
+    let m = metrics.clone();
+    tokio::spawn(crate::otel::export::run(
+        settings,
+        telemetry,
+        spans,
+        Box::new(move || m.render()),
+        shutdown.clone(),
+    ));
+    Ok(())
 }
 
 impl Running {

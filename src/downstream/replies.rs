@@ -30,6 +30,8 @@ pub(super) enum Out {
         since: Instant,
         /// CLIENT REPLY OFF/SKIP: the reply is taken and dropped.
         silent: bool,
+        /// The command name it is recorded under (OpenTelemetry).
+        op: crate::otel::ops::Op,
     },
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
@@ -221,6 +223,7 @@ impl Client {
                     count,
                     since,
                     silent,
+                    op,
                 } => {
                     let res = match std::pin::Pin::new(rx).poll(cx) {
                         Poll::Ready(r) => r.unwrap_or_else(|_| Err(connection_ended())),
@@ -233,9 +236,15 @@ impl Client {
                         continue;
                     }
                     self.waits -= 1;
-                    self.metrics
-                        .command_latency
-                        .observe(since.elapsed().as_secs_f64());
+                    let elapsed = since.elapsed();
+                    self.metrics.command_latency.observe(elapsed.as_secs_f64());
+                    if let Some(otel) = self.metrics.otel() {
+                        let failed = match &res {
+                            Ok(b) => *count == 1 && b.first() == Some(&b'-'),
+                            Err(_) => true,
+                        };
+                        otel.command_done(*op, *count, elapsed, failed);
+                    }
                     match res {
                         Ok(b) => b,
                         Err(e) => {

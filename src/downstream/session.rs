@@ -31,6 +31,7 @@ const MAX_BATCH: usize = 32;
 use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
+use crate::otel::ops;
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
 use crate::route::{route, Action, ClientView};
@@ -214,6 +215,8 @@ pub async fn run<S>(
             redirect_lost: None,
         },
         silent: false,
+        op: ops::OTHER,
+        batch_op: None,
         peer,
         local_addr,
         reg,
@@ -366,6 +369,10 @@ pub async fn run<S>(
                 // RESP2 subscribed mode refuses most commands: see `handle`.
                 && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
             if batchable {
+                if ctx.metrics.otel().is_some() {
+                    let op = ops::lookup(cmd.arg(frame, 0).unwrap_or_default());
+                    session.batch_op = Some(ops::merge(session.batch_op, op));
+                }
                 batch_len += cmd.len;
                 batch_count += 1;
                 if batch_count >= MAX_BATCH {
@@ -429,6 +436,11 @@ struct Session {
     st: State,
     /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
     silent: bool,
+    /// The command name the next upstream reply is recorded under
+    /// (`db.client.operation.duration`, when OpenTelemetry export is on).
+    op: ops::Op,
+    /// The same for the shared batch being gathered.
+    batch_op: Option<ops::Op>,
     peer: Peer,
     /// The accepted socket's own address (`None`: a Unix socket).
     local_addr: Option<std::net::SocketAddr>,
@@ -592,6 +604,7 @@ impl Session {
         for _ in 0..count {
             self.ctx.metrics.command(Route::Shared);
         }
+        self.op = self.batch_op.take().unwrap_or(ops::OTHER);
         let handle = self.shared_handle();
         self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
             .await;
@@ -636,6 +649,7 @@ impl Session {
             count: replies,
             since,
             silent: self.silent,
+            op: self.op,
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;
@@ -690,6 +704,9 @@ impl Session {
     /// close the client.
     async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
         let name = args[0].to_ascii_uppercase();
+        if self.ctx.metrics.otel().is_some() {
+            self.op = ops::lookup(&name);
+        }
         let view = ClientView {
             authed: self.st.authed,
             resp2_subscribed: self.st.proto == Proto::Resp2 && self.st.subscribed(),

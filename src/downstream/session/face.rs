@@ -114,6 +114,7 @@ impl Session {
             count: 1,
             since,
             silent: self.silent,
+            op: self.op,
         });
         self.client.owed_replies += 1;
         self.client.waits += 1;

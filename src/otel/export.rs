@@ -42,11 +42,12 @@ pub fn client(timeout: Duration) -> Result<Client, String> {
         .map_err(|e| format!("HTTP client for the OTLP endpoint: {e}"))
 }
 
-/// Failures, reported at most once per [`WARN_EVERY`].
+/// One signal's failures, reported at most once per [`WARN_EVERY`].
+#[derive(Default)]
 struct Failures {
     last_warn: Option<Instant>,
     since_warn: u64,
-    ok_once: [bool; 2],
+    ok_once: bool,
 }
 
 impl Failures {
@@ -66,9 +67,9 @@ impl Failures {
         }
     }
 
-    fn ok(&mut self, i: usize, what: &str, url: &str) {
-        if !self.ok_once[i] {
-            self.ok_once[i] = true;
+    fn ok(&mut self, what: &str, url: &str) {
+        if !self.ok_once {
+            self.ok_once = true;
             info!("OpenTelemetry: exporting {what} to {url}");
         }
     }
@@ -104,11 +105,12 @@ async fn post(
 }
 
 /// Run the exporter until `shutdown`. `render` gives the Prometheus text of
-/// `/metrics`.
+/// `/metrics`. Metrics and spans go out independently: a collector that hangs
+/// on one does not hold up the other.
 pub async fn run(
     settings: Settings,
     telemetry: Arc<Telemetry>,
-    mut spans: mpsc::Receiver<SpanRecord>,
+    spans: mpsc::Receiver<SpanRecord>,
     render: Box<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
 ) {
@@ -124,60 +126,80 @@ pub async fn run(
         service_version: env!("CARGO_PKG_VERSION"),
         instance_id: format!("{:032x}", fastrand::u128(..)),
     };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = async {
+            tokio::join!(
+                metrics_loop(&settings, &client, &origin, &telemetry, &*render),
+                spans_loop(&settings, &client, &origin, spans),
+            )
+        } => {}
+    }
+}
+
+async fn metrics_loop(
+    settings: &Settings,
+    client: &Client,
+    origin: &Origin,
+    telemetry: &Telemetry,
+    render: &(dyn Fn() -> String + Send + Sync),
+) {
     let start = unix_nanos(SystemTime::now());
-    let mut failures = Failures {
-        last_warn: None,
-        since_warn: 0,
-        ok_once: [false; 2],
-    };
+    let mut failures = Failures::default();
     let mut tick = tokio::time::interval(settings.metrics_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = unix_nanos(SystemTime::now());
+        let mut metrics: Vec<_> = encode::parse_exposition(&render())
+            .iter()
+            .filter_map(|f| encode::family_metric(f, start, now))
+            .collect();
+        metrics.extend(encode::operation_duration(
+            &telemetry.durations.snapshot(),
+            start,
+            now,
+        ));
+        let body =
+            serde_json::to_vec(&encode::metrics_request(origin, metrics)).unwrap_or_default();
+        let url = &settings.metrics_url;
+        match post(client, url, &settings.metrics_headers, body).await {
+            Ok(()) => failures.ok("metrics", url),
+            Err(e) => failures.failed("metrics", url, &e),
+        }
+    }
+}
+
+async fn spans_loop(
+    settings: &Settings,
+    client: &Client,
+    origin: &Origin,
+    mut spans: mpsc::Receiver<SpanRecord>,
+) {
+    let mut failures = Failures::default();
     let mut flush = tokio::time::interval(SPAN_FLUSH);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<SpanRecord> = Vec::new();
     loop {
-        let send_spans = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {
-                let now = unix_nanos(SystemTime::now());
-                let mut metrics: Vec<_> = encode::parse_exposition(&render())
-                    .iter()
-                    .filter_map(|f| encode::family_metric(f, start, now))
-                    .collect();
-                metrics.extend(encode::operation_duration(&telemetry.durations.snapshot(), start, now));
-                let body = serde_json::to_vec(&encode::metrics_request(&origin, metrics))
-                    .unwrap_or_default();
-                let r = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = post(&client, &settings.metrics_url, &settings.metrics_headers, body) => r,
-                };
-                match r {
-                    Ok(()) => failures.ok(0, "metrics", &settings.metrics_url),
-                    Err(e) => failures.failed("metrics", &settings.metrics_url, &e),
-                }
-                false
-            }
+        let send = tokio::select! {
             n = spans.recv_many(&mut batch, SPAN_BATCH) => {
                 if n == 0 {
-                    // The sender lives in `telemetry`, held here: not reached.
+                    // The sender lives in the telemetry the exporter holds: not reached.
                     return;
                 }
                 batch.len() >= SPAN_BATCH
             }
             _ = flush.tick() => !batch.is_empty(),
         };
-        if send_spans {
+        if send {
             let body =
-                serde_json::to_vec(&encode::traces_request(&origin, &batch)).unwrap_or_default();
+                serde_json::to_vec(&encode::traces_request(origin, &batch)).unwrap_or_default();
             batch.clear();
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = post(&client, &settings.traces_url, &settings.traces_headers, body) => r,
-            };
-            match r {
-                Ok(()) => failures.ok(1, "traces", &settings.traces_url),
-                Err(e) => failures.failed("traces", &settings.traces_url, &e),
+            let url = &settings.traces_url;
+            match post(client, url, &settings.traces_headers, body).await {
+                Ok(()) => failures.ok("traces", url),
+                Err(e) => failures.failed("traces", url, &e),
             }
         }
     }

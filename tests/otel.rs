@@ -209,8 +209,10 @@ fn acl_user_per_token(redis: &RedisServer, emu: &TokenEmulator) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_sees_metrics_and_spans() {
     let redis = RedisServer::start("bootstrap", "bootstrap-unused");
+    // Tokens valid 4 s: a refresh about every 3 s, and live connections re-AUTH.
     let emu = TokenEmulator::start(EmulatorConfig {
         oid_prefix: "otel-".into(),
+        lifetime: Duration::from_secs(4),
         ..Default::default()
     })
     .await;
@@ -263,7 +265,13 @@ async fn a_receiver_sees_metrics_and_spans() {
 
     // Until the receiver has seen all of it, or a generous hang guard.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let wanted_spans = ["token refresh", "redis connect", "GET", "SET"];
+    let wanted_spans = [
+        "token refresh",
+        "redis connect",
+        "redis re-AUTH",
+        "GET",
+        "SET",
+    ];
     loop {
         let m = metrics_of(&rx.all("/v1/metrics"));
         let s = spans_of(&rx.all("/v1/traces"));
@@ -319,6 +327,12 @@ async fn a_receiver_sees_metrics_and_spans() {
     let connect = named("redis connect").expect("a connect span");
     assert_eq!(connect["kind"], 3);
     assert_eq!(attr(&connect, "server.address"), Some("localhost"));
+    let reauth = named("redis re-AUTH").expect("a re-AUTH span");
+    assert_eq!(reauth["status"]["code"], 0, "{reauth}");
+    assert_eq!(
+        attr(&reauth, "redis_entra_proxy.connection.kind"),
+        Some("shared")
+    );
     let get = named("GET").expect("a command span");
     assert_eq!(attr(&get, "db.operation.name"), Some("GET"));
     assert_eq!(get["traceId"].as_str().unwrap().len(), 32);

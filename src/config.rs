@@ -812,6 +812,61 @@ mod tests {
     }
 
     #[test]
+    fn otel_is_off_by_default_and_reads_the_standard_variables() {
+        let base = ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h");
+        let collector = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        let cfg = load(&[base, collector], None).unwrap();
+        assert_eq!(cfg.otel.settings().unwrap(), None);
+        let on = ("REDIS_ENTRA_PROXY_OTEL__ENABLED", "true");
+        let cfg = load(&[base, collector, on], None).unwrap();
+        let s = cfg.otel.settings().unwrap().unwrap();
+        assert_eq!(s.metrics_url, "http://collector:4318/v1/metrics");
+        assert_eq!(s.trace_sample_ratio, 0.01);
+        let file =
+            "[otel]\nenabled = true\nendpoint = \"https://c:1\"\nmetrics_interval = \"5s\"\n";
+        let cfg = load(&[base, collector], Some(file)).unwrap();
+        let s = cfg.otel.settings().unwrap().unwrap();
+        assert_eq!(s.traces_url, "https://c:1/v1/traces");
+        assert_eq!(s.metrics_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_otel_values_name_their_key() {
+        let base = ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h");
+        let on = ("REDIS_ENTRA_PROXY_OTEL__ENABLED", "true");
+        let e = load(
+            &[
+                base,
+                on,
+                ("REDIS_ENTRA_PROXY_OTEL__TRACE_SAMPLE_RATIO", "2"),
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad value for `otel.trace_sample_ratio`"), "{e}");
+        let e = load(
+            &[
+                base,
+                on,
+                ("REDIS_ENTRA_PROXY_OTEL__ENDPOINT", "localhost:4317"),
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad value for `otel.endpoint`"), "{e}");
+        let e = load(&[base, on, ("OTEL_EXPORTER_OTLP_HEADERS", "k")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{e}");
+        let e = load(&[base, ("REDIS_ENTRA_PROXY_OTEL__NOPE", "1")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otel.nope"), "{e}");
+    }
+
+    #[test]
     fn env_names_follow_the_contract() {
         assert_eq!(
             env_name("upstream.host"),

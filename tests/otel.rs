@@ -299,6 +299,12 @@ async fn a_receiver_sees_metrics_and_spans() {
         attr(&d["histogram"]["dataPoints"][0], "db.system.name"),
         Some("redis")
     );
+    // Computed at export time as at a scrape (none has happened yet).
+    let ready = m
+        .iter()
+        .rfind(|m| m["name"] == "redis_entra_proxy_ready")
+        .expect("the ready gauge");
+    assert_eq!(ready["gauge"]["dataPoints"][0]["asDouble"], 1.0, "{ready}");
     // The same counter as /metrics.
     let (_, text) = http(admin, "GET", "/metrics");
     let scraped = metric_sum(&text, "redis_entra_proxy_commands_total{route=\"shared\"}");

@@ -17,6 +17,10 @@ use tracing::{info, warn};
 const SPAN_FLUSH: Duration = Duration::from_secs(2);
 /// Or as soon as this many wait.
 const SPAN_BATCH: usize = 512;
+/// After a failed span export, spans are dropped unencoded for this long at
+/// first, doubling up to [`PAUSE_MAX`].
+const PAUSE_MIN: Duration = Duration::from_secs(2);
+const PAUSE_MAX: Duration = Duration::from_secs(60);
 /// At most one warning per this long.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -131,7 +135,7 @@ pub async fn run(
         _ = async {
             tokio::join!(
                 metrics_loop(&settings, &client, &origin, &telemetry, &*render),
-                spans_loop(&settings, &client, &origin, spans),
+                spans_loop(&settings, &client, &origin, &telemetry, spans),
             )
         } => {}
     }
@@ -175,9 +179,15 @@ async fn spans_loop(
     settings: &Settings,
     client: &Client,
     origin: &Origin,
+    telemetry: &Telemetry,
     mut spans: mpsc::Receiver<SpanRecord>,
 ) {
     let mut failures = Failures::default();
+    // After a failed export, spans are dropped without being encoded until
+    // this time (the pause doubling up to a minute): a dead collector costs
+    // no encoding.
+    let mut down_until: Option<Instant> = None;
+    let mut pause = PAUSE_MIN;
     let mut flush = tokio::time::interval(SPAN_FLUSH);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<SpanRecord> = Vec::new();
@@ -192,14 +202,27 @@ async fn spans_loop(
             }
             _ = flush.tick() => !batch.is_empty(),
         };
-        if send {
+        if send && down_until.is_some_and(|t| Instant::now() < t) {
+            telemetry
+                .dropped_spans
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            batch.clear();
+        } else if send {
             let body =
                 serde_json::to_vec(&encode::traces_request(origin, &batch)).unwrap_or_default();
             batch.clear();
             let url = &settings.traces_url;
             match post(client, url, &settings.traces_headers, body).await {
-                Ok(()) => failures.ok("traces", url),
-                Err(e) => failures.failed("traces", url, &e),
+                Ok(()) => {
+                    failures.ok("traces", url);
+                    down_until = None;
+                    pause = PAUSE_MIN;
+                }
+                Err(e) => {
+                    failures.failed("traces", url, &e);
+                    down_until = Some(Instant::now() + pause);
+                    pause = (pause * 2).min(PAUSE_MAX);
+                }
             }
         }
     }

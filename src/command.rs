@@ -5,6 +5,9 @@
 //! [`classify`] adds the cases that depend on arguments (CLIENT subcommands,
 //! XREAD BLOCK, SELECT of a non-default database).
 
+mod arity;
+pub use arity::{Arities, Refusal};
+
 /// Answered or tracked by the proxy itself; never forwarded with the client's
 /// arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +89,10 @@ pub enum Class {
     PubSub(PubSub),
     /// Not run: the reason (see [`refusal`]).
     Refuse(&'static str),
+    /// The server refuses it before running it (unknown command or
+    /// subcommand, wrong arity: see [`server_refuses`]): sent to the server
+    /// as it is, for the server's own error, and tracked as nothing.
+    Invalid,
 }
 
 /// Command name (upper case) -> class, for every command that is not plain
@@ -226,11 +233,60 @@ pub struct Learned {
     /// on a shared connection they could put it in subscribed mode, so they
     /// are refused rather than guessed at.
     pub unplaced: Vec<Vec<u8>>,
+    /// Every command's arity (and its subcommands'), as the server lists them.
+    pub arities: Arities,
+}
+
+/// Whether the server would refuse `args` before running it (unknown
+/// command or subcommand, wrong arity), judged by the server's own table if
+/// it listed one, else by the built-in table of the proxy's own commands.
+/// `argc` counts every word (`args` may hold only the first ones).
+pub fn server_refuses(learned: Option<&Learned>, args: &[&[u8]], argc: usize) -> Option<Refusal> {
+    match learned {
+        Some(l) if !l.arities.is_empty() => l.arities.check(args, argc, true),
+        _ => own_arities().check(args, argc, false),
+    }
+}
+
+/// Redis's full name of a command (`client|getname`), as its errors say it.
+pub fn full_name(learned: Option<&Learned>, args: &[&[u8]]) -> String {
+    match learned {
+        Some(l) if !l.arities.is_empty() => l.arities.full_name(args),
+        _ => own_arities().full_name(args),
+    }
+}
+
+fn own_arities() -> &'static Arities {
+    static OWN: std::sync::OnceLock<Arities> = std::sync::OnceLock::new();
+    OWN.get_or_init(Arities::own)
 }
 
 /// Commands the server flags `pubsub` that are plain requests with one reply
 /// (the subscription commands themselves are in [`TABLE`]).
 const STATELESS_PUBSUB: &[&str] = &["PUBLISH", "SPUBLISH", "PUBSUB"];
+
+/// One `COMMAND` entry's arity (its second field), and its subcommands'
+/// (the tenth field, Redis 7: entries of the same shape, `container|sub`).
+fn learn_arity(
+    arities: &mut Arities,
+    fields: &[redis_protocol::resp3::types::OwnedFrame],
+    text: &dyn Fn(&redis_protocol::resp3::types::OwnedFrame) -> Option<Vec<u8>>,
+) {
+    use redis_protocol::resp3::types::OwnedFrame as F;
+    let (Some(name), Some(F::Number { data: arity, .. })) =
+        (fields.first().and_then(text), fields.get(1))
+    else {
+        return;
+    };
+    arities.insert(&name, *arity);
+    if let Some(F::Array { data: subs, .. }) = fields.get(9) {
+        for sub in subs {
+            if let F::Array { data, .. } = sub {
+                learn_arity(arities, data, text);
+            }
+        }
+    }
+}
 
 impl Learned {
     /// Learn from `COMMAND`'s reply: one array per command, name first and its
@@ -254,6 +310,7 @@ impl Learned {
                 continue;
             };
             learned.known += 1;
+            learn_arity(&mut learned.arities, fields, &text);
             let flags: Vec<Vec<u8>> = match fields.get(2) {
                 Some(F::Array { data, .. }) => data.iter().filter_map(text).collect(),
                 Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
@@ -325,6 +382,39 @@ mod tests {
             .unwrap()
             .blocking
             .is_empty());
+    }
+
+    #[test]
+    fn arities_come_from_the_servers_table() {
+        // GET, and CLIENT with one subcommand (Redis 7's tenth field).
+        let reply = b"*2\r\n\
+            *3\r\n$3\r\nget\r\n:2\r\n*1\r\n+readonly\r\n\
+            *10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n\
+            *1\r\n*3\r\n$14\r\nclient|getname\r\n:2\r\n*0\r\n";
+        let l = Learned::from_command_reply(reply).expect("parses");
+        let refuses = |args: &[&[u8]]| server_refuses(Some(&l), args, args.len());
+        assert_eq!(refuses(&[b"GET", b"k"]), None);
+        assert_eq!(refuses(&[b"GET"]), Some(Refusal::WrongArity));
+        assert_eq!(refuses(&[b"MULTI"]), Some(Refusal::UnknownCommand));
+        assert_eq!(refuses(&[b"CLIENT", b"GETNAME"]), None);
+        assert_eq!(
+            refuses(&[b"CLIENT", b"GETNAME", b"x"]),
+            Some(Refusal::WrongArity)
+        );
+        assert_eq!(
+            refuses(&[b"CLIENT", b"SETINFO", b"a", b"b"]),
+            Some(Refusal::UnknownSubcommand)
+        );
+        assert_eq!(
+            full_name(Some(&l), &[b"client", b"GETNAME"]),
+            "client|getname"
+        );
+        // No table from the server: the built-in one for the proxy's own.
+        assert_eq!(
+            server_refuses(None, &[b"MULTI", b"x"], 2),
+            Some(Refusal::WrongArity)
+        );
+        assert_eq!(server_refuses(None, &[b"NOSUCH"], 1), None);
     }
 
     #[test]

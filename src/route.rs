@@ -48,6 +48,9 @@ pub enum Action {
     /// Needs a connection of the client's own (dialled or taken warm if it
     /// has none).
     Pin(Pin),
+    /// The server refuses it before running it (see [`Class::Invalid`]):
+    /// sent to the connection the client's state is on, for its own error.
+    ServerRefuses,
     /// Stateless, but the client's state lives on its pinned connection.
     Pinned,
     /// Stateless: the client's shared connection.
@@ -71,6 +74,12 @@ const SUBSCRIBED_MODE: &[&[u8]] = &[
 pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {
     if c.doomed && name != b"RESET" {
         return Action::Doomed;
+    }
+    // Redis checks that a command exists and has the right number of
+    // arguments before anything else (authentication, subscribed mode,
+    // MULTI queueing).
+    if class == Class::Invalid {
+        return Action::ServerRefuses;
     }
     if !c.authed
         && !matches!(
@@ -114,6 +123,19 @@ pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {
         Class::Pin(pin) => Action::Pin(pin),
         Class::Shared if c.needs_pin => Action::Pinned,
         Class::Shared => Action::Shared,
+        Class::Invalid => Action::ServerRefuses,
+    }
+}
+
+/// The error Redis gives when it refuses a command before running it
+/// (`text` without the leading `-`): a refused EXEC also discards the
+/// transaction, and says so.
+pub fn rejection(name: &[u8], text: &str) -> String {
+    if name == b"EXEC" {
+        let text = text.strip_prefix("ERR ").unwrap_or(text);
+        format!("EXECABORT Transaction discarded because of: {text}")
+    } else {
+        text.to_string()
     }
 }
 
@@ -240,6 +262,35 @@ mod tests {
         assert_eq!(go(c, &[b"RESET"]), Action::Local(Local::Reset));
         // Blocking commands inside MULTI do not block: the pinned connection.
         assert_eq!(go(c, &[b"BLPOP", b"q", b"0"]), Action::Pin(Pin::Blocking));
+    }
+
+    #[test]
+    fn what_the_server_refuses_comes_first() {
+        for c in [
+            ClientView::default(),
+            ClientView {
+                resp2_subscribed: true,
+                in_multi: true,
+                needs_pin: true,
+                ..plain()
+            },
+        ] {
+            assert_eq!(route(c, Class::Invalid, b"MULTI"), Action::ServerRefuses);
+        }
+        let doomed = ClientView {
+            doomed: true,
+            ..plain()
+        };
+        assert_eq!(route(doomed, Class::Invalid, b"GET"), Action::Doomed);
+        assert_eq!(
+            rejection(b"EXEC", "ERR Can't execute 'exec': no"),
+            "EXECABORT Transaction discarded because of: Can't execute 'exec': no"
+        );
+        assert_eq!(
+            rejection(b"EXEC", "NOAUTH Authentication required."),
+            "EXECABORT Transaction discarded because of: NOAUTH Authentication required."
+        );
+        assert_eq!(rejection(b"GET", "ERR x"), "ERR x");
     }
 
     #[test]

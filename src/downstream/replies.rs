@@ -40,6 +40,13 @@ pub(super) enum Out {
 
 /// Stop reading a client that owes this many replies (it is not reading them).
 pub(super) const MAX_OWED: usize = 1024;
+/// How long a closing session waits for the client to close its side, and
+/// how much of its input it reads meanwhile (see [`Client::close`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+/// Reply bytes a client may leave unread before the proxy stops reading its
+/// commands (back-pressure), unless `limits.max_buffered_bytes` is smaller.
+pub(super) const WINDOW: usize = 4 << 20;
 /// Replies of at least this many bytes are written without a copy.
 pub(super) const COPY_BELOW: usize = 16 * 1024;
 /// Pub/sub messages are taken from the hub's queue only while fewer bytes than
@@ -57,6 +64,8 @@ pub(super) struct Client {
     pub(super) owed: VecDeque<Out>,
     /// `Out::Wait` entries in `owed`: replies still due from upstream.
     pub(super) waits: usize,
+    /// Recent size of one reply (0: none seen yet), for back-pressure.
+    pub(super) reply_size: usize,
     pub(super) out: WriteQueue,
     pub(super) max_out: usize,
     /// Written push frames may wait up to this many bytes (MONITOR, tracking).
@@ -146,13 +155,65 @@ impl HubFeed {
 }
 
 impl Client {
-    /// Take more commands only while the client is taking its replies: fewer
-    /// than [`MAX_OWED`] owed (counted by command, with `more` about to be
-    /// sent) and less than `limits.max_buffered_bytes` waiting to be written.
+    /// Take more commands only while the client is taking its replies
+    /// (back-pressure, never a cut-off): fewer than [`MAX_OWED`] owed
+    /// (counted by command, with `more` about to be sent), and the reply bytes
+    /// not yet written plus those expected of the commands in flight within
+    /// the window. Memory per client stays within the window plus one reply
+    /// (while reply sizes hold steady; a sudden jump is bounded by the
+    /// commands in flight).
     pub(super) fn may_send(&self, more: usize) -> bool {
-        self.owed_replies + more < MAX_OWED
-            && self.owed.len() < MAX_OWED
-            && self.out.queued_bytes() < self.max_out
+        if self.owed_replies + more >= MAX_OWED || self.owed.len() >= MAX_OWED {
+            return false;
+        }
+        let unread = self.out.queued_bytes();
+        let window = self.window();
+        if unread >= window {
+            return false;
+        }
+        let in_flight = self.owed_replies + more;
+        if in_flight <= 1 {
+            // One command at a time may always go, whatever its reply's size.
+            return true;
+        }
+        // The replies of the others, at this client's recent reply size;
+        // while that is unknown (no reply yet), one command at a time.
+        let expected = (in_flight - 1).saturating_mul(self.reply_size);
+        self.reply_size > 0 && unread.saturating_add(expected) < window
+    }
+
+    /// Unread reply bytes past which no more of the client's commands are
+    /// sent (nor read): [`WINDOW`], or `limits.max_buffered_bytes` if smaller.
+    fn window(&self) -> usize {
+        WINDOW.min(self.max_out)
+    }
+
+    /// Close so that everything written arrives: end the write side (FIN
+    /// after the last reply), then read and drop what the client still
+    /// sends until it closes (at most [`LINGER_BYTES`] within [`LINGER`]).
+    /// Closing with input unread makes the kernel answer with RST, which
+    /// discards replies not yet delivered (an error line after a protocol
+    /// error, say).
+    pub(super) async fn close(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.gone {
+            return;
+        }
+        let io = &mut self.io;
+        let _ = tokio::time::timeout(LINGER, async {
+            if io.shutdown().await.is_err() {
+                return;
+            }
+            let mut sink = vec![0u8; 16 * 1024];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match io.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
 
     pub(super) fn may_read(&self) -> bool {
@@ -230,6 +291,11 @@ impl Client {
                         Poll::Pending => break,
                     };
                     self.owed_replies -= *count;
+                    if let Ok(b) = &res {
+                        // Recent reply size: up at once, down slowly.
+                        let each = b.len() / (*count).max(1);
+                        self.reply_size = each.max(self.reply_size - self.reply_size / 8).max(1);
+                    }
                     if *silent {
                         self.waits -= 1;
                         self.owed.pop_front();
@@ -261,16 +327,19 @@ impl Client {
                     }
                 }
             };
+            let single = matches!(
+                self.owed.front(),
+                Some(Out::Wait { count: 1, .. }) | Some(Out::Now(_))
+            );
             self.owed.pop_front();
-            if self.out.queued_bytes() > self.max_out {
-                // Replies it does not read pass `limits.max_buffered_bytes`
-                // (a pipelined batch answers many at once): cut it off, as
-                // Redis's client-output-buffer-limit does, rather than hold
-                // them all. One reply may be larger than the limit on its own.
+            if single && bytes.len() > self.max_out {
+                // One reply larger than `limits.max_buffered_bytes`: the only
+                // reason a client is closed for its replies (many replies
+                // wait under back-pressure instead, see `may_send`).
                 warn!(
                     limit = self.max_out,
-                    queued_bytes = self.out.queued_bytes(),
-                    "closing a client that does not read its replies (limits.max_buffered_bytes)"
+                    reply_bytes = bytes.len(),
+                    "closing a client: one reply is larger than limits.max_buffered_bytes"
                 );
                 self.metrics.error(ErrorKind::Limit);
                 self.killed = true;

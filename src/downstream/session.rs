@@ -17,10 +17,14 @@
 //!
 //! A command's way through: `resp::scan` frames it, [`crate::command`]
 //! classifies it, [`crate::route::route`] decides what happens to it, and
-//! this file carries the decision out: shared batches and pinned connections
-//! here, [`local`] for what the proxy answers itself, [`blocking`] for
-//! blocking commands, [`subscribe`] for the hub; the replies owed, in order
-//! and within their budgets, are in [`super::replies`].
+//! this file carries the decision out. [`run`] is a short loop over named
+//! steps: wait for an event (input, a drain, a lost connection) while writing
+//! replies; take the commands of the read ([`commands`]: batches, whole
+//! transactions, inline commands, back-pressure); close. [`upstream`] holds
+//! the shared and pinned connections and what is sent on them, [`local`] what
+//! the proxy answers itself, [`blocking`] blocking commands, [`subscribe`] the
+//! hub; the replies owed, in order and within their budgets, are in
+//! [`super::replies`].
 
 use super::replies::{connection_ended, Client, HubFeed, Out, COPY_BELOW};
 
@@ -34,7 +38,7 @@ use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::otel::ops;
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
-use crate::route::{route, Action, ClientView};
+use crate::route::{rejection, route, Action, ClientView};
 use crate::secret::Secret;
 use crate::upstream::conn::{Handle, PushSink, Request};
 use crate::upstream::pool::{Pinned, Pool};
@@ -43,9 +47,12 @@ use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
 
 mod blocking;
+mod commands;
 mod face;
 mod local;
 mod subscribe;
+mod upstream;
+mod whole_tx;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -107,6 +114,9 @@ struct State {
     hub_seq: u64,
     pinned: Option<Pinned>,
     shared: Option<Handle>,
+    /// `shared` is a plain connection: a whole transaction may run on it
+    /// (see [`whole_tx`]).
+    shared_plain: bool,
     last_target: Target,
     /// CLIENT REPLY: whether replies are written.
     reply_mode: ReplyMode,
@@ -182,6 +192,7 @@ pub async fn run<S>(
             io: Box::new(stream),
             owed: VecDeque::new(),
             waits: 0,
+            reply_size: 0,
             out: WriteQueue::new(COPY_BELOW),
             max_out: ctx.max_buffered_bytes,
             max_push: ctx.max_push_bytes,
@@ -209,6 +220,7 @@ pub async fn run<S>(
             hub_seq: 0,
             pinned: None,
             shared: None,
+            shared_plain: false,
             last_target: Target::Shared,
             reply_mode: ReplyMode::On,
             tx: Tx::default(),
@@ -229,7 +241,7 @@ pub async fn run<S>(
     let draining = drain.clone();
     let mut drained = pin!(drain.cancelled_owned());
     let mut drain_registered = false;
-    'read: loop {
+    loop {
         // The connections holding the client's state: its pinned one, and
         // the hub's when its tracking is redirected there.
         let held = [
@@ -291,110 +303,9 @@ pub async fn run<S>(
             }
         }
         let arrived = Instant::now();
-        // Stateless commands at the front of `buf` not yet sent: (bytes, count).
-        let mut batch_len = 0usize;
-        let mut batch_count = 0usize;
-        loop {
-            if !session.client.may_send(batch_count + 1) {
-                // The client is not taking its replies: send nothing more for
-                // it until it does (bounded by command, not by read).
-                session
-                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                    .await;
-                if !session.backpressure().await {
-                    break 'read;
-                }
-            }
-            let cmd = match scanner.scan(&buf[batch_len..]) {
-                Ok(Some(cmd)) => cmd,
-                Ok(None) => break,
-                Err(e) => {
-                    session
-                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                        .await;
-                    session.protocol_error(e).await;
-                    break 'read;
-                }
-            };
-            let frame = &buf[batch_len..batch_len + cmd.len];
-            if cmd.argc == 0 {
-                // An empty command: Redis ignores it, so do we.
-                if batch_count == 0 {
-                    let _ = buf.split_to(cmd.len);
-                } else {
-                    session
-                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                        .await;
-                    let _ = buf.split_to(cmd.len);
-                }
-                continue;
-            }
-            if cmd.inline {
-                // Telnet and redis-cli's inline form: made a RESP array (its
-                // quoted words unescaped as Redis does) and handled as one.
-                session
-                    .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                    .await;
-                let line = buf.split_to(cmd.len);
-                let line = line.strip_suffix(b"\n").unwrap_or(&line);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                let converted = scan::inline_args(line).and_then(|words| {
-                    let refs: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
-                    let frame = resp::command(&refs);
-                    let cmd = CommandScanner::new(ctx.limits).scan(&frame)?;
-                    Ok(cmd.map(|cmd| (frame, cmd)))
-                });
-                match converted {
-                    Ok(Some((frame, cmd))) => {
-                        if !session.dispatch(frame, &cmd, arrived).await {
-                            break 'read;
-                        }
-                        session.take_inbox(&mut buf);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        session.protocol_error(e).await;
-                        break 'read;
-                    }
-                }
-                continue;
-            }
-            let class = session.classify(frame, &cmd);
-            let batchable = class == Class::Shared
-                && session.st.authed
-                && session.st.pinned.is_none()
-                && session.st.last_target == Target::Shared
-                && session.st.reply_mode == ReplyMode::On
-                && session.st.tx.doomed.is_none()
-                // RESP2 subscribed mode refuses most commands: see `handle`.
-                && !(session.st.proto == Proto::Resp2 && session.st.subscribed());
-            if batchable {
-                if ctx.metrics.otel().is_some() {
-                    let op = ops::lookup(cmd.arg(frame, 0).unwrap_or_default());
-                    session.batch_op = Some(ops::merge(session.batch_op, op));
-                }
-                batch_len += cmd.len;
-                batch_count += 1;
-                if batch_count >= MAX_BATCH {
-                    // Its replies come back as one piece: a bounded one.
-                    session
-                        .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                        .await;
-                }
-                continue;
-            }
-            session
-                .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-                .await;
-            let frame = buf.split_to(cmd.len).freeze();
-            if !session.dispatch(frame, &cmd, arrived).await {
-                break 'read;
-            }
-            session.take_inbox(&mut buf);
+        if !session.take_commands(&mut buf, &mut scanner, arrived).await {
+            break;
         }
-        session
-            .flush_batch(&mut buf, &mut batch_len, &mut batch_count, arrived)
-            .await;
         if buf.len() > ctx.max_buffered_bytes {
             session
                 .protocol_error(ScanError::Limit {
@@ -417,6 +328,12 @@ pub async fn run<S>(
     }
     // Write the replies still owed (each arrives or fails), then close.
     session.settle(true).await;
+    // Gone from CLIENT LIST (and KILL) before the client closes its side.
+    let Session {
+        mut client, reg, ..
+    } = session;
+    drop(reg);
+    client.close().await;
 }
 
 /// What woke the session.
@@ -465,10 +382,26 @@ impl Session {
         if super::face::claims(self.ctx.face.enabled, &argv[..argn]) {
             return Class::Local(Local::Face);
         }
-        match command::classify(&argv[..argn]) {
+        let class = match command::classify(&argv[..argn]) {
             Class::Shared => self.ctx.pool.refine(argv[0]),
             class => class,
+        };
+        // What the proxy refuses is never sent, whatever its arity.
+        if matches!(class, Class::Refuse(_)) {
+            return class;
         }
+        // A command the proxy answers or tracks, or one it would refuse
+        // itself in subscribed mode, is first checked as the server checks
+        // it; the rest go to the server, which does. (Not a plain command of
+        // a client yet to authenticate: it gets NOAUTH, and nothing of it
+        // reaches the server.)
+        let judged = class != Class::Shared
+            || (self.st.authed && self.st.proto == Proto::Resp2 && self.st.subscribed());
+        let learned = self.ctx.pool.learned();
+        if judged && command::server_refuses(learned, &argv[..argn], cmd.argc).is_some() {
+            return Class::Invalid;
+        }
+        class
     }
 
     /// Handle one whole command (RESP array) outside a shared batch. False
@@ -538,166 +471,13 @@ impl Session {
         };
         self.ctx.metrics.error(kind);
         debug!(peer = %self.peer, error = %e, "closing client after bad input");
+        if self.st.reply_mode == ReplyMode::Off {
+            // Redis writes no reply at all then, not even this one.
+            return;
+        }
         self.client
             .owed
             .push_back(Out::Now(resp::error(&format!("ERR {e}"))));
-    }
-
-    /// Write replies (and push frames) as they arrive until every reply due
-    /// from upstream has arrived; with `all`, until everything owed is written
-    /// too. Ends early if the client is gone.
-    async fn settle(&mut self, all: bool) {
-        let client = &mut self.client;
-        poll_fn(|cx| {
-            client.poll_out(cx);
-            let done = if all {
-                client.owed.is_empty() && client.out.is_idle()
-            } else {
-                client.waits == 0
-            };
-            if done || client.gone {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
-    }
-
-    /// Await one reply outside the ordered queue (nothing else is owed),
-    /// writing push frames and pub/sub messages meanwhile. Gives up if the
-    /// client is gone (or was dropped by the hub).
-    async fn wait_reply(
-        &mut self,
-        mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
-    ) -> Result<Bytes, UpstreamError> {
-        let client = &mut self.client;
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
-            }
-            client.poll_out(cx);
-            if client.gone {
-                return Poll::Ready(Err(UpstreamError::Lost {
-                    reason: "client gone".into(),
-                }));
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    async fn flush_batch(
-        &mut self,
-        buf: &mut BytesMut,
-        batch_len: &mut usize,
-        batch_count: &mut usize,
-        arrived: Instant,
-    ) {
-        if *batch_count == 0 {
-            return;
-        }
-        let bytes = buf.split_to(*batch_len).freeze();
-        let count = *batch_count;
-        *batch_len = 0;
-        *batch_count = 0;
-        for _ in 0..count {
-            self.ctx.metrics.command(Route::Shared);
-        }
-        self.op = self.batch_op.take().unwrap_or(ops::OTHER);
-        let handle = self.shared_handle();
-        self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
-            .await;
-    }
-
-    /// The shared connection this client uses (one per client, so its
-    /// commands run in the order sent), chosen on first use.
-    fn shared_handle(&mut self) -> Handle {
-        let proto = self.st.proto;
-        let pool = &self.ctx.pool;
-        self.st
-            .shared
-            .get_or_insert_with(|| pool.shared(proto))
-            .clone()
-    }
-
-    /// Queue `bytes` on an upstream connection; `replies` replies are owed.
-    async fn send_upstream(
-        &mut self,
-        tx: &mpsc::Sender<Request>,
-        bytes: Bytes,
-        count: usize,
-        replies: usize,
-        in_multi_after: bool,
-        since: Instant,
-    ) {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let req = Request {
-            bytes,
-            count,
-            reply: Some(reply_tx),
-            in_multi_after,
-            pushes: 0,
-        };
-        if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
-            if let Some(t) = req.reply {
-                let _ = t.send(Err(UpstreamError::Shutdown));
-            }
-        }
-        self.client.owed.push_back(Out::Wait {
-            rx: reply_rx,
-            count: replies,
-            since,
-            silent: self.silent,
-            op: self.op,
-        });
-        self.client.owed_replies += replies;
-        self.client.waits += 1;
-    }
-
-    /// Move this client's commands to `target`, waiting for the replies still
-    /// due on the other connection so that execution order is kept.
-    async fn switch_to(&mut self, target: Target) {
-        if self.st.last_target != target {
-            self.settle(false).await;
-            self.st.last_target = target;
-        }
-    }
-
-    async fn ensure_pinned(&mut self) -> Result<(), UpstreamError> {
-        if self.st.pinned.is_some() {
-            return Ok(());
-        }
-        self.switch_to(Target::Pinned).await;
-        let push = PushSink {
-            tx: self.push_sender(),
-        };
-        let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
-        self.st.pinned = Some(pinned);
-        Ok(())
-    }
-
-    /// The sender pinned connections get for push frames.
-    fn push_sender(&mut self) -> mpsc::UnboundedSender<Bytes> {
-        let client = &mut self.client;
-        self.push_tx
-            .get_or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                client.push = Some(rx);
-                tx
-            })
-            .clone()
-    }
-
-    /// Let go of the pinned connection once it holds nothing the client needs.
-    async fn maybe_unpin(&mut self) {
-        if self.st.pinned.is_some() && !self.st.needs_pin() && self.client.waits == 0 {
-            debug!(
-                id = self.st.id,
-                "client state cleared; releasing its pinned connection"
-            );
-            self.st.pinned = None;
-        }
     }
 
     /// Handle one command that is not part of a shared batch. Returns false to
@@ -722,7 +502,9 @@ impl Session {
         }
         self.silent = match self.st.reply_mode {
             ReplyMode::On => false,
-            ReplyMode::Off => true,
+            // RESET turns replies back on before it answers (not after a
+            // SKIP, which holds for the command it applies to).
+            ReplyMode::Off => action != Action::Local(Local::Reset),
             ReplyMode::Skip => {
                 self.st.reply_mode = ReplyMode::On;
                 true
@@ -752,14 +534,21 @@ impl Session {
             }
             Action::NoAuth => {
                 self.ctx.metrics.error(ErrorKind::ClientAuth);
-                self.reply(resp::error("NOAUTH Authentication required."))
-                    .await;
+                let text = rejection(name, "NOAUTH Authentication required.");
+                self.reply(resp::error(&text)).await;
             }
             Action::NotWhileSubscribed => {
-                self.reply(resp::error(&format!(
-                    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                    String::from_utf8_lossy(&args[0]).to_lowercase()
-                )))
+                let refs: Vec<&[u8]> = args.iter().take(2).map(|a| &a[..]).collect();
+                let full = command::full_name(self.ctx.pool.learned(), &refs);
+                let text = rejection(name, &format!(
+                    "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                ));
+                self.reply(resp::error(&text)).await;
+            }
+            Action::SubscribedPing if args.len() > 2 => {
+                self.reply(resp::error(
+                    "ERR wrong number of arguments for 'ping' command",
+                ))
                 .await;
             }
             Action::SubscribedPing => {
@@ -792,6 +581,20 @@ impl Session {
             Action::Local(local) => return self.local(local, name, frame, args, since).await,
             Action::Hub(cmd) => return self.pubsub(cmd, args).await,
             Action::Pin(pin) => return self.pinned_command(pin, name, frame, args, since).await,
+            Action::ServerRefuses => {
+                if name == b"EXEC" && self.st.in_multi {
+                    // A refused EXEC discards the transaction (and its WATCH).
+                    self.st.in_multi = false;
+                    self.st.watching = false;
+                    self.st.tx = Tx::default();
+                }
+                if self.st.pinned.is_some() {
+                    self.ctx.metrics.command(Route::Pinned);
+                    self.forward_pinned(frame, 1, since).await;
+                } else {
+                    self.send_shared(frame, since).await;
+                }
+            }
             Action::Pinned | Action::Shared => {
                 self.maybe_unpin().await;
                 if self.st.pinned.is_some() {
@@ -861,96 +664,5 @@ impl Session {
             self.forward_pinned(frame, 1, since).await;
         }
         true
-    }
-
-    /// One command on the client's shared connection, after the replies still
-    /// due on its pinned one.
-    async fn send_shared(&mut self, frame: Bytes, since: Instant) {
-        let handle = self.shared_handle();
-        self.send_shared_on(handle, frame, since).await;
-    }
-
-    /// One command on a given shared connection (a cluster node's own).
-    async fn send_shared_on(&mut self, handle: Handle, frame: Bytes, since: Instant) {
-        self.switch_to(Target::Shared).await;
-        self.ctx.metrics.command(Route::Shared);
-        self.send_upstream(&handle.tx, frame, 1, 1, false, since)
-            .await;
-    }
-
-    /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy (the
-    /// one subscribed to `__redis__:invalidate`); upstream it must name the
-    /// hub's connection, which carries that subscription and fans the
-    /// invalidations out to its local subscribers. Other frames pass as they
-    /// are.
-    fn tracking_redirect(&mut self, frame: Bytes, args: &[Bytes]) -> Bytes {
-        let is_tracking = args
-            .get(1)
-            .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"));
-        let Some(at) = args
-            .iter()
-            .position(|a| a.eq_ignore_ascii_case(b"REDIRECT"))
-            .filter(|_| is_tracking)
-            .map(|i| i + 1)
-            .filter(|i| *i < args.len())
-        else {
-            return frame;
-        };
-        let Some((hub_id, gone)) = self.ctx.hub.redirect_target() else {
-            // No local client subscribes to anything: the server answers
-            // that the client to redirect to does not exist, as it would.
-            return frame;
-        };
-        self.st.redirect_lost = Some(gone);
-        let id = hub_id.to_string();
-        let refs: Vec<&[u8]> = args
-            .iter()
-            .enumerate()
-            .map(|(i, a)| if i == at { id.as_bytes() } else { &a[..] })
-            .collect();
-        resp::command(&refs)
-    }
-
-    async fn forward_pinned(&mut self, frame: Bytes, count: usize, since: Instant) {
-        let Some(p) = &self.st.pinned else { return };
-        let tx = p.tx.clone();
-        if self.st.in_multi {
-            self.st.tx.queued += count;
-        }
-        self.send_upstream(&tx, frame, count, count, self.st.in_multi, since)
-            .await;
-    }
-
-    /// One command of the proxy's own on the pinned connection (nothing else
-    /// owed): `Err` with the error reply to give the client if it failed.
-    async fn pinned_call(&mut self, frame: Bytes) -> Result<Bytes, Bytes> {
-        let Some(p) = &self.st.pinned else {
-            return Err(connection_ended().to_reply());
-        };
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let req = Request {
-            bytes: frame,
-            count: 1,
-            reply: Some(reply_tx),
-            in_multi_after: false,
-            pushes: 0,
-        };
-        if p.tx.send(req).await.is_err() {
-            return Err(connection_ended().to_reply());
-        }
-        match self.wait_reply(reply_rx).await {
-            Ok(b) if b.first() == Some(&b'-') || b.first() == Some(&b'!') => Err(b),
-            Ok(b) => Ok(b),
-            Err(e) => Err(e.to_reply()),
-        }
-    }
-
-    /// Send `frame` on the pinned connection, its reply dropped.
-    async fn forward_silently(&mut self, frame: Bytes, since: Instant) {
-        let silent = std::mem::replace(&mut self.silent, true);
-        let in_multi = std::mem::replace(&mut self.st.in_multi, false);
-        self.forward_pinned(frame, 1, since).await;
-        self.st.in_multi = in_multi;
-        self.silent = silent;
     }
 }

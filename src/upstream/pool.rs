@@ -165,10 +165,17 @@ impl Pool {
 
     /// A shared connection for a new client (round-robin).
     pub fn shared(&self, proto: Proto) -> Handle {
+        self.shared_plain(proto).0
+    }
+
+    /// [`Pool::shared`], and whether it is a plain connection (not a
+    /// cluster's dispatcher, which routes each command on its own): several
+    /// commands written to a plain one in one request run as written.
+    pub fn shared_plain(&self, proto: Proto) -> (Handle, bool) {
         if let Some(h) = self.cluster.get().and_then(|c| c.shared(proto)) {
-            return h;
+            return (h, false);
         }
-        self.shared_direct(proto)
+        (self.shared_direct(proto), true)
     }
 
     /// A shared connection of a cluster node's own pool (`None`: no cluster).
@@ -244,7 +251,7 @@ impl Pool {
             };
             // An idle connection may have been closed by the server (restart,
             // failover) without our noticing: take only one that is still open.
-            if still_open(&c).await {
+            if still_open(&c) {
                 warm = Some(c);
                 break;
             }
@@ -471,6 +478,11 @@ impl Pool {
         }
     }
 
+    /// What the server's `COMMAND` said (`None` until a connection learned it).
+    pub fn learned(&self) -> Option<&crate::command::Learned> {
+        self.connector.learned()
+    }
+
     /// The longest a blocking command may wait server-side in one go: two
     /// thirds of `upstream.reply_timeout` (at least 1 s), so that the reply
     /// timeout never ends a wait the client asked for.
@@ -553,13 +565,19 @@ async fn reset_conn(
 /// Whether the server has not closed this idle connection: a peek that finds
 /// end-of-stream (or an error) means it is gone. Pending bytes (a TLS session
 /// ticket) are left in place for the TLS layer.
-async fn still_open(c: &Authed) -> bool {
+///
+/// One poll, no wait: a peek that is not ready means nothing has arrived,
+/// so the connection is open. (A zero-length timeout around it waited for
+/// the next timer tick, a millisecond, on every pin.)
+fn still_open(c: &Authed) -> bool {
     let tcp = c.stream.get_ref().0;
     let mut byte = [0u8; 1];
-    match tokio::time::timeout(Duration::ZERO, tcp.peek(&mut byte)).await {
-        Err(_) => true,
-        Ok(Ok(n)) => n > 0,
-        Ok(Err(_)) => false,
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match tcp.poll_peek(&mut cx, &mut buf) {
+        std::task::Poll::Pending => true,
+        std::task::Poll::Ready(Ok(n)) => n > 0,
+        std::task::Poll::Ready(Err(_)) => false,
     }
 }
 

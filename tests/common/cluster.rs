@@ -289,6 +289,50 @@ impl Cluster {
         }
     }
 
+    /// Every primary has a replica and every replica's link to its primary
+    /// is up (a replica that never synced does not take over when its
+    /// primary dies; a restarted node takes a moment to become a replica).
+    pub fn wait_replicas_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = self.ports.iter().all(|&p| {
+                let info = self.cli(p, &["INFO", "replication"]);
+                // A primary with its replica, or a replica linked to its primary.
+                (info.contains("role:master") && !info.contains("connected_slaves:0"))
+                    || info.contains("master_link_status:up")
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The process id of the node on `port`.
+    pub fn pid(&self, port: u16) -> i32 {
+        self.cli(port, &["INFO", "server"])
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid for node {port}"))
+    }
+
+    /// Send `signal` to the node on `pid` (SIGKILL, SIGSTOP, SIGCONT).
+    pub fn signal(&self, pid: i32, signal: i32) {
+        // SAFETY: kill(2) on one of this test process's redis-server children.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
+    /// Start the node on `port` again after it was killed (same config and
+    /// nodes.conf: it rejoins the cluster, as a replica if it was failed over).
+    pub fn restart(&self, port: u16) {
+        spawn_node(self.node_dir(port).join("redis.conf"));
+        self.wait_ready(port);
+    }
+
     pub fn log_path(&self, port: u16) -> PathBuf {
         self.node_dir(port).join("redis.log")
     }

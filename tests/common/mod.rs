@@ -5,6 +5,8 @@
 pub mod certs;
 pub mod cluster;
 pub mod cluster_load;
+pub mod cluster_ops;
+pub mod differential;
 pub mod failover;
 pub mod failover_load;
 pub mod front;
@@ -14,3 +16,4 @@ pub mod redis;
 pub mod rotator;
 pub mod tls;
 pub mod token_emulator;
+pub mod twin;

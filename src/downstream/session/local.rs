@@ -147,12 +147,22 @@ impl Session {
                 self.st.last_target = Target::Shared;
                 self.reply(resp::simple("RESET")).await;
             }
+            Local::Select if self.st.in_multi => {
+                // Queued by the server, run at EXEC if the transaction runs
+                // (and the index is good). Only a move away from database 0
+                // is believed now: it keeps the pinned connection, which is
+                // harmless if the SELECT never runs; a move back to 0 is
+                // believed once the client selects 0 outside a transaction.
+                if let Some(db) = args.get(1).and_then(|a| redis_int(a)) {
+                    if db != 0 {
+                        self.st.db = db;
+                    }
+                }
+                self.ctx.metrics.command(Route::Pinned);
+                self.forward_pinned(frame, 1, since).await;
+            }
             Local::Select => {
-                let Some(db) = args
-                    .get(1)
-                    .and_then(|a| std::str::from_utf8(a).ok())
-                    .and_then(|s| s.parse::<i64>().ok())
-                else {
+                let Some(db) = args.get(1).and_then(|a| redis_int(a)) else {
                     self.reply(resp::error("ERR value is not an integer or out of range"))
                         .await;
                     return true;
@@ -228,7 +238,7 @@ impl Session {
             Local::Auth => match args.len() {
                 2 => self.check_password(&args[1]),
                 3 => self.check_password(&args[2]),
-                _ => wrong_args("auth"),
+                _ => resp::error("ERR syntax error"),
             },
             Local::ClientSetName => match args.get(2) {
                 Some(n) if args.len() == 3 && !n.iter().any(|&c| c == b' ' || c == b'\n') => {
@@ -332,12 +342,19 @@ impl Session {
     async fn hello(&mut self, args: &[Bytes]) {
         let mut proto = self.st.proto;
         if let Some(v) = args.get(1) {
-            match &v[..] {
-                b"2" => proto = Proto::Resp2,
-                b"3" => proto = Proto::Resp3,
-                _ => {
+            match redis_int(v) {
+                Some(2) => proto = Proto::Resp2,
+                Some(3) => proto = Proto::Resp3,
+                Some(_) => {
                     self.reply(resp::error("NOPROTO unsupported protocol version"))
                         .await;
+                    return;
+                }
+                None => {
+                    self.reply(resp::error(
+                        "ERR Protocol version is not an integer or out of range",
+                    ))
+                    .await;
                     return;
                 }
             }
@@ -469,9 +486,46 @@ impl Session {
     }
 }
 
+/// An integer as Redis reads one (`string2ll`): an optional `-`, digits, no
+/// `+`, no leading zero, no spaces, within i64.
+fn redis_int(s: &[u8]) -> Option<i64> {
+    let digits = s.strip_prefix(b"-").unwrap_or(s);
+    let plain = digits.iter().all(u8::is_ascii_digit)
+        && !digits.is_empty()
+        && (digits[0] != b'0' || s == b"0");
+    if !plain {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn integers_as_redis_reads_them() {
+        use super::redis_int;
+        assert_eq!(redis_int(b"3"), Some(3));
+        assert_eq!(redis_int(b"0"), Some(0));
+        assert_eq!(redis_int(b"-12"), Some(-12));
+        for bad in [
+            &b"03"[..],
+            b"+3",
+            b" 3",
+            b"3 ",
+            b"",
+            b"-",
+            b"-0",
+            b"x",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(redis_int(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

@@ -21,15 +21,18 @@ impl Session {
                 "ERR wrong number of arguments for '{}' command",
                 String::from_utf8_lossy(&args[0]).to_lowercase()
             ));
-            self.client.owed.push_back(Out::Now(reply));
+            // An error, not a push: silenced by CLIENT REPLY OFF as Redis's is.
+            self.reply(reply).await;
             return true;
         }
         if self.st.in_multi {
+            // Refused at queue time: EXEC discards the transaction.
+            self.st.tx.abort = true;
             let reply = resp::error(&format!(
                 "ERR '{}' inside MULTI is not supported by redis-entra-proxy",
                 String::from_utf8_lossy(&args[0]).to_lowercase()
             ));
-            self.client.owed.push_back(Out::Now(reply));
+            self.reply(reply).await;
             return true;
         }
         // Commands run in order: replies still due come before these

@@ -12,27 +12,32 @@
 //! within [`MAX_REDIRECTS`] and [`RETRY_BUDGET`]. Such replies mean the
 //! command did not run, so re-sending cannot run it twice.
 
-use super::merge;
+mod resolve;
+
+use super::merge::{self, split_replies};
 use super::route::{self, Fan, Merge, Plan};
 use super::Cluster;
-use crate::resp::scan::{args_of, CommandScanner, Limits, ReplyScanner};
+use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{Handle, ReplyTx, Request};
-use crate::upstream::topology::{self, Node};
+use crate::upstream::topology::Node;
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
+use resolve::resolve;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
-use tracing::debug;
 
 /// Redirections followed for one command before its last answer is given.
 pub const MAX_REDIRECTS: usize = 16;
 /// Time spent retrying `TRYAGAIN`/`CLUSTERDOWN` (and waiting for a slot owner)
 /// for one command before its last answer is given.
 pub const RETRY_BUDGET: Duration = Duration::from_secs(10);
+/// How long a keyed command whose node cannot be reached (the command was
+/// not written) waits for the cluster to name a new owner (a replica's
+/// promotion takes the node timeout and an election) before its error.
+pub const NODE_DOWN_HOLD: Duration = Duration::from_secs(15);
 
 type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
@@ -64,11 +69,16 @@ enum Item {
         parts: Vec<Sent>,
     },
     Scan {
-        shard: usize,
-        shards: usize,
+        step: super::scan::Step,
         part: Sent,
     },
     Now(Bytes),
+    /// PUBLISH: the node's count, less the hub's own subscriptions there,
+    /// plus the hub's local subscribers.
+    Publish {
+        channel: Bytes,
+        part: Sent,
+    },
 }
 
 struct Job {
@@ -82,10 +92,20 @@ struct Links {
     cluster: Arc<Cluster>,
     proto: Proto,
     handles: HashMap<Node, Handle>,
+    /// The map `handles` was last pruned by: nodes that left it are let go
+    /// (their connections end with the last handle).
+    pruned: usize,
 }
 
 impl Links {
     fn get(&mut self, node: &Node) -> Handle {
+        let version = self.cluster.map_version();
+        if version != self.pruned {
+            self.pruned = version;
+            if let Some(m) = self.cluster.map() {
+                self.handles.retain(|n, _| m.nodes.contains(n));
+            }
+        }
         if let Some(h) = self.handles.get(node) {
             return h.clone();
         }
@@ -171,6 +191,7 @@ pub async fn run(
                 cluster: cluster.clone(),
                 proto,
                 handles: HashMap::new(),
+                pruned: 0,
             };
             (jobs_tx, links)
         });
@@ -215,9 +236,11 @@ async fn route_batch(
         let raw = bytes.slice(pos..pos + cmd.len);
         let args = args_of(&raw, &cmd);
         let plan = route::plan(cluster.table(), &args);
+        // PUBLISH's count is made whole with the hub's own subscribers.
+        let publish = args.len() == 3 && args[0].eq_ignore_ascii_case(b"PUBLISH");
         let (slot, single) = match &plan {
             Plan::Slot(s) => (Some(*s), true),
-            Plan::Any => (None, true),
+            Plan::Any => (None, !publish),
             _ => (None, false),
         };
         let frame = if cmd.inline {
@@ -269,6 +292,20 @@ async fn route_batch(
         pos += cmd.len;
         group_start = pos;
         let item = match plan {
+            Plan::Any if publish => {
+                let node = cluster.node_for(None, index);
+                let channel = Bytes::copy_from_slice(args[1]);
+                let part = links
+                    .send_one(
+                        node,
+                        Cmd {
+                            bytes: frame,
+                            slot: None,
+                        },
+                    )
+                    .await;
+                Item::Publish { channel, part }
+            }
             Plan::Refuse(e) => Item::Now(e),
             Plan::Split { merge, parts, keys } => {
                 let mut sent = Vec::new();
@@ -349,27 +386,37 @@ async fn flush(
     items.push(Item::Plain(sent));
 }
 
-/// SCAN: the client's cursor names the shard; ask that shard with its own cursor.
+/// SCAN: the client's cursor names a run of slots; ask its owner now.
 async fn scan(cluster: &Cluster, links: &mut Links, args: &[&[u8]]) -> Item {
+    use super::scan::{step, Cursor};
     let Some(map) = cluster.map() else {
         return Item::Now(resp::error("CLUSTERDOWN no slot map yet"));
     };
-    let Some((shard, cursor)) = args.get(1).and_then(|c| merge::decode_cursor(c)) else {
+    let Some(cursor) = args.get(1).and_then(|c| Cursor::decode(c)) else {
         return Item::Now(resp::error("ERR invalid cursor"));
     };
-    let Some(node) = map.nodes.get(shard).cloned() else {
-        return Item::Now(resp::error("ERR invalid cursor"));
+    let Some(step) = step(&map, cursor) else {
+        // No owner for that slot now (a failover): the same cursor again.
+        let c = args[1];
+        return Item::Now(merge::array(&[&resp::bulk(c)[..], b"*0\r\n"]));
     };
-    let c = cursor.to_string();
+    let c = step.node_cursor.to_string();
     let mut rewritten: Vec<&[u8]> = args.to_vec();
     rewritten[1] = c.as_bytes();
-    let bytes = resp::command(&rewritten);
-    let part = links.send_one(Some(node), Cmd { bytes, slot: None }).await;
-    Item::Scan {
-        shard,
-        shards: map.nodes.len(),
-        part,
-    }
+    // The node's own word on its slots, in the same write.
+    let scan = resp::command(&rewritten);
+    let nodes = resp::command(&[b"CLUSTER", b"NODES"]);
+    let mut bytes = BytesMut::from(&scan[..]);
+    bytes.extend_from_slice(&nodes);
+    let cmd = |bytes| Cmd { bytes, slot: None };
+    let part = links
+        .send(
+            Some(step.node.clone()),
+            vec![cmd(scan), cmd(nodes)],
+            bytes.freeze(),
+        )
+        .await;
+    Item::Scan { step, part }
 }
 
 /// The completer half: answers jobs in the order they were routed.
@@ -383,6 +430,7 @@ async fn complete(
         cluster: cluster.clone(),
         proto,
         handles: HashMap::new(),
+        pruned: 0,
     };
     while let Some(job) = jobs.recv().await {
         let mut out = BytesMut::new();
@@ -415,20 +463,49 @@ async fn complete(
                     let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
                     out.extend_from_slice(&merge::fan(kind, &refs));
                 }
-                Item::Scan {
-                    shard,
-                    shards,
-                    part,
-                } => {
+                Item::Publish { channel, part } => {
+                    let node = part.node.as_ref().map(|n| n.to_string());
                     let r = replies(&cluster, &mut links, index, part).await;
                     let r = r.into_iter().next().unwrap_or_default();
-                    out.extend_from_slice(&merge::scan_reply(&r, shard, shards));
+                    out.extend_from_slice(&publish_count(&cluster, r, channel, node).await);
+                }
+                Item::Scan { step, part } => {
+                    let r = replies(&cluster, &mut links, index, part).await;
+                    let (scan, nodes) = (&r[0], &r[1]);
+                    let (page, stale) = super::scan::reply(scan, nodes, &step);
+                    if stale {
+                        cluster.stale();
+                    }
+                    out.extend_from_slice(&page);
                 }
             }
         }
         if let Some(tx) = job.reply {
             let _ = tx.send(Ok(out.freeze()));
         }
+    }
+}
+
+/// A PUBLISH's count as one Redis would give it: the receivers on the node
+/// it went to (other than the hub's own connections there), plus the
+/// proxy's local subscribers.
+async fn publish_count(
+    cluster: &Cluster,
+    reply: Bytes,
+    channel: Bytes,
+    node: Option<String>,
+) -> Bytes {
+    let (Some(n), Some(node)) = (
+        reply
+            .strip_prefix(b":")
+            .and_then(|r| std::str::from_utf8(r).ok()?.trim_end().parse::<i64>().ok()),
+        node,
+    ) else {
+        return reply;
+    };
+    match cluster.hub.receivers(channel, node).await {
+        Some(r) => resp::integer((n - r.upstream as i64).max(0) + r.local as i64),
+        None => reply,
     }
 }
 
@@ -457,29 +534,21 @@ async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent)
             ) {
                 cluster.stale();
             }
-            return vec![e.to_reply(); n];
+            let mut out = Vec::with_capacity(n);
+            for cmd in sent.cmds {
+                out.push(if cmd.slot.is_some() && super::node_unreachable(&e) {
+                    // Not written: wait for the slot's owner, as for a map without one.
+                    resolve(cluster, links, index, cmd, None, None).await
+                } else {
+                    super::node_error(&e, sent.node.as_ref(), cmd.slot)
+                });
+            }
+            return out;
         }
     };
     let mut out = Vec::with_capacity(n);
     for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
         out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
-    }
-    out
-}
-
-/// `n` whole replies from `b`; `None` where they are missing.
-fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
-    let mut out = Vec::with_capacity(n);
-    let mut pos = 0;
-    for _ in 0..n {
-        let mut s = ReplyScanner::new();
-        match s.scan(&b[pos..]) {
-            Ok(Some(r)) => {
-                out.push(Some(b.slice(pos..pos + r.len)));
-                pos += r.len;
-            }
-            _ => out.push(None),
-        }
     }
     out
 }
@@ -492,109 +561,4 @@ fn is_error_word(reply: &[u8], word: &[u8]) -> bool {
 /// cluster settles (a migration, a failover).
 pub fn not_now(reply: &[u8]) -> bool {
     is_error_word(reply, b"TRYAGAIN") || is_error_word(reply, b"CLUSTERDOWN")
-}
-
-/// Follow one command's redirections until it has a real answer.
-async fn resolve(
-    cluster: &Cluster,
-    links: &mut Links,
-    index: usize,
-    cmd: Cmd,
-    mut node: Option<Node>,
-    mut reply: Option<Bytes>,
-) -> Bytes {
-    let start = Instant::now();
-    let mut attempt = 0u32;
-    for _ in 0..MAX_REDIRECTS {
-        let r = match reply.take() {
-            Some(r) => r,
-            None => {
-                // No owner for the slot (failover, resharding): wait for the map.
-                if start.elapsed() >= RETRY_BUDGET {
-                    return resp::error("CLUSTERDOWN Hash slot not served");
-                }
-                attempt += 1;
-                cluster.stale();
-                tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2)).await;
-                node = cluster.node_for(cmd.slot, index);
-                if node.is_none() {
-                    continue;
-                }
-                match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
-                    Ok(r) => r,
-                    Err(e) => return e.to_reply(),
-                }
-            }
-        };
-        if !r.starts_with(b"-") {
-            return r;
-        }
-        let from = node.clone().unwrap_or(Node {
-            host: String::new(),
-            port: 0,
-        });
-        if let Some((moved, slot, to)) = topology::parse_redirect(&r, &from) {
-            debug!(moved, slot, to = %to, "cluster redirection");
-            let bytes = if moved {
-                cluster.moved(slot, to.clone());
-                cmd.bytes.clone()
-            } else {
-                let mut b = BytesMut::from(&resp::command(&[b"ASKING"])[..]);
-                b.extend_from_slice(&cmd.bytes);
-                b.freeze()
-            };
-            let count = if moved { 1 } else { 2 };
-            node = Some(to);
-            match send_and_wait(links, node.clone(), bytes, count).await {
-                Ok(r) => reply = Some(r),
-                Err(e) => return e.to_reply(),
-            }
-            continue;
-        }
-        if not_now(&r) {
-            if start.elapsed() >= RETRY_BUDGET {
-                return r;
-            }
-            attempt += 1;
-            if is_error_word(&r, b"CLUSTERDOWN") {
-                cluster.stale();
-            }
-            tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2)).await;
-            node = cluster.node_for(cmd.slot, index).or(node);
-            match send_and_wait(links, node.clone(), cmd.bytes.clone(), 1).await {
-                Ok(r) => reply = Some(r),
-                Err(e) => return e.to_reply(),
-            }
-            continue;
-        }
-        return r;
-    }
-    reply.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: too many cluster redirections"))
-}
-
-/// Send `bytes` (owing `count` replies) and return the last reply.
-async fn send_and_wait(
-    links: &mut Links,
-    node: Option<Node>,
-    bytes: Bytes,
-    count: usize,
-) -> Result<Bytes, UpstreamError> {
-    let cmds = vec![
-        Cmd {
-            bytes: Bytes::new(),
-            slot: None
-        };
-        count
-    ];
-    let sent = links.send(node, cmds, bytes).await;
-    let Some(rx) = sent.rx else {
-        return Ok(resp::error("CLUSTERDOWN Hash slot not served"));
-    };
-    let b = rx.await.unwrap_or(Err(UpstreamError::Shutdown))?;
-    let parts = split_replies(&b, count);
-    Ok(parts
-        .into_iter()
-        .last()
-        .flatten()
-        .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")))
 }

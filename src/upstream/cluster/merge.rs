@@ -8,20 +8,20 @@ use crate::resp::scan::ReplyScanner;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The first error among `replies`, if any.
-fn first_error(replies: &[&[u8]]) -> Option<Bytes> {
+pub(super) fn first_error(replies: &[&[u8]]) -> Option<Bytes> {
     replies
         .iter()
         .find(|r| r.first().is_some_and(|&b| b == b'-' || b == b'!'))
         .map(|r| Bytes::copy_from_slice(r))
 }
 
-fn bad(what: &str) -> Bytes {
+pub(super) fn bad(what: &str) -> Bytes {
     crate::resp::error(&format!(
         "ERR redis-entra-proxy: cannot merge the shards' replies ({what})"
     ))
 }
 
-fn line_int(r: &[u8], prefix: u8) -> Option<(i64, usize)> {
+pub(super) fn line_int(r: &[u8], prefix: u8) -> Option<(i64, usize)> {
     if r.first() != Some(&prefix) {
         return None;
     }
@@ -46,7 +46,7 @@ pub fn elements(reply: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
-fn array(items: &[&[u8]]) -> Bytes {
+pub(super) fn array(items: &[&[u8]]) -> Bytes {
     let mut b = BytesMut::with_capacity(16 + items.iter().map(|i| i.len()).sum::<usize>());
     b.put_slice(format!("*{}\r\n", items.len()).as_bytes());
     for i in items {
@@ -147,62 +147,120 @@ pub fn fan(kind: Fan, replies: &[&[u8]]) -> Bytes {
             array(&items)
         }
         Fan::Random => {
-            let key = replies
+            // A shard with keys, chosen at random (a shard's chance does
+            // not follow its size: see the README's cluster section).
+            let keys: Vec<&&[u8]> = replies
                 .iter()
-                .find(|r| r.first() == Some(&b'$') && !r.starts_with(b"$-1"));
-            match (key, replies.first()) {
-                (Some(k), _) => Bytes::copy_from_slice(k),
-                (None, Some(nil)) => Bytes::copy_from_slice(nil),
-                (None, None) => bad("no shard"),
+                .filter(|r| r.first() == Some(&b'$') && !r.starts_with(b"$-1"))
+                .collect();
+            match (keys.len(), replies.first()) {
+                (0, Some(nil)) => Bytes::copy_from_slice(nil),
+                (0, None) => bad("no shard"),
+                (n, _) => Bytes::copy_from_slice(keys[fastrand::usize(..n)]),
             }
         }
-        Fan::Scan => bad("SCAN is merged by scan_reply"),
+        Fan::Info => info(replies),
+        Fan::Scan => bad("SCAN is merged by scan::reply"),
     }
 }
 
-/// Low bits of a proxy SCAN cursor that name the shard being scanned.
-const SHARD_BITS: u32 = 10;
-
-/// A client's SCAN cursor as (shard index, that shard's own cursor).
-pub fn decode_cursor(cursor: &[u8]) -> Option<(usize, u64)> {
-    let c: u64 = std::str::from_utf8(cursor).ok()?.parse().ok()?;
-    Some(((c & ((1 << SHARD_BITS) - 1)) as usize, c >> SHARD_BITS))
-}
-
-/// Rewrite one shard's SCAN reply for the client: the next cursor names the
-/// same shard while it has more, then the next shard, then 0 after the last.
-pub fn scan_reply(reply: &[u8], shard: usize, shards: usize) -> Bytes {
-    if first_error(&[reply]).is_some() {
-        return Bytes::copy_from_slice(reply);
-    }
-    let Some(els) = elements(reply) else {
-        return bad("SCAN reply is not an array");
+/// INFO from every primary: the first one's, with its `# Keyspace`
+/// section made of every shard's (keys and expires summed per database,
+/// avg_ttl weighted by expires). Other sections describe that one node.
+fn info(replies: &[&[u8]]) -> Bytes {
+    let bodies: Option<Vec<InfoBody>> = replies.iter().map(|r| info_body(r)).collect();
+    let Some(bodies) = bodies else {
+        return bad("INFO reply is not a string");
     };
-    let [cursor, keys] = els[..] else {
-        return bad("SCAN reply of the wrong shape");
+    let Some(&(kind, prefix, first)) = bodies.first() else {
+        return bad("no shard");
     };
-    let Some((len, at)) = line_int(cursor, b'$') else {
-        return bad("SCAN cursor");
+    let Ok(first) = std::str::from_utf8(first) else {
+        return bad("INFO reply is not text");
     };
-    let Some(node_cursor) = cursor
-        .get(at..at.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)))
-        .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok())
-    else {
-        return bad("SCAN cursor");
+    let Some(at) = first.find("# Keyspace\r\n") else {
+        return Bytes::copy_from_slice(replies[0]);
     };
-    let next: u64 = if node_cursor != 0 {
-        if node_cursor >> (64 - SHARD_BITS) != 0 {
-            return bad("SCAN cursor too large to carry the shard");
+    let head_end = at + "# Keyspace\r\n".len();
+    let tail_at = first[head_end..]
+        .find("\r\n\r\n")
+        .map_or(first.len(), |i| head_end + i + 2);
+    // db -> (keys, expires, ttl * expires)
+    let mut dbs: std::collections::BTreeMap<u32, (u64, u64, u128)> = Default::default();
+    for (_, _, body) in &bodies {
+        let text = String::from_utf8_lossy(body);
+        let Some(at) = text.find("# Keyspace\r\n") else {
+            continue;
+        };
+        for line in text[at..].lines().skip(1) {
+            if line.is_empty() {
+                break;
+            }
+            let Some((db, fields)) = line.split_once(':') else {
+                continue;
+            };
+            let Some(n) = db.strip_prefix("db").and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let field = |name: &str| -> u64 {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            let e = dbs.entry(n).or_default();
+            e.0 += field("keys");
+            e.1 += field("expires");
+            e.2 += u128::from(field("avg_ttl")) * u128::from(field("expires"));
         }
-        (node_cursor << SHARD_BITS) | shard as u64
-    } else if shard + 1 < shards {
-        (shard + 1) as u64
-    } else {
-        0
-    };
-    let c = next.to_string();
-    let cbulk = crate::resp::bulk(c.as_bytes());
-    array(&[&cbulk[..], keys])
+    }
+    let mut text = String::from(&first[..head_end]);
+    for (db, (keys, expires, ttl)) in dbs {
+        let avg = if expires > 0 {
+            ttl / u128::from(expires)
+        } else {
+            0
+        };
+        text += &format!("db{db}:keys={keys},expires={expires},avg_ttl={avg}\r\n");
+    }
+    text += &first[tail_at..];
+    let body = [prefix, text.as_bytes()].concat();
+    let mut out = BytesMut::new();
+    out.put_slice(format!("{}{}\r\n", kind as char, body.len()).as_bytes());
+    out.put_slice(&body);
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+/// (type byte, verbatim prefix, text) of a bulk or verbatim string reply.
+type InfoBody<'a> = (u8, &'a [u8], &'a [u8]);
+
+fn info_body(r: &[u8]) -> Option<InfoBody<'_>> {
+    let kind = *r.first()?;
+    let (len, at) = line_int(r, kind)?;
+    let body = r.get(at..at.checked_add(usize::try_from(len).ok()?)?)?;
+    match kind {
+        b'$' => Some((kind, &[], body)),
+        b'=' if body.len() >= 4 => Some((kind, &body[..4], &body[4..])),
+        _ => None,
+    }
+}
+
+/// `n` whole replies from `b`; `None` where they are missing.
+pub fn split_replies(b: &Bytes, n: usize) -> Vec<Option<Bytes>> {
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0;
+    for _ in 0..n {
+        let mut s = ReplyScanner::new();
+        match s.scan(&b[pos..]) {
+            Ok(Some(r)) => {
+                out.push(Some(b.slice(pos..pos + r.len)));
+                pos += r.len;
+            }
+            _ => out.push(None),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -271,29 +329,25 @@ mod tests {
     }
 
     #[test]
-    fn scan_cursor_carries_the_shard() {
-        assert_eq!(decode_cursor(b"0"), Some((0, 0)));
-        assert_eq!(decode_cursor(b"x"), None);
-        // Shard 1 has more: its cursor 12 goes out as 12 << 10 | 1.
-        let r = b"*2\r\n$2\r\n12\r\n*1\r\n$1\r\nk\r\n";
-        let got = scan_reply(r, 1, 3);
-        let want_cursor = ((12u64 << 10) | 1).to_string();
+    fn info_keyspace_is_every_shards() {
+        let a = "# Server\r\nredis_version:7.0.15\r\n\r\n# Keyspace\r\ndb0:keys=10,expires=2,avg_ttl=100\r\n";
+        let b =
+            "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=300\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
+        let c = "# Server\r\nredis_version:7.0.15\r\n";
+        let bulk = |t: &str| format!("${}\r\n{t}\r\n", t.len()).into_bytes();
+        let got = fan(Fan::Info, &[&bulk(a), &bulk(b), &bulk(c)]);
+        let want = "# Server\r\nredis_version:7.0.15\r\n\r\n# Keyspace\r\ndb0:keys=15,expires=4,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
+        assert_eq!(got, bulk(want));
+        // RESP3 verbatim, and a section after the keyspace kept.
+        let v = |t: &str| format!("={}\r\ntxt:{t}\r\n", t.len() + 4).into_bytes();
+        let a2 = "# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n\r\n# Other\r\nx:1\r\n";
+        let got = fan(Fan::Info, &[&v(a2), &v(a2)]);
         assert_eq!(
             got,
-            array(&[
-                &crate::resp::bulk(want_cursor.as_bytes())[..],
-                b"*1\r\n$1\r\nk\r\n"
-            ])
+            v("# Keyspace\r\ndb0:keys=2,expires=0,avg_ttl=0\r\n\r\n# Other\r\nx:1\r\n")
         );
-        assert_eq!(decode_cursor(want_cursor.as_bytes()), Some((1, 12)));
-        // Shard 1 done: next is shard 2 from its start; after the last, 0.
-        let done = b"*2\r\n$1\r\n0\r\n*0\r\n";
-        assert_eq!(&scan_reply(done, 1, 3)[..], b"*2\r\n$1\r\n2\r\n*0\r\n");
-        assert_eq!(&scan_reply(done, 2, 3)[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
-        assert!(scan_reply(b"*1\r\n:1\r\n", 0, 1).starts_with(b"-ERR"));
-        assert!(scan_reply(b"*2\r\n$1\r\nz\r\n*0\r\n", 0, 1).starts_with(b"-ERR"));
-        // A cursor length no reply can have: an error, not an overflow.
-        let huge = b"*2\r\n$9223372036854775807\r\n0\r\n*0\r\n";
-        assert!(scan_reply(huge, 0, 1).starts_with(b"-ERR"));
+        // No keyspace section asked for: the first as it is.
+        assert_eq!(fan(Fan::Info, &[&bulk(c), &bulk(c)]), bulk(c));
+        assert!(fan(Fan::Info, &[b":1\r\n"]).starts_with(b"-ERR"));
     }
 }

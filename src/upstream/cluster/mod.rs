@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod merge;
 pub mod pinned;
 pub mod route;
+pub mod scan;
 
 use super::conn::{Handle, PushSink, Request};
 use super::policy;
@@ -47,6 +48,9 @@ use tracing::{info, warn};
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// The slot map is re-read this often even when nothing seems to change.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// How long the connections of a node that left the topology are kept for
+/// the commands in flight on them.
+const LEFT_GRACE: Duration = Duration::from_secs(5);
 /// Time allowed for one topology query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,12 +71,15 @@ pub struct Cluster {
     decision: watch::Sender<Decision>,
     map: RwLock<Option<Arc<SlotMap>>>,
     table: OnceLock<KeyTable>,
-    nodes: Mutex<HashMap<Node, Arc<Pool>>>,
+    /// Each node's pool, and the token that ends its connections.
+    nodes: Mutex<HashMap<Node, (Arc<Pool>, CancellationToken)>>,
     refresh: Arc<Notify>,
     /// Told each new slot map (shard channels, keyspace notifications).
     hub: Hub,
     dispatchers: [OnceLock<Vec<Handle>>; 2],
     next: AtomicUsize,
+    /// Bumped with each new slot map (dispatchers let go of nodes that left).
+    version: AtomicUsize,
     /// Why the last attempt to ask the seed (while undecided) failed.
     seed_error: Mutex<Option<UpstreamError>>,
     /// Commands of the proxy's own the access policy refused (logged once).
@@ -137,6 +144,7 @@ impl Cluster {
             hub,
             dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
+            version: AtomicUsize::new(0),
             seed_error: Mutex::new(None),
             refusals: Default::default(),
         });
@@ -224,6 +232,11 @@ impl Cluster {
             .unwrap_or_else(|| BUILTIN.get_or_init(KeyTable::builtin))
     }
 
+    /// Which slot map is current (changes with each new one).
+    pub(crate) fn map_version(&self) -> usize {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// The current slot map (`None` before the first one is read).
     pub fn map(&self) -> Option<Arc<SlotMap>> {
         self.map.read().expect("not poisoned").clone()
@@ -232,18 +245,19 @@ impl Cluster {
     /// The pool of one node, made on first use.
     pub(crate) fn node_pool(&self, node: &Node) -> Arc<Pool> {
         let mut nodes = self.nodes.lock().expect("not poisoned");
-        if let Some(p) = nodes.get(node) {
+        if let Some((p, _)) = nodes.get(node) {
             return p.clone();
         }
         let connector = Arc::new(self.connector.for_node(&node.host, node.port));
+        let stop = self.shutdown.child_token();
         let pool = Pool::new(
             &self.cfg,
             connector,
             self.metrics.clone(),
             self.health.clone(),
-            self.shutdown.clone(),
+            stop.clone(),
         );
-        nodes.insert(node.clone(), pool.clone());
+        nodes.insert(node.clone(), (pool.clone(), stop));
         pool
     }
 
@@ -437,6 +451,26 @@ impl Cluster {
             for n in &map.nodes {
                 self.node_pool(n);
             }
+            if changed {
+                // A node that left the topology is forgotten: its pool (and,
+                // with the dispatchers' handles, its connections) goes, and
+                // nothing redials it. Made again if it comes back.
+                self.nodes.lock().expect("not poisoned").retain(|n, (_, stop)| {
+                    let keep = map.nodes.contains(n);
+                    if !keep {
+                        info!(node = %n, "cluster node left the topology; its connections close in {}s", LEFT_GRACE.as_secs());
+                        // Commands in flight there (answered by MOVED, say)
+                        // finish first; then nothing redials it.
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(LEFT_GRACE).await;
+                            stop.cancel();
+                        });
+                    }
+                    keep
+                });
+                self.version.fetch_add(1, Ordering::Release);
+            }
             let map = Arc::new(map);
             *self.map.write().expect("not poisoned") = Some(map.clone());
             if changed {
@@ -456,6 +490,29 @@ impl Cluster {
             None => map.nodes.get(spread % map.nodes.len().max(1)).cloned(),
         }
     }
+}
+
+/// The command was not written because its node could not be reached (not
+/// a limit of the proxy's): it may go to whichever node the cluster names next.
+pub(crate) fn node_unreachable(e: &UpstreamError) -> bool {
+    match e {
+        UpstreamError::Connect { reason, .. } => !reason.contains("max_pinned"),
+        UpstreamError::Tls { .. } => true,
+        UpstreamError::Timeout { during, .. } => during.contains("re-established"),
+        _ => false,
+    }
+}
+
+/// An upstream failure as the client sees it: which node, which slot.
+pub(crate) fn node_error(e: &UpstreamError, node: Option<&Node>, slot: Option<u16>) -> Bytes {
+    let mut text = format!("ERR {e}");
+    match (node, slot) {
+        (Some(n), Some(s)) => text += &format!(" (node {n}, slot {s})"),
+        (Some(n), None) => text += &format!(" (node {n})"),
+        (None, Some(s)) => text += &format!(" (slot {s})"),
+        (None, None) => {}
+    }
+    resp::error(&text)
 }
 
 /// Send one command on `handle` and wait for its reply.

@@ -21,6 +21,8 @@
 //! If the bound connection is lost while it holds the client's state, the
 //! session is told (`lost`), as for any pinned connection.
 
+mod follow;
+
 use super::route::{self, Plan};
 use super::Cluster;
 use crate::command::{self, Class, Pin};
@@ -28,17 +30,23 @@ use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{PushSink, Request};
 use crate::upstream::pool::{Pinned, ServerConn, ServerRef};
-use crate::upstream::topology::{self, Node};
+use crate::upstream::topology::Node;
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 struct Bound {
     node: Node,
     pin: Pinned,
+    /// Reached through `ASK`: commands outside `MULTI` (and `MULTI`) are
+    /// sent after `ASKING`.
+    asking: bool,
+    /// Cancelled when this binding is dropped: ends the task that passes
+    /// the session's abort on, which must not keep the connection open.
+    _released: DropGuard,
 }
 
 struct Virtual {
@@ -58,9 +66,25 @@ struct Virtual {
     sticky: bool,
     /// MULTI and the keyless commands after it, not yet sent (no node yet).
     queued: Vec<Bytes>,
-    /// A command of the open transaction was refused here (CROSSSLOT): EXEC
-    /// discards it, as Redis does after an error while queueing.
+    /// A command of the open transaction was refused here (CROSSSLOT, no
+    /// connection to be had): EXEC discards it, as Redis does after an error
+    /// while queueing.
     tx_failed: bool,
+    /// WATCH could not be given a connection: the next transaction aborts
+    /// (it would otherwise run unwatched).
+    watch_failed: bool,
+    /// The transaction as sent to the server since `MULTI` (made again
+    /// elsewhere when the cluster redirects it).
+    tx_log: Vec<Bytes>,
+    /// The watched keys' slot moved: the next (or open) transaction answers
+    /// as aborted by a changed key.
+    watch_lost: bool,
+    /// The open transaction answers null at `EXEC` (see `watch_lost`).
+    tx_null: bool,
+    /// A binding made now to this node is reached through `ASK`.
+    ask_at: Option<Node>,
+    /// The node of the last binding (kept when its connection closes).
+    was_on: Option<Node>,
     spread: usize,
     /// The bound connection's server side, for CLIENT UNBLOCK.
     server: ServerRef,
@@ -103,6 +127,12 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         sticky: false,
         queued: Vec::new(),
         tx_failed: false,
+        watch_failed: false,
+        tx_log: Vec::new(),
+        watch_lost: false,
+        tx_null: false,
+        ask_at: None,
+        was_on: None,
         spread: fastrand::usize(..1024),
         server: server.clone(),
         parked: Vec::new(),
@@ -197,9 +227,21 @@ impl Virtual {
             // A new transaction goes to the node of its own first key.
             self.bound = None;
         }
+        if name == b"MULTI" && !self.in_multi && self.watch_failed {
+            self.tx_failed = true;
+        }
+        if self.in_multi && self.tx_null {
+            return self.tx_lost(&name);
+        }
+        if name == b"MULTI" && !self.in_multi && self.watch_lost {
+            self.in_multi = true;
+            self.tx_null = true;
+            return resp::ok();
+        }
         match &name[..] {
             b"MULTI" if self.bound.is_none() => {
                 self.in_multi = true;
+                self.tx_log = vec![frame.clone()];
                 self.queued = vec![frame];
                 return resp::ok();
             }
@@ -217,28 +259,49 @@ impl Virtual {
                 self.slot = Some(s);
             }
         }
-        let reply = self.forward(frame.clone(), slot).await;
+        // What the transaction is made of, should it be made again elsewhere.
+        let logged = self.in_multi && name != b"EXEC" && name != b"DISCARD";
+        if logged {
+            self.tx_log.push(frame.clone());
+        }
+        let reply = match self.forward(frame.clone(), slot, None).await {
+            Ok(r) => r,
+            // No connection: the command did not reach the server.
+            Err(e) => {
+                if logged {
+                    self.tx_log.pop();
+                }
+                return self.unsent(&name, e);
+            }
+        };
         if mode && !reply.starts_with(b"-") {
             if self.modes.len() == MAX_MODES {
                 self.modes.remove(0);
             }
             self.modes.push(frame.clone());
         }
-        // Outside a transaction a MOVED means the command did not run: follow it.
-        let reply = if !self.in_tx() {
-            self.follow_moved(frame, slot, reply).await
-        } else {
-            reply
-        };
+        // A redirection means the command did not run: follow it.
+        let reply = self.settle(&name, frame.clone(), slot, reply).await;
+        if self.tx_null {
+            return reply;
+        }
         match &name[..] {
-            b"EXEC" | b"DISCARD" => self.end_tx(),
+            b"EXEC" | b"DISCARD" => {
+                self.end_tx();
+                self.release();
+            }
             b"UNWATCH" => {
                 self.watching = false;
+                self.watch_failed = false;
                 if !self.in_multi {
                     self.slot = None;
+                    self.release();
                 }
             }
-            b"MULTI" => self.in_multi = true,
+            b"MULTI" => {
+                self.in_multi = true;
+                self.tx_log = vec![frame];
+            }
             b"WATCH" if !reply.starts_with(b"-") => self.watching = true,
             b"WATCH" if !self.watching && !self.in_multi => self.slot = None,
             _ => {}
@@ -254,36 +317,53 @@ impl Virtual {
         e
     }
 
+    /// `name` could not be sent (no connection to be had): its error, and
+    /// what that means for a transaction or WATCH of the client.
+    fn unsent(&mut self, name: &[u8], e: Bytes) -> Bytes {
+        match name {
+            b"WATCH" => self.watch_failed = true,
+            b"EXEC" if self.in_multi => {
+                self.end_tx();
+                let why = resp::error_text(&e).unwrap_or_default();
+                return resp::error(&format!(
+                    "EXECABORT Transaction discarded: {}",
+                    why.trim_start_matches("ERR ")
+                ));
+            }
+            b"DISCARD" if self.in_multi => {
+                self.end_tx();
+                return resp::ok();
+            }
+            _ => {}
+        }
+        self.refuse(e)
+    }
+
     fn end_tx(&mut self) {
         self.tx_failed = false;
+        self.watch_failed = false;
+        self.watch_lost = false;
+        self.tx_null = false;
+        self.tx_log.clear();
         self.in_multi = false;
         self.watching = false;
         self.slot = None;
         self.queued.clear();
     }
 
-    async fn follow_moved(&mut self, frame: Bytes, slot: Option<u16>, mut reply: Bytes) -> Bytes {
-        for _ in 0..super::dispatch::MAX_REDIRECTS {
-            let Some(node) = self.bound.as_ref().map(|b| b.node.clone()) else {
-                return reply;
-            };
-            match topology::parse_redirect(&reply, &node) {
-                Some((true, s, to)) => {
-                    self.cluster.moved(s, to);
-                    self.unbind();
-                    reply = self.forward(frame.clone(), slot).await;
-                }
-                _ => return reply,
-            }
-        }
-        reply
-    }
-
     /// Send one command on the connection of `slot`'s node (binding first).
-    async fn forward(&mut self, frame: Bytes, slot: Option<u16>) -> Bytes {
-        let want = match slot {
-            Some(_) => self.cluster.node_for(slot, self.spread),
-            None => None,
+    /// `Err`: no connection could be had, the command was not sent.
+    /// `to`: that node instead of the slot's owner.
+    async fn forward(
+        &mut self,
+        frame: Bytes,
+        slot: Option<u16>,
+        to: Option<Node>,
+    ) -> Result<Bytes, Bytes> {
+        let want = match (to, slot) {
+            (Some(n), _) => Some(n),
+            (None, Some(_)) => self.cluster.node_for(slot, self.spread),
+            (None, None) => None,
         };
         // A client mode moves to the keys' node (keeping the one it leaves);
         // a transaction or WATCH stays where it is.
@@ -311,24 +391,65 @@ impl Virtual {
             if self.in_multi && slot.is_none() && !frame_is(&frame, b"EXEC") {
                 // Still no node: keep it for when one is known.
                 self.queued.push(frame);
-                return resp::simple("QUEUED");
+                return Ok(resp::simple("QUEUED"));
             }
             let node = match want.or_else(|| self.cluster.node_for(None, self.spread)) {
                 Some(n) => n,
-                None => return resp::error("CLUSTERDOWN Hash slot not served"),
+                None => return Err(resp::error("CLUSTERDOWN Hash slot not served")),
             };
-            if let Err(e) = self.bind(node).await {
-                return e.to_reply();
+            if let Err((e, node)) = self.bind_held(node, slot).await {
+                return Err(super::node_error(&e, Some(&node), slot));
             }
             // A new node's connection takes the client's modes first.
             for m in self.modes.clone() {
                 let r = self.send(m).await;
                 if r.starts_with(b"-") {
-                    return r;
+                    return Ok(r);
                 }
             }
         }
-        self.send(frame).await
+        Ok(self.send(frame).await)
+    }
+
+    /// [`bind`](Self::bind); when the node of `slot` cannot be reached,
+    /// wait (bounded, as the shared path does) for the cluster to name a
+    /// new owner and bind there.
+    async fn bind_held(
+        &mut self,
+        mut node: Node,
+        slot: Option<u16>,
+    ) -> Result<(), (UpstreamError, Node)> {
+        use super::dispatch::NODE_DOWN_HOLD;
+        let start = tokio::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match self.bind(node.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if slot.is_some()
+                        && super::node_unreachable(&e)
+                        && start.elapsed() < NODE_DOWN_HOLD =>
+                {
+                    attempt += 1;
+                    self.cluster.stale();
+                    let until = (tokio::time::Instant::now()
+                        + crate::upstream::conn::backoff(attempt + 2))
+                    .min(start + NODE_DOWN_HOLD);
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let now = self.cluster.node_for(slot, self.spread);
+                        if now.as_ref().is_some_and(|n| *n != node) {
+                            node = now.expect("checked");
+                            break;
+                        }
+                        if tokio::time::Instant::now() >= until {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => return Err((e, node)),
+            }
+        }
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
@@ -336,15 +457,22 @@ impl Virtual {
             tx: self.push.clone(),
         };
         let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
-        // Until that connection ends, an abort of this one closes it.
-        let (abort, real, done) = (self.abort.clone(), pin.abort.clone(), pin.tx.clone());
+        // While bound, an abort of this one closes that connection. The task
+        // holds no sender of it: dropping the binding lets it go back.
+        let released = CancellationToken::new();
+        let (abort, real, done) = (self.abort.clone(), pin.abort.clone(), released.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = abort.cancelled() => real.cancel(),
-                _ = done.closed() => {}
+                _ = done.cancelled() => {}
             }
         });
-        self.stand_on(Bound { node, pin });
+        self.stand_on(Bound {
+            node,
+            pin,
+            asking: false,
+            _released: released.drop_guard(),
+        });
         if !self.queued.is_empty() {
             let queued = std::mem::take(&mut self.queued);
             let mut bytes = BytesMut::new();
@@ -358,12 +486,22 @@ impl Virtual {
     }
 
     /// Bind to `b`, and say which server connection that is (CLIENT UNBLOCK).
-    fn stand_on(&mut self, b: Bound) {
+    fn stand_on(&mut self, mut b: Bound) {
+        self.was_on = Some(b.node.clone());
+        b.asking = self.ask_at.as_ref() == Some(&b.node);
         self.server.set(b.pin.server.get().map(|s| ServerConn {
             id: s.id,
             node: Some(b.node.clone()),
         }));
         self.bound = Some(b);
+    }
+
+    /// The transaction is over: its connection goes back to its node now,
+    /// not when the client next needs one (as a new MULTI would anyway).
+    fn release(&mut self) {
+        if !self.held() {
+            self.bound = None;
+        }
     }
 
     /// Leave the bound connection: kept for later in a client mode (its
@@ -377,12 +515,28 @@ impl Virtual {
     }
 
     async fn send(&mut self, frame: Bytes) -> Bytes {
+        let is_multi = frame_is(&frame, b"MULTI");
         let in_multi_after =
             self.in_multi && !frame_is(&frame, b"EXEC") && !frame_is(&frame, b"DISCARD")
-                || frame_is(&frame, b"MULTI");
-        match self.request(frame, 1, in_multi_after).await {
+                || is_multi;
+        // On a node reached through ASK: ASKING first, except inside MULTI
+        // (where ASKING from before MULTI holds, and would be queued).
+        let ask = self.bound.as_ref().is_some_and(|b| b.asking) && (!self.in_multi || is_multi);
+        let (bytes, count) = if ask {
+            let mut b = BytesMut::from(&resp::command(&[b"ASKING"])[..]);
+            b.extend_from_slice(&frame);
+            (b.freeze(), 2)
+        } else {
+            (frame, 1)
+        };
+        let node = self.bound.as_ref().map(|b| b.node.clone());
+        match self.request(bytes, count, in_multi_after).await {
+            Ok(b) if count == 2 => super::merge::split_replies(&b, 2)
+                .pop()
+                .flatten()
+                .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")),
             Ok(b) => b,
-            Err(e) => e.to_reply(),
+            Err(e) => super::node_error(&e, node.as_ref(), self.slot),
         }
     }
 

@@ -38,9 +38,11 @@ pub enum Fan {
     Same,
     /// SCRIPT EXISTS: 1 where every node has the script.
     And,
-    /// RANDOMKEY: a key from a node that has one.
+    /// RANDOMKEY: a key from a node that has one, chosen at random.
     Random,
-    /// SCAN: one shard at a time, the shard in the cursor.
+    /// INFO with its keyspace section: that section summed.
+    Info,
+    /// SCAN: one run of slots at a time, the run in the cursor.
     Scan,
 }
 
@@ -88,6 +90,7 @@ fn fan_kind(args: &[&[u8]]) -> Option<Fan> {
         (b"KEYS", _) => Fan::Concat,
         (b"SCAN", _) => Fan::Scan,
         (b"RANDOMKEY", _) => Fan::Random,
+        (b"INFO", _) if info_has_keyspace(&args[1..]) => Fan::Info,
         (b"FLUSHALL" | b"FLUSHDB", _) => Fan::AllOk,
         (b"SCRIPT", Some(b"LOAD")) => Fan::Same,
         (b"SCRIPT", Some(b"EXISTS")) => Fan::And,
@@ -96,6 +99,16 @@ fn fan_kind(args: &[&[u8]]) -> Option<Fan> {
         (b"FUNCTION", Some(b"DELETE" | b"FLUSH")) => Fan::AllOk,
         _ => return None,
     })
+}
+
+/// Whether INFO with these sections shows `# Keyspace`.
+fn info_has_keyspace(sections: &[&[u8]]) -> bool {
+    sections.is_empty()
+        || sections.iter().any(|s| {
+            [&b"keyspace"[..], b"all", b"everything", b"default"]
+                .iter()
+                .any(|k| s.eq_ignore_ascii_case(k))
+        })
 }
 
 /// Decide where `args` (a whole command, name first) goes.
@@ -179,7 +192,9 @@ mod tests {
         assert_eq!(p("PING"), Plan::Any);
         assert_eq!(p("PUBLISH c m"), Plan::Any);
         assert_eq!(p("SPUBLISH foo m"), Plan::Slot(12182));
-        assert_eq!(p("INFO"), Plan::Any);
+        assert_eq!(p("INFO"), Plan::FanOut(Fan::Info));
+        assert_eq!(p("INFO server keyspace"), Plan::FanOut(Fan::Info));
+        assert_eq!(p("INFO server"), Plan::Any);
         assert_eq!(p("XREAD STREAMS a"), Plan::Any);
     }
 

@@ -175,6 +175,8 @@ pub struct Actor {
     /// (subscription, connection) pairs confirmed upstream (the
     /// `pubsub_channels` gauge).
     held: usize,
+    /// When the home connection last moved to another node (see `move_home`).
+    home_moved_at: Option<tokio::time::Instant>,
     starter: Starter,
     shutdown: CancellationToken,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -205,6 +207,7 @@ impl Actor {
             refresh: None,
             retry: HashSet::new(),
             held: 0,
+            home_moved_at: None,
             starter,
             shutdown,
             events_tx,
@@ -291,8 +294,41 @@ impl Actor {
                 let _ = reply.send(Ok(Counts::default()));
             }
             Op::Gone { id } => self.remove_client(id),
+            Op::Receivers {
+                channel,
+                node,
+                reply,
+            } => {
+                let _ = reply.send(self.receivers(&channel, &node));
+            }
             Op::Topology { map, refresh } => self.topology(map, refresh),
         }
+    }
+
+    /// Local receivers of a message of `channel`, and the hub's own
+    /// subscriptions that a `PUBLISH` on `node` counted.
+    fn receivers(&self, channel: &[u8], node: &str) -> super::Receivers {
+        let on_node: Vec<usize> = (0..self.conns.len())
+            .filter(|&c| self.addr(c) == node)
+            .collect();
+        let held = |e: &Entry| {
+            on_node
+                .iter()
+                .filter(|&&c| e.state(c) == Some(Up::Active))
+                .count()
+        };
+        let mut r = super::Receivers::default();
+        if let Some(e) = self.entries[Kind::Channel.idx()].get(channel) {
+            r.local += e.subs.len();
+            r.upstream += held(e);
+        }
+        for (pattern, e) in &self.entries[Kind::Pattern.idx()] {
+            if super::place::glob(pattern, channel) {
+                r.local += e.subs.len();
+                r.upstream += held(e);
+            }
+        }
+        r
     }
 
     fn subscribe(

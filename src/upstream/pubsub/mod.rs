@@ -197,6 +197,12 @@ enum Op {
     },
     /// The client is gone.
     Gone { id: u64 },
+    /// Who a `PUBLISH` to `channel` on `node` reaches through the hub.
+    Receivers {
+        channel: Bytes,
+        node: String,
+        reply: oneshot::Sender<Receivers>,
+    },
     /// The upstream is a cluster with this slot map (each new one); `refresh`
     /// asks the cluster layer to read it again.
     Topology {
@@ -228,8 +234,9 @@ pub enum Event {
     ConnectFailed { conn: usize, error: UpstreamError },
 }
 
-/// The hub asks for a connection to be kept: to the configured host (`node`
-/// `None`, connection 0) or to a cluster primary, until `stop`.
+/// The hub asks for a connection to be kept: the home one (connection 0: to
+/// the configured host, `node` `None`, or on a cluster to the node it moved
+/// to) or one to a cluster primary, until `stop`.
 pub struct Start {
     pub conn: usize,
     pub node: Option<Node>,
@@ -256,6 +263,17 @@ pub struct Hub {
     /// The hub connection's server-side client id, and a token cancelled
     /// when that connection goes (`None` while there is none).
     upstream: supervise::RedirectTarget,
+}
+
+/// What the hub adds to and takes from a node's `PUBLISH` count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receivers {
+    /// Local clients a message of the channel reaches (one per client
+    /// subscribed to it, one per client and matching pattern), as Redis counts.
+    pub local: usize,
+    /// The hub's own subscriptions on that node that match (the node counted
+    /// them as receivers).
+    pub upstream: usize,
 }
 
 /// The RESP2 client-side caching channel: `CLIENT TRACKING on REDIRECT <id>`
@@ -288,10 +306,12 @@ impl Hub {
         let upstream = Arc::new(std::sync::Mutex::new(None));
         let up = upstream.clone();
         let starter: Starter = Box::new(move |s: Start| {
-            let (connector, target) = match &s.node {
-                None => (connector.clone(), Some(up.clone())),
-                Some(n) => (Arc::new(connector.for_node(&n.host, n.port)), None),
+            let connector = match &s.node {
+                None => connector.clone(),
+                Some(n) => Arc::new(connector.for_node(&n.host, n.port)),
             };
+            // The home connection (wherever it is) is the tracking redirect target.
+            let target = (s.conn == 0).then(|| up.clone());
             let mut opts = conn_opts.clone();
             opts.addr = connector.addr().to_string();
             tokio::spawn(supervise::supervise(
@@ -311,6 +331,20 @@ impl Hub {
     /// keyspace notifications are held on the primaries it names.
     pub fn topology(&self, map: Arc<SlotMap>, refresh: Arc<Notify>) {
         let _ = self.ops.send(Op::Topology { map, refresh });
+    }
+
+    /// Who a `PUBLISH` to `channel` sent to `node` (`host:port`) reaches
+    /// through the hub (`None`: the hub did not answer).
+    pub async fn receivers(&self, channel: Bytes, node: String) -> Option<Receivers> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Receivers {
+                channel,
+                node,
+                reply,
+            })
+            .ok()?;
+        rx.await.ok()
     }
 
     /// Where a RESP2 client's `CLIENT TRACKING on REDIRECT <local id>` must

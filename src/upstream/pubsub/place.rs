@@ -92,6 +92,98 @@ pub fn delivers(kind: Kind, channel: &[u8], home: bool, cluster: bool) -> bool {
     is_notification(channel) != home
 }
 
+/// Whether `channel` matches the glob `pattern` as Redis matches
+/// PSUBSCRIBE patterns (`*`, `?`, `[...]` with `^` and ranges, `\` escapes).
+pub fn glob(pattern: &[u8], channel: &[u8]) -> bool {
+    let (mut p, mut s) = (0, 0);
+    // Where to go back to after a `*` that matched too little.
+    let mut star: Option<(usize, usize)> = None;
+    loop {
+        if p < pattern.len() {
+            match pattern[p] {
+                b'*' => {
+                    star = Some((p, s));
+                    p += 1;
+                    continue;
+                }
+                b'?' if s < channel.len() => {
+                    p += 1;
+                    s += 1;
+                    continue;
+                }
+                b'[' if s < channel.len() => {
+                    if let Some((hit, next)) = class(pattern, p + 1, channel[s]) {
+                        if hit {
+                            p = next;
+                            s += 1;
+                            continue;
+                        }
+                    }
+                }
+                b'\\'
+                    if p + 1 < pattern.len()
+                        && s < channel.len()
+                        && pattern[p + 1] == channel[s] =>
+                {
+                    p += 2;
+                    s += 1;
+                    continue;
+                }
+                c if c != b'?'
+                    && c != b'['
+                    && c != b'\\'
+                    && s < channel.len()
+                    && c == channel[s] =>
+                {
+                    p += 1;
+                    s += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        } else if s == channel.len() {
+            return true;
+        }
+        // Mismatch: let the last `*` take one more byte.
+        match star {
+            Some((sp, ss)) if ss < channel.len() => {
+                star = Some((sp, ss + 1));
+                p = sp + 1;
+                s = ss + 1;
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// A `[...]` class from `at` (after the `[`): whether `c` is in it, and
+/// where the pattern goes on. `None`: no closing `]` (Redis then takes the
+/// class to the end of the pattern).
+fn class(pattern: &[u8], mut at: usize, c: u8) -> Option<(bool, usize)> {
+    let not = pattern.get(at) == Some(&b'^');
+    if not {
+        at += 1;
+    }
+    let mut hit = false;
+    while at < pattern.len() && pattern[at] != b']' {
+        if pattern[at] == b'\\' && at + 1 < pattern.len() {
+            hit |= pattern[at + 1] == c;
+            at += 2;
+        } else if at + 2 < pattern.len() && pattern[at + 1] == b'-' && pattern[at + 2] != b']' {
+            let (a, b) = (
+                pattern[at].min(pattern[at + 2]),
+                pattern[at].max(pattern[at + 2]),
+            );
+            hit |= (a..=b).contains(&c);
+            at += 3;
+        } else {
+            hit |= pattern[at] == c;
+            at += 1;
+        }
+    }
+    Some((hit != not, (at + 1).min(pattern.len())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +231,32 @@ mod tests {
             assert!(!delivers(kind, b"__keyspace@0__:k", true, true));
         }
         assert!(delivers(Kind::Shard, b"s", false, true));
+    }
+
+    #[test]
+    fn glob_matches_as_redis_does() {
+        for (p, c, want) in [
+            ("*", "news", true),
+            ("n*s", "news", true),
+            ("n*s", "newz", false),
+            ("n?ws", "news", true),
+            ("n?ws", "nws", false),
+            ("h[ae]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[^e]llo", "hallo", true),
+            ("h[a-c]llo", "hbllo", true),
+            ("h[a-c]llo", "hdllo", false),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "axb", false),
+            ("a\\*b", "a\\xb", false),
+            ("__key*__:*", "__keyspace@0__:k", true),
+            ("*a*b*", "xxaxxbxx", true),
+            ("*a*b*", "xxbxxaxx", false),
+            ("", "", true),
+            ("", "a", false),
+            ("[", "a", false),
+        ] {
+            assert_eq!(glob(p.as_bytes(), c.as_bytes()), want, "{p} ~ {c}");
+        }
     }
 }

@@ -213,9 +213,39 @@ impl Actor {
     /// subscriptions stay and are made again on its next connection.
     pub(super) fn lost(&mut self, c: usize) {
         self.forget_conn(c);
-        if c != HOME {
+        if c != HOME || self.map.is_some() {
             self.ask_refresh();
         }
+    }
+
+    /// On a cluster every node hears every `PUBLISH`: when the home node
+    /// cannot be reached (it died, it is being replaced), channels and
+    /// patterns move to another node of the map rather than wait, deaf, for
+    /// that one to come back. At most once a second (then the usual backoff).
+    fn move_home(&mut self) -> bool {
+        let Some(map) = self.map.clone() else {
+            return false;
+        };
+        if self
+            .home_moved_at
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return false;
+        }
+        let here = self.addr(HOME);
+        let others: Vec<&Node> = map.nodes.iter().filter(|n| n.to_string() != here).collect();
+        if others.is_empty() {
+            return false;
+        }
+        let to = others[fastrand::usize(..others.len())].clone();
+        warn!(from = %here, to = %to, "pub/sub hub: the node holding channels and patterns cannot be reached; moving them to another node");
+        self.home_moved_at = Some(tokio::time::Instant::now());
+        self.conns[HOME].stop.cancel();
+        self.conns[HOME] = Conn::new(Some(to), self.shutdown.child_token());
+        self.forget_conn(HOME);
+        self.replace(self.select(|e| e.targets.contains(&HOME)));
+        self.ask_refresh();
+        true
     }
 
     /// Connection `c` is down or closed: drop it and every upstream state
@@ -229,6 +259,10 @@ impl Actor {
     }
 
     pub(super) fn connect_failed(&mut self, c: usize, error: UpstreamError) {
+        if c == HOME && self.move_home() {
+            // Pending subscriptions wait for the new home's confirmation.
+            return;
+        }
         let reply = error.to_reply();
         self.conns[c].down = Some(reply.clone());
         // Every pending SUBSCRIBE that waits for this connection: say why it

@@ -487,6 +487,15 @@ async fn serve_connection(
 const GET_ONLY: &str = "GET, HEAD";
 
 /// Route one request. Everything here is synchronous and reads held state only.
+/// The metrics text, with what is computed at scrape time (token expiry,
+/// readiness) brought up to date first: `/metrics` and the OTLP export.
+pub fn render_metrics(health: &Health, metrics: &Metrics) -> String {
+    let now = SystemTime::now();
+    metrics.set_token_expiry_seconds(health.token_expiry_seconds(now));
+    metrics.ready.set(i64::from(health.readiness(now).ok));
+    metrics.render()
+}
+
 fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let method = req.method();
     let path = req.uri().path();
@@ -497,13 +506,8 @@ fn respond<B>(state: &AdminState, req: &Request<B>, peer: SocketAddr) -> Respons
         "/livez" => check_response(state.health.liveness()),
         "/readyz" => check_response(state.health.readiness(SystemTime::now())),
         "/metrics" => {
-            let now = SystemTime::now();
-            state
-                .metrics
-                .set_token_expiry_seconds(state.health.token_expiry_seconds(now));
-            let ready = state.health.readiness(now).ok;
-            state.metrics.ready.set(i64::from(ready));
-            let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            let text = render_metrics(&state.health, &state.metrics);
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(

@@ -7,10 +7,12 @@
 
 mod environment;
 mod listen;
+mod otel;
 mod secrets;
 
 pub use environment::is_service_link;
 pub use listen::ListenAddrs;
+pub use otel::OtelConfig;
 pub use secrets::{read_secret_file, SECRET_KEYS};
 
 use crate::secret::Secret;
@@ -97,6 +99,18 @@ pub const KEYS: &[(&str, &str)] = &[
     ("log.max_per_minute", "20"),
     ("shutdown.grace", "30s"),
     ("shutdown.min_delay", "0s"),
+    ("otel.enabled", "false"),
+    (
+        "otel.endpoint",
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318",
+    ),
+    (
+        "otel.service_name",
+        "OTEL_SERVICE_NAME, else redis-entra-proxy",
+    ),
+    ("otel.metrics_interval", "60s"),
+    ("otel.export_timeout", "10s"),
+    ("otel.trace_sample_ratio", "0.01"),
 ];
 
 /// The values each enum-valued key accepts (besides `log.level`, a filter: see
@@ -222,6 +236,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub otel: OtelConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -581,6 +596,7 @@ impl Config {
         }
         // Only our own variables: the rest of the environment is none of our
         // business, and so are Kubernetes service links that share our prefix.
+        let otel_env = sources.env.clone();
         let ours: config::Map<String, String> = sources
             .env
             .into_iter()
@@ -628,6 +644,7 @@ impl Config {
             ));
         }
         secrets::resolve(&mut cfg)?;
+        cfg.otel.env = crate::otel::OtelEnv::from_env(&otel_env);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -700,6 +717,17 @@ impl Config {
             return Err(invalid("auth.entra.attempt_timeout", "must be positive"));
         }
         check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
+        self.otel.settings().map_err(|reason| {
+            let key = [
+                "otel.trace_sample_ratio",
+                "otel.metrics_interval",
+                "otel.export_timeout",
+            ]
+            .into_iter()
+            .find(|k| reason.starts_with(k))
+            .unwrap_or("otel.endpoint");
+            invalid(key, reason)
+        })?;
         Ok(())
     }
 
@@ -781,6 +809,61 @@ mod tests {
                 .collect(),
             overrides: vec![],
         })
+    }
+
+    #[test]
+    fn otel_is_off_by_default_and_reads_the_standard_variables() {
+        let base = ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h");
+        let collector = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        let cfg = load(&[base, collector], None).unwrap();
+        assert_eq!(cfg.otel.settings().unwrap(), None);
+        let on = ("REDIS_ENTRA_PROXY_OTEL__ENABLED", "true");
+        let cfg = load(&[base, collector, on], None).unwrap();
+        let s = cfg.otel.settings().unwrap().unwrap();
+        assert_eq!(s.metrics_url, "http://collector:4318/v1/metrics");
+        assert_eq!(s.trace_sample_ratio, 0.01);
+        let file =
+            "[otel]\nenabled = true\nendpoint = \"https://c:1\"\nmetrics_interval = \"5s\"\n";
+        let cfg = load(&[base, collector], Some(file)).unwrap();
+        let s = cfg.otel.settings().unwrap().unwrap();
+        assert_eq!(s.traces_url, "https://c:1/v1/traces");
+        assert_eq!(s.metrics_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_otel_values_name_their_key() {
+        let base = ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "h");
+        let on = ("REDIS_ENTRA_PROXY_OTEL__ENABLED", "true");
+        let e = load(
+            &[
+                base,
+                on,
+                ("REDIS_ENTRA_PROXY_OTEL__TRACE_SAMPLE_RATIO", "2"),
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad value for `otel.trace_sample_ratio`"), "{e}");
+        let e = load(
+            &[
+                base,
+                on,
+                ("REDIS_ENTRA_PROXY_OTEL__ENDPOINT", "localhost:4317"),
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad value for `otel.endpoint`"), "{e}");
+        let e = load(&[base, on, ("OTEL_EXPORTER_OTLP_HEADERS", "k")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{e}");
+        let e = load(&[base, ("REDIS_ENTRA_PROXY_OTEL__NOPE", "1")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otel.nope"), "{e}");
     }
 
     #[test]

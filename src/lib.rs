@@ -16,6 +16,7 @@ pub mod downstream;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod resp;
 pub mod route;
 pub mod secret;

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub upstream_resent: Counter,
     /// Azure maintenance notices by notice and the action taken.
     pub maintenance_notices: Family<Labels, Counter>,
+    /// OpenTelemetry recording, when export is on (`otel.enabled`).
+    otel: std::sync::OnceLock<Arc<crate::otel::Telemetry>>,
 }
 
 impl Default for Metrics {
@@ -267,7 +269,24 @@ impl Metrics {
             upstream_hold_dropped,
             upstream_resent,
             maintenance_notices,
+            otel: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Turn OpenTelemetry recording on (once, at start-up).
+    pub fn set_otel(&self, t: Arc<crate::otel::Telemetry>) {
+        let _ = self.otel.set(t);
+    }
+
+    /// The OpenTelemetry recorder to hand to others, when export is on.
+    pub fn otel_handle(&self) -> Option<Arc<crate::otel::Telemetry>> {
+        self.otel.get().cloned()
+    }
+
+    /// The OpenTelemetry recorder, when export is on.
+    #[inline]
+    pub fn otel(&self) -> Option<&crate::otel::Telemetry> {
+        self.otel.get().map(|t| &**t)
     }
 
     pub fn command(&self, route: Route) {

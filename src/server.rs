@@ -87,12 +87,15 @@ pub struct Running {
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    // Before the credential source starts: its first token fetch is a span.
+    let otel = start_otel(cfg, &metrics)?;
     let tokens = auth::start(&cfg.auth, metrics.clone(), shutdown.clone())
         .map_err(|e| StartError::Config(e.to_string()))?;
     let connector = Arc::new(
         Connector::new(cfg, tokens.clone())
             .map_err(StartError::Config)?
-            .with_acceptance(metrics.acceptance.clone()),
+            .with_acceptance(metrics.acceptance.clone())
+            .with_otel(metrics.otel_handle()),
     );
     let addrs = cfg
         .listen_addrs()
@@ -117,6 +120,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     metrics
         .tls_insecure
         .set(i64::from(cfg.upstream.tls_insecure_skip_verify));
+    if let Some(o) = otel {
+        spawn_otel(o, health.clone(), metrics.clone(), shutdown.clone());
+    }
     let stop = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let mut admin_task = None;
@@ -296,6 +302,50 @@ async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
         }
         other => other,
     }
+}
+
+/// Turn OpenTelemetry recording on when `otel.enabled`; the exporter is
+/// spawned by [`spawn_otel`] once readiness can be computed.
+fn start_otel(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Option<OtelStart>, StartError> {
+    let Some(settings) = cfg.otel.settings().map_err(StartError::Config)? else {
+        return Ok(None);
+    };
+    info!(
+        metrics = %settings.metrics_url,
+        traces = %settings.traces_url,
+        interval_secs = settings.metrics_interval.as_secs_f64(),
+        sample_ratio = settings.trace_sample_ratio,
+        "OpenTelemetry export on (OTLP/HTTP JSON)"
+    );
+    let (telemetry, spans) = crate::otel::Telemetry::new(settings.trace_sample_ratio);
+    let telemetry = Arc::new(telemetry);
+    metrics.set_otel(telemetry.clone());
+    Ok(Some(OtelStart {
+        settings,
+        telemetry,
+        spans,
+    }))
+}
+
+struct OtelStart {
+    settings: crate::otel::Settings,
+    telemetry: Arc<crate::otel::Telemetry>,
+    spans: tokio::sync::mpsc::Receiver<crate::otel::encode::SpanRecord>,
+}
+
+fn spawn_otel(
+    start: OtelStart,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(crate::otel::export::run(
+        start.settings,
+        start.telemetry,
+        start.spans,
+        Box::new(move || admin::render_metrics(&health, &metrics)),
+        shutdown,
+    ));
 }
 
 impl Running {

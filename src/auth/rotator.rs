@@ -350,6 +350,7 @@ pub async fn run(
     let mut generation = tx.borrow().generation;
     loop {
         let started = tokio::time::Instant::now();
+        let started_wall = SystemTime::now();
         let Some(result) = attempt(&source, cfg.attempt_timeout, &shutdown).await else {
             return;
         };
@@ -358,6 +359,18 @@ pub async fn run(
             .observe(started.elapsed().as_secs_f64());
         let now = clock.now();
         let result = result.and_then(|t| credential(t, cfg.username.as_deref(), now));
+        if let Some(otel) = metrics.otel() {
+            otel.finished(
+                "token refresh",
+                1,
+                started_wall,
+                vec![crate::otel::encode::attr_str(
+                    "redis_entra_proxy.token.source",
+                    source.describe(),
+                )],
+                result.as_ref().err().map(|e| e.reason().to_string()),
+            );
+        }
         let delay = match result {
             Ok((cred, lifetime)) => {
                 if backoff.failures() > 0 {

@@ -33,6 +33,8 @@ pub(super) enum Out {
         /// A PUBLISH to a channel the client listens to itself: the reply
         /// waits for the client's own messages (see [`OwnMessages`]).
         own: Option<Box<OwnMessages>>,
+        /// The command name it is recorded under (OpenTelemetry).
+        op: crate::otel::ops::Op,
     },
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
@@ -377,6 +379,7 @@ impl Client {
                     since,
                     silent,
                     own,
+                    op,
                 } => {
                     let res = match own {
                         None => match std::pin::Pin::new(rx).poll(cx) {
@@ -436,9 +439,15 @@ impl Client {
                         continue;
                     }
                     self.waits -= 1;
-                    self.metrics
-                        .command_latency
-                        .observe(since.elapsed().as_secs_f64());
+                    let elapsed = since.elapsed();
+                    self.metrics.command_latency.observe(elapsed.as_secs_f64());
+                    if let Some(otel) = self.metrics.otel() {
+                        let failed = match &res {
+                            Ok(b) => *count == 1 && b.first() == Some(&b'-'),
+                            Err(_) => true,
+                        };
+                        otel.command_done(*op, *count, elapsed, failed);
+                    }
                     match res {
                         Ok(b) => b,
                         Err(e) => {

@@ -36,6 +36,7 @@ const MAX_BATCH: usize = 32;
 use crate::command::{self, Class, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
+use crate::otel::ops;
 use crate::resp::scan::{self, CommandScanner, Limits, ScanError};
 use crate::resp::{self, Proto};
 use crate::route::{rejection, route, Action, ClientView};
@@ -237,6 +238,8 @@ pub async fn run<S>(
             redirect_lost: None,
         },
         silent: false,
+        op: ops::OTHER,
+        batch_op: None,
         peer,
         local_addr,
         reg,
@@ -364,6 +367,11 @@ struct Session {
     st: State,
     /// The command being handled gets no reply (CLIENT REPLY OFF/SKIP).
     silent: bool,
+    /// The command name the next upstream reply is recorded under
+    /// (`db.client.operation.duration`, when OpenTelemetry export is on).
+    op: ops::Op,
+    /// The same for the shared batch being gathered.
+    batch_op: Option<ops::Op>,
     peer: Peer,
     /// The accepted socket's own address (`None`: a Unix socket).
     local_addr: Option<std::net::SocketAddr>,
@@ -490,6 +498,9 @@ impl Session {
     /// close the client.
     async fn handle(&mut self, class: Class, frame: Bytes, args: &[Bytes], since: Instant) -> bool {
         let name = args[0].to_ascii_uppercase();
+        if self.ctx.metrics.otel().is_some() {
+            self.op = ops::lookup(&name);
+        }
         let view = ClientView {
             authed: self.st.authed,
             resp2_subscribed: self.st.proto == Proto::Resp2 && self.st.subscribed(),

@@ -69,6 +69,8 @@ pub struct Connector {
     /// Where a `MOVING` push said the endpoint went, until its ttl: new
     /// connections dial there (issue 18: maintenance/moving.rs).
     moved: std::sync::Mutex<Option<super::maintenance::moving::Moved>>,
+    /// Each dial is a span, when OpenTelemetry export is on.
+    otel: Option<Arc<crate::otel::Telemetry>>,
 }
 
 /// The TLS client configuration: ring provider, TLS 1.2 and 1.3 only.
@@ -139,12 +141,19 @@ impl Connector {
             node: false,
             resub: Default::default(),
             moved: Default::default(),
+            otel: None,
         })
     }
 
     /// Record AUTH outcomes in `acceptance` (shared with readiness and metrics).
     pub fn with_acceptance(mut self, acceptance: Arc<crate::acceptance::Acceptance>) -> Self {
         self.acceptance = acceptance;
+        self
+    }
+
+    /// Record each dial as a span (OpenTelemetry export on).
+    pub fn with_otel(mut self, otel: Option<Arc<crate::otel::Telemetry>>) -> Self {
+        self.otel = otel;
         self
     }
 
@@ -184,6 +193,7 @@ impl Connector {
             node: true,
             resub: Default::default(),
             moved: Default::default(),
+            otel: self.otel.clone(),
         }
     }
 
@@ -228,6 +238,33 @@ impl Connector {
 
     /// Dial, handshake and authenticate one connection speaking `proto`.
     pub async fn connect(&self, proto: Proto) -> Result<Authed, UpstreamError> {
+        let start = SystemTime::now();
+        let r = self.connect_timed(proto).await;
+        if let Some(otel) = &self.otel {
+            use crate::otel::encode::{attr_int, attr_str};
+            otel.finished(
+                "redis connect",
+                3,
+                start,
+                vec![
+                    attr_str("db.system.name", "redis"),
+                    attr_str("server.address", &self.host),
+                    attr_int("server.port", i64::from(self.port)),
+                    attr_str(
+                        "redis_entra_proxy.protocol",
+                        match proto {
+                            Proto::Resp2 => "RESP2",
+                            Proto::Resp3 => "RESP3",
+                        },
+                    ),
+                ],
+                r.as_ref().err().map(|e| e.to_string()),
+            );
+        }
+        r
+    }
+
+    async fn connect_timed(&self, proto: Proto) -> Result<Authed, UpstreamError> {
         let phase = std::sync::atomic::AtomicU8::new(PHASE_TCP);
         match tokio::time::timeout(self.connect_timeout, self.connect_inner(proto, &phase)).await {
             Ok(r) => r,

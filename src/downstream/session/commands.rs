@@ -102,6 +102,9 @@ impl Session {
                     self.flush_batch(buf, &mut batch_len, &mut batch_count, arrived)
                         .await;
                 }
+                if self.ctx.metrics.otel().is_some() {
+                    self.batch_op = Some(ops::merge(self.batch_op, ops::lookup(b"EXEC")));
+                }
                 batch_len += len;
                 batch_count += count;
                 if batch_count >= MAX_BATCH {
@@ -111,6 +114,10 @@ impl Session {
                 continue;
             }
             if batchable {
+                if self.ctx.metrics.otel().is_some() {
+                    let op = ops::lookup(cmd.arg(frame, 0).unwrap_or_default());
+                    self.batch_op = Some(ops::merge(self.batch_op, op));
+                }
                 batch_len += cmd.len;
                 batch_count += 1;
                 if batch_count >= MAX_BATCH {

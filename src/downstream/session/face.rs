@@ -116,6 +116,7 @@ impl Session {
             since,
             silent: self.silent,
             own: None,
+            op: self.op,
         });
         self.client.owed_replies += 1;
         self.client.waits += 1;

@@ -67,6 +67,7 @@ impl Session {
         for _ in 0..count {
             self.ctx.metrics.command(Route::Shared);
         }
+        self.op = self.batch_op.take().unwrap_or(ops::OTHER);
         let handle = self.shared_handle();
         self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
             .await;
@@ -142,6 +143,7 @@ impl Session {
             since,
             silent: self.silent,
             own: None,
+            op: self.op,
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;

@@ -76,6 +76,7 @@ pub(super) async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(
         in_multi: false,
         reauth_at,
         auth_inflight: false,
+        auth_sent: None,
         last_write: now,
         timer: Box::pin(tokio::time::sleep_until(now + opts.keepalive)),
         armed: None,
@@ -274,6 +275,8 @@ struct Conn<'a, S> {
     in_multi: bool,
     reauth_at: Option<Instant>,
     auth_inflight: bool,
+    /// When the AUTH in flight was queued (for its span).
+    auth_sent: Option<SystemTime>,
     last_write: Instant,
     /// One timer for the reply timeout, keepalive, re-AUTH and release
     /// deadlines: never later than the earliest of them.
@@ -565,6 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             written_at: Instant::now(),
         });
         self.auth_inflight = true;
+        self.auth_sent = Some(SystemTime::now());
     }
 
     fn on_auth_reply(
@@ -581,6 +585,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 _ => String::new(),
             }
         };
+        if let (Some(otel), Some(start)) = (self.opts.metrics.otel(), self.auth_sent.take()) {
+            otel.finished(
+                "redis re-AUTH",
+                3,
+                start,
+                vec![
+                    crate::otel::encode::attr_str("db.system.name", "redis"),
+                    crate::otel::encode::attr_str("server.address", &self.opts.addr),
+                    crate::otel::encode::attr_str(
+                        "redis_entra_proxy.connection.kind",
+                        self.opts.kind,
+                    ),
+                    crate::otel::encode::attr_int(
+                        "redis_entra_proxy.token.generation",
+                        generation as i64,
+                    ),
+                ],
+                resp::error_text(reply).map(|r| r.to_string()),
+            );
+        }
         let acceptance = &self.opts.metrics.acceptance;
         match resp::error_text(reply) {
             None => {

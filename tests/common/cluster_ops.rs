@@ -107,8 +107,25 @@ pub fn wait_primary(c: &Cluster, port: u16) {
     }
 }
 
+/// Wait until every node's view of slot ownership agrees (bounded): what
+/// `redis-cli --cluster reshard` checks first, and refuses to move slots
+/// without. After a reshard the last node hears of the new owners by gossip,
+/// so a second reshard started at once can find them disagreeing.
+pub fn wait_agreed(c: &Cluster, via: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = c.cluster_cli(&["check", &format!("127.0.0.1:{via}")]);
+        if out.contains("All nodes agree about slots configuration") && !out.contains("[ERR]") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nodes never agreed: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Move `n` slots from one primary to another with `redis-cli --cluster reshard`.
 pub fn reshard(c: &Cluster, from: u16, to: u16, n: usize) {
+    wait_agreed(c, from);
     let (fid, tid) = (node_id(c, from), node_id(c, to));
     let out = c.cluster_cli(&[
         "reshard",

@@ -50,7 +50,7 @@ impl Names {
             + self
                 .patterns
                 .iter()
-                .filter(|p| glob_match(p, channel))
+                .filter(|p| crate::upstream::pubsub::place::glob(p, channel))
                 .count()
     }
 }
@@ -99,122 +99,6 @@ impl Session {
         {
             *own = Some(OwnMessages::new(args[1].clone(), args[2].clone(), n));
             self.client.owns += 1;
-        }
-    }
-}
-
-/// Redis's glob (`stringmatchlen`): `*`, `?`, `[...]` with ranges and `^`,
-/// `\` escaping the next byte; case-sensitive.
-pub(super) fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
-    let (mut p, mut i) = (0, 0);
-    // Where to resume after the last `*`: (pattern, string).
-    let mut star: Option<(usize, usize)> = None;
-    while i < s.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                b'*' => {
-                    star = Some((p + 1, i));
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    i += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((ok, next)) = class(pattern, p + 1, s[i]) {
-                        if ok {
-                            p = next;
-                            i += 1;
-                            continue;
-                        }
-                    }
-                }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == s[i] {
-                        p += 2;
-                        i += 1;
-                        continue;
-                    }
-                }
-                c => {
-                    if c == s[i] {
-                        p += 1;
-                        i += 1;
-                        continue;
-                    }
-                }
-            }
-        }
-        match star {
-            Some((sp, si)) => {
-                p = sp;
-                i = si + 1;
-                star = Some((sp, si + 1));
-            }
-            None => return false,
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
-}
-
-/// A `[...]` class starting at `p` (after the `[`): whether `c` is in it,
-/// and where the pattern goes on. An unclosed class runs to the end (as in
-/// Redis).
-fn class(pattern: &[u8], mut p: usize, c: u8) -> Option<(bool, usize)> {
-    let not = pattern.get(p) == Some(&b'^');
-    if not {
-        p += 1;
-    }
-    let mut hit = false;
-    while p < pattern.len() && pattern[p] != b']' {
-        if pattern[p] == b'\\' && p + 1 < pattern.len() {
-            hit |= pattern[p + 1] == c;
-            p += 2;
-        } else if p + 2 < pattern.len() && pattern[p + 1] == b'-' && pattern[p + 2] != b']' {
-            let (a, b) = (
-                pattern[p].min(pattern[p + 2]),
-                pattern[p].max(pattern[p + 2]),
-            );
-            hit |= (a..=b).contains(&c);
-            p += 3;
-        } else {
-            hit |= pattern[p] == c;
-            p += 1;
-        }
-    }
-    let next = if p < pattern.len() { p + 1 } else { p };
-    Some((hit != not, next))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs_as_redis_matches_them() {
-        for (p, s, want) in [
-            ("c*", "ch", true),
-            ("c*", "c", true),
-            ("c*", "xc", false),
-            ("*", "", true),
-            ("a?c", "abc", true),
-            ("a?c", "ac", false),
-            ("h[ae]llo", "hello", true),
-            ("h[^e]llo", "hello", false),
-            ("h[^e]llo", "hallo", true),
-            ("h[a-c]llo", "hbllo", true),
-            ("h[a-c]llo", "hdllo", false),
-            ("a\\*b", "a*b", true),
-            ("a\\*b", "axb", false),
-            ("*news*", "the.news.today", true),
-            ("a*b*c", "aXbYc", true),
-            ("a*b*c", "aXbY", false),
-            ("ch", "ch", true),
-            ("ch", "ch2", false),
-        ] {
-            assert_eq!(glob_match(p.as_bytes(), s.as_bytes()), want, "{p} {s}");
         }
     }
 }

@@ -255,6 +255,14 @@ mod tests {
             ("", "", true),
             ("", "a", false),
             ("[", "a", false),
+            ("c*", "c", true),
+            ("c*", "xc", false),
+            ("*", "", true),
+            ("a?c", "ac", false),
+            ("*news*", "the.news.today", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("ch", "ch2", false),
         ] {
             assert_eq!(glob(p.as_bytes(), c.as_bytes()), want, "{p} ~ {c}");
         }

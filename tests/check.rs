@@ -76,17 +76,7 @@ fn acl_user_per_token(redis: &RedisServer, emu: &TokenEmulator, rules: &'static 
                 pass,
             ];
             args.extend(rules.iter().map(|r| r.to_string()));
-            let out = Command::new("redis-cli")
-                .args(["--tls", "--cacert"])
-                .arg(&ca)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .args([
-                    "--user",
-                    "admin",
-                    "--pass",
-                    common::redis::ADMIN_PASSWORD,
-                    "--no-auth-warning",
-                ])
+            let out = common::redis::admin_cli(port, &ca)
                 .args(&args)
                 .output()
                 .unwrap();

@@ -456,8 +456,8 @@ async fn tokens_rotate_into_every_nodes_connections_under_load() {
     let admin = enable_admin(&mut env);
     let proxy = Proxy::start(&env);
     emu.wait_issued(1, Duration::from_secs(10)).await;
-    // Until the proxy holds the first token its clients get "no credential
-    // yet" at once (as without a cluster): start the load once it is ready.
+    // Until the proxy holds the first token its clients' commands wait for it
+    // (half the connect timeout at most): start the load once it is ready.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while http(admin, "GET", "/readyz").0 != 200 {
         assert!(

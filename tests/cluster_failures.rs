@@ -5,20 +5,14 @@
 
 mod common;
 
-use common::cluster::{self, proxy_env, Announce, Cluster};
+use common::cluster::{self, proxy_with, Announce};
 use common::cluster_load::proxy_conns;
 use common::cluster_ops::{owner_of, reshard, RestartOnPanic};
-use common::proxy::{Proxy, Raw};
+use common::proxy::Raw;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 static EXCLUSIVE: RwLock<()> = RwLock::new(());
-
-fn proxy_with(c: &Cluster, extra: &[(&str, &str)]) -> Proxy {
-    let mut env = proxy_env(c);
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Proxy::start(&env)
-}
 
 /// Finding 5: a SCAN with a small COUNT across resharding returns every key
 /// that existed for the whole scan (duplicates allowed).

@@ -6,20 +6,14 @@
 
 mod common;
 
-use common::cluster::{self, proxy_env, Announce, Cluster};
+use common::cluster::{self, proxy_with, Announce};
 use common::cluster_ops::{owner_of, per_node, replica_of, spread, wait_primary, Migration};
-use common::proxy::{Proxy, Raw};
+use common::proxy::Raw;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 static EXCLUSIVE: RwLock<()> = RwLock::new(());
-
-fn proxy_with(c: &Cluster, extra: &[(&str, &str)]) -> Proxy {
-    let mut env = proxy_env(c);
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Proxy::start(&env)
-}
 
 /// Finding 1: a dedicated connection goes back to its node (or is closed)
 /// when its client's transaction or blocking wait ends, or the client

@@ -5,34 +5,10 @@
 
 mod common;
 
-use common::proxy::{enable_admin, http, metric_sum, Proxy};
+use common::proxy::{enable_admin, entra_imds_env, http, metric_sum, Proxy};
 use common::redis::RedisServer;
 use common::token_emulator::{EmulatorConfig, TokenEmulator};
 use std::time::{Duration, Instant};
-
-fn entra_env(redis: &RedisServer, emu: &TokenEmulator) -> Vec<(String, String)> {
-    [
-        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
-        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", redis.port.to_string()),
-        (
-            "REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE",
-            redis.pki.ca_pem.display().to_string(),
-        ),
-        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "3s".into()),
-        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".into()),
-        (
-            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
-            "managed-identity".into(),
-        ),
-        (
-            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
-            emu.imds_endpoint(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
 
 /// Poll `/readyz` until `want` or a generous hang guard.
 fn readyz_until(admin: u16, want: u16) -> (u16, String) {
@@ -55,7 +31,7 @@ async fn readiness_waits_until_the_cache_accepts_the_token() {
         ..Default::default()
     })
     .await;
-    let mut env = entra_env(&redis, &emu);
+    let mut env = entra_imds_env(&redis, &emu);
     let admin = enable_admin(&mut env);
     let proxy = Proxy::start(&env);
 
@@ -124,4 +100,51 @@ async fn readiness_waits_until_the_cache_accepts_the_token() {
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = http(admin, "GET", "/readyz");
     assert_eq!(status, 200, "{body}");
+}
+
+/// A sidecar starts with its app: the app's first commands can arrive before
+/// the first token does. They wait for it (bounded by the connect timeout)
+/// instead of failing with "no credential yet" (seen failing before: the
+/// first SET answered `-ERR upstream localhost:P: no credential yet: waiting
+/// for the first Entra token from the token endpoint`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_before_the_first_token_wait_for_it() {
+    let redis = RedisServer::start("someone-else", "unused-password");
+    let emu = TokenEmulator::start(EmulatorConfig {
+        oid_prefix: "slow-first-".into(),
+        ..Default::default()
+    })
+    .await;
+    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
+    emu.on_issue(move |t| {
+        let ca = ca.clone();
+        async move {
+            let pass = format!(">{}", t.token);
+            let out = common::redis::admin_cli(port, &ca)
+                .args(["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            // A token endpoint that takes its time (IMDS can).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    });
+    let mut env = entra_imds_env(&redis, &emu);
+    env.push((
+        "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT".into(),
+        "10s".into(),
+    ));
+    let proxy = Proxy::start(&env);
+    let port = proxy.port;
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut c = common::proxy::Raw::connect(port);
+        let set = c.call(&["SET", "early", "1"]);
+        let get = c.call(&["GET", "early"]);
+        (set, get)
+    })
+    .await
+    .unwrap();
+    assert_eq!(replies.0, "+OK\r\n", "{}", proxy.log_text());
+    assert_eq!(replies.1, "$1\r\n1\r\n");
+    assert_eq!(emu.issued().len(), 1);
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::proxy::{enable_admin, http, metric_sum, static_env, Proxy, Raw};
+use common::proxy::{enable_admin, entra_imds_env, http, metric_sum, static_env, Proxy, Raw};
 use common::redis::{free_port, RedisServer};
 use common::token_emulator::{EmulatorConfig, Issued, TokenEmulator};
 use serde_json::Value;
@@ -156,30 +156,6 @@ fn commands_sum(metrics: &[Value], route: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn entra_env(redis: &RedisServer, emu: &TokenEmulator) -> Vec<(String, String)> {
-    [
-        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
-        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", redis.port.to_string()),
-        (
-            "REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE",
-            redis.pki.ca_pem.display().to_string(),
-        ),
-        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "3s".into()),
-        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".into()),
-        (
-            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
-            "managed-identity".into(),
-        ),
-        (
-            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
-            emu.imds_endpoint(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
 /// Give each token's oid an ACL user whose password is the token.
 fn acl_user_per_token(redis: &RedisServer, emu: &TokenEmulator) {
     let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
@@ -187,17 +163,7 @@ fn acl_user_per_token(redis: &RedisServer, emu: &TokenEmulator) {
         let ca = ca.clone();
         async move {
             let pass = format!(">{}", t.token);
-            let out = std::process::Command::new("redis-cli")
-                .args(["--tls", "--cacert"])
-                .arg(&ca)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .args([
-                    "--user",
-                    "admin",
-                    "--pass",
-                    common::redis::ADMIN_PASSWORD,
-                    "--no-auth-warning",
-                ])
+            let out = common::redis::admin_cli(port, &ca)
                 .args(["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"])
                 .output()
                 .unwrap();
@@ -218,7 +184,7 @@ async fn a_receiver_sees_metrics_and_spans() {
     .await;
     acl_user_per_token(&redis, &emu);
     let rx = Receiver::start().await;
-    let mut env = entra_env(&redis, &emu);
+    let mut env = entra_imds_env(&redis, &emu);
     let admin = enable_admin(&mut env);
     env.extend(
         [

@@ -18,17 +18,7 @@ const LIFETIME: Duration = Duration::from_secs(10);
 const ROTATIONS: u64 = 5;
 
 fn cli(port: u16, ca: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["--tls", "--cacert"])
-        .arg(ca)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args([
-            "--user",
-            "admin",
-            "--pass",
-            common::redis::ADMIN_PASSWORD,
-            "--no-auth-warning",
-        ])
+    let out = common::redis::admin_cli(port, ca)
         .args(args)
         .output()
         .unwrap();

@@ -284,26 +284,46 @@ impl Connector {
         }
     }
 
+    /// The credential to connect with. While the first token is still on its
+    /// way (no credential and no refresh error yet: a proxy that has just
+    /// started, beside an app that has too), wait for it up to half of
+    /// `upstream.connect_timeout` (the other half is the dial's), so the app's
+    /// first commands are not refused; a refresh error ends the wait at once.
+    async fn credential(&self) -> Result<(Arc<crate::auth::Credential>, u64), UpstreamError> {
+        let mut watch = self.tokens.clone();
+        let deadline = tokio::time::Instant::now() + self.connect_timeout / 2;
+        loop {
+            let reason = {
+                let state = watch.borrow_and_update();
+                if let Some(c) = state.usable(SystemTime::now()) {
+                    return Ok((c.clone(), state.generation));
+                }
+                state.last_error.clone()
+            };
+            let waited = match reason {
+                Some(_) => Err(()),
+                None => tokio::time::timeout_at(deadline, watch.changed())
+                    .await
+                    .map_err(|_| ())
+                    .and_then(|r| r.map_err(|_| ())),
+            };
+            if waited.is_err() {
+                return Err(UpstreamError::NoCredential {
+                    addr: self.addr.clone(),
+                    reason: reason.unwrap_or_else(|| {
+                        "waiting for the first Entra token from the token endpoint".into()
+                    }),
+                });
+            }
+        }
+    }
+
     async fn connect_inner(
         &self,
         proto: Proto,
         phase: &std::sync::atomic::AtomicU8,
     ) -> Result<Authed, UpstreamError> {
-        let (cred, generation) = {
-            let state = self.tokens.borrow();
-            match state.usable(SystemTime::now()) {
-                Some(c) => (c.clone(), state.generation),
-                None => {
-                    let reason = state.last_error.clone().unwrap_or_else(|| {
-                        "waiting for the first Entra token from the token endpoint".into()
-                    });
-                    return Err(UpstreamError::NoCredential {
-                        addr: self.addr.clone(),
-                        reason,
-                    });
-                }
-            }
-        };
+        let (cred, generation) = self.credential().await?;
         let (host, port, addr) = self.dial_to();
         let tcp = TcpStream::connect((host.as_str(), port))
             .await

@@ -342,6 +342,13 @@ impl Cluster {
     }
 }
 
+/// A proxy in front of `cluster` ([`proxy_env`]) with `extra` settings.
+pub fn proxy_with(c: &Cluster, extra: &[(&str, &str)]) -> super::proxy::Proxy {
+    let mut env = proxy_env(c);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    super::proxy::Proxy::start(&env)
+}
+
 /// Environment for a proxy in front of `cluster` with the static credential,
 /// the certificate checked as `localhost` whatever the topology names.
 pub fn proxy_env(cluster: &Cluster) -> Vec<(String, String)> {

@@ -214,6 +214,35 @@ impl Raw {
 
 /// A plain HTTP/1.1 request to the admin port: (status, body).
 /// Turn the proxy's admin server on at a free loopback port; returns the port.
+/// Environment for a proxy in front of `redis` that takes Entra tokens from
+/// the emulator's managed-identity (IMDS) endpoint.
+pub fn entra_imds_env(
+    redis: &RedisServer,
+    emu: &super::token_emulator::TokenEmulator,
+) -> Vec<(String, String)> {
+    [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__HOST", "localhost".to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", redis.port.to_string()),
+        (
+            "REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE",
+            redis.pki.ca_pem.display().to_string(),
+        ),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "3s".into()),
+        ("REDIS_ENTRA_PROXY_AUTH__SOURCE", "entra".into()),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__CREDENTIAL",
+            "managed-identity".into(),
+        ),
+        (
+            "REDIS_ENTRA_PROXY_AUTH__ENTRA__IMDS_ENDPOINT",
+            emu.imds_endpoint(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 pub fn enable_admin(env: &mut Vec<(String, String)>) -> u16 {
     let admin = free_port();
     env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED".into(), "true".into()));

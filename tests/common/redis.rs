@@ -117,22 +117,29 @@ impl RedisServer {
 
     /// Run redis-cli straight against the TLS port as `admin`.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["--tls", "--cacert"])
-            .arg(&self.pki.ca_pem)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args([
-                "--user",
-                "admin",
-                "--pass",
-                ADMIN_PASSWORD,
-                "--no-auth-warning",
-            ])
+        let out = admin_cli(self.port, &self.pki.ca_pem)
             .args(args)
             .output()
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
+}
+
+/// `redis-cli` to a TLS server on loopback `port` as `admin`; add the
+/// command's arguments.
+pub fn admin_cli(port: u16, ca: &std::path::Path) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["--tls", "--cacert"])
+        .arg(ca)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "--user",
+            "admin",
+            "--pass",
+            ADMIN_PASSWORD,
+            "--no-auth-warning",
+        ]);
+    cmd
 }
 
 fn signal(pid: u32, sig: &str) {

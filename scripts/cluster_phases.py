@@ -286,8 +286,8 @@ def run(a):
         t = ph["t_action"] = time.time()
         r = cl.call(reps[0], "CLUSTER", "FAILOVER")
         ok = wait_until(lambda: cl.slots()[8000] == reps[0], 30)
-        ph["notes"].append("CLUSTER FAILOVER answered %s; %d primary %s after %.1f s" % (
-            r, reps[0], "" if ok else "NOT", time.time() - t))
+        ph["notes"].append("CLUSTER FAILOVER answered %s; %d %s after %.1f s" % (
+            r, reps[0], "primary" if ok else "NOT primary", time.time() - t))
         hold_until(ph, P)
         end(ph)
 
@@ -299,13 +299,13 @@ def run(a):
         t = ph["t_action"] = time.time()
         os.kill(cl.pid(victim), signal.SIGKILL)
         ok = wait_until(lambda: cl.slots(skip=(victim,))[3000] != victim, 30)
-        ph["notes"].append("replica promoted %s after %.1f s" % ("" if ok else "NOT", time.time() - t))
+        ph["notes"].append("replica %s after %.1f s" % ("promoted" if ok else "NOT promoted", time.time() - t))
         hold_until(ph, 15)
         cl.restart(victim)
         t2 = time.time()
         ok = wait_until(lambda: b"master_link_status:up" in cl.call(victim, "INFO", "replication"), 30)
-        ph["notes"].append("restarted at +%.0f s; replica in sync %s after %.1f s" % (
-            t2 - t, "" if ok else "NOT", time.time() - t2))
+        ph["notes"].append("restarted at +%.0f s; %s after %.1f s" % (
+            t2 - t, "replica in sync" if ok else "replica NOT in sync", time.time() - t2))
         hold_until(ph, max(P, 40))
         end(ph)
 
@@ -319,7 +319,7 @@ def run(a):
         os.kill(pid, signal.SIGSTOP)
         stopped.append(pid)
         ok = wait_until(lambda: cl.slots(skip=(frozen,))[14000] != frozen, 15)
-        ph["notes"].append("replica promoted %s after %.1f s" % ("" if ok else "NOT (in 15 s)", time.time() - t))
+        ph["notes"].append("replica %s after %.1f s" % ("promoted" if ok else "NOT promoted (in 15 s)", time.time() - t))
         hold_until(ph, 15)
         os.kill(pid, signal.SIGCONT)
         stopped.remove(pid)

@@ -22,7 +22,7 @@ COPY src ./src
 # Cargo reads every target the manifest names, even to build one binary.
 COPY examples/testpki.rs ./examples/testpki.rs
 COPY examples/failover_front.rs ./examples/failover_front.rs
-COPY bench/load.rs ./bench/load.rs
+COPY bench/load.rs bench/client.rs bench/phases_load.rs ./bench/
 COPY benches/hot_path.rs ./benches/hot_path.rs
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/build/target,sharing=locked \

@@ -15,17 +15,14 @@
 //! `localhost`); `--user U` with the password in `$BENCH_PASS` sends
 //! `AUTH` first (the password is never printed).
 
-use bytes::BytesMut;
+mod client;
+
+use client::{tls, Client, Res};
 use redis_entra_proxy::resp::command;
-use redis_entra_proxy::resp::scan::ReplyScanner;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 struct Opts {
     mode: String,
@@ -72,152 +69,6 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
-fn tls(ca: &str) -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
-}
-
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// One client connection that writes commands and reads whole replies.
-struct Client {
-    io: Io,
-    buf: BytesMut,
-    scanner: ReplyScanner,
-}
-
-type Res<T> = Result<T, String>;
-
-impl Client {
-    async fn open(o: &Opts) -> Res<Client> {
-        let tcp = TcpStream::connect(o.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", o.addr))?;
-        let _ = tcp.set_nodelay(true);
-        let io = match &o.tls {
-            None => Io::Plain(tcp),
-            Some(t) => {
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("literal");
-                Io::Tls(Box::new(
-                    t.connect(name, tcp)
-                        .await
-                        .map_err(|e| format!("tls: {e}"))?,
-                ))
-            }
-        };
-        let mut c = Client {
-            io,
-            buf: BytesMut::with_capacity(16 * 1024),
-            scanner: ReplyScanner::new(),
-        };
-        if let Some(user) = &o.user {
-            let pass = std::env::var("BENCH_PASS").map_err(|_| "BENCH_PASS is not set")?;
-            let r = c
-                .call(&command(&[b"AUTH", user.as_bytes(), pass.as_bytes()]), 1)
-                .await?;
-            if !r.starts_with(b"+OK") {
-                return Err("AUTH refused".into());
-            }
-        }
-        Ok(c)
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Res<()> {
-        self.io.write_all(bytes).await.map_err(|e| e.to_string())?;
-        self.io.flush().await.map_err(|e| e.to_string())
-    }
-
-    /// Read `n` replies; returns the last one.
-    async fn replies(&mut self, n: usize) -> Res<BytesMut> {
-        let mut last = BytesMut::new();
-        for _ in 0..n {
-            loop {
-                match self.scanner.scan(&self.buf).map_err(|e| e.0.to_string())? {
-                    Some(r) => {
-                        last = self.buf.split_to(r.len);
-                        break;
-                    }
-                    None => {
-                        if self.buf.capacity() - self.buf.len() < 4096 {
-                            self.buf.reserve(16 * 1024);
-                        }
-                        let got = self
-                            .io
-                            .read_buf(&mut self.buf)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        if got == 0 {
-                            return Err("connection closed".into());
-                        }
-                    }
-                }
-            }
-        }
-        Ok(last)
-    }
-
-    async fn call(&mut self, bytes: &[u8], n: usize) -> Res<BytesMut> {
-        self.send(bytes).await?;
-        self.replies(n).await
-    }
-}
-
 async fn transactions(o: Arc<Opts>, mixed: bool) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
     let done = Arc::new(AtomicU64::new(0));
@@ -227,7 +78,7 @@ async fn transactions(o: Arc<Opts>, mixed: bool) -> Res<()> {
     for i in 0..o.clients {
         let (o, done, errors) = (o.clone(), done.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::open(&o).await?;
+            let mut c = Client::open(o.addr, o.tls.as_ref(), o.user.as_deref()).await?;
             let key = format!("bench:tx:{i}");
             let value = vec![b'x'; o.value];
             let mut tx = Vec::new();
@@ -275,7 +126,7 @@ async fn idle(o: Arc<Opts>) -> Res<()> {
             let o = o.clone();
             let ping = ping.clone();
             async move {
-                let mut c = Client::open(&o).await?;
+                let mut c = Client::open(o.addr, o.tls.as_ref(), o.user.as_deref()).await?;
                 c.call(&ping, 1).await?;
                 Res::Ok(c)
             }
@@ -328,7 +179,7 @@ async fn fanout(o: Arc<Opts>) -> Res<()> {
             let o = o.clone();
             let sub = sub.clone();
             async move {
-                let mut c = Client::open(&o).await?;
+                let mut c = Client::open(o.addr, o.tls.as_ref(), o.user.as_deref()).await?;
                 c.call(&sub, 1).await?;
                 Res::Ok(c)
             }
@@ -355,7 +206,7 @@ async fn fanout(o: Arc<Opts>) -> Res<()> {
             }
         }));
     }
-    let mut publisher = Client::open(&o).await?;
+    let mut publisher = Client::open(o.addr, o.tls.as_ref(), o.user.as_deref()).await?;
     let payload = vec![b'm'; o.value];
     let publish = command(&[b"PUBLISH", channel, &payload]);
     let start = Instant::now();

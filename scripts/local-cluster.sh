@@ -11,7 +11,9 @@
 #   3. plain `redis-cli -p $PROXY_PORT` doing single-key, cross-slot and
 #      whole-database commands as against one Redis, and which node holds what,
 #   4. stops what it started. --keep leaves it running until Ctrl-C.
-# Static ACL credentials (no token emulator: it provisions users on one node).
+# Static ACL credentials here; scripts/cluster-phases.sh runs the token
+# emulator instead (`start_cluster_nodes`, then `start_cluster_proxy` with the
+# emulator's settings: it makes each token's user on every node).
 # Sourced by scripts/bench-cluster.sh for `start_cluster`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,6 +29,15 @@ node_cli() { # port args...
 }
 
 start_cluster() {
+  start_cluster_nodes
+  start_cluster_proxy REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
+    REDIS_ENTRA_PROXY_AUTH__USERNAME=quickstart-identity \
+    REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$static_pass"
+}
+
+# The six nodes, made a cluster and converged; each node's pid in
+# $work/node-N/server.pid (kept current by whoever restarts one).
+start_cluster_nodes() {
   scripts/install-deps.sh >/dev/null
   rm -rf "$work"; mkdir -p "$work"
   cargo build --release --quiet --bin redis-entra-proxy
@@ -63,15 +74,25 @@ appendonly no
 dir $PWD/$dir
 logfile $PWD/$dir/redis.log
 maxclients 20000
-user default off
-user admin on >$admin_pass ~* &* +@all
-user quickstart-identity on >$static_pass ~* &* +@all
 masteruser admin
 masterauth $admin_pass
 CONF
+    local users="user default off
+user admin on >$admin_pass ~* &* +@all
+user quickstart-identity on >$static_pass ~* &* +@all"
+    if [ "${CLUSTER_ACLFILE:-0}" = 1 ]; then
+      # Users in an ACL file, so that `ACL SAVE` keeps the ones made later
+      # (token users) for a restart of the node.
+      echo "aclfile $PWD/$dir/users.acl" >> "$dir/redis.conf"
+      echo "$users" > "$dir/users.acl"
+      chmod 600 "$dir/users.acl"
+    else
+      echo "$users" >> "$dir/redis.conf"
+    fi
     chmod 600 "$dir/redis.conf"
     redis-server "$dir/redis.conf" &
     pids+=($!)
+    echo $! > "$dir/server.pid"
     nodes+=("127.0.0.1:$port")
   done
   for n in "${nodes[@]}"; do wait_port "${n#*:}"; done
@@ -91,10 +112,13 @@ CONF
     $settled && break
     sleep 0.1
   done
+}
+
+# The proxy in front of the first node, the auth settings as VAR=value
+# arguments; returns once it routes by hash slot.
+start_cluster_proxy() { # auth-env...
   echo "==> starting redis-entra-proxy on 127.0.0.1:$PROXY_PORT (log: $work/proxy.log)"
-  env REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
-    REDIS_ENTRA_PROXY_AUTH__USERNAME=quickstart-identity \
-    REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$static_pass" \
+  env "$@" \
     REDIS_ENTRA_PROXY_UPSTREAM__HOST=127.0.0.1 \
     REDIS_ENTRA_PROXY_UPSTREAM__SERVER_NAME=localhost \
     REDIS_ENTRA_PROXY_UPSTREAM__PORT="$CLUSTER_PORT" \

@@ -80,10 +80,12 @@ direct_cli() {
 
 # The token-endpoint emulator for $TLS_PORT's server: tokens valid $2 seconds,
 # ACL users named "$1<generation>"; its IMDS endpoint URL ends up in $3.
-start_emulator() { # oid-prefix lifetime endpoint-file log
+# More emulator arguments may follow (a cluster: `--redis-port P` for every
+# other node, `--resync`).
+start_emulator() { # oid-prefix lifetime endpoint-file log [emulator args...]
   EMULATOR_REDIS_ADMIN_PASSWORD="$admin_pass" "$examples/token_emulator" \
     --redis-port "$TLS_PORT" --ca "$work/tls/ca.pem" --lifetime "$2" \
-    --oid-prefix "$1" --endpoint-file "$3" > "$4" 2>&1 &
+    --oid-prefix "$1" --endpoint-file "$3" "${@:5}" > "$4" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 100); do [ -s "$3" ] && break; sleep 0.1; done
   [ -s "$3" ] || { echo "the token emulator did not start; see $4" >&2; exit 1; }

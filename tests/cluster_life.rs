@@ -404,3 +404,50 @@ fn publish_counts_every_receiver_like_one_redis() {
     }
     eprintln!("PUBLISH counts (proxy, plain): {:?}", &counts[..3]);
 }
+
+/// Found by `scripts/cluster-phases.sh` (kill -9 of a primary under load):
+/// a transaction whose `MULTI` never reached the node (its dedicated
+/// connection failed as `MULTI` went out) must not run its later commands
+/// outside a transaction. The client pipelines `MULTI; SET; INCR; EXEC` (as
+/// client libraries do) while the node is frozen (reply timeout 1 s), thawed
+/// 1.5 s later: it is told the transaction failed, and nothing of it is
+/// written.
+#[test]
+fn a_transaction_whose_multi_was_lost_runs_nothing_outside_it() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "1s")]);
+    let (a, b) = ("{txlost}a", "{txlost}b");
+    let mut check = Raw::connect(proxy.port);
+    check.call(&["DEL", a, b]);
+    let owner = owner_of(c, a);
+    let pid = c.pid(owner);
+    let mut r = Raw::connect(proxy.port);
+    // A first transaction: the node's dedicated connections are open.
+    assert_eq!(r.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.call(&["SET", a, "0"]), "+QUEUED\r\n");
+    assert_eq!(r.call(&["EXEC"]), "*1\r\n+OK\r\n");
+    c.signal(pid, libc::SIGSTOP);
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill(2) on a redis-server child of this test process.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    for cmd in [&["MULTI"][..], &["SET", a, "1"], &["INCR", b], &["EXEC"]] {
+        r.send(cmd);
+    }
+    let replies: Vec<String> = (0..4)
+        .map(|_| String::from_utf8(r.read()).unwrap())
+        .collect();
+    thaw.join().unwrap();
+    eprintln!("MULTI lost: {replies:?}");
+    let written = (check.call(&["GET", a]), check.call(&["GET", b]));
+    c.wait_converged();
+    assert!(replies[3].starts_with("-EXECABORT"), "EXEC: {}", replies[3]);
+    assert_eq!(
+        written,
+        ("$1\r\n0\r\n".to_string(), "$-1\r\n".to_string()),
+        "a transaction reported failed wrote (a, b)"
+    );
+}

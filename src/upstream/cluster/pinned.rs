@@ -479,8 +479,16 @@ impl Virtual {
             for q in &queued {
                 bytes.extend_from_slice(q);
             }
-            // Their replies (+OK, +QUEUED) were given already.
-            let _ = self.request(bytes.freeze(), queued.len(), true).await;
+            // Their replies (+OK, +QUEUED) were given already. If they did
+            // not get through, neither does the command that needed the
+            // binding (the transaction fails, EXEC discards it): sent on, it
+            // would run outside any transaction. Kept for the next binding.
+            let n = queued.len();
+            if let Err(e) = self.request(bytes.freeze(), n, true).await {
+                self.bound = None;
+                self.queued = queued;
+                return Err(e);
+            }
         }
         Ok(())
     }

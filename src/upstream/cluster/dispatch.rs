@@ -1,10 +1,16 @@
-//! A client's shared connection when the upstream is a cluster: a router task
-//! takes each batch of commands (what a session sends a shared connection),
-//! places every command ([`super::route::plan`]) and writes it, grouped per
-//! node, to that node's shared connection at once (so commands to one node
-//! stay in order and pipelined); a completer task takes the batches in the
-//! order they came, gathers their replies, follows redirections and answers
-//! each batch with its replies in the client's order.
+//! A client's shared connection when the upstream is a cluster: one
+//! dispatcher per client, a future ([`Driver`]) its session polls in its own
+//! task (no task, no thread hop of its own). Its router half takes each batch
+//! of commands (what a session sends a shared connection), places every
+//! command ([`super::route::plan`]) and writes it, grouped per node, to that
+//! node's shared connection at once (so commands to one node stay in order
+//! and pipelined); its completer half takes the batches in the order they
+//! came, gathers their replies, follows redirections and answers each batch
+//! with its replies in the client's order.
+//!
+//! Being the client's own, a dispatcher waits only for the nodes its client
+//! uses: a slow or frozen node delays the clients whose commands went there,
+//! and no other (issue 17, finding 2).
 //!
 //! Redirections never reach the client: `MOVED` updates the slot map (and
 //! asks for a refresh) and re-sends there, `ASK` re-sends with `ASKING` to the
@@ -40,6 +46,11 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(10);
 pub const NODE_DOWN_HOLD: Duration = Duration::from_secs(15);
 
 type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+
+/// A client's dispatcher, run by polling it (from the client's session):
+/// ends once the client let go of its [`crate::upstream::conn::Handle`] and
+/// every batch it sent was answered.
+pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// One command as sent: enough to send it again elsewhere.
 #[derive(Clone)]
@@ -150,17 +161,33 @@ impl Links {
     }
 }
 
-/// The router half: runs until the session side closes. A request that
+/// A client's dispatcher: its router and completer halves, together, until
+/// the session side closes and every batch was answered. A request that
 /// comes while the upstream is not (known to be) a cluster goes to the
 /// seed's own connection as it is.
-pub async fn run(
+pub async fn run(cluster: Arc<Cluster>, proto: Proto, index: usize, rx: mpsc::Receiver<Request>) {
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
+    tokio::join!(
+        router(cluster.clone(), proto, index, rx, jobs_tx),
+        complete(cluster, proto, index, jobs_rx)
+    );
+}
+
+/// The router half: places and writes each batch, hands it to the completer.
+async fn router(
     cluster: Arc<Cluster>,
     proto: Proto,
     index: usize,
     mut rx: mpsc::Receiver<Request>,
+    jobs_tx: mpsc::Sender<Job>,
 ) {
-    let seed = cluster.seed.shared_direct(proto);
-    let mut router: Option<(mpsc::Sender<Job>, Links)> = None;
+    let mut seed: Option<Handle> = None;
+    let mut links = Links {
+        cluster: cluster.clone(),
+        proto,
+        handles: HashMap::new(),
+        pruned: 0,
+    };
     let limits = Limits {
         max_bulk_bytes: usize::MAX,
         max_line_bytes: usize::MAX,
@@ -177,6 +204,7 @@ pub async fn run(
             }
         };
         if !is_cluster {
+            let seed = seed.get_or_insert_with(|| cluster.seed.shared_direct(proto));
             if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
                 if let Some(t) = req.reply {
                     let _ = t.send(Err(UpstreamError::Shutdown));
@@ -184,18 +212,7 @@ pub async fn run(
             }
             continue;
         }
-        let (jobs_tx, links) = router.get_or_insert_with(|| {
-            let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
-            tokio::spawn(complete(cluster.clone(), proto, index, jobs_rx));
-            let links = Links {
-                cluster: cluster.clone(),
-                proto,
-                handles: HashMap::new(),
-                pruned: 0,
-            };
-            (jobs_tx, links)
-        });
-        let items = route_batch(&cluster, links, index, &req.bytes, limits).await;
+        let items = route_batch(&cluster, &mut links, index, &req.bytes, limits).await;
         let job = Job {
             reply: req.reply,
             items,
@@ -419,7 +436,8 @@ async fn scan(cluster: &Cluster, links: &mut Links, args: &[&[u8]]) -> Item {
     Item::Scan { step, part }
 }
 
-/// The completer half: answers jobs in the order they were routed.
+/// The completer half: answers jobs in the order they were routed (they are
+/// one client's: nothing else waits behind them).
 async fn complete(
     cluster: Arc<Cluster>,
     proto: Proto,

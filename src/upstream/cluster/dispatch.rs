@@ -212,7 +212,8 @@ async fn router(
             }
             continue;
         }
-        let items = route_batch(&cluster, &mut links, index, &req.bytes, limits).await;
+        // Boxed: an idle dispatcher (one per client) stays small.
+        let items = Box::pin(route_batch(&cluster, &mut links, index, &req.bytes, limits)).await;
         let job = Job {
             reply: req.reply,
             items,
@@ -451,57 +452,64 @@ async fn complete(
         pruned: 0,
     };
     while let Some(job) = jobs.recv().await {
-        let mut out = BytesMut::new();
-        for item in job.items {
-            match item {
-                Item::Now(b) => out.extend_from_slice(&b),
-                Item::Plain(sent) => {
-                    for r in replies(&cluster, &mut links, index, sent).await {
-                        out.extend_from_slice(&r);
-                    }
-                }
-                Item::Split {
-                    merge,
-                    nkeys,
-                    keys,
-                    parts,
-                } => {
-                    let mut rs = Vec::new();
-                    for p in parts {
-                        rs.extend(replies(&cluster, &mut links, index, p).await);
-                    }
-                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
-                    out.extend_from_slice(&merge::split(merge, nkeys, &keys, &refs));
-                }
-                Item::Fan { kind, parts } => {
-                    let mut rs = Vec::new();
-                    for p in parts {
-                        rs.extend(replies(&cluster, &mut links, index, p).await);
-                    }
-                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
-                    out.extend_from_slice(&merge::fan(kind, &refs));
-                }
-                Item::Publish { channel, part } => {
-                    let node = part.node.as_ref().map(|n| n.to_string());
-                    let r = replies(&cluster, &mut links, index, part).await;
-                    let r = r.into_iter().next().unwrap_or_default();
-                    out.extend_from_slice(&publish_count(&cluster, r, channel, node).await);
-                }
-                Item::Scan { step, part } => {
-                    let r = replies(&cluster, &mut links, index, part).await;
-                    let (scan, nodes) = (&r[0], &r[1]);
-                    let (page, stale) = super::scan::reply(scan, nodes, &step);
-                    if stale {
-                        cluster.stale();
-                    }
-                    out.extend_from_slice(&page);
-                }
-            }
-        }
+        // Boxed: an idle dispatcher (one per client) stays small.
+        let out = Box::pin(answer(&cluster, &mut links, index, job.items)).await;
         if let Some(tx) = job.reply {
-            let _ = tx.send(Ok(out.freeze()));
+            let _ = tx.send(Ok(out));
         }
     }
+}
+
+/// One batch's replies, in order, redirections followed and parts merged.
+async fn answer(cluster: &Cluster, links: &mut Links, index: usize, items: Vec<Item>) -> Bytes {
+    let mut out = BytesMut::new();
+    for item in items {
+        match item {
+            Item::Now(b) => out.extend_from_slice(&b),
+            Item::Plain(sent) => {
+                for r in replies(cluster, links, index, sent).await {
+                    out.extend_from_slice(&r);
+                }
+            }
+            Item::Split {
+                merge,
+                nkeys,
+                keys,
+                parts,
+            } => {
+                let mut rs = Vec::new();
+                for p in parts {
+                    rs.extend(replies(cluster, links, index, p).await);
+                }
+                let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                out.extend_from_slice(&merge::split(merge, nkeys, &keys, &refs));
+            }
+            Item::Fan { kind, parts } => {
+                let mut rs = Vec::new();
+                for p in parts {
+                    rs.extend(replies(cluster, links, index, p).await);
+                }
+                let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                out.extend_from_slice(&merge::fan(kind, &refs));
+            }
+            Item::Publish { channel, part } => {
+                let node = part.node.as_ref().map(|n| n.to_string());
+                let r = replies(cluster, links, index, part).await;
+                let r = r.into_iter().next().unwrap_or_default();
+                out.extend_from_slice(&publish_count(cluster, r, channel, node).await);
+            }
+            Item::Scan { step, part } => {
+                let r = replies(cluster, links, index, part).await;
+                let (scan, nodes) = (&r[0], &r[1]);
+                let (page, stale) = super::scan::reply(scan, nodes, &step);
+                if stale {
+                    cluster.stale();
+                }
+                out.extend_from_slice(&page);
+            }
+        }
+    }
+    out.freeze()
 }
 
 /// A PUBLISH's count as one Redis would give it: the receivers on the node

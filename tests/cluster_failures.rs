@@ -1,5 +1,6 @@
-//! Clustered caches when nodes die or slots move under a client: kill -9 of
-//! the configured node and of another primary, a SCAN across resharding. The
+//! Clustered caches when nodes die, freeze or slots move under a client:
+//! kill -9 of the configured node and of another primary, SIGSTOP of a
+//! primary under dozens of clients, a SCAN across resharding. The
 //! proxy in front of the real six-node TLS cluster (one per test binary).
 //! Every test here changes the topology and holds [`EXCLUSIVE`] for writing.
 
@@ -252,5 +253,195 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
     assert_eq!(
         back, 0,
         "the proxy still dials a node that left the topology"
+    );
+}
+
+/// Thaws the frozen node and gives the cluster its node timeout back when
+/// dropped, whatever happened in between (panics included).
+struct Thaw<'a> {
+    c: &'a Cluster,
+    pid: i32,
+}
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.c.signal(self.pid, libc::SIGCONT);
+        for &p in &self.c.ports {
+            self.c
+                .cli(p, &["CONFIG", "SET", "cluster-node-timeout", "3000"]);
+        }
+        self.c.wait_converged();
+    }
+}
+
+/// The slots `port` serves, from its own `CLUSTER NODES` line.
+fn slots_of(c: &Cluster, port: u16) -> Vec<(u16, u16)> {
+    let nodes = c.cli(port, &["CLUSTER", "NODES"]);
+    let me = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("myself line");
+    me.split(' ')
+        .skip(8)
+        .filter(|r| !r.starts_with('['))
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Finding 2: one frozen shard (SIGSTOP of a primary that is not the
+/// configured host) delays only the commands for its keys. Dozens of
+/// clients on the other shards (several of them sharing each dispatcher
+/// before the fix) go on while it is stopped; the clients of the frozen
+/// shard get their own replies once it is back, never another client's.
+#[test]
+fn a_frozen_shard_delays_only_its_own_keys() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let victim = c
+        .primaries()
+        .into_iter()
+        .find(|&p| p != c.ports[0])
+        .expect("a primary other than the configured node");
+    let frozen_slots = slots_of(c, victim);
+    assert!(!frozen_slots.is_empty(), "{victim} serves no slot");
+    let on_victim = |k: &str| {
+        let s = redis_entra_proxy::keys::slot(k.as_bytes());
+        frozen_slots.iter().any(|&(a, b)| a <= s && s <= b)
+    };
+    // 66 clients, one in 11 on the frozen shard: with the default two
+    // dispatchers, clients of both kinds share each one.
+    let n = 66;
+    let mut keys = Vec::new();
+    let mut j = 0;
+    for i in 0..n {
+        let want_frozen = i % 11 == 0;
+        let k = loop {
+            let k = format!("iso:{j}");
+            j += 1;
+            if on_victim(&k) == want_frozen {
+                break k;
+            }
+        };
+        keys.push((k, want_frozen));
+    }
+    // No failover while it is stopped: the node timeout outlasts the stop.
+    for &p in &c.ports {
+        let out = c.cli(p, &["CONFIG", "SET", "cluster-node-timeout", "30000"]);
+        assert_eq!(out.trim(), "OK", "{out}");
+    }
+    let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "30s")]);
+    let pid = c.pid(victim);
+    let thaw = Thaw { c, pid };
+    let done: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    // Clients connect (and take their shared connection) in this order.
+    let mut conns: Vec<Raw> = keys
+        .iter()
+        .map(|_| {
+            let mut r = Raw::connect(proxy.port);
+            assert_eq!(r.call(&["PING"]), "+PONG\r\n");
+            r
+        })
+        .collect();
+    let (during, after) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, ((k, _), mut r)) in keys.iter().zip(conns.drain(..)).enumerate() {
+            let (done, stop) = (&done[i], &stop);
+            handles.push(s.spawn(move || {
+                let until = Instant::now() + Duration::from_secs(90);
+                for it in 0..200_000u64 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > until {
+                        break;
+                    }
+                    // Each value names its client and iteration: a reply
+                    // meant for another client cannot pass.
+                    let v = format!("c{i}-{it}");
+                    assert_eq!(r.call(&["SET", k, &v]), "+OK\r\n", "client {i}");
+                    let got = r.call(&["GET", k]);
+                    assert_eq!(got, format!("${}\r\n{v}\r\n", v.len()), "client {i}");
+                    done.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }));
+        }
+        // Every client under way before the stop.
+        let warm = Instant::now() + Duration::from_secs(30);
+        while done.iter().any(|d| d.load(Ordering::Relaxed) < 3) && Instant::now() < warm {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.signal(pid, libc::SIGSTOP);
+        // The frozen shard's clients are now stuck on it.
+        std::thread::sleep(Duration::from_millis(500));
+        let at = |i: usize| done[i].load(Ordering::Relaxed);
+        let before: Vec<u64> = (0..n).map(at).collect();
+        std::thread::sleep(Duration::from_secs(3));
+        let during: Vec<u64> = (0..n).map(|i| at(i) - before[i]).collect();
+        c.signal(pid, libc::SIGCONT);
+        let frozen_at_cont: Vec<u64> = (0..n).map(at).collect();
+        // The frozen shard's clients get their replies once it is back.
+        let back = Instant::now() + Duration::from_secs(60);
+        while keys
+            .iter()
+            .enumerate()
+            .any(|(i, (_, f))| *f && at(i) < frozen_at_cont[i] + 3)
+            && Instant::now() < back
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after: Vec<u64> = (0..n).map(|i| at(i) - frozen_at_cont[i]).collect();
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("a client saw a wrong reply");
+        }
+        (during, after)
+    });
+    drop(thaw);
+    let others: Vec<u64> = keys
+        .iter()
+        .zip(&during)
+        .filter(|((_, f), _)| !f)
+        .map(|(_, d)| *d)
+        .collect();
+    let frozen: Vec<u64> = keys
+        .iter()
+        .zip(&during)
+        .filter(|((_, f), _)| *f)
+        .map(|(_, d)| *d)
+        .collect();
+    let frozen_after: Vec<u64> = keys
+        .iter()
+        .zip(&after)
+        .filter(|((_, f), _)| *f)
+        .map(|(_, d)| *d)
+        .collect();
+    let stalled = others.iter().filter(|&&d| d < 10).count();
+    eprintln!(
+        "primary {victim} stopped 3 s: SET+GET pairs done meanwhile by the {} clients of other shards: min {} median {} max {} ({stalled} under 10); by the {} of the frozen shard: {frozen:?}; by those after SIGCONT: {frozen_after:?}",
+        others.len(),
+        others.iter().min().unwrap(),
+        {
+            let mut o = others.clone();
+            o.sort();
+            o[o.len() / 2]
+        },
+        others.iter().max().unwrap(),
+        frozen.len(),
+    );
+    assert_eq!(
+        stalled, 0,
+        "clients of other shards stalled behind the frozen one: {others:?}"
+    );
+    assert!(
+        frozen.iter().all(|&d| d == 0),
+        "commands on a stopped node answered: {frozen:?}"
+    );
+    assert!(
+        frozen_after.iter().all(|&d| d >= 3),
+        "the frozen shard's clients did not go on after SIGCONT: {frozen_after:?}"
     );
 }

@@ -3,6 +3,7 @@
 
 pub mod clients;
 pub mod face;
+mod in_place;
 mod replies;
 pub mod session;
 
@@ -89,7 +90,7 @@ pub async fn serve(
         let ctx = ctx.clone();
         let admission = admission.clone();
         let drain = drain.clone();
-        tracker.spawn(async move {
+        tracker.spawn(in_place::InPlace::new(async move {
             let _ticket = Ticket(&admission, metrics);
             match stream {
                 ClientStream::Tcp(s) => {
@@ -98,7 +99,7 @@ pub async fn serve(
                 }
                 ClientStream::Unix(s) => session::run(s, peer, None, ctx, drain).await,
             }
-        });
+        }));
     }
     info!("listener closed");
 }

@@ -167,6 +167,11 @@ pub(super) struct Client {
     /// is written, and the connection closes without flushing what is queued.
     pub(super) killed: bool,
     pub(super) metrics: Arc<Metrics>,
+    /// The client's own cluster dispatchers (at most one but while a
+    /// replaced one finishes): polled here, in the session's task, so a
+    /// command's way is session -> node connection -> session, as on one
+    /// endpoint, and nothing of another client's waits behind them.
+    pub(super) drivers: Vec<crate::upstream::cluster::dispatch::Driver>,
 }
 
 /// What the hub queues for this client, and the count of message bytes in it.
@@ -320,6 +325,8 @@ impl Client {
     /// socket takes. Never waits: registers for wake-up on whatever is not
     /// ready. Writes nothing more once the hub killed the client.
     pub(super) fn poll_out(&mut self, cx: &mut std::task::Context<'_>) {
+        self.drivers
+            .retain_mut(|d| d.as_mut().poll(cx).is_pending());
         loop {
             if self.killed {
                 return;

@@ -212,6 +212,7 @@ pub async fn run<S>(
             gone: false,
             killed: false,
             metrics: ctx.metrics.clone(),
+            drivers: Vec::new(),
         },
         push_tx: None,
         st: State {

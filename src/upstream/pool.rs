@@ -163,19 +163,19 @@ impl Pool {
         let _ = self.cluster.set(cluster);
     }
 
-    /// A shared connection for a new client (round-robin).
-    pub fn shared(&self, proto: Proto) -> Handle {
-        self.shared_plain(proto).0
-    }
-
-    /// [`Pool::shared`], and whether it is a plain connection (not a
-    /// cluster's dispatcher, which routes each command on its own): several
-    /// commands written to a plain one in one request run as written.
-    pub fn shared_plain(&self, proto: Proto) -> (Handle, bool) {
-        if let Some(h) = self.cluster.get().and_then(|c| c.shared(proto)) {
-            return (h, false);
+    /// A shared connection for a new client, and whether it is a plain
+    /// connection (not a cluster's dispatcher, which routes each command on
+    /// its own): several commands written to a plain one in one request run
+    /// as written. A dispatcher comes with the future that runs it, for the
+    /// client's session to poll.
+    pub fn shared_plain(
+        &self,
+        proto: Proto,
+    ) -> (Handle, bool, Option<super::cluster::dispatch::Driver>) {
+        if let Some((h, driver)) = self.cluster.get().and_then(|c| c.shared(proto)) {
+            return (h, false, Some(driver));
         }
-        (self.shared_direct(proto), true)
+        (self.shared_direct(proto), true, None)
     }
 
     /// A shared connection of a cluster node's own pool (`None`: no cluster).

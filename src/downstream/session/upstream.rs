@@ -74,14 +74,20 @@ impl Session {
     }
 
     /// The shared connection this client uses (one per client, so its
-    /// commands run in the order sent), chosen on first use.
+    /// commands run in the order sent), chosen on first use. On a cluster,
+    /// a dispatcher of the client's own, which [`Client::poll_out`] runs.
     pub(super) fn shared_handle(&mut self) -> Handle {
         if let Some(h) = &self.st.shared {
             return h.clone();
         }
-        let (h, plain) = self.ctx.pool.shared_plain(self.st.proto);
+        let (h, plain, driver) = self.ctx.pool.shared_plain(self.st.proto);
         self.st.shared = Some(h.clone());
         self.st.shared_plain = plain;
+        if let Some(d) = driver {
+            // A cluster's dispatcher of this client's own, run from here
+            // (one it replaces runs on until it answered what it was sent).
+            self.client.drivers.push(d);
+        }
         h
     }
 

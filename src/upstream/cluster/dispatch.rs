@@ -1,10 +1,16 @@
-//! A client's shared connection when the upstream is a cluster: a router task
-//! takes each batch of commands (what a session sends a shared connection),
-//! places every command ([`super::route::plan`]) and writes it, grouped per
-//! node, to that node's shared connection at once (so commands to one node
-//! stay in order and pipelined); a completer task takes the batches in the
-//! order they came, gathers their replies, follows redirections and answers
-//! each batch with its replies in the client's order.
+//! A client's shared connection when the upstream is a cluster: one
+//! dispatcher per client, a future ([`Driver`]) its session polls in its own
+//! task (no task, no thread hop of its own). Its router half takes each batch
+//! of commands (what a session sends a shared connection), places every
+//! command ([`super::route::plan`]) and writes it, grouped per node, to that
+//! node's shared connection at once (so commands to one node stay in order
+//! and pipelined); its completer half takes the batches in the order they
+//! came, gathers their replies, follows redirections and answers each batch
+//! with its replies in the client's order.
+//!
+//! Being the client's own, a dispatcher waits only for the nodes its client
+//! uses: a slow or frozen node delays the clients whose commands went there,
+//! and no other (issue 17, finding 2).
 //!
 //! Redirections never reach the client: `MOVED` updates the slot map (and
 //! asks for a refresh) and re-sends there, `ASK` re-sends with `ASKING` to the
@@ -12,9 +18,10 @@
 //! within [`MAX_REDIRECTS`] and [`RETRY_BUDGET`]. Such replies mean the
 //! command did not run, so re-sending cannot run it twice.
 
+mod answer;
 mod resolve;
 
-use super::merge::{self, split_replies};
+use super::merge;
 use super::route::{self, Fan, Merge, Plan};
 use super::Cluster;
 use crate::resp::scan::{args_of, CommandScanner, Limits};
@@ -22,10 +29,11 @@ use crate::resp::{self, Proto};
 use crate::upstream::conn::{Handle, ReplyTx, Request};
 use crate::upstream::topology::Node;
 use crate::upstream::UpstreamError;
+use answer::answer;
 use bytes::{Bytes, BytesMut};
-use resolve::resolve;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +48,11 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(10);
 pub const NODE_DOWN_HOLD: Duration = Duration::from_secs(15);
 
 type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+
+/// A client's dispatcher, run by polling it (from the client's session):
+/// ends once the client let go of its [`crate::upstream::conn::Handle`] and
+/// every batch it sent was answered.
+pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// One command as sent: enough to send it again elsewhere.
 #[derive(Clone)]
@@ -98,6 +111,15 @@ struct Links {
 }
 
 impl Links {
+    fn new(cluster: &Arc<Cluster>, proto: Proto) -> Links {
+        Links {
+            cluster: cluster.clone(),
+            proto,
+            handles: HashMap::new(),
+            pruned: 0,
+        }
+    }
+
     fn get(&mut self, node: &Node) -> Handle {
         let version = self.cluster.map_version();
         if version != self.pruned {
@@ -150,60 +172,117 @@ impl Links {
     }
 }
 
-/// The router half: runs until the session side closes. A request that
-/// comes while the upstream is not (known to be) a cluster goes to the
-/// seed's own connection as it is.
+/// A batch being answered: gives the completer's links back with the replies.
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (Links, Bytes)> + Send>>;
+
+enum Next {
+    Request(Option<Request>),
+    Answered((Links, Bytes)),
+}
+
+/// A client's dispatcher, until the session side closes and every batch was
+/// answered: routes and writes each batch as it comes (the router half) and
+/// answers the batches in the order they came, one at a time (the completer
+/// half), in one future. A request that comes while the upstream is not
+/// (known to be) a cluster goes to the seed's own connection as it is.
 pub async fn run(
     cluster: Arc<Cluster>,
     proto: Proto,
     index: usize,
     mut rx: mpsc::Receiver<Request>,
 ) {
-    let seed = cluster.seed.shared_direct(proto);
-    let mut router: Option<(mpsc::Sender<Job>, Links)> = None;
+    let mut seed: Option<Handle> = None;
+    let mut links = Links::new(&cluster, proto);
+    // Routed batches waiting for their turn to be answered.
+    let mut routed: VecDeque<Job> = VecDeque::new();
+    // The batch being answered (its answer holds the completer's links).
+    let mut answering: Option<(Option<ReplyTx>, Answer)> = None;
+    let mut spare = Some(Links::new(&cluster, proto));
+    let mut open = true;
+    loop {
+        if answering.is_none() {
+            if let Some(job) = routed.pop_front() {
+                let mut l = spare.take().unwrap_or_else(|| Links::new(&cluster, proto));
+                let c = cluster.clone();
+                // Boxed: an idle dispatcher (one per client) stays small.
+                let a: Answer = Box::pin(async move {
+                    let out = answer(&c, &mut l, index, job.items).await;
+                    (l, out)
+                });
+                answering = Some((job.reply, a));
+            } else if !open {
+                return;
+            }
+        }
+        let next = std::future::poll_fn(|cx| {
+            if let Some((_, a)) = answering.as_mut() {
+                if let Poll::Ready(done) = a.as_mut().poll(cx) {
+                    return Poll::Ready(Next::Answered(done));
+                }
+            }
+            if open {
+                if let Poll::Ready(r) = rx.poll_recv(cx) {
+                    return Poll::Ready(Next::Request(r));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match next {
+            Next::Answered((l, out)) => {
+                spare = Some(l);
+                if let Some((Some(tx), _)) = answering.take() {
+                    let _ = tx.send(Ok(out));
+                }
+            }
+            Next::Request(None) => open = false,
+            Next::Request(Some(req)) => {
+                let job = route(&cluster, &mut links, &mut seed, proto, index, req).await;
+                routed.extend(job);
+            }
+        }
+    }
+}
+
+/// The router half for one request: placed and written (`None`: answered
+/// already, or sent to the seed as it is).
+async fn route(
+    cluster: &Arc<Cluster>,
+    links: &mut Links,
+    seed: &mut Option<Handle>,
+    proto: Proto,
+    index: usize,
+    req: Request,
+) -> Option<Job> {
+    let is_cluster = match cluster.is_cluster().await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(t) = req.reply {
+                let _ = t.send(Err(e));
+            }
+            return None;
+        }
+    };
+    if !is_cluster {
+        let seed = seed.get_or_insert_with(|| cluster.seed.shared_direct(proto));
+        if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
+            if let Some(t) = req.reply {
+                let _ = t.send(Err(UpstreamError::Shutdown));
+            }
+        }
+        return None;
+    }
     let limits = Limits {
         max_bulk_bytes: usize::MAX,
         max_line_bytes: usize::MAX,
         max_elements: usize::MAX,
     };
-    while let Some(req) = rx.recv().await {
-        let is_cluster = match cluster.is_cluster().await {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(t) = req.reply {
-                    let _ = t.send(Err(e));
-                }
-                continue;
-            }
-        };
-        if !is_cluster {
-            if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
-                if let Some(t) = req.reply {
-                    let _ = t.send(Err(UpstreamError::Shutdown));
-                }
-            }
-            continue;
-        }
-        let (jobs_tx, links) = router.get_or_insert_with(|| {
-            let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1024);
-            tokio::spawn(complete(cluster.clone(), proto, index, jobs_rx));
-            let links = Links {
-                cluster: cluster.clone(),
-                proto,
-                handles: HashMap::new(),
-                pruned: 0,
-            };
-            (jobs_tx, links)
-        });
-        let items = route_batch(&cluster, links, index, &req.bytes, limits).await;
-        let job = Job {
-            reply: req.reply,
-            items,
-        };
-        if jobs_tx.send(job).await.is_err() {
-            return;
-        }
-    }
+    // Boxed: an idle dispatcher (one per client) stays small.
+    let items = Box::pin(route_batch(cluster, links, index, &req.bytes, limits)).await;
+    Some(Job {
+        reply: req.reply,
+        items,
+    })
 }
 
 /// Place and write every command of one batch.
@@ -417,140 +496,6 @@ async fn scan(cluster: &Cluster, links: &mut Links, args: &[&[u8]]) -> Item {
         )
         .await;
     Item::Scan { step, part }
-}
-
-/// The completer half: answers jobs in the order they were routed.
-async fn complete(
-    cluster: Arc<Cluster>,
-    proto: Proto,
-    index: usize,
-    mut jobs: mpsc::Receiver<Job>,
-) {
-    let mut links = Links {
-        cluster: cluster.clone(),
-        proto,
-        handles: HashMap::new(),
-        pruned: 0,
-    };
-    while let Some(job) = jobs.recv().await {
-        let mut out = BytesMut::new();
-        for item in job.items {
-            match item {
-                Item::Now(b) => out.extend_from_slice(&b),
-                Item::Plain(sent) => {
-                    for r in replies(&cluster, &mut links, index, sent).await {
-                        out.extend_from_slice(&r);
-                    }
-                }
-                Item::Split {
-                    merge,
-                    nkeys,
-                    keys,
-                    parts,
-                } => {
-                    let mut rs = Vec::new();
-                    for p in parts {
-                        rs.extend(replies(&cluster, &mut links, index, p).await);
-                    }
-                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
-                    out.extend_from_slice(&merge::split(merge, nkeys, &keys, &refs));
-                }
-                Item::Fan { kind, parts } => {
-                    let mut rs = Vec::new();
-                    for p in parts {
-                        rs.extend(replies(&cluster, &mut links, index, p).await);
-                    }
-                    let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
-                    out.extend_from_slice(&merge::fan(kind, &refs));
-                }
-                Item::Publish { channel, part } => {
-                    let node = part.node.as_ref().map(|n| n.to_string());
-                    let r = replies(&cluster, &mut links, index, part).await;
-                    let r = r.into_iter().next().unwrap_or_default();
-                    out.extend_from_slice(&publish_count(&cluster, r, channel, node).await);
-                }
-                Item::Scan { step, part } => {
-                    let r = replies(&cluster, &mut links, index, part).await;
-                    let (scan, nodes) = (&r[0], &r[1]);
-                    let (page, stale) = super::scan::reply(scan, nodes, &step);
-                    if stale {
-                        cluster.stale();
-                    }
-                    out.extend_from_slice(&page);
-                }
-            }
-        }
-        if let Some(tx) = job.reply {
-            let _ = tx.send(Ok(out.freeze()));
-        }
-    }
-}
-
-/// A PUBLISH's count as one Redis would give it: the receivers on the node
-/// it went to (other than the hub's own connections there), plus the
-/// proxy's local subscribers.
-async fn publish_count(
-    cluster: &Cluster,
-    reply: Bytes,
-    channel: Bytes,
-    node: Option<String>,
-) -> Bytes {
-    let (Some(n), Some(node)) = (
-        reply
-            .strip_prefix(b":")
-            .and_then(|r| std::str::from_utf8(r).ok()?.trim_end().parse::<i64>().ok()),
-        node,
-    ) else {
-        return reply;
-    };
-    match cluster.hub.receivers(channel, node).await {
-        Some(r) => resp::integer((n - r.upstream as i64).max(0) + r.local as i64),
-        None => reply,
-    }
-}
-
-/// The final reply of each command of `sent`, redirections followed.
-async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent) -> Vec<Bytes> {
-    let n = sent.cmds.len();
-    let first: Result<Bytes, UpstreamError> = match sent.rx {
-        Some(rx) => rx.await.unwrap_or(Err(UpstreamError::Shutdown)),
-        None => Ok(Bytes::new()),
-    };
-    let pieces: Vec<Option<Bytes>> = match (&sent.node, first) {
-        (None, _) => vec![None; n],
-        (Some(_), Ok(b)) => split_replies(&b, n)
-            .into_iter()
-            .map(|p| {
-                // Never None here: a missing reply is an answer, not a redirection.
-                Some(p.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")))
-            })
-            .collect(),
-        (Some(_), Err(e)) => {
-            if matches!(
-                e,
-                UpstreamError::Lost { .. }
-                    | UpstreamError::Connect { .. }
-                    | UpstreamError::Timeout { .. }
-            ) {
-                cluster.stale();
-            }
-            let mut out = Vec::with_capacity(n);
-            for cmd in sent.cmds {
-                out.push(if cmd.slot.is_some() && super::node_unreachable(&e) {
-                    // Not written: wait for the slot's owner, as for a map without one.
-                    resolve(cluster, links, index, cmd, None, None).await
-                } else {
-                    super::node_error(&e, sent.node.as_ref(), cmd.slot)
-                });
-            }
-            return out;
-        }
-    };
-    let mut out = Vec::with_capacity(n);
-    for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
-        out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
-    }
-    out
 }
 
 fn is_error_word(reply: &[u8], word: &[u8]) -> bool {

@@ -10,8 +10,9 @@
 //!
 //! - [`route`]: pure placement of one command (slot, any node, split, fan-out,
 //!   refusal); [`merge`]: pure merging of the parts' replies.
-//! - [`dispatch`]: what a client's shared connection is in a cluster: a task
-//!   that routes each command of a batch, follows `MOVED`/`ASK`, retries
+//! - [`dispatch`]: what a client's shared connection is in a cluster: its
+//!   own router, run inside the client's session task, that routes each
+//!   command of a batch, follows `MOVED`/`ASK`, retries
 //!   `TRYAGAIN`/`CLUSTERDOWN`, and answers the batch in order.
 //! - [`pinned`]: transactions and blocking commands on the node of their keys.
 //! - Here: detection (`upstream.cluster`), the slot map and its refresh.
@@ -51,6 +52,9 @@ const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// How long the connections of a node that left the topology are kept for
 /// the commands in flight on them.
 const LEFT_GRACE: Duration = Duration::from_secs(5);
+/// Batches a client may have queued for its dispatcher (the session's own
+/// budget of replies owed keeps it far below).
+const DISPATCH_QUEUE: usize = 4096;
 /// Time allowed for one topology query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,7 +80,7 @@ pub struct Cluster {
     refresh: Arc<Notify>,
     /// Told each new slot map (shard channels, keyspace notifications).
     hub: Hub,
-    dispatchers: [OnceLock<Vec<Handle>>; 2],
+    /// Spreads the clients' keyless commands over the primaries.
     next: AtomicUsize,
     /// Bumped with each new slot map (dispatchers let go of nodes that left).
     version: AtomicUsize,
@@ -84,13 +88,6 @@ pub struct Cluster {
     seed_error: Mutex<Option<UpstreamError>>,
     /// Commands of the proxy's own the access policy refused (logged once).
     refusals: policy::Refusals,
-}
-
-fn idx(proto: Proto) -> usize {
-    match proto {
-        Proto::Resp2 => 0,
-        Proto::Resp3 => 1,
-    }
 }
 
 /// HELLO fields as a non-cluster Redis shows them: clients see one server.
@@ -142,7 +139,6 @@ impl Cluster {
             nodes: Mutex::new(HashMap::new()),
             refresh: Arc::new(Notify::new()),
             hub,
-            dispatchers: [OnceLock::new(), OnceLock::new()],
             next: AtomicUsize::new(0),
             version: AtomicUsize::new(0),
             seed_error: Mutex::new(None),
@@ -196,23 +192,22 @@ impl Cluster {
         }
     }
 
-    /// A client's shared connection: a dispatcher while the upstream is (or
-    /// may be) a cluster; `None`: the seed pool's own.
-    pub fn shared(self: &Arc<Self>, proto: Proto) -> Option<Handle> {
+    /// A client's shared connection: while the upstream is (or may be) a
+    /// cluster, a dispatcher of the client's own and the future that runs it,
+    /// for the client's session to poll in its own task (see [`dispatch`]);
+    /// `None`: the seed pool's own connection.
+    ///
+    /// One per client, so a node that is slow or frozen delays only the
+    /// clients waiting for it; nothing is spawned, so a client costs no
+    /// task and no thread hop of its own.
+    pub fn shared(self: &Arc<Self>, proto: Proto) -> Option<(Handle, dispatch::Driver)> {
         if *self.decision.borrow() == Decision::Standalone {
             return None;
         }
-        let list = self.dispatchers[idx(proto)].get_or_init(|| {
-            (0..self.cfg.upstream.pool_size.max(1))
-                .map(|i| {
-                    let (tx, rx) = mpsc::channel(4096);
-                    tokio::spawn(dispatch::run(self.clone(), proto, i, rx));
-                    Handle { tx }
-                })
-                .collect()
-        });
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % list.len();
-        Some(list[i].clone())
+        let index = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(DISPATCH_QUEUE);
+        let driver = Box::pin(dispatch::run(self.clone(), proto, index, rx));
+        Some((Handle { tx }, driver))
     }
 
     /// A client's dedicated connection: bound to a node once its first keyed

@@ -1,0 +1,136 @@
+//! Answering one batch of a client's dispatcher: each part's replies, in
+//! order, redirections followed ([`super::resolve`]), split commands and
+//! fan-outs merged, PUBLISH counted as one Redis would.
+
+use super::resolve::resolve;
+use super::{Cluster, Item, Links, Sent};
+use crate::resp;
+use crate::upstream::cluster::merge::{self, split_replies};
+use crate::upstream::UpstreamError;
+use bytes::{Bytes, BytesMut};
+
+/// One batch's replies, in order, redirections followed and parts merged.
+pub(super) async fn answer(
+    cluster: &Cluster,
+    links: &mut Links,
+    index: usize,
+    items: Vec<Item>,
+) -> Bytes {
+    let mut out = BytesMut::new();
+    for item in items {
+        match item {
+            Item::Now(b) => out.extend_from_slice(&b),
+            Item::Plain(sent) => {
+                for r in replies(cluster, links, index, sent).await {
+                    out.extend_from_slice(&r);
+                }
+            }
+            Item::Split {
+                merge,
+                nkeys,
+                keys,
+                parts,
+            } => {
+                let mut rs = Vec::new();
+                for p in parts {
+                    rs.extend(replies(cluster, links, index, p).await);
+                }
+                let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                out.extend_from_slice(&merge::split(merge, nkeys, &keys, &refs));
+            }
+            Item::Fan { kind, parts } => {
+                let mut rs = Vec::new();
+                for p in parts {
+                    rs.extend(replies(cluster, links, index, p).await);
+                }
+                let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
+                out.extend_from_slice(&merge::fan(kind, &refs));
+            }
+            Item::Publish { channel, part } => {
+                let node = part.node.as_ref().map(|n| n.to_string());
+                let r = replies(cluster, links, index, part).await;
+                let r = r.into_iter().next().unwrap_or_default();
+                out.extend_from_slice(&publish_count(cluster, r, channel, node).await);
+            }
+            Item::Scan { step, part } => {
+                let r = replies(cluster, links, index, part).await;
+                let (scan, nodes) = (&r[0], &r[1]);
+                let (page, stale) = crate::upstream::cluster::scan::reply(scan, nodes, &step);
+                if stale {
+                    cluster.stale();
+                }
+                out.extend_from_slice(&page);
+            }
+        }
+    }
+    out.freeze()
+}
+
+/// A PUBLISH's count as one Redis would give it: the receivers on the node
+/// it went to (other than the hub's own connections there), plus the
+/// proxy's local subscribers.
+async fn publish_count(
+    cluster: &Cluster,
+    reply: Bytes,
+    channel: Bytes,
+    node: Option<String>,
+) -> Bytes {
+    let (Some(n), Some(node)) = (
+        reply
+            .strip_prefix(b":")
+            .and_then(|r| std::str::from_utf8(r).ok()?.trim_end().parse::<i64>().ok()),
+        node,
+    ) else {
+        return reply;
+    };
+    match cluster.hub.receivers(channel, node).await {
+        Some(r) => resp::integer((n - r.upstream as i64).max(0) + r.local as i64),
+        None => reply,
+    }
+}
+
+/// The final reply of each command of `sent`, redirections followed.
+async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent) -> Vec<Bytes> {
+    let n = sent.cmds.len();
+    let first: Result<Bytes, UpstreamError> = match sent.rx {
+        Some(rx) => rx.await.unwrap_or(Err(UpstreamError::Shutdown)),
+        None => Ok(Bytes::new()),
+    };
+    let pieces: Vec<Option<Bytes>> = match (&sent.node, first) {
+        (None, _) => vec![None; n],
+        (Some(_), Ok(b)) => split_replies(&b, n)
+            .into_iter()
+            .map(|p| {
+                // Never None here: a missing reply is an answer, not a redirection.
+                Some(p.unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")))
+            })
+            .collect(),
+        (Some(_), Err(e)) => {
+            if matches!(
+                e,
+                UpstreamError::Lost { .. }
+                    | UpstreamError::Connect { .. }
+                    | UpstreamError::Timeout { .. }
+            ) {
+                cluster.stale();
+            }
+            let mut out = Vec::with_capacity(n);
+            for cmd in sent.cmds {
+                out.push(
+                    if cmd.slot.is_some() && crate::upstream::cluster::node_unreachable(&e) {
+                        // Not written: wait for the slot's owner, as for a map without one.
+                        resolve(cluster, links, index, cmd, None, None).await
+                    } else {
+                        crate::upstream::cluster::node_error(&e, sent.node.as_ref(), cmd.slot)
+                    },
+                );
+            }
+            return out;
+        }
+    };
+    let mut out = Vec::with_capacity(n);
+    for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
+        out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
+    }
+    out
+}

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cluster::{self, proxy_with, Announce};
+use common::cluster::{self, proxy_with, Announce, Cluster};
 use common::cluster_load::proxy_conns;
 use common::cluster_ops::{owner_of, reshard, RestartOnPanic};
 use common::proxy::Raw;

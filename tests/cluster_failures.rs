@@ -445,3 +445,38 @@ fn a_frozen_shard_delays_only_its_own_keys() {
         "the frozen shard's clients did not go on after SIGCONT: {frozen_after:?}"
     );
 }
+
+/// A command in flight on a primary that froze and was replaced: when the
+/// proxy lets the node go (it left the topology), the client hears that the
+/// command may or may not have run there, and on which node; not that the
+/// proxy is shutting down (found by scripts/cluster-phases.sh: 61 clients
+/// told so during a 15 s SIGSTOP).
+#[test]
+fn a_command_stuck_on_a_replaced_primary_says_it_may_have_run() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "90s")]);
+    let mut w = Raw::connect(proxy.port);
+    w.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let tag = (0..)
+        .map(|i| format!("stuck{i}"))
+        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
+        .unwrap();
+    let victim = owner_of(c, &format!("{{{tag}}}"));
+    let key = format!("{{{tag}}}k");
+    assert_eq!(w.call(&["SET", &key, "1"]), "+OK\r\n");
+    c.wait_replicas_synced();
+    let pid = c.pid(victim);
+    c.signal(pid, libc::SIGSTOP);
+    // Whatever happens below, the node thaws (as a replica) for the others.
+    let _thaw = Thaw { c, pid };
+    let t = Instant::now();
+    w.send(&["INCR", &key]);
+    let reply = String::from_utf8(w.read()).unwrap();
+    eprintln!("after {:?}: {reply:?}", t.elapsed());
+    assert!(
+        reply.contains("may or may not have been executed")
+            && reply.contains(&format!("127.0.0.1:{victim}")),
+        "{reply}"
+    );
+}

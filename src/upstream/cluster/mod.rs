@@ -237,6 +237,11 @@ impl Cluster {
         self.map.read().expect("not poisoned").clone()
     }
 
+    /// What a reply channel closed without an answer means ([`dropped_reply`]).
+    pub(crate) fn dropped_reply(&self) -> UpstreamError {
+        dropped_reply(&self.shutdown)
+    }
+
     /// The pool of one node, made on first use.
     pub(crate) fn node_pool(&self, node: &Node) -> Arc<Pool> {
         let mut nodes = self.nodes.lock().expect("not poisoned");
@@ -483,6 +488,22 @@ impl Cluster {
         match slot {
             Some(s) => map.owner(s).cloned(),
             None => map.nodes.get(spread % map.nodes.len().max(1)).cloned(),
+        }
+    }
+}
+
+/// A command's reply channel closed without an answer: the proxy is shutting
+/// down, or the connection under the command was closed, as the proxy does
+/// with a node that left the topology (a primary replaced while frozen):
+/// the command may or may not have run there.
+fn dropped_reply(shutdown: &CancellationToken) -> UpstreamError {
+    if shutdown.is_cancelled() {
+        UpstreamError::Shutdown
+    } else {
+        UpstreamError::Lost {
+            reason:
+                "the proxy closed its connection to the node, which left the cluster's topology"
+                    .into(),
         }
     }
 }

@@ -568,7 +568,8 @@ impl Virtual {
         let res = if b.pin.tx.send(req).await.is_err() {
             Err(UpstreamError::Shutdown)
         } else {
-            rx.await.unwrap_or(Err(UpstreamError::Shutdown))
+            rx.await
+                .unwrap_or_else(|_| Err(self.cluster.dropped_reply()))
         };
         self.expiry
             .store(b.pin.expiry.load(Ordering::Acquire), Ordering::Release);

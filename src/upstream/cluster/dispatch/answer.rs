@@ -93,7 +93,7 @@ async fn publish_count(
 async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent) -> Vec<Bytes> {
     let n = sent.cmds.len();
     let first: Result<Bytes, UpstreamError> = match sent.rx {
-        Some(rx) => rx.await.unwrap_or(Err(UpstreamError::Shutdown)),
+        Some(rx) => rx.await.unwrap_or_else(|_| Err(cluster.dropped_reply())),
         None => Ok(Bytes::new()),
     };
     let pieces: Vec<Option<Bytes>> = match (&sent.node, first) {

@@ -154,7 +154,9 @@ async fn send_and_wait(
     let Some(rx) = sent.rx else {
         return Ok(resp::error("CLUSTERDOWN Hash slot not served"));
     };
-    let b = rx.await.unwrap_or(Err(UpstreamError::Shutdown))?;
+    let b = rx
+        .await
+        .unwrap_or_else(|_| Err(links.cluster.dropped_reply()))?;
     let parts = split_replies(&b, count);
     Ok(parts
         .into_iter()

@@ -8,7 +8,7 @@ mod common;
 
 use common::cluster::{self, proxy_with, Announce, Cluster};
 use common::cluster_load::proxy_conns;
-use common::cluster_ops::{owner_of, reshard, RestartOnPanic};
+use common::cluster_ops::{owner_of, replica_of, reshard, wait_primary, RestartOnPanic};
 use common::proxy::Raw;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -479,4 +479,48 @@ fn a_command_stuck_on_a_replaced_primary_says_it_may_have_run() {
             && reply.contains(&format!("127.0.0.1:{victim}")),
         "{reply}"
     );
+}
+
+/// A client that stays idle while its node is failed over and back (the
+/// node leaves the topology, its connections close after the grace, then
+/// it is a primary again): its next command goes to the node's new
+/// connections. Found by scripts/cluster-phases.sh after CLUSTER FAILOVER:
+/// 51 clients got 'ERR proxy is shutting down' on every command to the
+/// promoted node until the end of the run (a client's cached handle to the
+/// closed connections was kept because the node was in the map again).
+#[test]
+fn an_idle_client_reaches_a_node_that_left_and_came_back() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    let proxy = proxy_with(c, &[]);
+    let tag = (0..)
+        .map(|i| format!("back{i}"))
+        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
+        .unwrap();
+    let key = format!("{{{tag}}}k");
+    let node = owner_of(c, &key);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    let replica = replica_of(c, node);
+    let mut idle = Raw::connect(proxy.port);
+    assert_eq!(idle.call(&["SET", &key, "1"]), "+OK\r\n");
+    let mut busy = Raw::connect(proxy.port);
+    c.wait_replicas_synced();
+    // Away: the replica takes over; the other client's command tells the
+    // proxy (MOVED, then a new map without the node).
+    c.cli(replica, &["CLUSTER", "FAILOVER"]);
+    wait_primary(c, replica);
+    c.wait_converged();
+    assert_eq!(busy.call(&["INCR", &key]), ":2\r\n");
+    // Past the grace after which the node's connections close.
+    std::thread::sleep(Duration::from_secs(7));
+    // And back.
+    c.wait_replicas_synced();
+    c.cli(node, &["CLUSTER", "FAILOVER"]);
+    wait_primary(c, node);
+    c.wait_converged();
+    assert_eq!(busy.call(&["INCR", &key]), ":3\r\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(idle.call(&["GET", &key]), "$1\r\n3\r\n");
+    assert_eq!(idle.call(&["INCR", &key]), ":4\r\n");
 }

@@ -128,7 +128,10 @@ impl Links {
                 self.handles.retain(|n, _| m.nodes.contains(n));
             }
         }
-        if let Some(h) = self.handles.get(node) {
+        // A node can leave the topology and come back between two commands
+        // of this client: its old connections closed (after the grace), and
+        // the map names it again. A closed handle is replaced, never used.
+        if let Some(h) = self.handles.get(node).filter(|h| !h.tx.is_closed()) {
             return h.clone();
         }
         let h = self.cluster.node_pool(node).shared_direct(self.proto);
@@ -155,8 +158,23 @@ impl Links {
         };
         let h = self.get(&n);
         if let Err(mpsc::error::SendError(req)) = h.tx.send(req).await {
-            if let Some(t) = req.reply {
-                let _ = t.send(Err(UpstreamError::Shutdown));
+            // Closed since `get` looked (nothing was written): once more, on
+            // the node's connections of now.
+            let h = self.get(&n);
+            if let Err(mpsc::error::SendError(req)) = h.tx.send(req).await {
+                if let Some(t) = req.reply {
+                    let e = self.cluster.dropped_reply();
+                    let _ = t.send(Err(if matches!(e, UpstreamError::Shutdown) {
+                        e
+                    } else {
+                        // Not written: it may go to the slot's owner of now.
+                        UpstreamError::Connect {
+                            addr: n.to_string(),
+                            reason: "its connections are closed (the node left the topology)"
+                                .into(),
+                        }
+                    }));
+                }
             }
         }
         Sent {

@@ -48,6 +48,7 @@ use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
 
 mod blocking;
+mod census;
 mod commands;
 mod face;
 mod local;
@@ -240,6 +241,7 @@ pub async fn run<S>(
         silent: false,
         op: ops::OTHER,
         batch_op: None,
+        census: Vec::new(),
         peer,
         local_addr,
         reg,
@@ -372,6 +374,8 @@ struct Session {
     op: ops::Op,
     /// The same for the shared batch being gathered.
     batch_op: Option<ops::Op>,
+    /// Counting commands in that batch, by position ([`census`]).
+    census: Vec<(usize, crate::upstream::pubsub::count::Question)>,
     peer: Peer,
     /// The accepted socket's own address (`None`: a Unix socket).
     local_addr: Option<std::net::SocketAddr>,
@@ -613,10 +617,11 @@ impl Session {
                 self.maybe_unpin().await;
                 if self.st.pinned.is_some() {
                     self.ctx.metrics.command(Route::Pinned);
-                    self.forward_pinned(frame, 1, since).await;
+                    self.forward_pinned(frame.clone(), 1, since).await;
                 } else {
-                    self.send_shared(frame, since).await;
+                    self.send_shared(frame.clone(), since).await;
                 }
+                self.census_one(&frame);
                 self.await_own_messages(args);
             }
         }

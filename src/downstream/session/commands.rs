@@ -114,6 +114,9 @@ impl Session {
                 continue;
             }
             if batchable {
+                if let Some(q) = self.census_question(frame, &cmd) {
+                    self.census.push((batch_count, q));
+                }
                 if self.ctx.metrics.otel().is_some() {
                     let op = ops::lookup(cmd.arg(frame, 0).unwrap_or_default());
                     self.batch_op = Some(ops::merge(self.batch_op, op));

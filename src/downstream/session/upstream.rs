@@ -71,6 +71,8 @@ impl Session {
         let handle = self.shared_handle();
         self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
             .await;
+        let questions = std::mem::take(&mut self.census);
+        self.census_reply(count, questions);
     }
 
     /// The shared connection this client uses (one per client, so its

@@ -12,6 +12,7 @@
 //! within [`MAX_REDIRECTS`] and [`RETRY_BUDGET`]. Such replies mean the
 //! command did not run, so re-sending cannot run it twice.
 
+mod census;
 mod resolve;
 
 use super::merge::{self, split_replies};
@@ -73,11 +74,10 @@ enum Item {
         part: Sent,
     },
     Now(Bytes),
-    /// PUBLISH: the node's count, less the hub's own subscriptions there,
-    /// plus the hub's local subscribers.
-    Publish {
-        channel: Bytes,
-        part: Sent,
+    /// PUBLISH, SPUBLISH, PUBSUB NUMSUB...: answered as one Redis ([`census`]).
+    Census {
+        question: crate::upstream::pubsub::count::Question,
+        parts: Vec<Sent>,
     },
 }
 
@@ -236,11 +236,11 @@ async fn route_batch(
         let raw = bytes.slice(pos..pos + cmd.len);
         let args = args_of(&raw, &cmd);
         let plan = route::plan(cluster.table(), &args);
-        // PUBLISH's count is made whole with the hub's own subscribers.
-        let publish = args.len() == 3 && args[0].eq_ignore_ascii_case(b"PUBLISH");
+        // Subscriber counts are made whole with the hub's local subscribers.
+        let question = crate::upstream::pubsub::count::Question::parse(&args);
         let (slot, single) = match &plan {
-            Plan::Slot(s) => (Some(*s), true),
-            Plan::Any => (None, !publish),
+            Plan::Slot(s) => (Some(*s), question.is_none()),
+            Plan::Any => (None, question.is_none()),
             _ => (None, false),
         };
         let frame = if cmd.inline {
@@ -292,19 +292,9 @@ async fn route_batch(
         pos += cmd.len;
         group_start = pos;
         let item = match plan {
-            Plan::Any if publish => {
-                let node = cluster.node_for(None, index);
-                let channel = Bytes::copy_from_slice(args[1]);
-                let part = links
-                    .send_one(
-                        node,
-                        Cmd {
-                            bytes: frame,
-                            slot: None,
-                        },
-                    )
-                    .await;
-                Item::Publish { channel, part }
+            Plan::Slot(_) | Plan::Any if question.is_some() => {
+                let q = question.expect("checked");
+                census::send(cluster, links, index, q, frame, slot).await
             }
             Plan::Refuse(e) => Item::Now(e),
             Plan::Split { merge, parts, keys } => {
@@ -463,11 +453,9 @@ async fn complete(
                     let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
                     out.extend_from_slice(&merge::fan(kind, &refs));
                 }
-                Item::Publish { channel, part } => {
-                    let node = part.node.as_ref().map(|n| n.to_string());
-                    let r = replies(&cluster, &mut links, index, part).await;
-                    let r = r.into_iter().next().unwrap_or_default();
-                    out.extend_from_slice(&publish_count(&cluster, r, channel, node).await);
+                Item::Census { question, parts } => {
+                    let r = census::answer(&cluster, &mut links, index, question, parts).await;
+                    out.extend_from_slice(&r);
                 }
                 Item::Scan { step, part } => {
                     let r = replies(&cluster, &mut links, index, part).await;
@@ -483,29 +471,6 @@ async fn complete(
         if let Some(tx) = job.reply {
             let _ = tx.send(Ok(out.freeze()));
         }
-    }
-}
-
-/// A PUBLISH's count as one Redis would give it: the receivers on the node
-/// it went to (other than the hub's own connections there), plus the
-/// proxy's local subscribers.
-async fn publish_count(
-    cluster: &Cluster,
-    reply: Bytes,
-    channel: Bytes,
-    node: Option<String>,
-) -> Bytes {
-    let (Some(n), Some(node)) = (
-        reply
-            .strip_prefix(b":")
-            .and_then(|r| std::str::from_utf8(r).ok()?.trim_end().parse::<i64>().ok()),
-        node,
-    ) else {
-        return reply;
-    };
-    match cluster.hub.receivers(channel, node).await {
-        Some(r) => resp::integer((n - r.upstream as i64).max(0) + r.local as i64),
-        None => reply,
     }
 }
 

@@ -161,6 +161,9 @@ struct Tx {
     /// Commands the proxy answers itself, queued at these positions and run
     /// when EXEC succeeds, their replies put in their place in its array.
     locals: Vec<(usize, Local, Vec<Bytes>)>,
+    /// Counting commands (PUBLISH, PUBSUB NUMSUB...) queued at these
+    /// positions: their counts in EXEC's array are made one Redis's.
+    census: census::Queued,
 }
 
 impl State {
@@ -375,7 +378,7 @@ struct Session {
     /// The same for the shared batch being gathered.
     batch_op: Option<ops::Op>,
     /// Counting commands in that batch, by position ([`census`]).
-    census: Vec<(usize, crate::upstream::pubsub::count::Question)>,
+    census: Vec<crate::upstream::pubsub::count::Fix>,
     peer: Peer,
     /// The accepted socket's own address (`None`: a Unix socket).
     local_addr: Option<std::net::SocketAddr>,
@@ -615,13 +618,14 @@ impl Session {
             }
             Action::Pinned | Action::Shared => {
                 self.maybe_unpin().await;
+                let queued = self.st.tx.queued;
                 if self.st.pinned.is_some() {
                     self.ctx.metrics.command(Route::Pinned);
                     self.forward_pinned(frame.clone(), 1, since).await;
                 } else {
                     self.send_shared(frame.clone(), since).await;
                 }
-                self.census_one(&frame);
+                self.census_one(&frame, queued);
                 self.await_own_messages(args);
             }
         }

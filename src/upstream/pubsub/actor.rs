@@ -695,6 +695,10 @@ impl Actor {
 
 /// The registry's figures for the counts one Redis would give.
 impl super::count::Held for Actor {
+    /// A subscription's local clients get a message only through the hub's
+    /// confirmed subscription: counted only while there is one. The server
+    /// counted the hub's subscriptions on `node` (a shard channel's one is
+    /// on its owner, where SPUBLISH went after any redirection).
     fn receivers(&self, kind: Kind, channel: &[u8], node: Option<&str>) -> super::Receivers {
         let on_node: Vec<usize> = match node {
             None => vec![HOME],
@@ -702,22 +706,27 @@ impl super::count::Held for Actor {
                 .filter(|&c| self.addr(c) == node)
                 .collect(),
         };
-        let held = |e: &Entry| {
-            on_node
-                .iter()
-                .filter(|&&c| e.state(c) == Some(Up::Active))
-                .count()
-        };
         let mut r = super::Receivers::default();
-        if let Some(e) = self.entries[kind.idx()].get(channel) {
+        let mut add = |e: &Entry| {
+            if e.active() == 0 {
+                return;
+            }
             r.local += e.subs.len();
-            r.upstream += held(e);
+            r.upstream += match kind {
+                Kind::Shard => e.active(),
+                _ => on_node
+                    .iter()
+                    .filter(|&&c| e.state(c) == Some(Up::Active))
+                    .count(),
+            };
+        };
+        if let Some(e) = self.entries[kind.idx()].get(channel) {
+            add(e);
         }
         if kind == Kind::Channel {
             for (pattern, e) in &self.entries[Kind::Pattern.idx()] {
                 if super::place::glob(pattern, channel) {
-                    r.local += e.subs.len();
-                    r.upstream += held(e);
+                    add(e);
                 }
             }
         }

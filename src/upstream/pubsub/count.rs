@@ -231,6 +231,15 @@ pub(super) fn answer(held: &impl Held, q: &Question, replies: &[(Option<&str>, &
     }
 }
 
+/// A reply of a batch to be made one Redis's: the reply at `at`, or the
+/// element `element` of it (EXEC's array).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fix {
+    pub at: usize,
+    pub element: Option<usize>,
+    pub question: Question,
+}
+
 /// Each reply of a batch of `count` commands (`None`: cannot be split).
 fn split(bytes: &Bytes, count: usize) -> Option<Vec<Bytes>> {
     let mut out = Vec::with_capacity(count);
@@ -267,21 +276,40 @@ impl Hub {
     }
 
     /// The replies of a batch of `count` commands sent to the single
-    /// endpoint, those at the positions of `questions` made what one Redis
-    /// would answer ([`Hub::census`]).
-    pub async fn census_batch(
-        &self,
-        bytes: Bytes,
-        count: usize,
-        questions: Vec<(usize, Question)>,
-    ) -> Bytes {
+    /// endpoint, those `fixes` name made what one Redis would answer
+    /// ([`Hub::census`]). An EXEC that did not run (nil) stays as it is.
+    pub async fn census_batch(&self, bytes: Bytes, count: usize, fixes: Vec<Fix>) -> Bytes {
         let Some(mut replies) = split(&bytes, count) else {
             return bytes;
         };
-        for (i, q) in questions {
-            if let Some(r) = replies.get_mut(i) {
-                *r = self.census(q, vec![(None, r.clone())]).await;
+        let mut at = 0;
+        while at < fixes.len() {
+            let here = fixes[at].at;
+            let n = fixes[at..].iter().take_while(|f| f.at == here).count();
+            let group = &fixes[at..at + n];
+            at += n;
+            let Some(r) = replies.get_mut(here) else {
+                continue;
+            };
+            if group[0].element.is_none() {
+                *r = self
+                    .census(group[0].question.clone(), vec![(None, r.clone())])
+                    .await;
+                continue;
             }
+            let Some(els) = elements(r) else {
+                continue;
+            };
+            let mut els: Vec<Bytes> = els.into_iter().map(Bytes::copy_from_slice).collect();
+            for f in group {
+                if let Some(e) = f.element.and_then(|i| els.get_mut(i)) {
+                    *e = self
+                        .census(f.question.clone(), vec![(None, e.clone())])
+                        .await;
+                }
+            }
+            let refs: Vec<&[u8]> = els.iter().map(|b| &b[..]).collect();
+            *r = array(&refs, false);
         }
         let mut out = BytesMut::with_capacity(bytes.len() + 16);
         for r in replies {

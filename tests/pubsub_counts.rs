@@ -212,6 +212,9 @@ fn scenario(proxy_port: u16, cluster: bool) {
         (false, &[&["SSUBSCRIBE", "s1"], &["SSUBSCRIBE", "s2"]]),
         (false, &[&["SSUBSCRIBE", "s1"]]),
         (true, &[&["SUBSCRIBE", "ch3"], &["PSUBSCRIBE", "c?1"]]),
+        // On a cluster also held on every primary (it matches keyspace
+        // notifications): still one pattern, one receiver.
+        (false, &[&["PSUBSCRIBE", "*"]]),
     ];
     for (hello3, cmds) in subscribers {
         let want = twin.subscriber(*hello3, cmds);
@@ -279,7 +282,7 @@ fn scenario(proxy_port: u16, cluster: bool) {
         proxy.leave(i);
     }
     assert_same(&mut twin, &mut proxy, "after two disconnected");
-    for i in [2, 3, 4, 6] {
+    for i in [2, 3, 4, 6, 7] {
         twin.leave(i);
         proxy.leave(i);
     }

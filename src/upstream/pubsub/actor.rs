@@ -743,11 +743,25 @@ impl super::count::Held for Actor {
             .unwrap_or_default()
     }
 
+    /// A server counts each pattern once however many of its clients hold
+    /// it (the home connection and a primary's can be on one node).
     fn patterns(&self) -> super::Receivers {
         let entries = self.entries[Kind::Pattern.idx()].values();
+        let mut held = 0;
+        for e in entries.clone() {
+            let mut nodes: Vec<String> = e
+                .ups
+                .iter()
+                .filter(|(_, u)| *u == Up::Active)
+                .map(|(c, _)| self.addr(*c))
+                .collect();
+            nodes.sort();
+            nodes.dedup();
+            held += nodes.len();
+        }
         super::Receivers {
-            local: entries.clone().filter(|e| !e.subs.is_empty()).count(),
-            upstream: entries.map(Entry::active).sum(),
+            local: entries.filter(|e| !e.subs.is_empty()).count(),
+            upstream: held,
         }
     }
 }

@@ -291,11 +291,11 @@ async fn route_batch(
         .await;
         pos += cmd.len;
         group_start = pos;
+        if let Some(q) = question.filter(|_| matches!(plan, Plan::Slot(_) | Plan::Any)) {
+            items.push(census::send(cluster, links, index, q, frame, slot).await);
+            continue;
+        }
         let item = match plan {
-            Plan::Slot(_) | Plan::Any if question.is_some() => {
-                let q = question.expect("checked");
-                census::send(cluster, links, index, q, frame, slot).await
-            }
             Plan::Refuse(e) => Item::Now(e),
             Plan::Split { merge, parts, keys } => {
                 let mut sent = Vec::new();

@@ -449,6 +449,52 @@ mod tests {
         );
     }
 
+    /// Without the hub (gone), the servers' figures stay, each in its place.
+    #[tokio::test]
+    async fn fixes_land_on_their_reply_or_element() {
+        let (ops, _) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Hub {
+            ops,
+            upstream: Default::default(),
+        };
+        let batch =
+            Bytes::from_static(b"+OK\r\n:4\r\n*3\r\n:2\r\n$1\r\nx\r\n*2\r\n$1\r\nc\r\n:1\r\n");
+        let publish = Question::Publish {
+            kind: Kind::Channel,
+            channel: Bytes::from_static(b"c"),
+        };
+        let numsub = Question::NumSub {
+            kind: Kind::Channel,
+        };
+        let fixes = vec![
+            Fix {
+                at: 1,
+                element: None,
+                question: publish.clone(),
+            },
+            Fix {
+                at: 2,
+                element: Some(0),
+                question: publish.clone(),
+            },
+            Fix {
+                at: 2,
+                element: Some(2),
+                question: numsub,
+            },
+        ];
+        let out = hub.census_batch(batch.clone(), 3, fixes).await;
+        assert_eq!(out, batch);
+        // A nil EXEC (the transaction did not run) stays nil.
+        let nil = Bytes::from_static(b"*-1\r\n");
+        let fix = Fix {
+            at: 0,
+            element: Some(0),
+            question: publish,
+        };
+        assert_eq!(hub.census_batch(nil.clone(), 1, vec![fix]).await, nil);
+    }
+
     #[test]
     fn a_batch_is_split_and_put_back() {
         let b = Bytes::from_static(b"+OK\r\n:1\r\n$1\r\nx\r\n");

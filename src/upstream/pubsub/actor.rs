@@ -352,16 +352,8 @@ impl Actor {
                 let _ = reply.send(Ok(Counts::default()));
             }
             Op::Gone { id } => self.remove_client(id),
-            Op::Census {
-                question,
-                replies,
-                reply,
-            } => {
-                let refs: Vec<(Option<&str>, &[u8])> = replies
-                    .iter()
-                    .map(|(n, r)| (n.as_deref(), &r[..]))
-                    .collect();
-                let _ = reply.send(super::count::answer(self, &question, &refs));
+            Op::Census { asks, reply } => {
+                let _ = reply.send(super::count::answer_all(self, &asks));
             }
             Op::Topology { map, refresh } => self.topology(map, refresh),
         }

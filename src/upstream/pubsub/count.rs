@@ -13,6 +13,7 @@ use super::{Hub, Kind, Op, Receivers};
 use crate::resp;
 use crate::resp::scan::ReplyScanner;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
 use tokio::sync::oneshot;
 
 /// A command whose reply counts subscribers.
@@ -240,6 +241,22 @@ pub struct Fix {
     pub question: Question,
 }
 
+/// A question and the replies of the nodes it was asked of.
+pub(super) type Ask = (Question, Vec<(Option<String>, Bytes)>);
+
+/// [`answer`] for each of `asks`.
+pub(super) fn answer_all(held: &impl Held, asks: &[Ask]) -> Vec<Bytes> {
+    asks.iter()
+        .map(|(q, replies)| {
+            let refs: Vec<(Option<&str>, &[u8])> = replies
+                .iter()
+                .map(|(n, r)| (n.as_deref(), &r[..]))
+                .collect();
+            answer(held, q, &refs)
+        })
+        .collect()
+}
+
 /// Each reply of a batch of `count` commands (`None`: cannot be split).
 fn split(bytes: &Bytes, count: usize) -> Option<Vec<Bytes>> {
     let mut out = Vec::with_capacity(count);
@@ -254,13 +271,18 @@ fn split(bytes: &Bytes, count: usize) -> Option<Vec<Bytes>> {
 
 impl Hub {
     /// The reply one Redis would give to `q`, from the nodes' `replies`
-    /// (`None`: the single endpoint). Without the hub (shut down), the
-    /// servers' figures put together.
+    /// (`None`: the single endpoint).
     pub async fn census(&self, q: Question, replies: Vec<(Option<String>, Bytes)>) -> Bytes {
+        let mut out = self.census_many(vec![(q, replies)]).await;
+        out.pop().unwrap_or_else(unreadable)
+    }
+
+    /// [`Hub::census`] for several questions, in one turn of the hub's task.
+    /// Without the hub (shut down), the servers' figures put together.
+    async fn census_many(&self, asks: Vec<Ask>) -> Vec<Bytes> {
         let (tx, rx) = oneshot::channel();
         let op = Op::Census {
-            question: q.clone(),
-            replies: replies.clone(),
+            asks: asks.clone(),
             reply: tx,
         };
         if self.ops.send(op).is_ok() {
@@ -268,11 +290,7 @@ impl Hub {
                 return b;
             }
         }
-        let refs: Vec<(Option<&str>, &[u8])> = replies
-            .iter()
-            .map(|(n, r)| (n.as_deref(), &r[..]))
-            .collect();
-        answer(&Nothing, &q, &refs)
+        answer_all(&Nothing, &asks)
     }
 
     /// The replies of a batch of `count` commands sent to the single
@@ -282,34 +300,45 @@ impl Hub {
         let Some(mut replies) = split(&bytes, count) else {
             return bytes;
         };
-        let mut at = 0;
-        while at < fixes.len() {
-            let here = fixes[at].at;
-            let n = fixes[at..].iter().take_while(|f| f.at == here).count();
-            let group = &fixes[at..at + n];
-            at += n;
-            let Some(r) = replies.get_mut(here) else {
+        // The elements of the EXEC arrays that hold fixes.
+        let mut arrays: HashMap<usize, Vec<Bytes>> = HashMap::new();
+        let mut asks = Vec::with_capacity(fixes.len());
+        let mut places = Vec::with_capacity(fixes.len());
+        for f in fixes {
+            let Some(r) = replies.get(f.at) else {
                 continue;
             };
-            if group[0].element.is_none() {
-                *r = self
-                    .census(group[0].question.clone(), vec![(None, r.clone())])
-                    .await;
-                continue;
-            }
-            let Some(els) = elements(r) else {
-                continue;
-            };
-            let mut els: Vec<Bytes> = els.into_iter().map(Bytes::copy_from_slice).collect();
-            for f in group {
-                if let Some(e) = f.element.and_then(|i| els.get_mut(i)) {
-                    *e = self
-                        .census(f.question.clone(), vec![(None, e.clone())])
-                        .await;
+            let piece = match f.element {
+                None => r.clone(),
+                Some(i) => {
+                    if let std::collections::hash_map::Entry::Vacant(v) = arrays.entry(f.at) {
+                        let Some(els) = elements(r) else {
+                            continue;
+                        };
+                        v.insert(els.into_iter().map(Bytes::copy_from_slice).collect());
+                    }
+                    match arrays.get(&f.at).and_then(|els| els.get(i)) {
+                        Some(e) => e.clone(),
+                        None => continue,
+                    }
                 }
+            };
+            asks.push((f.question, vec![(None, piece)]));
+            places.push((f.at, f.element));
+        }
+        let answers = self.census_many(asks).await;
+        for ((at, element), a) in places.into_iter().zip(answers) {
+            let slot = match element {
+                None => replies.get_mut(at),
+                Some(i) => arrays.get_mut(&at).and_then(|els| els.get_mut(i)),
+            };
+            if let Some(s) = slot {
+                *s = a;
             }
+        }
+        for (at, els) in arrays {
             let refs: Vec<&[u8]> = els.iter().map(|b| &b[..]).collect();
-            *r = array(&refs, false);
+            replies[at] = array(&refs, false);
         }
         let mut out = BytesMut::with_capacity(bytes.len() + 16);
         for r in replies {

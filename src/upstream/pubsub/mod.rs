@@ -201,9 +201,8 @@ enum Op {
     /// The reply one Redis would give to a counting command, from the
     /// servers' ([`count`]).
     Census {
-        question: count::Question,
-        replies: Vec<(Option<String>, Bytes)>,
-        reply: oneshot::Sender<Bytes>,
+        asks: Vec<count::Ask>,
+        reply: oneshot::Sender<Vec<Bytes>>,
     },
     /// The upstream is a cluster with this slot map (each new one); `refresh`
     /// asks the cluster layer to read it again.

@@ -48,6 +48,7 @@ use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
 
 mod blocking;
+mod census;
 mod commands;
 mod face;
 mod local;
@@ -160,6 +161,9 @@ struct Tx {
     /// Commands the proxy answers itself, queued at these positions and run
     /// when EXEC succeeds, their replies put in their place in its array.
     locals: Vec<(usize, Local, Vec<Bytes>)>,
+    /// Counting commands (PUBLISH, PUBSUB NUMSUB...) queued at these
+    /// positions: their counts in EXEC's array are made one Redis's.
+    census: census::Queued,
 }
 
 impl State {
@@ -241,6 +245,7 @@ pub async fn run<S>(
         silent: false,
         op: ops::OTHER,
         batch_op: None,
+        census: Vec::new(),
         peer,
         local_addr,
         reg,
@@ -373,6 +378,8 @@ struct Session {
     op: ops::Op,
     /// The same for the shared batch being gathered.
     batch_op: Option<ops::Op>,
+    /// Counting commands in that batch, by position ([`census`]).
+    census: Vec<crate::upstream::pubsub::count::Fix>,
     peer: Peer,
     /// The accepted socket's own address (`None`: a Unix socket).
     local_addr: Option<std::net::SocketAddr>,
@@ -612,12 +619,14 @@ impl Session {
             }
             Action::Pinned | Action::Shared => {
                 self.maybe_unpin().await;
+                let queued = self.st.tx.queued;
                 if self.st.pinned.is_some() {
                     self.ctx.metrics.command(Route::Pinned);
-                    self.forward_pinned(frame, 1, since).await;
+                    self.forward_pinned(frame.clone(), 1, since).await;
                 } else {
-                    self.send_shared(frame, since).await;
+                    self.send_shared(frame.clone(), since).await;
                 }
+                self.census_one(&frame, queued);
                 self.await_own_messages(args);
             }
         }

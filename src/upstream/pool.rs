@@ -184,6 +184,12 @@ impl Pool {
         Some(c.node_pool(node).shared_direct(proto))
     }
 
+    /// Whether the upstream is known to be a cluster (its dispatchers route
+    /// and answer; `false` too while that is not known yet).
+    pub fn cluster_active(&self) -> bool {
+        self.cluster.get().is_some_and(|c| c.active())
+    }
+
     /// The primary that owns `slot` now (`None`: not a cluster, or no map yet).
     pub fn slot_owner(&self, slot: u16) -> Option<super::topology::Node> {
         let c = self.cluster.get().filter(|c| c.active())?;

@@ -96,11 +96,19 @@ impl Session {
             } else {
                 None
             };
-            if let Some((len, count)) = block {
+            if let Some((len, count, census)) = block {
                 // One piece on the shared connection, never split.
                 if batch_count + count > MAX_BATCH {
                     self.flush_batch(buf, &mut batch_len, &mut batch_count, arrived)
                         .await;
+                }
+                // Counts inside: in EXEC's array, the block's last reply.
+                for (element, question) in census {
+                    self.census.push(crate::upstream::pubsub::count::Fix {
+                        at: batch_count + count - 1,
+                        element: Some(element),
+                        question,
+                    });
                 }
                 if self.ctx.metrics.otel().is_some() {
                     self.batch_op = Some(ops::merge(self.batch_op, ops::lookup(b"EXEC")));
@@ -114,6 +122,13 @@ impl Session {
                 continue;
             }
             if batchable {
+                if let Some(question) = self.census_question(frame, &cmd) {
+                    self.census.push(crate::upstream::pubsub::count::Fix {
+                        at: batch_count,
+                        element: None,
+                        question,
+                    });
+                }
                 if self.ctx.metrics.otel().is_some() {
                     let op = ops::lookup(cmd.arg(frame, 0).unwrap_or_default());
                     self.batch_op = Some(ops::merge(self.batch_op, op));

@@ -203,6 +203,7 @@ impl Session {
                             .await;
                         } else if tx.locals.is_empty() {
                             self.forward_pinned(frame, 1, since).await;
+                            self.census_exec(tx.census, None).await;
                         } else {
                             self.exec_with_locals(frame, tx).await;
                         }
@@ -479,7 +480,9 @@ impl Session {
                 for (at, local, args) in &tx.locals {
                     locals.push((*at, self.local_reply(*local, args)));
                 }
-                resp::splice_array(&b, &locals).unwrap_or(b)
+                let b = resp::splice_array(&b, &locals).unwrap_or(b);
+                let census = tx.census.clone();
+                self.census_exec(census, Some(b)).await.unwrap_or_default()
             }
             Ok(b) | Err(b) => b,
         };

@@ -71,6 +71,8 @@ impl Session {
         let handle = self.shared_handle();
         self.send_upstream(&handle.tx, bytes, count, count, false, arrived)
             .await;
+        let fixes = std::mem::take(&mut self.census);
+        self.census_reply(count, fixes);
     }
 
     /// The shared connection this client uses (one per client, so its
@@ -93,8 +95,9 @@ impl Session {
 
     /// A transaction at the front of `buf` that can run on the client's
     /// shared connection as one write (see [`whole_tx`]): its bytes and
-    /// commands.
-    pub(super) fn whole_tx(&mut self, buf: &[u8]) -> Option<(usize, usize)> {
+    /// commands, and its counting commands (by position among the queued
+    /// ones: in EXEC's array).
+    pub(super) fn whole_tx(&mut self, buf: &[u8]) -> Option<(usize, usize, census::Queued)> {
         if self.st.tx.watch_failed {
             // The transaction after a failed WATCH must abort.
             return None;
@@ -105,8 +108,16 @@ impl Session {
         }
         let limits = self.ctx.limits;
         let this = &*self;
-        whole_tx::whole_tx(buf, limits, |frame, cmd| match this.classify(frame, cmd) {
-            Class::Shared => whole_tx::Part::Plain,
+        let mut census = Vec::new();
+        let mut queued = 0;
+        let block = whole_tx::whole_tx(buf, limits, |frame, cmd| match this.classify(frame, cmd) {
+            Class::Shared => {
+                if let Some(q) = this.counting(frame, cmd) {
+                    census.push((queued, q));
+                }
+                queued += 1;
+                whole_tx::Part::Plain
+            }
             Class::Local(Local::TxEnd) => {
                 let name = cmd.arg(frame, 0).unwrap_or_default();
                 if name.eq_ignore_ascii_case(b"EXEC") || name.eq_ignore_ascii_case(b"DISCARD") {
@@ -116,7 +127,8 @@ impl Session {
                 }
             }
             _ => whole_tx::Part::Other,
-        })
+        });
+        block.map(|(len, count)| (len, count, census))
     }
 
     /// Queue `bytes` on an upstream connection; `replies` replies are owed.

@@ -19,6 +19,7 @@
 //! command did not run, so re-sending cannot run it twice.
 
 mod answer;
+mod census;
 mod resolve;
 
 use super::merge;
@@ -86,11 +87,10 @@ enum Item {
         part: Sent,
     },
     Now(Bytes),
-    /// PUBLISH: the node's count, less the hub's own subscriptions there,
-    /// plus the hub's local subscribers.
-    Publish {
-        channel: Bytes,
-        part: Sent,
+    /// PUBLISH, SPUBLISH, PUBSUB NUMSUB...: answered as one Redis ([`census`]).
+    Census {
+        question: crate::upstream::pubsub::count::Question,
+        parts: Vec<Sent>,
     },
 }
 
@@ -333,11 +333,11 @@ async fn route_batch(
         let raw = bytes.slice(pos..pos + cmd.len);
         let args = args_of(&raw, &cmd);
         let plan = route::plan(cluster.table(), &args);
-        // PUBLISH's count is made whole with the hub's own subscribers.
-        let publish = args.len() == 3 && args[0].eq_ignore_ascii_case(b"PUBLISH");
+        // Subscriber counts are made whole with the hub's local subscribers.
+        let question = crate::upstream::pubsub::count::Question::parse(&args);
         let (slot, single) = match &plan {
-            Plan::Slot(s) => (Some(*s), true),
-            Plan::Any => (None, !publish),
+            Plan::Slot(s) => (Some(*s), question.is_none()),
+            Plan::Any => (None, question.is_none()),
             _ => (None, false),
         };
         let frame = if cmd.inline {
@@ -388,21 +388,11 @@ async fn route_batch(
         .await;
         pos += cmd.len;
         group_start = pos;
+        if let Some(q) = question.filter(|_| matches!(plan, Plan::Slot(_) | Plan::Any)) {
+            items.push(census::send(cluster, links, index, q, frame, slot).await);
+            continue;
+        }
         let item = match plan {
-            Plan::Any if publish => {
-                let node = cluster.node_for(None, index);
-                let channel = Bytes::copy_from_slice(args[1]);
-                let part = links
-                    .send_one(
-                        node,
-                        Cmd {
-                            bytes: frame,
-                            slot: None,
-                        },
-                    )
-                    .await;
-                Item::Publish { channel, part }
-            }
             Plan::Refuse(e) => Item::Now(e),
             Plan::Split { merge, parts, keys } => {
                 let mut sent = Vec::new();

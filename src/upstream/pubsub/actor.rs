@@ -57,6 +57,11 @@ impl Entry {
         self.ups.iter().find(|(c, _)| *c == conn).map(|(_, u)| *u)
     }
 
+    /// The connections it is confirmed on (the server counts each).
+    fn active(&self) -> usize {
+        self.ups.iter().filter(|(_, u)| *u == Up::Active).count()
+    }
+
     /// Confirmed on every connection it is to be held on.
     fn ready(&self) -> bool {
         !self.targets.is_empty()
@@ -347,41 +352,11 @@ impl Actor {
                 let _ = reply.send(Ok(Counts::default()));
             }
             Op::Gone { id } => self.remove_client(id),
-            Op::Receivers {
-                channel,
-                node,
-                reply,
-            } => {
-                let _ = reply.send(self.receivers(&channel, &node));
+            Op::Census { asks, reply } => {
+                let _ = reply.send(super::count::answer_all(self, &asks));
             }
             Op::Topology { map, refresh } => self.topology(map, refresh),
         }
-    }
-
-    /// Local receivers of a message of `channel`, and the hub's own
-    /// subscriptions that a `PUBLISH` on `node` counted.
-    fn receivers(&self, channel: &[u8], node: &str) -> super::Receivers {
-        let on_node: Vec<usize> = (0..self.conns.len())
-            .filter(|&c| self.addr(c) == node)
-            .collect();
-        let held = |e: &Entry| {
-            on_node
-                .iter()
-                .filter(|&&c| e.state(c) == Some(Up::Active))
-                .count()
-        };
-        let mut r = super::Receivers::default();
-        if let Some(e) = self.entries[Kind::Channel.idx()].get(channel) {
-            r.local += e.subs.len();
-            r.upstream += held(e);
-        }
-        for (pattern, e) in &self.entries[Kind::Pattern.idx()] {
-            if super::place::glob(pattern, channel) {
-                r.local += e.subs.len();
-                r.upstream += held(e);
-            }
-        }
-        r
     }
 
     fn subscribe(
@@ -706,6 +681,79 @@ impl Actor {
                 cl.link.kill.cancel();
             }
             self.remove_client(id);
+        }
+    }
+}
+
+/// The registry's figures for the counts one Redis would give.
+impl super::count::Held for Actor {
+    /// A subscription's local clients get a message only through the hub's
+    /// confirmed subscription: counted only while there is one. The server
+    /// counted the hub's subscriptions on `node` (a shard channel's one is
+    /// on its owner, where SPUBLISH went after any redirection).
+    fn receivers(&self, kind: Kind, channel: &[u8], node: Option<&str>) -> super::Receivers {
+        let on_node: Vec<usize> = match node {
+            None => vec![HOME],
+            Some(node) => (0..self.conns.len())
+                .filter(|&c| self.addr(c) == node)
+                .collect(),
+        };
+        let mut r = super::Receivers::default();
+        let mut add = |e: &Entry| {
+            if e.active() == 0 {
+                return;
+            }
+            r.local += e.subs.len();
+            r.upstream += match kind {
+                Kind::Shard => e.active(),
+                _ => on_node
+                    .iter()
+                    .filter(|&&c| e.state(c) == Some(Up::Active))
+                    .count(),
+            };
+        };
+        if let Some(e) = self.entries[kind.idx()].get(channel) {
+            add(e);
+        }
+        if kind == Kind::Channel {
+            for (pattern, e) in &self.entries[Kind::Pattern.idx()] {
+                if super::place::glob(pattern, channel) {
+                    add(e);
+                }
+            }
+        }
+        r
+    }
+
+    fn subscribers(&self, kind: Kind, name: &[u8]) -> super::Receivers {
+        self.entries[kind.idx()]
+            .get(name)
+            .map(|e| super::Receivers {
+                local: e.subs.len(),
+                upstream: e.active(),
+            })
+            .unwrap_or_default()
+    }
+
+    /// A server counts each pattern once however many of its clients hold
+    /// it (the home connection and a primary's can be on one node).
+    fn patterns(&self) -> super::Receivers {
+        let entries = self.entries[Kind::Pattern.idx()].values();
+        let mut held = 0;
+        for e in entries.clone() {
+            let mut nodes: Vec<String> = e
+                .ups
+                .iter()
+                .filter(|(_, u)| *u == Up::Active)
+                .map(|(c, _)| self.addr(*c))
+                .collect();
+            nodes.sort();
+            nodes.dedup();
+            held += nodes.len();
+        }
+        super::Receivers {
+            local: entries.filter(|e| !e.subs.is_empty()).count(),
+            upstream: held,
         }
     }
 }

@@ -39,6 +39,7 @@
 //! [`Event`]s, and the cluster layer gives it each new slot map.
 
 mod actor;
+pub mod count;
 pub mod place;
 mod supervise;
 
@@ -197,11 +198,11 @@ enum Op {
     },
     /// The client is gone.
     Gone { id: u64 },
-    /// Who a `PUBLISH` to `channel` on `node` reaches through the hub.
-    Receivers {
-        channel: Bytes,
-        node: String,
-        reply: oneshot::Sender<Receivers>,
+    /// The reply one Redis would give to a counting command, from the
+    /// servers' ([`count`]).
+    Census {
+        asks: Vec<count::Ask>,
+        reply: oneshot::Sender<Vec<Bytes>>,
     },
     /// The upstream is a cluster with this slot map (each new one); `refresh`
     /// asks the cluster layer to read it again.
@@ -268,14 +269,13 @@ pub struct Hub {
     upstream: supervise::RedirectTarget,
 }
 
-/// What the hub adds to and takes from a node's `PUBLISH` count.
+/// What the hub adds to and takes from a server's count ([`count`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Receivers {
-    /// Local clients a message of the channel reaches (one per client
-    /// subscribed to it, one per client and matching pattern), as Redis counts.
+    /// Local clients counted as Redis counts them (for a message: one per
+    /// client subscribed to the channel, one per client and matching pattern).
     pub local: usize,
-    /// The hub's own subscriptions on that node that match (the node counted
-    /// them as receivers).
+    /// The hub's own subscriptions the server counted among them.
     pub upstream: usize,
 }
 
@@ -335,20 +335,6 @@ impl Hub {
     /// keyspace notifications are held on the primaries it names.
     pub fn topology(&self, map: Arc<SlotMap>, refresh: Arc<Notify>) {
         let _ = self.ops.send(Op::Topology { map, refresh });
-    }
-
-    /// Who a `PUBLISH` to `channel` sent to `node` (`host:port`) reaches
-    /// through the hub (`None`: the hub did not answer).
-    pub async fn receivers(&self, channel: Bytes, node: String) -> Option<Receivers> {
-        let (reply, rx) = oneshot::channel();
-        self.ops
-            .send(Op::Receivers {
-                channel,
-                node,
-                reply,
-            })
-            .ok()?;
-        rx.await.ok()
     }
 
     /// Where a RESP2 client's `CLIENT TRACKING on REDIRECT <local id>` must

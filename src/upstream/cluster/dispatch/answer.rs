@@ -46,11 +46,9 @@ pub(super) async fn answer(
                 let refs: Vec<&[u8]> = rs.iter().map(|r| &r[..]).collect();
                 out.extend_from_slice(&merge::fan(kind, &refs));
             }
-            Item::Publish { channel, part } => {
-                let node = part.node.as_ref().map(|n| n.to_string());
-                let r = replies(cluster, links, index, part).await;
-                let r = r.into_iter().next().unwrap_or_default();
-                out.extend_from_slice(&publish_count(cluster, r, channel, node).await);
+            Item::Census { question, parts } => {
+                let r = super::census::answer(cluster, links, index, question, parts).await;
+                out.extend_from_slice(&r);
             }
             Item::Scan { step, part } => {
                 let r = replies(cluster, links, index, part).await;
@@ -66,31 +64,13 @@ pub(super) async fn answer(
     out.freeze()
 }
 
-/// A PUBLISH's count as one Redis would give it: the receivers on the node
-/// it went to (other than the hub's own connections there), plus the
-/// proxy's local subscribers.
-async fn publish_count(
-    cluster: &Cluster,
-    reply: Bytes,
-    channel: Bytes,
-    node: Option<String>,
-) -> Bytes {
-    let (Some(n), Some(node)) = (
-        reply
-            .strip_prefix(b":")
-            .and_then(|r| std::str::from_utf8(r).ok()?.trim_end().parse::<i64>().ok()),
-        node,
-    ) else {
-        return reply;
-    };
-    match cluster.hub.receivers(channel, node).await {
-        Some(r) => resp::integer((n - r.upstream as i64).max(0) + r.local as i64),
-        None => reply,
-    }
-}
-
 /// The final reply of each command of `sent`, redirections followed.
-async fn replies(cluster: &Cluster, links: &mut Links, index: usize, sent: Sent) -> Vec<Bytes> {
+pub(super) async fn replies(
+    cluster: &Cluster,
+    links: &mut Links,
+    index: usize,
+    sent: Sent,
+) -> Vec<Bytes> {
     let n = sent.cmds.len();
     let first: Result<Bytes, UpstreamError> = match sent.rx {
         Some(rx) => rx.await.unwrap_or_else(|_| Err(cluster.dropped_reply())),

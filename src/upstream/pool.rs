@@ -64,7 +64,41 @@ pub struct Pool {
     shutdown: CancellationToken,
     /// Set on the seed pool when the upstream may be a cluster: shared and
     /// pinned connections then come from the cluster layer.
-    cluster: OnceLock<Arc<super::cluster::Cluster>>,
+    cluster: OnceLock<Arc<dyn ClusterLayer>>,
+}
+
+/// A client's dispatcher, run by polling it (from the client's session):
+/// ends once the client let go of its [`Handle`] and every batch it sent was
+/// answered.
+pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A boxed future, for the async methods of [`ClusterLayer`].
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What the seed pool hands its shared and pinned connections over to when
+/// the upstream may be a cluster ([`Pool::install_cluster`]). Implemented by
+/// the cluster layer, which uses this module: the pool names only this trait,
+/// so the two do not depend on each other.
+pub trait ClusterLayer: Send + Sync {
+    /// A client's shared connection while the upstream is (or may be) a
+    /// cluster: a dispatcher of its own and the future that runs it; `None`:
+    /// the seed pool's own connection.
+    fn shared(self: Arc<Self>, proto: Proto) -> Option<(Handle, Driver)>;
+    /// A shared connection of one node's own pool.
+    fn node_shared(&self, node: &super::topology::Node, proto: Proto) -> Handle;
+    /// Whether requests go through the cluster layer now.
+    fn active(&self) -> bool;
+    /// The current slot map (`None` before the first one is read).
+    fn map(&self) -> Option<Arc<super::topology::SlotMap>>;
+    /// Whether the upstream is a cluster, waiting for the answer while that
+    /// is not known yet.
+    fn is_cluster(&self) -> BoxFuture<'_, Result<bool, UpstreamError>>;
+    /// A client's dedicated connection through the cluster layer.
+    fn pin(
+        self: Arc<Self>,
+        proto: Proto,
+        push: PushSink,
+    ) -> BoxFuture<'static, Result<Pinned, UpstreamError>>;
 }
 
 fn idx(proto: Proto) -> usize {
@@ -159,7 +193,7 @@ impl Pool {
     }
 
     /// Hand shared and pinned connections over to the cluster layer.
-    pub fn install_cluster(&self, cluster: Arc<super::cluster::Cluster>) {
+    pub fn install_cluster(&self, cluster: Arc<dyn ClusterLayer>) {
         let _ = self.cluster.set(cluster);
     }
 
@@ -168,11 +202,8 @@ impl Pool {
     /// its own): several commands written to a plain one in one request run
     /// as written. A dispatcher comes with the future that runs it, for the
     /// client's session to poll.
-    pub fn shared_plain(
-        &self,
-        proto: Proto,
-    ) -> (Handle, bool, Option<super::cluster::dispatch::Driver>) {
-        if let Some((h, driver)) = self.cluster.get().and_then(|c| c.shared(proto)) {
+    pub fn shared_plain(&self, proto: Proto) -> (Handle, bool, Option<Driver>) {
+        if let Some((h, driver)) = self.cluster.get().and_then(|c| c.clone().shared(proto)) {
             return (h, false, Some(driver));
         }
         (self.shared_direct(proto), true, None)
@@ -181,7 +212,7 @@ impl Pool {
     /// A shared connection of a cluster node's own pool (`None`: no cluster).
     pub fn node_shared(&self, node: &super::topology::Node, proto: Proto) -> Option<Handle> {
         let c = self.cluster.get()?;
-        Some(c.node_pool(node).shared_direct(proto))
+        Some(c.node_shared(node, proto))
     }
 
     /// Whether the upstream is known to be a cluster (its dispatchers route
@@ -216,7 +247,7 @@ impl Pool {
     ) -> Result<Pinned, UpstreamError> {
         if let Some(c) = self.cluster.get() {
             if c.is_cluster().await? {
-                return c.pin(proto, push).await;
+                return c.clone().pin(proto, push).await;
             }
         }
         let prev = self.pinned.fetch_add(1, Ordering::AcqRel);
@@ -511,10 +542,29 @@ impl Pool {
         match self.cluster.get() {
             // Also while detection is pending: the proxy shows one Redis
             // whatever the cache turns out to be.
-            Some(_) => super::cluster::standalone_hello(&fields),
+            Some(_) => standalone_hello(&fields),
             None => fields,
         }
     }
+}
+
+/// HELLO fields as a non-cluster Redis shows them: clients see one server.
+fn standalone_hello(fields: &[(String, resp::Value)]) -> Arc<Vec<(String, resp::Value)>> {
+    Arc::new(
+        fields
+            .iter()
+            .map(|(k, v)| {
+                if k == "mode" {
+                    (
+                        k.clone(),
+                        resp::Value::Str(bytes::Bytes::from_static(b"standalone")),
+                    )
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect(),
+    )
 }
 
 /// `RESET` then `HELLO <proto> AUTH <user> <password>` in one write; waits for

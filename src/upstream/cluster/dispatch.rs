@@ -50,10 +50,9 @@ pub const NODE_DOWN_HOLD: Duration = Duration::from_secs(15);
 
 type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
-/// A client's dispatcher, run by polling it (from the client's session):
-/// ends once the client let go of its [`crate::upstream::conn::Handle`] and
-/// every batch it sent was answered.
-pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A client's dispatcher, run by polling it (defined beside the pool, which
+/// hands it out).
+pub use crate::upstream::pool::Driver;
 
 /// One command as sent: enough to send it again elsewhere.
 #[derive(Clone)]

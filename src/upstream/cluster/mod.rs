@@ -25,7 +25,7 @@ pub mod scan;
 
 use super::conn::{Handle, PushSink, Request};
 use super::policy;
-use super::pool::{Pinned, Pool};
+use super::pool::{BoxFuture, ClusterLayer, Pinned, Pool};
 use super::pubsub::Hub;
 use super::tls::Connector;
 use super::topology::{self, Node, SlotMap};
@@ -88,25 +88,6 @@ pub struct Cluster {
     seed_error: Mutex<Option<UpstreamError>>,
     /// Commands of the proxy's own the access policy refused (logged once).
     refusals: policy::Refusals,
-}
-
-/// HELLO fields as a non-cluster Redis shows them: clients see one server.
-pub fn standalone_hello(fields: &[(String, resp::Value)]) -> Arc<Vec<(String, resp::Value)>> {
-    Arc::new(
-        fields
-            .iter()
-            .map(|(k, v)| {
-                if k == "mode" {
-                    (
-                        k.clone(),
-                        resp::Value::Str(Bytes::from_static(b"standalone")),
-                    )
-                } else {
-                    (k.clone(), v.clone())
-                }
-            })
-            .collect(),
-    )
 }
 
 impl Cluster {
@@ -489,6 +470,37 @@ impl Cluster {
             Some(s) => map.owner(s).cloned(),
             None => map.nodes.get(spread % map.nodes.len().max(1)).cloned(),
         }
+    }
+}
+
+/// What the seed pool sees of this layer (the pool does not name `Cluster`).
+impl ClusterLayer for Cluster {
+    fn shared(self: Arc<Self>, proto: Proto) -> Option<(Handle, dispatch::Driver)> {
+        Cluster::shared(&self, proto)
+    }
+
+    fn node_shared(&self, node: &Node, proto: Proto) -> Handle {
+        self.node_pool(node).shared_direct(proto)
+    }
+
+    fn active(&self) -> bool {
+        Cluster::active(self)
+    }
+
+    fn map(&self) -> Option<Arc<SlotMap>> {
+        Cluster::map(self)
+    }
+
+    fn is_cluster(&self) -> BoxFuture<'_, Result<bool, UpstreamError>> {
+        Box::pin(Cluster::is_cluster(self))
+    }
+
+    fn pin(
+        self: Arc<Self>,
+        proto: Proto,
+        push: PushSink,
+    ) -> BoxFuture<'static, Result<Pinned, UpstreamError>> {
+        Box::pin(async move { Cluster::pin(&self, proto, push).await })
     }
 }
 

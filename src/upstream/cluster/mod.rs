@@ -19,6 +19,7 @@
 
 pub mod dispatch;
 pub mod merge;
+mod nodes;
 pub mod pinned;
 pub mod route;
 pub mod scan;
@@ -36,7 +37,6 @@ use crate::keys::KeyTable;
 use crate::metrics::Metrics;
 use crate::resp::{self, Proto};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
@@ -76,7 +76,7 @@ pub struct Cluster {
     map: RwLock<Option<Arc<SlotMap>>>,
     table: OnceLock<KeyTable>,
     /// Each node's pool, and the token that ends its connections.
-    nodes: Mutex<HashMap<Node, (Arc<Pool>, CancellationToken)>>,
+    nodes: Arc<Mutex<nodes::Nodes<Arc<Pool>>>>,
     refresh: Arc<Notify>,
     /// Told each new slot map (shard channels, keyspace notifications).
     hub: Hub,
@@ -117,7 +117,7 @@ impl Cluster {
             decision,
             map: RwLock::new(None),
             table: OnceLock::new(),
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Arc::new(Mutex::new(nodes::Nodes::new())),
             refresh: Arc::new(Notify::new()),
             hub,
             next: AtomicUsize::new(0),
@@ -226,8 +226,8 @@ impl Cluster {
     /// The pool of one node, made on first use.
     pub(crate) fn node_pool(&self, node: &Node) -> Arc<Pool> {
         let mut nodes = self.nodes.lock().expect("not poisoned");
-        if let Some((p, _)) = nodes.get(node) {
-            return p.clone();
+        if let Some(p) = nodes.get(node) {
+            return p;
         }
         let connector = Arc::new(self.connector.for_node(&node.host, node.port));
         let stop = self.shutdown.child_token();
@@ -238,7 +238,7 @@ impl Cluster {
             self.health.clone(),
             stop.clone(),
         );
-        nodes.insert(node.clone(), (pool.clone(), stop));
+        nodes.insert(node.clone(), pool.clone(), stop);
         pool
     }
 
@@ -433,23 +433,22 @@ impl Cluster {
                 self.node_pool(n);
             }
             if changed {
-                // A node that left the topology is forgotten: its pool (and,
-                // with the dispatchers' handles, its connections) goes, and
-                // nothing redials it. Made again if it comes back.
-                self.nodes.lock().expect("not poisoned").retain(|n, (_, stop)| {
-                    let keep = map.nodes.contains(n);
-                    if !keep {
-                        info!(node = %n, "cluster node left the topology; its connections close in {}s", LEFT_GRACE.as_secs());
-                        // Commands in flight there (answered by MOVED, say)
-                        // finish first; then nothing redials it.
-                        let stop = stop.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(LEFT_GRACE).await;
+                // A node that left the topology is forgotten after a grace
+                // (see `nodes`): its pool (and, with the dispatchers'
+                // handles, its connections) goes, and nothing redials it.
+                // Named again within the grace, it keeps its pool.
+                let started = self.nodes.lock().expect("not poisoned").update(&map.nodes);
+                for (n, ticket) in started {
+                    info!(node = %n, "cluster node left the topology; its connections close in {}s unless it is back by then", LEFT_GRACE.as_secs());
+                    let nodes = self.nodes.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(LEFT_GRACE).await;
+                        let stop = nodes.lock().expect("not poisoned").expire(&n, ticket);
+                        if let Some(stop) = stop {
                             stop.cancel();
-                        });
-                    }
-                    keep
-                });
+                        }
+                    });
+                }
                 self.version.fetch_add(1, Ordering::Release);
             }
             let map = Arc::new(map);

@@ -149,11 +149,15 @@ stop_runs() {
   for f in "$out"/direct.pid "$out"/proxy.pid; do
     [ -s "$f" ] && kill -- "-$(cat "$f")" 2>/dev/null || true
   done
-  # a script left running ignores SIGTERM until it ends
-  for cli in plain_cli direct_cli; do
-    timeout 5 "$cli" script kill >/dev/null 2>&1 || true
-    timeout 5 "$cli" function kill >/dev/null 2>&1 || true
-  done
+  # a script left running, or a CLIENT PAUSE a test left, holds off SIGTERM
+  if [ -n "${admin_pass:-}" ]; then
+    for cli in plain_cli direct_cli; do
+      timeout 5 "$cli" script kill >/dev/null 2>&1 || true
+      timeout 5 "$cli" function kill >/dev/null 2>&1 || true
+      timeout 5 "$cli" client unpause >/dev/null 2>&1 || true
+      timeout 5 "$cli" shutdown nosave >/dev/null 2>&1 || true
+    done
+  fi
   cleanup
 }
 trap stop_runs EXIT

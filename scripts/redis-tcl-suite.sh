@@ -158,6 +158,17 @@ stop_runs() {
       timeout 5 "$cli" shutdown nosave >/dev/null 2>&1 || true
     done
   fi
+  # what this script started: SIGTERM, then after 5 s SIGKILL (a server a
+  # test left paused or out of memory did not always exit on SIGTERM)
+  local p alive
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   cleanup
 }
 trap stop_runs EXIT

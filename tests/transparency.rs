@@ -473,6 +473,40 @@ fn client_tracking_redirect_for_resp2_caching() {
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
 
+/// RESP3 redirect target (Redis's Tcl suite, `unit/tracking`, "Able to
+/// redirect to a RESP3 client"): Redis sends a RESP3 client that tracking
+/// is redirected to an `invalidate` push, not a pub/sub message; the proxy
+/// sent `>3 message __redis__:invalidate [...]`. Compared with a twin plain
+/// redis-server, byte for byte.
+#[test]
+fn client_tracking_redirect_to_a_resp3_subscriber_gets_invalidate_pushes() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut inval = Raw::connect(port);
+        inval.call(&["HELLO", "3"]);
+        let id = inval.call(&["CLIENT", "ID"]);
+        let id = id.trim_start_matches(':').trim_end().to_string();
+        assert_eq!(
+            inval.call(&["SUBSCRIBE", "__redis__:invalidate"]),
+            ">3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n"
+        );
+        let mut cached = Raw::connect(port);
+        assert_eq!(
+            cached.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]),
+            "+OK\r\n"
+        );
+        assert_eq!(cached.call(&["SET", "tk3", "1"]), "+OK\r\n");
+        assert_eq!(cached.call(&["GET", "tk3"]), "$1\r\n1\r\n");
+        let mut writer = Raw::connect(port);
+        assert_eq!(writer.call(&["SET", "tk3", "2"]), "+OK\r\n");
+        got.push(String::from_utf8_lossy(&inval.read()).into_owned());
+    }
+    assert_eq!(got[0], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk3\r\n");
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
 /// on Redis's, and never on the upstream connections other clients share (a
 /// forwarded `CLIENT KILL TYPE normal` closed every shared connection).

@@ -623,6 +623,13 @@ impl Actor {
     /// Hand a message that came on connection `c` to every client subscribed
     /// to `name` (a channel, or the pattern it matched).
     fn fan_out(&mut self, c: usize, kind: Kind, name: &Bytes, frame: &Bytes) {
+        self.fan_out_as(c, kind, name, frame, frame)
+    }
+
+    /// [`Self::fan_out`], RESP3 clients getting `frame3` and RESP2 clients
+    /// `frame` as an array (a tracking invalidation: Redis sends a RESP3
+    /// redirect target an `invalidate` push, a RESP2 one a message).
+    fn fan_out_as(&mut self, c: usize, kind: Kind, name: &Bytes, frame: &Bytes, frame3: &Bytes) {
         let Some(e) = self.entries[kind.idx()].get(name) else {
             return;
         };
@@ -633,7 +640,7 @@ impl Actor {
         let max = self.opts.max_queued_bytes;
         let mut resp2: Option<Bytes> = None;
         let mut encoded = |proto: Proto| match proto {
-            Proto::Resp3 => frame.clone(),
+            Proto::Resp3 => frame3.clone(),
             Proto::Resp2 => resp2
                 .get_or_insert_with(|| {
                     let mut b = BytesMut::from(&frame[..]);

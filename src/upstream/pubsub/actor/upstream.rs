@@ -358,8 +358,10 @@ impl Actor {
             return;
         };
         if what == b"invalidate" {
-            // Tracking redirected to this connection (RESP3): a message of
-            // the tracking channel for the local subscribers of it.
+            // Tracking redirected to this connection (RESP3): for the local
+            // subscribers of the tracking channel, the push itself (RESP3
+            // clients) or a message of that channel (RESP2), as Redis sends
+            // a redirect target of either protocol.
             const HEAD: &[u8] = b">2\r\n$10\r\ninvalidate\r\n";
             if let Some(keys) = frame.strip_prefix(HEAD) {
                 let mut m = BytesMut::with_capacity(frame.len() + 32);
@@ -368,7 +370,7 @@ impl Actor {
                 m.extend_from_slice(b"\r\n");
                 m.extend_from_slice(keys);
                 let channel = Bytes::from_static(TRACKING_CHANNEL);
-                self.fan_out(c, Kind::Channel, &channel, &m.freeze());
+                self.fan_out_as(c, Kind::Channel, &channel, &m.freeze(), &frame);
             }
             return;
         }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::proxy::{enable_admin, entra_imds_env, http, metric_sum, Proxy};
+use common::proxy::{acl_user_per_token, enable_admin, entra_imds_env, http, metric_sum, Proxy};
 use common::redis::RedisServer;
 use common::token_emulator::{EmulatorConfig, TokenEmulator};
 use std::time::{Duration, Instant};
@@ -115,20 +115,8 @@ async fn commands_sent_before_the_first_token_wait_for_it() {
         ..Default::default()
     })
     .await;
-    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
-    emu.on_issue(move |t| {
-        let ca = ca.clone();
-        async move {
-            let pass = format!(">{}", t.token);
-            let out = common::redis::admin_cli(port, &ca)
-                .args(["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            // A token endpoint that takes its time (IMDS can).
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-        }
-    });
+    // A token endpoint that takes its time (IMDS can).
+    acl_user_per_token(&redis, &emu, Duration::from_millis(1500));
     let mut env = entra_imds_env(&redis, &emu);
     env.push((
         "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT".into(),

@@ -5,9 +5,11 @@
 
 mod common;
 
-use common::proxy::{enable_admin, entra_imds_env, http, metric_sum, static_env, Proxy, Raw};
+use common::proxy::{
+    acl_user_per_token, enable_admin, entra_imds_env, http, metric_sum, static_env, Proxy, Raw,
+};
 use common::redis::{free_port, RedisServer};
-use common::token_emulator::{EmulatorConfig, Issued, TokenEmulator};
+use common::token_emulator::{EmulatorConfig, TokenEmulator};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -156,22 +158,6 @@ fn commands_sum(metrics: &[Value], route: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Give each token's oid an ACL user whose password is the token.
-fn acl_user_per_token(redis: &RedisServer, emu: &TokenEmulator) {
-    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
-    emu.on_issue(move |t: Issued| {
-        let ca = ca.clone();
-        async move {
-            let pass = format!(">{}", t.token);
-            let out = common::redis::admin_cli(port, &ca)
-                .args(["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-        }
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_sees_metrics_and_spans() {
     let redis = RedisServer::start("bootstrap", "bootstrap-unused");
@@ -182,7 +168,7 @@ async fn a_receiver_sees_metrics_and_spans() {
         ..Default::default()
     })
     .await;
-    acl_user_per_token(&redis, &emu);
+    acl_user_per_token(&redis, &emu, Duration::ZERO);
     let rx = Receiver::start().await;
     let mut env = entra_imds_env(&redis, &emu);
     let admin = enable_admin(&mut env);

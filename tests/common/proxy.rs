@@ -243,6 +243,29 @@ pub fn entra_imds_env(
     .collect()
 }
 
+/// Give each token the emulator issues an ACL user (its `oid`, the token as
+/// password, every key, channel and command), made before the token is
+/// handed out; then wait `delay` (a token endpoint that takes its time).
+pub fn acl_user_per_token(
+    redis: &RedisServer,
+    emu: &super::token_emulator::TokenEmulator,
+    delay: Duration,
+) {
+    let (port, ca) = (redis.port, redis.pki.ca_pem.clone());
+    emu.on_issue(move |t: super::token_emulator::Issued| {
+        let ca = ca.clone();
+        async move {
+            let pass = format!(">{}", t.token);
+            let out = super::redis::admin_cli(port, &ca)
+                .args(["ACL", "SETUSER", &t.oid, "on", &pass, "~*", "&*", "+@all"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            tokio::time::sleep(delay).await;
+        }
+    });
+}
+
 pub fn enable_admin(env: &mut Vec<(String, String)>) -> u16 {
     let admin = free_port();
     env.push(("REDIS_ENTRA_PROXY_ADMIN__ENABLED".into(), "true".into()));

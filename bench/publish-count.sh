@@ -12,7 +12,8 @@
 # Environment: REPS (default 5), N (requests per run, default 100000), P
 # (pipeline, default 16), C (clients, default 8), PROXY_BIN (another build),
 # BEFORE_BIN (a build from before the change: a second proxy, measured in the
-# same repetitions), OUT. Ports PC_TLS_PORT (16580), PC_PROXY_PORT (16579),
+# same repetitions), OUT. Ports PC_TLS_PORT (16580), PC_PROXY_PORT (16579), admin
+# ports PC_ADMIN_PORT (16589) and PC_BEFORE_ADMIN_PORT (16588),
 # PC_BEFORE_PORT (16578). Loopback only; every run bounded by N requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,35 +29,19 @@ PROXY_PORT="${PC_PROXY_PORT:-16579}"
 . scripts/local-stack.sh
 rm -rf "$work"; mkdir -p "$work"
 cargo build --release --quiet --bin redis-entra-proxy --example testpki
-bin="${PROXY_BIN:-$target/release/redis-entra-proxy}"
 "$target/release/examples/testpki" "$work/tls" >/dev/null
 token="pc-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 redis_conf "$TLS_PORT" bench-identity "$token"
 redis-server "$work/redis.conf" &
 pids+=($!)
 wait_port "$TLS_PORT"
-REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
-REDIS_ENTRA_PROXY_UPSTREAM__PORT=$TLS_PORT \
-REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
-REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
-REDIS_ENTRA_PROXY_AUTH__USERNAME=bench-identity \
-REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token" \
-REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$PROXY_PORT" \
-  "$bin" --config config/redis-entra-proxy.example.toml 2>"$work/proxy.log" &
-pids+=($!)
-wait_port "$PROXY_PORT"
+static_auth=(REDIS_ENTRA_PROXY_AUTH__SOURCE=static REDIS_ENTRA_PROXY_AUTH__USERNAME=bench-identity
+  REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token")
+start_proxy "$PROXY_PORT" "${PC_ADMIN_PORT:-16589}" "$work/proxy.log" "${static_auth[@]}"
 BEFORE_PORT="${PC_BEFORE_PORT:-16578}"
 if [ -n "${BEFORE_BIN:-}" ]; then
-  REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
-  REDIS_ENTRA_PROXY_UPSTREAM__PORT=$TLS_PORT \
-  REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
-  REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
-  REDIS_ENTRA_PROXY_AUTH__USERNAME=bench-identity \
-  REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token" \
-  REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$BEFORE_PORT" \
-    "$BEFORE_BIN" --config config/redis-entra-proxy.example.toml 2>"$work/before.log" &
-  pids+=($!)
-  wait_port "$BEFORE_PORT"
+  PROXY_BIN="$BEFORE_BIN" start_proxy "$BEFORE_PORT" "${PC_BEFORE_ADMIN_PORT:-16588}" \
+    "$work/before.log" "${static_auth[@]}"
 fi
 export REDISCLI_AUTH="$token"
 direct=(--tls --cacert "$work/tls/ca.pem" -p "$TLS_PORT" --user bench-identity)

@@ -546,7 +546,7 @@ async fn run_client(s: Arc<Shared>, id: usize, kind: Kind, tag: String) -> Acked
 fn tag_for(id: usize, slot: u16) -> String {
     for j in 0..10_000_000u64 {
         let t = format!("c{id}.{j}");
-        if redis_entra_proxy::keys::slot(t.as_bytes()) == slot {
+        if redis_entra_proxy::command::keys::slot(t.as_bytes()) == slot {
             return t;
         }
     }
@@ -608,7 +608,7 @@ async fn run(o: Opts) -> Res<()> {
                     queue_tag = tag_for(id, slot);
                     (Kind::Consumer, queue_tag.clone(), slot as i32)
                 } else {
-                    let slot = redis_entra_proxy::keys::slot(queue_tag.as_bytes()) as i32;
+                    let slot = redis_entra_proxy::command::keys::slot(queue_tag.as_bytes()) as i32;
                     (Kind::Pusher, queue_tag.clone(), slot)
                 }
             }

@@ -13,7 +13,6 @@ pub mod check;
 pub mod command;
 pub mod config;
 pub mod downstream;
-pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod otel;

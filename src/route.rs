@@ -1,9 +1,9 @@
 //! The router: from what the proxy knows of a client's connection and the
-//! [`Class`] of its next command (the command model, [`crate::command`]), what
-//! happens to that command. A pure function over values: the session
+//! [`Class`] of its next command (as the command model,
+//! [`crate::command::Commands`], judges it), what happens to that command. A pure function over values: the session
 //! ([`crate::downstream::session`]) carries the [`Action`] out.
 
-use crate::command::{Class, Local, Pin, PubSub};
+use crate::command::{Class, Local, Pin, PubSub, SUBSCRIBED_MODE};
 
 /// What the router needs to know of one client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,19 +56,6 @@ pub enum Action {
     /// Stateless: the client's shared connection.
     Shared,
 }
-
-/// Commands Redis allows in RESP2 subscribed mode.
-const SUBSCRIBED_MODE: &[&[u8]] = &[
-    b"SUBSCRIBE",
-    b"PSUBSCRIBE",
-    b"SSUBSCRIBE",
-    b"UNSUBSCRIBE",
-    b"PUNSUBSCRIBE",
-    b"SUNSUBSCRIBE",
-    b"PING",
-    b"QUIT",
-    b"RESET",
-];
 
 /// Decide what happens to a command named `name` (upper case) of `class`.
 pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {

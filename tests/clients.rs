@@ -441,7 +441,7 @@ fn redis_cli_and_redis_benchmark() {
                  CLUSTER KEYSLOT cli:a\nDEL cli:a cli:b cli:c {cli}x\n";
     let direct = redis_cli(&[], s.single.port, Some(&s.single.pki.ca_pem), input);
     assert!(direct.lines().any(|l| l == "5"), "{direct}");
-    let slot = redis_entra_proxy::keys::slot(b"cli:a").to_string();
+    let slot = redis_entra_proxy::command::keys::slot(b"cli:a").to_string();
     let mut rows = Vec::new();
     for (cache, port) in [
         ("single", s.single_proxy.port),

@@ -310,7 +310,7 @@ fn a_frozen_shard_delays_only_its_own_keys() {
     let frozen_slots = slots_of(c, victim);
     assert!(!frozen_slots.is_empty(), "{victim} serves no slot");
     let on_victim = |k: &str| {
-        let s = redis_entra_proxy::keys::slot(k.as_bytes());
+        let s = redis_entra_proxy::command::keys::slot(k.as_bytes());
         frozen_slots.iter().any(|&(a, b)| a <= s && s <= b)
     };
     // 66 clients, one in 11 on the frozen shard: with the default two

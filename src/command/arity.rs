@@ -2,25 +2,20 @@
 //! its subcommand) exists and has the right number of arguments. Redis does
 //! these checks first, before authentication, subscribed mode or MULTI
 //! queueing, and a refused command changes nothing (inside MULTI it dooms
-//! the transaction). The proxy asks this module before it answers or tracks
-//! a command itself: one the server would refuse is sent to the server as it
-//! is, so the client gets the server's own error for that server version,
-//! and the proxy's view of the connection does not move.
-
-use std::collections::{HashMap, HashSet};
-
-/// Arity (Redis's convention: `n` exactly n words with the name, `-n` at
-/// least n) and container commands, by lower-case name; a subcommand is
-/// `container|sub`.
-#[derive(Debug, Default, Clone)]
-pub struct Arities {
-    arity: HashMap<Vec<u8>, i64>,
-    containers: HashSet<Vec<u8>>,
-}
+//! the transaction). The proxy asks the command model
+//! ([`super::Commands::refuses`]) before it answers or tracks a command
+//! itself: one the server would refuse is sent to the server as it is, so
+//! the client gets the server's own error for that server version, and the
+//! proxy's view of the connection does not move.
+//!
+//! Here: the arities of the proxy's own commands (used until the server has
+//! listed its own) and the rule that judges one.
 
 /// The commands the proxy answers or tracks itself, with their Redis 7
-/// arities: used when the server did not list its commands.
-const OWN: &[(&str, i64)] = &[
+/// arities (Redis's convention: `n` exactly n words with the name, `-n` at
+/// least n; `container|sub` for a subcommand): used when the server did not
+/// list its commands.
+pub(super) const OWN: &[(&str, i64)] = &[
     ("multi", 1),
     ("exec", 1),
     ("discard", 1),
@@ -62,79 +57,13 @@ pub enum Refusal {
     WrongArity,
 }
 
-impl Arities {
-    /// The built-in table of the proxy's own commands.
-    pub fn own() -> Arities {
-        let mut a = Arities::default();
-        for (name, arity) in OWN {
-            a.insert(name.as_bytes(), *arity);
-        }
-        a.containers.insert(b"client".to_vec());
-        a
-    }
-
-    /// Record one command (`name` as the server spells it: lower case,
-    /// `container|sub` for a subcommand).
-    pub fn insert(&mut self, name: &[u8], arity: i64) {
-        let name = name.to_ascii_lowercase();
-        if let Some(at) = name.iter().position(|&c| c == b'|') {
-            self.containers.insert(name[..at].to_vec());
-        }
-        self.arity.insert(name, arity);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.arity.is_empty()
-    }
-
-    /// Whether the server would refuse `args` (`args[0]` the name) before
-    /// running it, and why. With `complete`, a name the table lacks is
-    /// unknown to the server; otherwise (the built-in table) it is not judged.
-    /// `argc` counts every word (`args` may hold only the first ones).
-    pub fn check(&self, args: &[&[u8]], argc: usize, complete: bool) -> Option<Refusal> {
-        let name = args.first()?.to_ascii_lowercase();
-        let arity = match (self.containers.contains(&name), args.get(1)) {
-            (true, Some(sub)) => {
-                let mut full = name.clone();
-                full.push(b'|');
-                full.extend(sub.to_ascii_lowercase());
-                match self.arity.get(&full) {
-                    Some(a) => *a,
-                    None if complete => return Some(Refusal::UnknownSubcommand),
-                    None => return None,
-                }
-            }
-            _ => match self.arity.get(&name) {
-                Some(a) => *a,
-                None if complete => return Some(Refusal::UnknownCommand),
-                None => return None,
-            },
-        };
-        let argc = argc as i64;
-        let fits = if arity >= 0 {
-            argc == arity
-        } else {
-            argc >= -arity
-        };
-        (!fits).then_some(Refusal::WrongArity)
-    }
-
-    /// Redis's full name of a command, as its errors name it:
-    /// `client|getname` for a known subcommand, else the name in lower case.
-    pub fn full_name(&self, args: &[&[u8]]) -> String {
-        let Some(name) = args.first() else {
-            return String::new();
-        };
-        let name = name.to_ascii_lowercase();
-        if let (true, Some(sub)) = (self.containers.contains(&name), args.get(1)) {
-            let mut full = name.clone();
-            full.push(b'|');
-            full.extend(sub.to_ascii_lowercase());
-            if self.arity.contains_key(&full) {
-                return String::from_utf8_lossy(&full).into_owned();
-            }
-        }
-        String::from_utf8_lossy(&name).into_owned()
+/// Whether `argc` words (the name included) fit `arity`.
+pub(super) fn fits(arity: i64, argc: usize) -> bool {
+    let argc = argc as i64;
+    if arity >= 0 {
+        argc == arity
+    } else {
+        argc >= -arity
     }
 }
 
@@ -143,50 +72,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_proxys_own_commands() {
-        let a = Arities::own();
-        let check = |args: &[&[u8]]| a.check(args, args.len(), false);
-        assert_eq!(check(&[b"MULTI"]), None);
-        assert_eq!(check(&[b"multi", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"RESET", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"DISCARD", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"EXEC", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"UNWATCH", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"SELECT"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"SELECT", b"1"]), None);
-        assert_eq!(check(&[b"WATCH"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"WATCH", b"a", b"b"]), None);
-        assert_eq!(check(&[b"CLIENT", b"ID", b"x"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"client", b"id"]), None);
-        assert_eq!(check(&[b"CLIENT"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"SUBSCRIBE"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"UNSUBSCRIBE"]), None);
-        // The built-in table does not know everything: it judges nothing else.
-        assert_eq!(check(&[b"GET"]), None);
-        assert_eq!(check(&[b"CLIENT", b"NOSUCH"]), None);
-        assert_eq!(a.full_name(&[b"CLIENT", b"GetName"]), "client|getname");
-        assert_eq!(a.full_name(&[b"CLIENT", b"nosuch"]), "client");
-        assert_eq!(a.full_name(&[b"GET", b"k"]), "get");
-    }
-
-    #[test]
-    fn a_servers_table_is_complete() {
-        let mut a = Arities::default();
-        a.insert(b"get", 2);
-        a.insert(b"client", -2);
-        a.insert(b"client|getname", 2);
-        let check = |args: &[&[u8]]| a.check(args, args.len(), true);
-        assert_eq!(check(&[b"GET", b"k"]), None);
-        assert_eq!(check(&[b"GET"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[b"NOSUCH"]), Some(Refusal::UnknownCommand));
-        // A 7.0 server has no CLIENT SETINFO.
-        assert_eq!(
-            check(&[b"CLIENT", b"SETINFO", b"lib-name", b"x"]),
-            Some(Refusal::UnknownSubcommand)
-        );
-        assert_eq!(check(&[b"CLIENT"]), Some(Refusal::WrongArity));
-        assert_eq!(check(&[]), None);
-        // Only the first words are kept of a long command: argc counts all.
-        assert_eq!(a.check(&[b"GET"], 2, true), None);
+    fn exactly_or_at_least() {
+        assert!(fits(1, 1));
+        assert!(!fits(1, 2));
+        assert!(fits(-2, 2));
+        assert!(fits(-2, 5));
+        assert!(!fits(-2, 1));
+        // Every subcommand's container is listed too.
+        for (name, _) in OWN {
+            if let Some((container, _)) = name.split_once('|') {
+                assert!(OWN.iter().any(|(n, _)| *n == container), "{name}");
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! Arity and error texts are Redis 7's (compared with a real redis-server in
 //! cluster mode and standalone: `tests/face.rs`).
 
-use crate::keys::SLOTS;
+use crate::command::keys::SLOTS;
 use crate::resp::{self, Proto};
 use bytes::Bytes;
 use std::net::SocketAddr;
@@ -190,7 +190,7 @@ pub fn answer(face: &Face, args: &[&[u8]], me: Option<SocketAddr>, proto: Proto)
     };
     Answer::Reply(match sub_up.as_str() {
         "MYID" => resp::bulk(face.id.as_bytes()),
-        "KEYSLOT" => resp::integer(i64::from(crate::keys::slot(args[2]))),
+        "KEYSLOT" => resp::integer(i64::from(crate::command::keys::slot(args[2]))),
         "COUNTKEYSINSLOT" => match int(args[2]) {
             None => resp::error("ERR value is not an integer or out of range"),
             Some(s) if !(0..i64::from(SLOTS)).contains(&s) => resp::error("ERR Invalid slot"),

@@ -33,7 +33,7 @@ use super::replies::{connection_ended, Client, HubFeed, Out, OwnMessages, COPY_B
 /// are handed back together, so this bounds what one piece can hold (with
 /// `limits.max_buffered_bytes`, checked between pieces).
 const MAX_BATCH: usize = 32;
-use crate::command::{self, Class, Local, Pin, PubSub};
+use crate::command::{self, Class, Commands, Local, Pin, PubSub};
 use crate::downstream::Peer;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::otel::ops;
@@ -404,26 +404,12 @@ impl Session {
         if super::face::claims(self.ctx.face.enabled, &argv[..argn]) {
             return Class::Local(Local::Face);
         }
-        let class = match command::classify(&argv[..argn]) {
-            Class::Shared => self.ctx.pool.refine(argv[0]),
-            class => class,
-        };
-        // What the proxy refuses is never sent, whatever its arity.
-        if matches!(class, Class::Refuse(_)) {
-            return class;
-        }
-        // A command the proxy answers or tracks, or one it would refuse
-        // itself in subscribed mode, is first checked as the server checks
-        // it; the rest go to the server, which does. (Not a plain command of
-        // a client yet to authenticate: it gets NOAUTH, and nothing of it
-        // reaches the server.)
-        let judged = class != Class::Shared
-            || (self.st.authed && self.st.proto == Proto::Resp2 && self.st.subscribed());
-        let learned = self.ctx.pool.learned();
-        if judged && command::server_refuses(learned, &argv[..argn], cmd.argc).is_some() {
-            return Class::Invalid;
-        }
-        class
+        // A plain command is the server's to judge, except where the proxy
+        // would refuse it itself: RESP2 subscribed mode. (Not a plain
+        // command of a client yet to authenticate: it gets NOAUTH, and
+        // nothing of it reaches the server.)
+        let strict = self.st.authed && self.st.proto == Proto::Resp2 && self.st.subscribed();
+        Commands::or_builtin(self.ctx.pool.learned()).judge(&argv[..argn], cmd.argc, strict)
     }
 
     /// Handle one whole command (RESP array) outside a shared batch. False
@@ -561,7 +547,7 @@ impl Session {
             }
             Action::NotWhileSubscribed => {
                 let refs: Vec<&[u8]> = args.iter().take(2).map(|a| &a[..]).collect();
-                let full = command::full_name(self.ctx.pool.learned(), &refs);
+                let full = Commands::or_builtin(self.ctx.pool.learned()).full_name(&refs);
                 let text = rejection(name, &format!(
                     "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
                 ));

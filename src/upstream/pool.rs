@@ -511,17 +511,9 @@ impl Pool {
     }
 
     /// The server's HELLO fields (for answering a client's HELLO locally).
-    /// The class of a command the routing table calls shared, given what the
-    /// server's command table says (blocking module commands are pinned).
-    pub fn refine(&self, name: &[u8]) -> crate::command::Class {
-        match self.connector.learned() {
-            Some(l) if !l.blocking.is_empty() || !l.unplaced.is_empty() => l.refine(name),
-            _ => crate::command::Class::Shared,
-        }
-    }
-
-    /// What the server's `COMMAND` said (`None` until a connection learned it).
-    pub fn learned(&self) -> Option<&crate::command::Learned> {
+    /// The command model with what the server's `COMMAND` said (`None` until
+    /// a connection learned it).
+    pub fn learned(&self) -> Option<&crate::command::Commands> {
         self.connector.learned()
     }
 

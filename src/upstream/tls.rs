@@ -54,8 +54,9 @@ pub struct Connector {
     tokens: TokenWatch,
     /// The HELLO fields of the most recent connection, for clients' own HELLO.
     last_hello: std::sync::Mutex<Arc<Vec<(String, resp::Value)>>>,
-    /// What the server's `COMMAND` said, learned on the first connection.
-    learned: std::sync::OnceLock<crate::command::Learned>,
+    /// The command model, learned from the server's `COMMAND` on the first
+    /// connection (shared with the connectors of a cluster's nodes).
+    learned: std::sync::OnceLock<Arc<crate::command::Commands>>,
     /// Set while one connection is asking: connections dialled at the same
     /// time (the shared slots at start) do not all fetch the table.
     learning: std::sync::atomic::AtomicBool,
@@ -230,10 +231,10 @@ impl Connector {
         self.last_hello.lock().expect("not poisoned").clone()
     }
 
-    /// Commands the server flags as blocking that the routing table does not
-    /// list (empty until the first connection has learned them).
-    pub fn learned(&self) -> Option<&crate::command::Learned> {
-        self.learned.get()
+    /// The command model with what the server's `COMMAND` said (`None`
+    /// until the first connection has asked).
+    pub fn learned(&self) -> Option<&crate::command::Commands> {
+        self.learned.get().map(|c| &**c)
     }
 
     /// Dial, handshake and authenticate one connection speaking `proto`.
@@ -449,9 +450,8 @@ impl Connector {
         }
     }
 
-    /// Ask the server which commands it has (`COMMAND`, once per process) so
-    /// that blocking commands the routing table does not list are pinned too.
-    /// A server that refuses `COMMAND` leaves the table as it is.
+    /// Ask the server which commands it has (`COMMAND`, once per process):
+    /// see [`Connector::learn`].
     async fn learn_commands(
         &self,
         stream: &mut Stream,
@@ -465,7 +465,16 @@ impl Connector {
                 reason: format!("writing COMMAND: {e}"),
             })?;
         let reply = self.read_reply(stream, buf, "COMMAND").await?;
-        let learned = match crate::command::Learned::from_command_reply(&reply) {
+        self.learn(&reply);
+        Ok(())
+    }
+
+    /// Build the command model from `COMMAND`'s reply (arities, flags, key
+    /// positions: blocking commands the routing table does not list are
+    /// pinned too, a cluster finds module commands' keys), once. A server
+    /// that refuses `COMMAND` leaves the built-in tables in charge.
+    pub fn learn(&self, reply: &[u8]) {
+        let learned = match crate::command::Commands::from_command_reply(reply) {
             Some(l) => {
                 tracing::info!(
                     commands = l.known,
@@ -475,27 +484,26 @@ impl Connector {
                 );
                 l
             }
-            None if super::policy::is_noperm(&reply) => {
+            None if super::policy::is_noperm(reply) => {
                 tracing::warn!(
                     "{}",
                     super::policy::refusal_line(
                         "COMMAND",
-                        &reply,
-                        "routing by the built-in table only"
+                        reply,
+                        "routing (and finding keys) by the built-in table only"
                     )
                 );
-                crate::command::Learned::default()
+                crate::command::Commands::builtin()
             }
             None => {
                 tracing::info!(
-                    reply = %resp::error_text(&reply).unwrap_or_else(|| "not a command table".into()),
+                    reply = %resp::error_text(reply).unwrap_or_else(|| "not a command table".into()),
                     "the server did not list its commands; routing by the built-in table only"
                 );
-                crate::command::Learned::default()
+                crate::command::Commands::builtin()
             }
         };
-        let _ = self.learned.set(learned);
-        Ok(())
+        let _ = self.learned.set(Arc::new(learned));
     }
 }
 

@@ -7,7 +7,7 @@
 //! `cluster-preferred-endpoint-type hostname`); the certificate is checked
 //! against the cache's name whatever they are (see [`super::tls`]).
 
-use crate::keys::SLOTS;
+use crate::command::keys::SLOTS;
 use redis_protocol::resp3::types::OwnedFrame as F;
 
 /// One primary: where to connect.

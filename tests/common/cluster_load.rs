@@ -12,7 +12,7 @@ pub fn key_per_slot() -> Vec<String> {
     let mut n = 0u64;
     while left > 0 {
         let k = format!("slot:{n}");
-        let s = redis_entra_proxy::keys::slot(k.as_bytes()) as usize;
+        let s = redis_entra_proxy::command::keys::slot(k.as_bytes()) as usize;
         if keys[s].is_none() {
             keys[s] = Some(k);
             left -= 1;

@@ -23,8 +23,9 @@ mod census;
 mod resolve;
 
 use super::merge;
-use super::route::{self, Fan, Merge, Plan};
+use super::route::{self, Plan};
 use super::Cluster;
+use crate::command::{Fan, Merge};
 use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{Handle, ReplyTx, Request};

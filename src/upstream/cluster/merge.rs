@@ -3,7 +3,7 @@
 //! (elements found with the non-recursive [`ReplyScanner`]); a reply the proxy
 //! cannot read becomes an error reply, never a panic.
 
-use super::route::{Fan, Merge};
+use crate::command::{Fan, Merge};
 use crate::resp::scan::ReplyScanner;
 use bytes::{BufMut, Bytes, BytesMut};
 

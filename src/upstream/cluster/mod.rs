@@ -32,13 +32,13 @@ use super::tls::Connector;
 use super::topology::{self, Node, SlotMap};
 use super::UpstreamError;
 use crate::admin::Health;
+use crate::command::Commands;
 use crate::config::{ClusterMode, Config};
-use crate::keys::KeyTable;
 use crate::metrics::Metrics;
 use crate::resp::{self, Proto};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -74,7 +74,6 @@ pub struct Cluster {
     shutdown: CancellationToken,
     decision: watch::Sender<Decision>,
     map: RwLock<Option<Arc<SlotMap>>>,
-    table: OnceLock<KeyTable>,
     /// Each node's pool, and the token that ends its connections.
     nodes: Arc<Mutex<nodes::Nodes<Arc<Pool>>>>,
     refresh: Arc<Notify>,
@@ -116,7 +115,6 @@ impl Cluster {
             shutdown,
             decision,
             map: RwLock::new(None),
-            table: OnceLock::new(),
             nodes: Arc::new(Mutex::new(nodes::Nodes::new())),
             refresh: Arc::new(Notify::new()),
             hub,
@@ -201,11 +199,9 @@ impl Cluster {
         Ok(pinned::start(self.clone(), proto, push))
     }
 
-    fn table(&self) -> &KeyTable {
-        static BUILTIN: OnceLock<KeyTable> = OnceLock::new();
-        self.table
-            .get()
-            .unwrap_or_else(|| BUILTIN.get_or_init(KeyTable::builtin))
+    /// The command model (key positions) the seed connector learned.
+    fn table(&self) -> &Commands {
+        Commands::or_builtin(self.connector.learned())
     }
 
     /// Which slot map is current (changes with each new one).
@@ -322,19 +318,12 @@ impl Cluster {
             self.decision.send_replace(Decision::Standalone);
             return;
         }
-        // The key positions of every command the server has.
-        if let Ok(reply) = self.ask_seed(&[b"COMMAND"]).await {
-            if let Some(t) = KeyTable::from_command_reply(&reply) {
-                let _ = self.table.set(t);
-            } else if policy::is_noperm(&reply) {
-                warn!(
-                    "{}",
-                    policy::refusal_line(
-                        "COMMAND",
-                        &reply,
-                        "finding keys by the built-in command table (module commands go to any node)"
-                    )
-                );
+        // The key positions of every command the server has: the seed
+        // connector's first connection asked, unless another one answered
+        // before it had.
+        if self.connector.learned().is_none() {
+            if let Ok(reply) = self.ask_seed(&[b"COMMAND"]).await {
+                self.connector.learn(&reply);
             }
         }
         let mut attempt = 0u32;

@@ -1,5 +1,6 @@
-//! Where one command goes in a cluster, decided from its arguments alone
-//! (pure; the slot map turns a slot into a node later):
+//! Where one command goes in a cluster, decided from its arguments and what
+//! the command model ([`Commands`]: key positions, split and fan-out kinds)
+//! says of it (pure; the slot map turns a slot into a node later):
 //!
 //! - [`Plan::Slot`]: every key in one slot -> that slot's owner.
 //! - [`Plan::Any`]: no keys -> any primary (PING, INFO, PUBLISH, ...).
@@ -11,40 +12,9 @@
 //! - [`Plan::Refuse`]: other commands over several slots get Redis's
 //!   `CROSSSLOT`; `CLUSTER ...` gets what a non-cluster Redis says.
 
-use crate::keys::{self, KeyTable, Keys};
+use crate::command::keys::{self, Keys};
+use crate::command::{Commands, Fan, Merge};
 use bytes::Bytes;
-
-/// How the replies of a split command are put back together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Merge {
-    /// MGET: one array, elements in the order of the client's keys.
-    Array,
-    /// MSET: `+OK` when every part said so.
-    Ok,
-    /// DEL, UNLINK, EXISTS, TOUCH: the sum of the integers.
-    Sum,
-}
-
-/// Commands sent to every primary, and how their replies merge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fan {
-    /// DBSIZE: sum.
-    Sum,
-    /// KEYS: one array of all.
-    Concat,
-    /// FLUSHALL, FLUSHDB, SCRIPT FLUSH, FUNCTION FLUSH/DELETE: `+OK` from all.
-    AllOk,
-    /// SCRIPT LOAD, FUNCTION LOAD: every node must agree; the first reply.
-    Same,
-    /// SCRIPT EXISTS: 1 where every node has the script.
-    And,
-    /// RANDOMKEY: a key from a node that has one, chosen at random.
-    Random,
-    /// INFO with its keyspace section: that section summed.
-    Info,
-    /// SCAN: one run of slots at a time, the run in the cursor.
-    Scan,
-}
 
 /// One part of a split command: its own command bytes, and which of the
 /// client's keys (by position among the keys) it carries.
@@ -70,49 +40,8 @@ pub enum Plan {
 
 pub const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
-/// Commands split across slots, with how many arguments each key carries.
-fn split_kind(name: &[u8]) -> Option<(Merge, usize)> {
-    let n = name.to_ascii_uppercase();
-    Some(match &n[..] {
-        b"MGET" => (Merge::Array, 1),
-        b"MSET" => (Merge::Ok, 2),
-        b"DEL" | b"UNLINK" | b"EXISTS" | b"TOUCH" => (Merge::Sum, 1),
-        _ => return None,
-    })
-}
-
-fn fan_kind(args: &[&[u8]]) -> Option<Fan> {
-    let name = args.first()?.to_ascii_uppercase();
-    let sub = args.get(1).map(|s| s.to_ascii_uppercase());
-    let sub = sub.as_deref();
-    Some(match (&name[..], sub) {
-        (b"DBSIZE", _) => Fan::Sum,
-        (b"KEYS", _) => Fan::Concat,
-        (b"SCAN", _) => Fan::Scan,
-        (b"RANDOMKEY", _) => Fan::Random,
-        (b"INFO", _) if info_has_keyspace(&args[1..]) => Fan::Info,
-        (b"FLUSHALL" | b"FLUSHDB", _) => Fan::AllOk,
-        (b"SCRIPT", Some(b"LOAD")) => Fan::Same,
-        (b"SCRIPT", Some(b"EXISTS")) => Fan::And,
-        (b"SCRIPT", Some(b"FLUSH")) => Fan::AllOk,
-        (b"FUNCTION", Some(b"LOAD")) => Fan::Same,
-        (b"FUNCTION", Some(b"DELETE" | b"FLUSH")) => Fan::AllOk,
-        _ => return None,
-    })
-}
-
-/// Whether INFO with these sections shows `# Keyspace`.
-fn info_has_keyspace(sections: &[&[u8]]) -> bool {
-    sections.is_empty()
-        || sections.iter().any(|s| {
-            [&b"keyspace"[..], b"all", b"everything", b"default"]
-                .iter()
-                .any(|k| s.eq_ignore_ascii_case(k))
-        })
-}
-
 /// Decide where `args` (a whole command, name first) goes.
-pub fn plan(table: &KeyTable, args: &[&[u8]]) -> Plan {
+pub fn plan(table: &Commands, args: &[&[u8]]) -> Plan {
     let Some(name) = args.first() else {
         return Plan::Any;
     };
@@ -121,7 +50,7 @@ pub fn plan(table: &KeyTable, args: &[&[u8]]) -> Plan {
             "ERR This instance has cluster support disabled",
         ));
     }
-    if let Some(f) = fan_kind(args) {
+    if let Some(f) = table.fan(args) {
         return Plan::FanOut(f);
     }
     let positions = match table.keys(args) {
@@ -131,7 +60,7 @@ pub fn plan(table: &KeyTable, args: &[&[u8]]) -> Plan {
     match keys::common_slot(args, &positions) {
         Ok(Some(s)) => Plan::Slot(s),
         Ok(None) => Plan::Any,
-        Err(keys::CrossSlot) => match split_kind(name) {
+        Err(keys::CrossSlot) => match table.split(name) {
             Some((merge, width)) => split(args, &positions, merge, width),
             None => Plan::Refuse(crate::resp::error(CROSSSLOT)),
         },
@@ -180,7 +109,7 @@ mod tests {
 
     fn p(line: &str) -> Plan {
         let args: Vec<&[u8]> = line.split(' ').map(str::as_bytes).collect();
-        plan(&KeyTable::builtin(), &args)
+        plan(&Commands::builtin(), &args)
     }
 
     #[test]
@@ -250,5 +179,22 @@ mod tests {
         assert_eq!(p("RANDOMKEY"), Plan::FanOut(Fan::Random));
         assert_eq!(p("FUNCTION LIST"), Plan::Any);
         assert!(matches!(p("CLUSTER SLOTS"), Plan::Refuse(_)));
+    }
+
+    #[test]
+    fn a_command_only_the_server_knows_goes_by_its_keys() {
+        // A module command with its keys at 1, 3, 5 (first 1, last -1, step 2).
+        let reply = b"*1\r\n*10\r\n$8\r\nmymod.mk\r\n:-2\r\n*1\r\n+write\r\n\
+            :1\r\n:-1\r\n:2\r\n*0\r\n*0\r\n*0\r\n*0\r\n";
+        let learned = Commands::from_command_reply(reply).expect("parses");
+        let args: [&[u8]; 5] = [b"MYMOD.MK", b"{t}a", b"1", b"{t}b", b"2"];
+        assert_eq!(plan(&learned, &args), Plan::Slot(keys::slot(b"t")));
+        let args: [&[u8]; 5] = [b"MYMOD.MK", b"a", b"1", b"b", b"2"];
+        assert_eq!(
+            plan(&learned, &args),
+            Plan::Refuse(crate::resp::error(CROSSSLOT))
+        );
+        // Without the server's table: no keys known, any node.
+        assert_eq!(plan(&Commands::builtin(), &args), Plan::Any);
     }
 }

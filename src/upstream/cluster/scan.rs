@@ -21,7 +21,7 @@
 //! depending on node order); most caches hold one run per shard.
 
 use super::merge::{array, bad, first_error, line_int};
-use crate::keys::{self, SLOTS};
+use crate::command::keys::{self, SLOTS};
 use crate::upstream::topology::{Node, SlotMap};
 use bytes::Bytes;
 

@@ -56,7 +56,7 @@ pub fn place(kind: Kind, name: &[u8], cluster: bool) -> Place {
         return Place::Home;
     }
     match kind {
-        Kind::Shard => Place::Slot(crate::keys::slot(name)),
+        Kind::Shard => Place::Slot(crate::command::keys::slot(name)),
         Kind::Channel if is_notification(name) => Place::Primaries,
         Kind::Channel => Place::Home,
         Kind::Pattern => {
@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(p(Kind::Pattern, "plain"), Place::Home);
         assert_eq!(
             p(Kind::Shard, "{user:1}.feed"),
-            Place::Slot(crate::keys::slot(b"user:1"))
+            Place::Slot(crate::command::keys::slot(b"user:1"))
         );
     }
 

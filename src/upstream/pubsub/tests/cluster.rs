@@ -90,7 +90,7 @@ async fn cluster_keyspace_patterns_are_held_on_every_primary_and_each_message_co
 async fn a_shard_channel_follows_its_slot_when_it_moves() {
     let mut f = hub(1 << 20).await;
     let mut home = Upstream::connect(&f, 1);
-    let slot = crate::keys::slot(b"feed");
+    let slot = crate::command::keys::slot(b"feed");
     let refresh = Arc::new(Notify::new());
     // The first node owns the channel's slot.
     f.hub
@@ -183,7 +183,7 @@ async fn a_moved_before_the_cluster_is_known_waits_for_the_slot_map() {
     let t = subscribe_bg(&f, &a, Proto::Resp2, Kind::Shard, &["feed"], 1).await;
     let (cmd, req) = home.next().await;
     assert_eq!(cmd, ["SSUBSCRIBE", "feed"]);
-    let slot = crate::keys::slot(b"feed");
+    let slot = crate::command::keys::slot(b"feed");
     let moved = format!("-MOVED {slot} 10.0.0.1:8502\r\n");
     let _ = req.reply.unwrap().send(Ok(Bytes::from(moved)));
     tokio::time::sleep(Duration::from_millis(50)).await;

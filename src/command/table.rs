@@ -1,12 +1,11 @@
-//! Where each client command goes: answered by the proxy, sent over a shared
-//! multiplexed connection, sent on a connection pinned to this client because
-//! it creates connection state, or handled by the pub/sub hub. One table,
-//! [`TABLE`], decides by command name;
-//! [`classify`] adds the cases that depend on arguments (CLIENT subcommands,
-//! XREAD BLOCK, SELECT of a non-default database).
-
-mod arity;
-pub use arity::{Arities, Refusal};
+//! The proxy's own facts about commands, by name: how each one is routed
+//! ([`Class`]: answered by the proxy, sent over a shared multiplexed
+//! connection, pinned to a connection of the client's own because it creates
+//! connection state, or handled by the pub/sub hub), and why some are refused.
+//! One table, [`TABLE`], decides by command name; [`classify`] adds the cases
+//! that depend on arguments (CLIENT subcommands, XREAD BLOCK, SCRIPT DEBUG,
+//! SCRIPT/FUNCTION KILL). What the server's `COMMAND` adds is merged in by
+//! [`super::Commands`].
 
 /// Answered or tracked by the proxy itself; never forwarded with the client's
 /// arguments.
@@ -90,7 +89,7 @@ pub enum Class {
     /// Not run: the reason (see [`refusal`]).
     Refuse(&'static str),
     /// The server refuses it before running it (unknown command or
-    /// subcommand, wrong arity: see [`server_refuses`]): sent to the server
+    /// subcommand, wrong arity: see [`super::Commands::refuses`]): sent to the server
     /// as it is, for the server's own error, and tracked as nothing.
     Invalid,
 }
@@ -207,6 +206,19 @@ pub fn classify(args: &[&[u8]]) -> Class {
     lookup(TABLE, name).unwrap_or(Class::Shared)
 }
 
+/// Commands Redis allows in RESP2 subscribed mode (names in upper case).
+pub const SUBSCRIBED_MODE: &[&[u8]] = &[
+    b"SUBSCRIBE",
+    b"PSUBSCRIBE",
+    b"SSUBSCRIBE",
+    b"UNSUBSCRIBE",
+    b"PUNSUBSCRIBE",
+    b"SUNSUBSCRIBE",
+    b"PING",
+    b"QUIT",
+    b"RESET",
+];
+
 /// Where XREAD / XREADGROUP's `BLOCK <ms>` timeout is (the index of `<ms>`):
 /// among the options before `STREAMS` only, since every argument after it is
 /// a stream name or an id (a stream may be called `block`).
@@ -218,204 +230,13 @@ pub fn xread_block_pos<A: AsRef<[u8]>>(args: &[A]) -> Option<usize> {
         .map(|i| i + 2)
 }
 
-/// What the upstream's `COMMAND` reply says about commands the table does not
-/// list: names (lower case) whose flags include `blocking` (module commands, or
-/// commands newer than this table). Learned once, from the first upstream
-/// connection; such a command is pinned like the blocking commands above.
-#[derive(Debug, Default, Clone)]
-pub struct Learned {
-    /// Commands the server knows.
-    pub known: usize,
-    /// Blocking commands that [`classify`] would otherwise send to a shared
-    /// connection, where they would hold up every other client on it.
-    pub blocking: Vec<Vec<u8>>,
-    /// Commands the server flags `pubsub` that the table does not know:
-    /// on a shared connection they could put it in subscribed mode, so they
-    /// are refused rather than guessed at.
-    pub unplaced: Vec<Vec<u8>>,
-    /// Every command's arity (and its subcommands'), as the server lists them.
-    pub arities: Arities,
-}
-
-/// Whether the server would refuse `args` before running it (unknown
-/// command or subcommand, wrong arity), judged by the server's own table if
-/// it listed one, else by the built-in table of the proxy's own commands.
-/// `argc` counts every word (`args` may hold only the first ones).
-pub fn server_refuses(learned: Option<&Learned>, args: &[&[u8]], argc: usize) -> Option<Refusal> {
-    match learned {
-        Some(l) if !l.arities.is_empty() => l.arities.check(args, argc, true),
-        _ => own_arities().check(args, argc, false),
-    }
-}
-
-/// Redis's full name of a command (`client|getname`), as its errors say it.
-pub fn full_name(learned: Option<&Learned>, args: &[&[u8]]) -> String {
-    match learned {
-        Some(l) if !l.arities.is_empty() => l.arities.full_name(args),
-        _ => own_arities().full_name(args),
-    }
-}
-
-fn own_arities() -> &'static Arities {
-    static OWN: std::sync::OnceLock<Arities> = std::sync::OnceLock::new();
-    OWN.get_or_init(Arities::own)
-}
-
 /// Commands the server flags `pubsub` that are plain requests with one reply
 /// (the subscription commands themselves are in [`TABLE`]).
-const STATELESS_PUBSUB: &[&str] = &["PUBLISH", "SPUBLISH", "PUBSUB"];
-
-/// One `COMMAND` entry's arity (its second field), and its subcommands'
-/// (the tenth field, Redis 7: entries of the same shape, `container|sub`).
-fn learn_arity(
-    arities: &mut Arities,
-    fields: &[redis_protocol::resp3::types::OwnedFrame],
-    text: &dyn Fn(&redis_protocol::resp3::types::OwnedFrame) -> Option<Vec<u8>>,
-) {
-    use redis_protocol::resp3::types::OwnedFrame as F;
-    let (Some(name), Some(F::Number { data: arity, .. })) =
-        (fields.first().and_then(text), fields.get(1))
-    else {
-        return;
-    };
-    arities.insert(&name, *arity);
-    if let Some(F::Array { data: subs, .. }) = fields.get(9) {
-        for sub in subs {
-            if let F::Array { data, .. } = sub {
-                learn_arity(arities, data, text);
-            }
-        }
-    }
-}
-
-impl Learned {
-    /// Learn from `COMMAND`'s reply: one array per command, name first and its
-    /// flags third (an array in RESP2, a set in RESP3).
-    pub fn from_command_reply(reply: &[u8]) -> Option<Learned> {
-        use redis_protocol::resp3::types::OwnedFrame as F;
-        let text = |f: &F| match f {
-            F::BlobString { data, .. } | F::SimpleString { data, .. } => Some(data.to_vec()),
-            _ => None,
-        };
-        let entries = match crate::resp::decode_reply(reply)? {
-            F::Array { data, .. } => data,
-            _ => return None,
-        };
-        let mut learned = Learned::default();
-        for entry in &entries {
-            let F::Array { data: fields, .. } = entry else {
-                continue;
-            };
-            let Some(name) = fields.first().and_then(text) else {
-                continue;
-            };
-            learned.known += 1;
-            learn_arity(&mut learned.arities, fields, &text);
-            let flags: Vec<Vec<u8>> = match fields.get(2) {
-                Some(F::Array { data, .. }) => data.iter().filter_map(text).collect(),
-                Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
-                _ => Vec::new(),
-            };
-            let flagged = |flag: &[u8]| flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
-            let known = listed(&name)
-                || STATELESS_PUBSUB
-                    .iter()
-                    .any(|n| n.as_bytes().eq_ignore_ascii_case(&name));
-            if known {
-                continue;
-            }
-            if flagged(b"pubsub") {
-                learned.unplaced.push(name.to_ascii_lowercase());
-            } else if flagged(b"blocking") {
-                learned.blocking.push(name.to_ascii_lowercase());
-            }
-        }
-        learned.blocking.sort();
-        learned.unplaced.sort();
-        Some(learned)
-    }
-
-    /// The class of a command the table calls [`Class::Shared`].
-    pub fn refine(&self, name: &[u8]) -> Class {
-        if self.blocking.iter().any(|b| b.eq_ignore_ascii_case(name)) {
-            Class::Pin(Pin::Blocking)
-        } else if self.unplaced.iter().any(|b| b.eq_ignore_ascii_case(name)) {
-            Class::Refuse(refusal::UNPLACED)
-        } else {
-            Class::Shared
-        }
-    }
-}
+pub(super) const STATELESS_PUBSUB: &[&str] = &["PUBLISH", "SPUBLISH", "PUBSUB"];
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn learned_blocking_commands_are_pinned() {
-        // The shape of COMMAND's reply in RESP2 (flags an array) and RESP3 (a set).
-        let resp2 = b"*3\r\n\
-            *3\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n\
-            *3\r\n$5\r\nblpop\r\n:-3\r\n*2\r\n+write\r\n+blocking\r\n\
-            *3\r\n$11\r\nmymod.bwait\r\n:-2\r\n*2\r\n+readonly\r\n+blocking\r\n";
-        let l = Learned::from_command_reply(resp2).expect("parses");
-        assert_eq!(l.known, 3);
-        // BLPOP is in the table already; only the module command is new.
-        assert_eq!(l.blocking, vec![b"mymod.bwait".to_vec()]);
-        assert_eq!(l.refine(b"MYMOD.BWAIT"), Class::Pin(Pin::Blocking));
-        assert_eq!(l.refine(b"GET"), Class::Shared);
-        // A module command that could change a connection's mode: refused.
-        let pubsub = b"*2\r\n*3\r\n$7\r\nx.psub2\r\n:-2\r\n*2\r\n+pubsub\r\n+noscript\r\n\
-            *3\r\n$7\r\npublish\r\n:3\r\n*2\r\n+pubsub\r\n+fast\r\n";
-        let l = Learned::from_command_reply(pubsub).expect("parses");
-        assert_eq!(l.unplaced, vec![b"x.psub2".to_vec()]);
-        assert_eq!(l.refine(b"X.PSUB2"), Class::Refuse(refusal::UNPLACED));
-        assert_eq!(l.refine(b"PUBLISH"), Class::Shared);
-        let resp3 = b"*1\r\n*3\r\n$6\r\nx.wait\r\n:-2\r\n~1\r\n+blocking\r\n";
-        let l = Learned::from_command_reply(resp3).expect("parses");
-        assert_eq!(l.blocking, vec![b"x.wait".to_vec()]);
-        assert!(Learned::from_command_reply(b"-NOPERM no\r\n").is_none());
-        assert_eq!(Learned::default().refine(b"anything"), Class::Shared);
-        // XREAD blocks only with BLOCK: the table decides it by its arguments.
-        let xread = b"*1\r\n*3\r\n$5\r\nxread\r\n:-4\r\n*1\r\n+blocking\r\n";
-        assert!(Learned::from_command_reply(xread)
-            .unwrap()
-            .blocking
-            .is_empty());
-    }
-
-    #[test]
-    fn arities_come_from_the_servers_table() {
-        // GET, and CLIENT with one subcommand (Redis 7's tenth field).
-        let reply = b"*2\r\n\
-            *3\r\n$3\r\nget\r\n:2\r\n*1\r\n+readonly\r\n\
-            *10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n\
-            *1\r\n*3\r\n$14\r\nclient|getname\r\n:2\r\n*0\r\n";
-        let l = Learned::from_command_reply(reply).expect("parses");
-        let refuses = |args: &[&[u8]]| server_refuses(Some(&l), args, args.len());
-        assert_eq!(refuses(&[b"GET", b"k"]), None);
-        assert_eq!(refuses(&[b"GET"]), Some(Refusal::WrongArity));
-        assert_eq!(refuses(&[b"MULTI"]), Some(Refusal::UnknownCommand));
-        assert_eq!(refuses(&[b"CLIENT", b"GETNAME"]), None);
-        assert_eq!(
-            refuses(&[b"CLIENT", b"GETNAME", b"x"]),
-            Some(Refusal::WrongArity)
-        );
-        assert_eq!(
-            refuses(&[b"CLIENT", b"SETINFO", b"a", b"b"]),
-            Some(Refusal::UnknownSubcommand)
-        );
-        assert_eq!(
-            full_name(Some(&l), &[b"client", b"GETNAME"]),
-            "client|getname"
-        );
-        // No table from the server: the built-in one for the proxy's own.
-        assert_eq!(
-            server_refuses(None, &[b"MULTI", b"x"], 2),
-            Some(Refusal::WrongArity)
-        );
-        assert_eq!(server_refuses(None, &[b"NOSUCH"], 1), None);
-    }
 
     #[test]
     fn every_table_entry_classifies_as_listed() {

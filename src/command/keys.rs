@@ -2,13 +2,13 @@
 //!
 //! Part of the command model, used by the cluster router
 //! ([`crate::upstream::cluster`]): [`slot`] is Redis Cluster's CRC16 of the key
-//! (or of its `{hash tag}`) modulo 16384; [`KeyTable`] gives the argument
-//! positions of a command's keys, from the server's own `COMMAND` reply (first
-//! key, last key, step, for commands and subcommands) with the commands whose
-//! keys move with their arguments (`movablekeys`: EVAL numkeys, XREAD STREAMS,
-//! ZUNION numkeys, SORT ... STORE, MIGRATE KEYS, ...) read by hand. Pure: no I/O.
-
-use std::collections::HashMap;
+//! (or of its `{hash tag}`) modulo 16384; a [`Spec`] gives the argument
+//! positions of a command's keys (first key, last key, step, as the server's
+//! own `COMMAND` reply states them for commands and subcommands, or the
+//! built-in [`BUILTIN`] until it has), and the commands whose keys move with
+//! their arguments (`movablekeys`: EVAL numkeys, XREAD STREAMS, ZUNION
+//! numkeys, SORT ... STORE, MIGRATE KEYS, ...) are read by hand.
+//! [`super::Commands::keys`] puts them together. Pure: no I/O.
 
 /// Number of hash slots in a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -68,7 +68,7 @@ pub struct Spec {
 }
 
 impl Spec {
-    const fn new(first: i64, last: i64, step: i64) -> Spec {
+    pub(super) const fn new(first: i64, last: i64, step: i64) -> Spec {
         Spec {
             first,
             last,
@@ -79,7 +79,7 @@ impl Spec {
 }
 
 /// Commands whose keys the table below can only find by reading arguments.
-const MOVABLE: &[&str] = &[
+pub(super) const MOVABLE: &[&str] = &[
     "eval",
     "evalsha",
     "eval_ro",
@@ -108,8 +108,8 @@ const MOVABLE: &[&str] = &[
 ];
 
 /// What the proxy knows without the server's table: the common commands.
-/// `COMMAND` (read at start) replaces it and adds the rest.
-const BUILTIN: &[(&str, Spec)] = &[
+/// `COMMAND` (read at start) overrides it and adds the rest.
+pub(super) const BUILTIN: &[(&str, Spec)] = &[
     ("get", Spec::new(1, 1, 1)),
     ("set", Spec::new(1, 1, 1)),
     ("setex", Spec::new(1, 1, 1)),
@@ -236,23 +236,7 @@ const BUILTIN: &[(&str, Spec)] = &[
 ];
 
 /// Commands with subcommands whose keys the subcommand's entry gives.
-const CONTAINERS: &[&str] = &["object", "memory", "xinfo", "xgroup"];
-
-/// Key positions by command name (lower case; `container|sub` for subcommands).
-#[derive(Debug, Clone)]
-pub struct KeyTable {
-    specs: HashMap<Vec<u8>, Spec>,
-    /// Commands whose subcommands have entries of their own (`object|encoding`).
-    containers: std::collections::HashSet<Vec<u8>>,
-    /// Whether the table came from the server's `COMMAND` reply.
-    pub learned: bool,
-}
-
-impl Default for KeyTable {
-    fn default() -> Self {
-        KeyTable::builtin()
-    }
-}
+pub(super) const CONTAINERS: &[&str] = &["object", "memory", "xinfo", "xgroup"];
 
 /// Where a command's keys are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,129 +250,15 @@ pub enum Keys {
     Unreadable,
 }
 
-impl KeyTable {
-    /// The built-in table only.
-    pub fn builtin() -> KeyTable {
-        let mut specs: HashMap<Vec<u8>, Spec> = BUILTIN
-            .iter()
-            .map(|(n, s)| (n.as_bytes().to_vec(), *s))
-            .collect();
-        for m in MOVABLE {
-            specs.insert(
-                m.as_bytes().to_vec(),
-                Spec {
-                    first: 1,
-                    last: 1,
-                    step: 1,
-                    movable: true,
-                },
-            );
-        }
-        KeyTable {
-            specs,
-            containers: CONTAINERS.iter().map(|c| c.as_bytes().to_vec()).collect(),
-            learned: false,
+/// The positions of the keys of `args` (`args[0]` is the name, `lower` the
+/// name in lower case) by `spec`.
+pub(super) fn positions(spec: Spec, lower: &[u8], args: &[&[u8]]) -> Keys {
+    if spec.movable {
+        if let Some(k) = movable(lower, args) {
+            return k;
         }
     }
-
-    /// The table from `COMMAND`'s reply: per command (and per subcommand,
-    /// in its tenth field) name, arity, flags, first key, last key, step.
-    /// `None` when the reply is not a command table.
-    pub fn from_command_reply(reply: &[u8]) -> Option<KeyTable> {
-        use redis_protocol::resp3::types::OwnedFrame as F;
-        let entries = match crate::resp::decode_reply(reply)? {
-            F::Array { data, .. } => data,
-            _ => return None,
-        };
-        let mut table = KeyTable::builtin();
-        table.learned = true;
-        fn text(f: &F) -> Option<Vec<u8>> {
-            match f {
-                F::BlobString { data, .. } | F::SimpleString { data, .. } => Some(data.to_vec()),
-                _ => None,
-            }
-        }
-        fn num(f: Option<&F>) -> Option<i64> {
-            match f {
-                Some(F::Number { data, .. }) => Some(*data),
-                _ => None,
-            }
-        }
-        fn flags(f: Option<&F>) -> Vec<Vec<u8>> {
-            match f {
-                Some(F::Array { data, .. }) => data.iter().filter_map(text).collect(),
-                Some(F::Set { data, .. }) => data.iter().filter_map(text).collect(),
-                _ => Vec::new(),
-            }
-        }
-        fn add(table: &mut KeyTable, fields: &[F]) -> Option<()> {
-            let name = text(fields.first()?)?.to_ascii_lowercase();
-            let movable = flags(fields.get(2))
-                .iter()
-                .any(|f| f.eq_ignore_ascii_case(b"movablekeys"));
-            let spec = Spec {
-                first: num(fields.get(3))?,
-                last: num(fields.get(4))?,
-                step: num(fields.get(5))?,
-                movable: movable || MOVABLE.iter().any(|m| m.as_bytes() == name),
-            };
-            table.specs.insert(name, spec);
-            if let Some(F::Array { data: subs, .. }) = fields.get(9) {
-                if !subs.is_empty() {
-                    let container = text(fields.first()?)?.to_ascii_lowercase();
-                    table.containers.insert(container);
-                }
-                for sub in subs {
-                    if let F::Array { data, .. } = sub {
-                        let _ = add(table, data);
-                    }
-                }
-            }
-            Some(())
-        }
-        for entry in &entries {
-            if let F::Array { data, .. } = entry {
-                let _ = add(&mut table, data);
-            }
-        }
-        Some(table)
-    }
-
-    /// Whether the table knows this command (or `container|sub`).
-    pub fn knows(&self, name: &[u8]) -> bool {
-        self.specs.contains_key(&name.to_ascii_lowercase())
-    }
-
-    /// The positions of the keys of `args` (`args[0]` is the name).
-    pub fn keys(&self, args: &[&[u8]]) -> Keys {
-        let Some(name) = args.first() else {
-            return Keys::None;
-        };
-        let lower = name.to_ascii_lowercase();
-        let spec = if self.containers.contains(&lower) {
-            let Some(sub) = args.get(1) else {
-                return Keys::None;
-            };
-            let mut full = lower.clone();
-            full.push(b'|');
-            full.extend(sub.to_ascii_lowercase());
-            match self.specs.get(&full) {
-                Some(s) => *s,
-                None => return Keys::None,
-            }
-        } else {
-            match self.specs.get(&lower) {
-                Some(s) => *s,
-                None => return Keys::None,
-            }
-        };
-        if spec.movable {
-            if let Some(k) = movable(&lower, args) {
-                return k;
-            }
-        }
-        by_range(spec, args.len())
-    }
+    by_range(spec, args.len())
 }
 
 fn by_range(spec: Spec, argc: usize) -> Keys {

@@ -1,6 +1,7 @@
 use super::*;
+use crate::command::Commands;
 
-fn keys(t: &KeyTable, line: &str) -> Keys {
+fn keys(t: &Commands, line: &str) -> Keys {
     let args: Vec<&[u8]> = line.split(' ').map(str::as_bytes).collect();
     t.keys(&args)
 }
@@ -29,7 +30,7 @@ fn slots_match_redis_cluster() {
 
 #[test]
 fn fixed_positions() {
-    let t = KeyTable::builtin();
+    let t = Commands::builtin();
     assert_eq!(keys(&t, "GET a"), Keys::At(vec![1]));
     assert_eq!(keys(&t, "mget a b c"), Keys::At(vec![1, 2, 3]));
     assert_eq!(keys(&t, "MSET a 1 b 2"), Keys::At(vec![1, 3]));
@@ -48,7 +49,7 @@ fn fixed_positions() {
 
 #[test]
 fn movable_keys() {
-    let t = KeyTable::builtin();
+    let t = Commands::builtin();
     assert_eq!(keys(&t, "EVAL s 2 a b x"), Keys::At(vec![3, 4]));
     assert_eq!(keys(&t, "EVALSHA s 0"), Keys::At(vec![]));
     assert_eq!(keys(&t, "FCALL_RO f 1 a"), Keys::At(vec![3]));
@@ -97,13 +98,13 @@ fn table_from_the_servers_command_reply() {
         *10\r\n$8\r\nmymod.mk\r\n:-2\r\n*1\r\n+write\r\n:1\r\n:-1\r\n:2\r\n*0\r\n*0\r\n*0\r\n*0\r\n\
         *10\r\n$6\r\nobject\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n\
         *1\r\n*10\r\n$11\r\nobject|info\r\n:3\r\n*0\r\n:2\r\n:2\r\n:1\r\n*0\r\n*0\r\n*0\r\n*0\r\n";
-    let t = KeyTable::from_command_reply(reply).expect("parses");
-    assert!(t.learned);
+    let t = Commands::from_command_reply(reply).expect("parses");
+    assert!(t.is_complete());
     assert_eq!(keys(&t, "MYMOD.MK a 1 b 2 c"), Keys::At(vec![1, 3, 5]));
     // Subcommands of containers not in the built-in list come from the reply.
     assert_eq!(keys(&t, "object info k"), Keys::At(vec![2]));
-    assert!(KeyTable::from_command_reply(b"-NOPERM x\r\n").is_none());
-    assert!(KeyTable::from_command_reply(b"*1\r\n:1\r\n").is_some());
+    assert!(Commands::from_command_reply(b"-NOPERM x\r\n").is_none());
+    assert!(Commands::from_command_reply(b"*1\r\n:1\r\n").is_some());
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! [`crate::command::Commands`], judges it), what happens to that command. A pure function over values: the session
 //! ([`crate::downstream::session`]) carries the [`Action`] out.
 
-use crate::command::{Class, Local, Pin, PubSub, SUBSCRIBED_MODE};
+use crate::command::{Class, Local, Pin, PubSub, Refusal, SUBSCRIBED_MODE};
 
 /// What the router needs to know of one client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +51,10 @@ pub enum Action {
     /// The server refuses it before running it (see [`Class::Invalid`]):
     /// sent to the connection the client's state is on, for its own error.
     ServerRefuses,
+    /// What the proxy answers as itself, refused as Redis refuses it before
+    /// running it (see [`Class::Rejected`]): its error now, and inside
+    /// MULTI, EXEC then discards the transaction.
+    Reject(Refusal),
     /// Stateless, but the client's state lives on its pinned connection.
     Pinned,
     /// Stateless: the client's shared connection.
@@ -65,8 +69,10 @@ pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {
     // Redis checks that a command exists and has the right number of
     // arguments before anything else (authentication, subscribed mode,
     // MULTI queueing).
-    if class == Class::Invalid {
-        return Action::ServerRefuses;
+    match class {
+        Class::Invalid => return Action::ServerRefuses,
+        Class::Rejected(refusal) => return Action::Reject(refusal),
+        _ => {}
     }
     if !c.authed
         && !matches!(
@@ -111,6 +117,7 @@ pub fn route(c: &ClientView, class: Class, name: &[u8]) -> Action {
         Class::Shared if c.needs_pin => Action::Pinned,
         Class::Shared => Action::Shared,
         Class::Invalid => Action::ServerRefuses,
+        Class::Rejected(refusal) => Action::Reject(refusal),
     }
 }
 
@@ -263,6 +270,11 @@ mod tests {
             },
         ] {
             assert_eq!(route(c, Class::Invalid, b"MULTI"), Action::ServerRefuses);
+            let wrong = Class::Rejected(Refusal::WrongArity);
+            assert_eq!(
+                route(c, wrong, b"CLUSTER"),
+                Action::Reject(Refusal::WrongArity)
+            );
         }
         let doomed = ClientView {
             doomed: true,

@@ -294,3 +294,38 @@ fn maint_notifications_are_refused_by_the_proxy() {
     let stats = redis.cli(&["INFO", "commandstats"]);
     assert!(stats.contains("cmdstat_get:calls=1"), "{stats}");
 }
+
+/// Redis refuses a command with the wrong number of arguments or an unknown
+/// subcommand before anything else: before MULTI queues it (EXEC then
+/// aborts) and before RESP2 subscribed mode's own refusal. So does the
+/// proxy for the commands it answers as itself.
+#[test]
+fn face_commands_are_judged_first_as_redis_judges_them() {
+    let redis = RedisServer::start("proxyuser", "tok");
+    let proxy = Proxy::start(&static_env(&redis, "proxyuser", "tok"));
+    let t = twin();
+    let mut p = Raw::connect(proxy.port);
+    let mut r = Raw::connect(t.port);
+    let steps: &[&[&str]] = &[
+        &["MULTI"],
+        &["CLUSTER", "SLOTS", "x"],
+        &["SET", "face-j", "1"],
+        &["EXEC"],
+        &["MULTI"],
+        &["READONLY", "x"],
+        &["CLUSTER", "NOSUCH"],
+        &["CLUSTER", "MEET"],
+        &["EXEC"],
+        &["GET", "face-j"],
+        &["SUBSCRIBE", "face-c"],
+        &["CLUSTER"],
+        &["CLUSTER", "KEYSLOT"],
+        &["ASKING", "x"],
+        &["CLUSTER", "KEYSLOT", "k"],
+        &["CLIENT", "MAINT_NOTIFICATIONS", "on"],
+        &["PING"],
+    ];
+    for cmd in steps {
+        assert_eq!(p.call(cmd), r.call(cmd), "{cmd:?}");
+    }
+}

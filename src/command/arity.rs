@@ -49,6 +49,49 @@ pub(super) const OWN: &[(&str, i64)] = &[
     ("client|no-touch", 3),
 ];
 
+/// What the proxy answers as itself (`downstream::face`: the cluster face,
+/// CLIENT MAINT_NOTIFICATIONS, INFO) is judged as a Redis 7.0 cluster node
+/// judges it, whatever the upstream's version: these are its arities. CLUSTER
+/// subcommands the face refuses are listed too (Redis checks their arity
+/// first); a CLIENT subcommand the face claims is unknown to Redis 7.0.
+pub(super) const FACE: &[(&str, i64)] = &[
+    ("info", -1),
+    ("readonly", 1),
+    ("readwrite", 1),
+    ("asking", 1),
+    ("client", -2),
+    // CLIENT has subcommands (so MAINT_NOTIFICATIONS is an unknown one).
+    ("client|help", 2),
+    ("cluster", -2),
+    ("cluster|slots", 2),
+    ("cluster|shards", 2),
+    ("cluster|nodes", 2),
+    ("cluster|info", 2),
+    ("cluster|myid", 2),
+    ("cluster|keyslot", 3),
+    ("cluster|countkeysinslot", 3),
+    ("cluster|getkeysinslot", 4),
+    ("cluster|help", 2),
+    ("cluster|addslots", -3),
+    ("cluster|addslotsrange", -4),
+    ("cluster|bumpepoch", 2),
+    ("cluster|count-failure-reports", 3),
+    ("cluster|delslots", -3),
+    ("cluster|delslotsrange", -4),
+    ("cluster|failover", -2),
+    ("cluster|flushslots", 2),
+    ("cluster|forget", 3),
+    ("cluster|links", 2),
+    ("cluster|meet", -4),
+    ("cluster|replicas", 3),
+    ("cluster|replicate", 3),
+    ("cluster|reset", -2),
+    ("cluster|saveconfig", 2),
+    ("cluster|set-config-epoch", 3),
+    ("cluster|setslot", -4),
+    ("cluster|slaves", 3),
+];
+
 /// Why the server would refuse a command before running it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -79,9 +122,11 @@ mod tests {
         assert!(fits(-2, 5));
         assert!(!fits(-2, 1));
         // Every subcommand's container is listed too.
-        for (name, _) in OWN {
-            if let Some((container, _)) = name.split_once('|') {
-                assert!(OWN.iter().any(|(n, _)| *n == container), "{name}");
+        for table in [OWN, FACE] {
+            for (name, _) in table {
+                if let Some((container, _)) = name.split_once('|') {
+                    assert!(table.iter().any(|(n, _)| *n == container), "{name}");
+                }
             }
         }
     }

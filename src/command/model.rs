@@ -161,19 +161,24 @@ fn read_entry(fields: &[F], out: &mut Vec<Listed>) {
 }
 
 impl Commands {
-    /// The proxy's own tables only.
-    pub fn builtin() -> Commands {
+    fn with_arities(arities: &[(&str, i64)], complete: bool) -> Commands {
         let mut c = Commands {
             entries: HashMap::new(),
             containers: HashSet::new(),
-            complete: false,
+            complete,
             known: 0,
             blocking: Vec::new(),
             unplaced: Vec::new(),
         };
-        for (name, arity) in arity::OWN {
+        for (name, arity) in arities {
             c.set_arity(name.as_bytes(), *arity);
         }
+        c
+    }
+
+    /// The proxy's own tables only.
+    pub fn builtin() -> Commands {
+        let mut c = Commands::with_arities(arity::OWN, false);
         for (name, spec) in keys::BUILTIN {
             c.entry(name.as_bytes()).keys = Some(*spec);
         }
@@ -191,6 +196,13 @@ impl Commands {
     pub fn or_builtin(learned: Option<&Commands>) -> &Commands {
         static BUILTIN: std::sync::OnceLock<Commands> = std::sync::OnceLock::new();
         learned.unwrap_or_else(|| BUILTIN.get_or_init(Commands::builtin))
+    }
+
+    /// What the proxy answers as itself (the cluster face), as a Redis 7.0
+    /// cluster node knows it: judged by this table whatever the upstream.
+    pub fn face() -> &'static Commands {
+        static FACE: std::sync::OnceLock<Commands> = std::sync::OnceLock::new();
+        FACE.get_or_init(|| Commands::with_arities(arity::FACE, true))
     }
 
     fn entry(&mut self, name: &[u8]) -> &mut Entry {
@@ -390,6 +402,46 @@ impl Commands {
             return Class::Invalid;
         }
         class
+    }
+
+    /// How the session routes a command the face claims (of [`Commands::face`]):
+    /// answered by the face, or [`Class::Rejected`] as Redis rejects it.
+    pub fn judge_face(&self, args: &[&[u8]], argc: usize) -> Class {
+        match self.refuses(args, argc) {
+            Some(refusal) => Class::Rejected(refusal),
+            None => Class::Local(table::Local::Face),
+        }
+    }
+
+    /// Redis's own error (without the leading `-`) for `args`, which it
+    /// refuses before running them: its words, names cut at 128 bytes.
+    pub fn refusal_text(&self, refusal: Refusal, args: &[&[u8]]) -> String {
+        let cut = |a: &[u8], n: usize| String::from_utf8_lossy(&a[..a.len().min(n)]).into_owned();
+        let name = args.first().copied().unwrap_or_default();
+        match refusal {
+            Refusal::WrongArity => format!(
+                "ERR wrong number of arguments for '{}' command",
+                self.full_name(args)
+            ),
+            Refusal::UnknownSubcommand => format!(
+                "ERR unknown subcommand '{}'. Try {} HELP.",
+                cut(args.get(1).copied().unwrap_or_default(), 128),
+                String::from_utf8_lossy(name).to_uppercase()
+            ),
+            Refusal::UnknownCommand => {
+                let mut rest = String::new();
+                for a in args.iter().skip(1) {
+                    if rest.len() >= 128 {
+                        break;
+                    }
+                    rest += &format!("'{}' ", cut(a, 128 - rest.len()));
+                }
+                format!(
+                    "ERR unknown command '{}', with args beginning with: {rest}",
+                    cut(name, 128)
+                )
+            }
+        }
     }
 
     /// How a command over several slots is split per slot (MGET, MSET,

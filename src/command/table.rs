@@ -7,6 +7,8 @@
 //! SCRIPT/FUNCTION KILL). What the server's `COMMAND` adds is merged in by
 //! [`super::Commands`].
 
+use super::arity::Refusal;
+
 /// Answered or tracked by the proxy itself; never forwarded with the client's
 /// arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,10 @@ pub enum Class {
     /// subcommand, wrong arity: see [`super::Commands::refuses`]): sent to the server
     /// as it is, for the server's own error, and tracked as nothing.
     Invalid,
+    /// What the proxy answers as itself ([`Local::Face`]) with the wrong
+    /// arity or an unknown subcommand: refused as Redis refuses it, with
+    /// its error ([`super::Commands::refusal_text`]), before anything else.
+    Rejected(Refusal),
 }
 
 /// Command name (upper case) -> class, for every command that is not plain

@@ -402,7 +402,7 @@ impl Session {
             }
         }
         if super::face::claims(self.ctx.face.enabled, &argv[..argn]) {
-            return Class::Local(Local::Face);
+            return Commands::face().judge_face(&argv[..argn], cmd.argc);
         }
         // A plain command is the server's to judge, except where the proxy
         // would refuse it itself: RESP2 subscribed mode. (Not a plain
@@ -585,6 +585,15 @@ impl Session {
             }
             Action::Refuse(why) => {
                 self.reply(resp::error(&format!("ERR {why}"))).await;
+            }
+            Action::Reject(refusal) => {
+                // Redis flags a transaction whose command it rejects.
+                if self.st.in_multi {
+                    self.st.tx.abort = true;
+                }
+                let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+                let text = Commands::face().refusal_text(refusal, &refs);
+                self.reply(resp::error(&rejection(name, &text))).await;
             }
             Action::Local(local) => return self.local(local, name, frame, args, since).await,
             Action::Hub(cmd) => return self.pubsub(cmd, args).await,

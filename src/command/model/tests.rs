@@ -262,3 +262,41 @@ fn the_proxys_own_commands() {
     assert_eq!(a.full_name(&[b"GET", b"k"]), "get");
     assert!(!a.is_complete());
 }
+
+#[test]
+fn what_the_proxy_answers_as_itself_is_judged_as_redis_7_0_judges_it() {
+    let f = Commands::face();
+    let face = Class::Local(Local::Face);
+    let judge = |args: &[&[u8]]| f.judge_face(args, args.len());
+    assert_eq!(judge(&[b"CLUSTER", b"SLOTS"]), face);
+    assert_eq!(judge(&[b"INFO", b"a", b"b"]), face);
+    assert_eq!(judge(&[b"CLUSTER", b"MEET", b"h", b"1"]), face);
+    let wrong = Class::Rejected(Refusal::WrongArity);
+    assert_eq!(judge(&[b"CLUSTER", b"slots", b"x"]), wrong);
+    assert_eq!(judge(&[b"cluster"]), wrong);
+    assert_eq!(judge(&[b"CLUSTER", b"MEET"]), wrong);
+    assert_eq!(judge(&[b"READONLY", b"x"]), wrong);
+    let unknown = Class::Rejected(Refusal::UnknownSubcommand);
+    assert_eq!(judge(&[b"CLUSTER", b"nosuch"]), unknown);
+    assert_eq!(judge(&[b"CLIENT", b"MAINT_NOTIFICATIONS", b"on"]), unknown);
+    // In Redis's words (compared with redis-server 7.0.15).
+    assert_eq!(
+        f.refusal_text(Refusal::WrongArity, &[b"CLUSTER", b"Slots", b"x"]),
+        "ERR wrong number of arguments for 'cluster|slots' command"
+    );
+    assert_eq!(
+        f.refusal_text(
+            Refusal::UnknownSubcommand,
+            &[b"client", b"maint_notifications", b"on"]
+        ),
+        "ERR unknown subcommand 'maint_notifications'. Try CLIENT HELP."
+    );
+    assert_eq!(
+        f.refusal_text(Refusal::UnknownCommand, &[b"nosuch", b"a", b"b"]),
+        "ERR unknown command 'nosuch', with args beginning with: 'a' 'b' "
+    );
+    let long = vec![b'x'; 300];
+    let text = f.refusal_text(Refusal::UnknownCommand, &[b"nosuch", &long, b"b"]);
+    assert_eq!(text.matches('x').count(), 128, "{text}");
+    assert!(!text.contains("'b'"), "{text}");
+}

@@ -510,7 +510,6 @@ impl Pool {
         });
     }
 
-    /// The server's HELLO fields (for answering a client's HELLO locally).
     /// The command model with what the server's `COMMAND` said (`None` until
     /// a connection learned it).
     pub fn learned(&self) -> Option<&crate::command::Commands> {

@@ -13,7 +13,10 @@
 //! - [`arity`](self::arity): the proxy's own commands' arities, the rule.
 //! - [`keys`]: key positions, CRC16 hash slots.
 //! - [`cluster`](self::cluster): split and fan-out kinds.
-//! - [`model`](self::model): [`Commands`], the merge, and its answers.
+//! - [`model`](self::model): [`Commands`], the merge, and its answers;
+//!   [`Commands::face`] judges what the proxy answers as itself (the cluster
+//!   face) as a Redis 7.0 cluster node does, and [`Commands::refusal_text`]
+//!   words a refusal as Redis does.
 
 mod arity;
 mod cluster;

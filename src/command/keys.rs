@@ -5,7 +5,7 @@
 //! (or of its `{hash tag}`) modulo 16384; a [`Spec`] gives the argument
 //! positions of a command's keys (first key, last key, step, as the server's
 //! own `COMMAND` reply states them for commands and subcommands, or the
-//! built-in [`BUILTIN`] until it has), and the commands whose keys move with
+//! built-in `BUILTIN` until it has), and the commands whose keys move with
 //! their arguments (`movablekeys`: EVAL numkeys, XREAD STREAMS, ZUNION
 //! numkeys, SORT ... STORE, MIGRATE KEYS, ...) are read by hand.
 //! [`super::Commands::keys`] puts them together. Pure: no I/O.

@@ -8,12 +8,12 @@
 //! tables; the routers ([`crate::route`], [`crate::upstream::cluster::route`])
 //! and the session read it and only decide.
 //!
-//! - [`table`](self::table): the proxy's own facts by name (class, refusals,
+//! - `table`: the proxy's own facts by name (class, refusals,
 //!   subscribed-mode commands) and [`classify`].
-//! - [`arity`](self::arity): the proxy's own commands' arities, the rule.
+//! - `arity`: the proxy's own commands' arities, the rule.
 //! - [`keys`]: key positions, CRC16 hash slots.
-//! - [`cluster`](self::cluster): split and fan-out kinds.
-//! - [`model`](self::model): [`Commands`], the merge, and its answers;
+//! - `cluster`: split and fan-out kinds.
+//! - `model`: [`Commands`], the merge, and its answers;
 //!   [`Commands::face`] judges what the proxy answers as itself (the cluster
 //!   face) as a Redis 7.0 cluster node does, and [`Commands::refusal_text`]
 //!   words a refusal as Redis does.

@@ -8,7 +8,9 @@ mod common;
 
 use common::cluster::{self, proxy_with, Announce, Cluster};
 use common::cluster_load::proxy_conns;
-use common::cluster_ops::{owner_of, replica_of, reshard, wait_primary, RestartOnPanic};
+use common::cluster_ops::{
+    owner_of, replica_of, reshard, tag_off_seed, wait_primary, RestartOnPanic,
+};
 use common::proxy::Raw;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -164,10 +166,7 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
     let proxy = proxy_with(c, &[]);
     let mut w = Raw::connect(proxy.port);
     // A key on a primary that is not the configured host.
-    let tag = (0..)
-        .map(|i| format!("hold{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "hold");
     let victim = owner_of(c, &format!("{{{tag}}}"));
     for i in 0..30 {
         assert_eq!(w.call(&["SET", &format!("warm:{i}"), "1"]), "+OK\r\n");
@@ -458,10 +457,7 @@ fn a_command_stuck_on_a_replaced_primary_says_it_may_have_run() {
     let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "90s")]);
     let mut w = Raw::connect(proxy.port);
     w.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let tag = (0..)
-        .map(|i| format!("stuck{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "stuck");
     let victim = owner_of(c, &format!("{{{tag}}}"));
     let key = format!("{{{tag}}}k");
     assert_eq!(w.call(&["SET", &key, "1"]), "+OK\r\n");
@@ -493,10 +489,7 @@ fn an_idle_client_reaches_a_node_that_left_and_came_back() {
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     let proxy = proxy_with(c, &[]);
-    let tag = (0..)
-        .map(|i| format!("back{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "back");
     let key = format!("{{{tag}}}k");
     let node = owner_of(c, &key);
     c.wait_converged();
@@ -523,4 +516,46 @@ fn an_idle_client_reaches_a_node_that_left_and_came_back() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(idle.call(&["GET", &key]), "$1\r\n3\r\n");
     assert_eq!(idle.call(&["INCR", &key]), ":4\r\n");
+}
+
+/// A client blocked now and then on a dedicated connection (BLPOP ... 0.1,
+/// then BLPOP again: the connection stays the client's in between) whose
+/// primary is killed (-9): its next wait was answered 'ERR proxy is
+/// shutting down (node ...)' (found by scripts/cluster-phases.sh), though
+/// the proxy runs and the command was never written. It waits for the
+/// replica's promotion and blocks there, and gets the element pushed.
+#[test]
+fn a_blocking_wait_after_its_primary_died_goes_to_the_replacement() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let tag = tag_off_seed(c, "bdead");
+    let key = format!("{{{tag}}}q");
+    let victim = owner_of(c, &key);
+    let mut w = Raw::connect(proxy.port);
+    w.call(&["DEL", &key]);
+    let mut b = Raw::connect(proxy.port);
+    b.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(b.call(&["BLPOP", &key, "0.1"]), "*-1\r\n");
+    c.wait_replicas_synced();
+    c.signal(c.pid(victim), libc::SIGKILL);
+    let _back = RestartOnPanic(c, victim);
+    // The proxy's connection to it has seen the close.
+    std::thread::sleep(Duration::from_millis(500));
+    b.send(&["BLPOP", &key, "30"]);
+    std::thread::sleep(Duration::from_millis(200));
+    // Held by the shared path until the promotion, then pushed there.
+    let pushed = w.call(&["RPUSH", &key, "x"]);
+    let got = String::from_utf8(b.read()).unwrap();
+    c.restart(victim);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    eprintln!("RPUSH: {pushed:?}; BLPOP after kill -9 of {victim}: {got:?}");
+    assert_eq!(pushed, ":1\r\n");
+    assert_eq!(
+        got,
+        format!("*2\r\n${}\r\n{key}\r\n$1\r\nx\r\n", key.len()),
+        "BLPOP after its node died"
+    );
 }

@@ -38,6 +38,15 @@ pub fn owner_of(c: &Cluster, key: &str) -> u16 {
         .expect("an owner")
 }
 
+/// A hash tag `{prefixN}` whose slot is on a primary other than the
+/// configured host (whose death tests treat apart).
+pub fn tag_off_seed(c: &Cluster, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
+        .expect("a tag")
+}
+
 pub fn node_id(c: &Cluster, port: u16) -> String {
     c.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
 }

@@ -89,6 +89,7 @@ pub(super) async fn replies(
             if matches!(
                 e,
                 UpstreamError::Lost { .. }
+                    | UpstreamError::Closed { .. }
                     | UpstreamError::Connect { .. }
                     | UpstreamError::Timeout { .. }
             ) {

@@ -559,3 +559,59 @@ fn a_blocking_wait_after_its_primary_died_goes_to_the_replacement() {
         "BLPOP after its node died"
     );
 }
+
+/// The primaries (other than the configured host) that hold none of the
+/// proxy's subscriptions (`CLIENT LIST`: a connection of its user with a
+/// channel subscribed).
+fn primaries_without_the_hub(c: &Cluster) -> Vec<u16> {
+    c.primaries()
+        .into_iter()
+        .filter(|&p| p != c.ports[0])
+        .filter(|&p| {
+            !c.cli(p, &["CLIENT", "LIST"])
+                .lines()
+                .any(|l| l.contains(&format!("user={}", cluster::USER)) && !l.contains(" sub=0 "))
+        })
+        .collect()
+}
+
+/// kill -9 of a primary: PUBLISH (keyless) and PUBSUB NUMSUB (every
+/// primary) do not fail because one node is down. Found by
+/// scripts/cluster-phases.sh: 195 PUBLISH answered 'connect failed' to the
+/// dead node (each client's keyless commands go to one primary). PUBLISH
+/// goes to a primary that can be reached and counts as one Redis (the
+/// proxy's subscriber, whose hub is on another node, is counted once);
+/// NUMSUB waits for the promotion and asks the primaries of then.
+#[test]
+fn publish_and_numsub_survive_a_dead_primary() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let mut sub = Raw::connect(proxy.port);
+    assert!(sub.call(&["SUBSCRIBE", "pk:news"]).ends_with(":1\r\n"));
+    let victim = *primaries_without_the_hub(c)
+        .first()
+        .expect("a primary without the hub's connection");
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.call(&["PUBLISH", "pk:news", "before"]), ":1\r\n");
+    c.wait_replicas_synced();
+    c.signal(c.pid(victim), libc::SIGKILL);
+    let _back = RestartOnPanic(c, victim);
+    // The proxy's connections to it have seen the close (a command written
+    // as it died may or may not have run, and says so).
+    std::thread::sleep(Duration::from_millis(500));
+    // New clients: their keyless commands spread over the primaries, the
+    // dead one included.
+    let published: Vec<String> = (0..12)
+        .map(|i| Raw::connect(proxy.port).call(&["PUBLISH", "pk:news", &format!("m{i}")]))
+        .collect();
+    let numsub = Raw::connect(proxy.port).call(&["PUBSUB", "NUMSUB", "pk:news"]);
+    c.restart(victim);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    eprintln!("after kill -9 of {victim}: PUBLISH {published:?}; NUMSUB {numsub:?}");
+    let wrong: Vec<&String> = published.iter().filter(|r| *r != ":1\r\n").collect();
+    assert!(wrong.is_empty(), "{} of 12 PUBLISH: {wrong:?}", wrong.len());
+    assert_eq!(numsub, "*2\r\n$7\r\npk:news\r\n:1\r\n");
+}

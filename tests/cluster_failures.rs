@@ -615,3 +615,59 @@ fn publish_and_numsub_survive_a_dead_primary() {
     assert!(wrong.is_empty(), "{} of 12 PUBLISH: {wrong:?}", wrong.len());
     assert_eq!(numsub, "*2\r\n$7\r\npk:news\r\n:1\r\n");
 }
+
+/// SIGSTOP of a primary: a transaction that needs a new dedicated
+/// connection to it dials a node that accepts TCP but never answers the
+/// TLS handshake. The dial is given up when the map names the promoted
+/// replica, and the transaction runs there. Found by
+/// scripts/cluster-phases.sh: 6 transactions waited the whole
+/// upstream.connect_timeout (10 s, though the replica was promoted after
+/// about 6 s) and were aborted. Here connect_timeout is 60 s: the dial
+/// cannot end by itself before the promotion.
+#[test]
+fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
+    use common::proxy::{enable_admin, http, metric_sum};
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    let mut env = cluster::proxy_env(c);
+    env.retain(|(k, _)| k != "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT");
+    env.push((
+        "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT".into(),
+        "60s".into(),
+    ));
+    // No warm dedicated connection to take: each one is dialled (what a
+    // busy proxy does once its warm ones are in use).
+    env.push(("REDIS_ENTRA_PROXY_UPSTREAM__WARM_PINNED".into(), "0".into()));
+    let admin = enable_admin(&mut env);
+    let proxy = common::proxy::Proxy::start(&env);
+    let key = format!("{{{}}}k", tag_off_seed(c, "dial"));
+    let victim = owner_of(c, &key);
+    let replica = replica_of(c, victim);
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    c.wait_replicas_synced();
+    let pid = c.pid(victim);
+    c.signal(pid, libc::SIGSTOP);
+    let _thaw = Thaw { c, pid };
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let replies: Vec<String> = [&["MULTI"][..], &["SET", &key, "v"], &["EXEC"]]
+        .iter()
+        .map(|cmd| t.call(cmd))
+        .collect();
+    let on_replica = c.cli(replica, &["GET", &key]);
+    let metrics = http(admin, "GET", "/metrics").1;
+    let abandoned = metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+    eprintln!(
+        "transaction while {victim} is frozen: {replies:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
+    );
+    assert_eq!(replies[2], "*1\r\n+OK\r\n", "EXEC: {replies:?}");
+    assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
+    assert!(
+        abandoned >= 1.0,
+        "the dial to the frozen node was not given up"
+    );
+}

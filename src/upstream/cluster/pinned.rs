@@ -480,8 +480,24 @@ impl Virtual {
         use super::dispatch::NODE_DOWN_HOLD;
         let start = tokio::time::Instant::now();
         let mut attempt = 0u32;
+        let mut moves = 0;
         loop {
-            match self.bind(node.clone()).await {
+            let dialled = match slot {
+                Some(s) if moves < super::dispatch::MAX_REDIRECTS => {
+                    self.dial_unless_moved(&node, s).await
+                }
+                _ => Ok(self.dial(&node).await),
+            };
+            let bound = match dialled {
+                Err(to) => {
+                    moves += 1;
+                    node = to;
+                    continue;
+                }
+                Ok(Ok(pin)) => self.attach(node.clone(), pin).await,
+                Ok(Err(e)) => Err(e),
+            };
+            match bound {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if slot.is_some()
@@ -511,10 +527,58 @@ impl Virtual {
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
+        let pin = self.dial(&node).await?;
+        self.attach(node, pin).await
+    }
+
+    /// A dedicated connection on `node` (a warm one, or dialled).
+    async fn dial(&self, node: &Node) -> Result<Pinned, UpstreamError> {
         let push = PushSink {
             tx: self.push.clone(),
         };
-        let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
+        self.cluster.node_pool(node).pin(self.proto, push).await
+    }
+
+    /// [`dial`](Self::dial) for a command of `slot`, given up (`Err`: the
+    /// new owner) when the map names another owner of the slot: a frozen
+    /// node accepts TCP and never answers the TLS handshake, so its dial
+    /// would otherwise run to `upstream.connect_timeout` while its replica
+    /// is promoted. Counted in `cluster_dials_abandoned`.
+    ///
+    /// # Cancel safety
+    /// The dial dropped drops its half-made connection; nothing else is held.
+    async fn dial_unless_moved(
+        &self,
+        node: &Node,
+        slot: u16,
+    ) -> Result<Result<Pinned, UpstreamError>, Node> {
+        let cluster = &self.cluster;
+        let moved = async {
+            // A dial that is not done in half a second asks for the map
+            // (a healthy one is long done), then every second.
+            for polls in 1u32.. {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if polls % 20 == 10 {
+                    cluster.stale();
+                }
+                if let Some(to) = cluster.node_for(Some(slot), 0).filter(|n| n != node) {
+                    return to;
+                }
+            }
+            unreachable!("an unbounded count")
+        };
+        tokio::select! {
+            r = self.dial(node) => Ok(r),
+            to = moved => {
+                cluster.metrics.cluster_dials_abandoned.inc();
+                tracing::info!(from = %node, to = %to, slot, "dedicated connection's dial given up: the cluster names another owner of its slot");
+                Err(to)
+            }
+        }
+    }
+
+    /// Bind to `pin` on `node`, sending a transaction's queued start first.
+    async fn attach(&mut self, node: Node, pin: Pinned) -> Result<(), UpstreamError> {
         // While bound, an abort of this one closes that connection. The task
         // holds no sender of it: dropping the binding lets it go back.
         let released = CancellationToken::new();

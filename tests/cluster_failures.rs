@@ -9,7 +9,7 @@ mod common;
 use common::cluster::{self, proxy_with, Announce, Cluster};
 use common::cluster_load::proxy_conns;
 use common::cluster_ops::{
-    owner_of, replica_of, reshard, tag_off_seed, wait_primary, RestartOnPanic,
+    kill_synced, owner_of, replica_of, reshard, revive, tag_off_seed, wait_primary, RestartOnPanic,
 };
 use common::proxy::Raw;
 use std::sync::RwLock;
@@ -538,19 +538,13 @@ fn a_blocking_wait_after_its_primary_died_goes_to_the_replacement() {
     let mut b = Raw::connect(proxy.port);
     b.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     assert_eq!(b.call(&["BLPOP", &key, "0.1"]), "*-1\r\n");
-    c.wait_replicas_synced();
-    c.signal(c.pid(victim), libc::SIGKILL);
-    let _back = RestartOnPanic(c, victim);
-    // The proxy's connection to it has seen the close.
-    std::thread::sleep(Duration::from_millis(500));
+    let _back = kill_synced(c, victim);
     b.send(&["BLPOP", &key, "30"]);
     std::thread::sleep(Duration::from_millis(200));
     // Held by the shared path until the promotion, then pushed there.
     let pushed = w.call(&["RPUSH", &key, "x"]);
     let got = String::from_utf8(b.read()).unwrap();
-    c.restart(victim);
-    c.wait_converged();
-    c.wait_replicas_synced();
+    revive(c, victim);
     eprintln!("RPUSH: {pushed:?}; BLPOP after kill -9 of {victim}: {got:?}");
     assert_eq!(pushed, ":1\r\n");
     assert_eq!(
@@ -595,21 +589,14 @@ fn publish_and_numsub_survive_a_dead_primary() {
         .expect("a primary without the hub's connection");
     let mut p = Raw::connect(proxy.port);
     assert_eq!(p.call(&["PUBLISH", "pk:news", "before"]), ":1\r\n");
-    c.wait_replicas_synced();
-    c.signal(c.pid(victim), libc::SIGKILL);
-    let _back = RestartOnPanic(c, victim);
-    // The proxy's connections to it have seen the close (a command written
-    // as it died may or may not have run, and says so).
-    std::thread::sleep(Duration::from_millis(500));
+    let _back = kill_synced(c, victim);
     // New clients: their keyless commands spread over the primaries, the
     // dead one included.
     let published: Vec<String> = (0..12)
         .map(|i| Raw::connect(proxy.port).call(&["PUBLISH", "pk:news", &format!("m{i}")]))
         .collect();
     let numsub = Raw::connect(proxy.port).call(&["PUBSUB", "NUMSUB", "pk:news"]);
-    c.restart(victim);
-    c.wait_converged();
-    c.wait_replicas_synced();
+    revive(c, victim);
     eprintln!("after kill -9 of {victim}: PUBLISH {published:?}; NUMSUB {numsub:?}");
     let wrong: Vec<&String> = published.iter().filter(|r| *r != ":1\r\n").collect();
     assert!(wrong.is_empty(), "{} of 12 PUBLISH: {wrong:?}", wrong.len());
@@ -670,4 +657,41 @@ fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
         abandoned >= 1.0,
         "the dial to the frozen node was not given up"
     );
+}
+
+/// A WATCH held on a dedicated connection whose primary is killed (-9):
+/// the transaction after it must not run, and the client is told its
+/// connection was lost, never that the proxy is shutting down (the
+/// command found the connection closed before it was written).
+#[test]
+fn a_watch_whose_primary_died_aborts_its_transaction() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let key = format!("{{{}}}w", tag_off_seed(c, "wdead"));
+    let victim = owner_of(c, &key);
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(t.call(&["WATCH", &key]), "+OK\r\n");
+    let _back = kill_synced(c, victim);
+    for cmd in [&["MULTI"][..], &["SET", &key, "v"], &["EXEC"]] {
+        t.send(cmd);
+    }
+    let replies: Vec<String> = (0..3)
+        .map(|_| String::from_utf8(t.read()).unwrap())
+        .collect();
+    let mut w = Raw::connect(proxy.port);
+    let written = w.call(&["GET", &key]);
+    revive(c, victim);
+    eprintln!("WATCH, kill -9 of {victim}, MULTI; SET; EXEC: {replies:?}; GET: {written:?}");
+    assert!(
+        replies.iter().all(|r| !r.contains("shutting down")),
+        "{replies:?}"
+    );
+    assert!(
+        replies[2].starts_with("-EXECABORT") || replies[2] == "*-1\r\n",
+        "EXEC: {replies:?}"
+    );
+    assert_eq!(written, "$-1\r\n", "a transaction told aborted wrote");
 }

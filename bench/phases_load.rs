@@ -285,6 +285,44 @@ fn failed(s: &Shared, id: usize, phase: &str, o: &Outcome) -> bool {
     }
 }
 
+/// One command of a round, in the phase of now: an error reply is logged
+/// as `error` (`NAME: text`), a failed exchange as `closed` or `hung` (and
+/// `reconnect` set). The phase and the reply (`None`: an error reply or none).
+async fn step(
+    s: &Shared,
+    c: &mut Client,
+    id: usize,
+    reconnect: &mut bool,
+    name: &str,
+    bytes: &[u8],
+    grace: Duration,
+) -> (String, Option<BytesMut>) {
+    let phase = s.phase();
+    let o = exchange(s, c, id, &phase, bytes, 1, grace).await;
+    *reconnect |= failed(s, id, &phase, &o);
+    let Outcome::Replies(mut r) = o else {
+        return (phase, None);
+    };
+    let reply = r.pop().filter(|r| match err_text(r) {
+        Some(e) => {
+            s.event(&phase, id, "error", &format!("{name}: {e}"));
+            false
+        }
+        None => true,
+    });
+    (phase, reply)
+}
+
+/// The integer `NAME` answered; any other reply is logged as an `error`.
+fn integer(s: &Shared, phase: &str, id: usize, name: &str, reply: Option<BytesMut>) -> Option<i64> {
+    let r = reply?;
+    let n = int(&r);
+    if n.is_none() {
+        s.event(phase, id, "error", &format!("{name}: not an integer"));
+    }
+    n
+}
+
 async fn run_client(s: Arc<Shared>, id: usize, kind: Kind, tag: String) -> Acked {
     let mut acked = Acked::default();
     let Some(mut c) = connect(&s, id).await else {
@@ -318,66 +356,36 @@ async fn run_client(s: Arc<Shared>, id: usize, kind: Kind, tag: String) -> Acked
                 let value = format!("v{seq}");
                 let counter = format!("{{{tag}}}:n:{phase}");
                 let set = command(&[b"SET", key.as_bytes(), value.as_bytes()]);
-                let phase = s.phase();
-                let o = exchange(&s, &mut c, id, &phase, &set, 1, zero).await;
-                let mut written = false;
-                if let Outcome::Replies(r) = &o {
-                    if &r[0][..] == b"+OK\r\n" {
+                let (phase, r) = step(&s, &mut c, id, &mut reconnect, "SET", &set, zero).await;
+                let written = match r {
+                    Some(r) if &r[..] == b"+OK\r\n" => {
                         acked
                             .writes
-                            .push((key.clone(), value.clone(), phase.clone(), now_ms()));
-                        written = true;
-                    } else if let Some(e) = err_text(&r[0]) {
-                        s.event(&phase, id, "error", &format!("SET: {e}"));
-                    } else {
+                            .push((key.clone(), value.clone(), phase, now_ms()));
+                        true
+                    }
+                    Some(_) => {
                         s.event(&phase, id, "wrong", "SET");
+                        false
                     }
-                }
-                reconnect |= failed(&s, id, &phase, &o);
+                    None => false,
+                };
                 if !reconnect {
-                    let phase = s.phase();
-                    let o = exchange(
-                        &s,
-                        &mut c,
-                        id,
-                        &phase,
-                        &command(&[b"INCR", counter.as_bytes()]),
-                        1,
-                        zero,
-                    )
-                    .await;
+                    let incr = command(&[b"INCR", counter.as_bytes()]);
+                    let (phase, r) =
+                        step(&s, &mut c, id, &mut reconnect, "INCR", &incr, zero).await;
                     let e = acked.counters.entry(counter).or_default();
-                    match &o {
-                        Outcome::Replies(r) if int(&r[0]).is_some() => e.0 += 1,
-                        Outcome::Replies(r) => {
-                            e.1 += 1;
-                            let t = err_text(&r[0]).unwrap_or_else(|| "not an integer".into());
-                            s.event(&phase, id, "error", &format!("INCR: {t}"));
-                        }
-                        _ => e.1 += 1,
+                    match integer(&s, &phase, id, "INCR", r) {
+                        Some(_) => e.0 += 1,
+                        None => e.1 += 1,
                     }
-                    reconnect |= failed(&s, id, &phase, &o);
                 }
                 if !reconnect && written {
-                    let phase = s.phase();
-                    let o = exchange(
-                        &s,
-                        &mut c,
-                        id,
-                        &phase,
-                        &command(&[b"GET", key.as_bytes()]),
-                        1,
-                        zero,
-                    )
-                    .await;
-                    if let Outcome::Replies(r) = &o {
-                        if let Some(e) = err_text(&r[0]) {
-                            s.event(&phase, id, "error", &format!("GET: {e}"));
-                        } else if bulks(&r[0]) != vec![value.into_bytes()] {
-                            s.event(&phase, id, "wrong", "GET of the key just written");
-                        }
+                    let get = command(&[b"GET", key.as_bytes()]);
+                    let (phase, r) = step(&s, &mut c, id, &mut reconnect, "GET", &get, zero).await;
+                    if r.is_some_and(|r| bulks(&r) != vec![value.into_bytes()]) {
+                        s.event(&phase, id, "wrong", "GET of the key just written");
                     }
-                    reconnect |= failed(&s, id, &phase, &o);
                 }
             }
             Kind::Tx => {
@@ -417,76 +425,39 @@ async fn run_client(s: Arc<Shared>, id: usize, kind: Kind, tag: String) -> Acked
             }
             Kind::Pusher => {
                 let q = format!("{{{tag}}}:q");
-                let phase = s.phase();
-                let o = exchange(
-                    &s,
-                    &mut c,
-                    id,
-                    &phase,
-                    &command(&[b"RPUSH", q.as_bytes(), seq.to_string().as_bytes()]),
-                    1,
-                    zero,
-                )
-                .await;
-                if let Outcome::Replies(r) = &o {
-                    if int(&r[0]).is_some() {
-                        acked.queue.push(("pushed", q, seq, phase.clone()));
-                    } else {
-                        let t = err_text(&r[0]).unwrap_or_else(|| "not an integer".into());
-                        s.event(&phase, id, "error", &format!("RPUSH: {t}"));
-                    }
+                let rpush = command(&[b"RPUSH", q.as_bytes(), seq.to_string().as_bytes()]);
+                let (phase, r) = step(&s, &mut c, id, &mut reconnect, "RPUSH", &rpush, zero).await;
+                if integer(&s, &phase, id, "RPUSH", r).is_some() {
+                    acked.queue.push(("pushed", q, seq, phase));
                 }
-                reconnect |= failed(&s, id, &phase, &o);
             }
             Kind::Consumer => {
                 let q = format!("{{{tag}}}:q");
                 let blpop = command(&[b"BLPOP", q.as_bytes(), b"1"]);
-                let phase = s.phase();
-                let o = exchange(&s, &mut c, id, &phase, &blpop, 1, Duration::from_secs(1)).await;
-                if let Outcome::Replies(r) = &o {
-                    if let Some(e) = err_text(&r[0]) {
-                        s.event(&phase, id, "error", &format!("BLPOP: {e}"));
-                    } else if !r[0].starts_with(b"*-1") && !r[0].starts_with(b"_") {
-                        let b = bulks(&r[0]);
-                        match b
-                            .get(1)
-                            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                        {
-                            Some(item) => acked.queue.push(("consumed", q, item, phase.clone())),
-                            None => s.event(&phase, id, "wrong", "BLPOP"),
-                        }
+                let block = Duration::from_secs(1);
+                let (phase, r) = step(&s, &mut c, id, &mut reconnect, "BLPOP", &blpop, block).await;
+                if let Some(r) = r.filter(|r| !r.starts_with(b"*-1") && !r.starts_with(b"_")) {
+                    let b = bulks(&r);
+                    match b
+                        .get(1)
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    {
+                        Some(item) => acked.queue.push(("consumed", q, item, phase)),
+                        None => s.event(&phase, id, "wrong", "BLPOP"),
                     }
                 }
-                reconnect |= failed(&s, id, &phase, &o);
             }
             Kind::Publisher => {
                 let ch = format!("ch:{tag}");
-                let phase = s.phase();
-                let o = exchange(
-                    &s,
-                    &mut c,
-                    id,
-                    &phase,
-                    &command(&[b"PUBLISH", ch.as_bytes(), seq.to_string().as_bytes()]),
-                    1,
-                    zero,
-                )
-                .await;
-                if let Outcome::Replies(r) = &o {
-                    match int(&r[0]) {
-                        Some(n) => {
-                            s.pubsub(&phase, 0, 1);
-                            if n == 0 {
-                                s.pubsub(&phase, 1, 1);
-                            }
-                        }
-                        None => {
-                            let t = err_text(&r[0]).unwrap_or_else(|| "not an integer".into());
-                            s.event(&phase, id, "error", &format!("PUBLISH: {t}"));
-                        }
+                let publish = command(&[b"PUBLISH", ch.as_bytes(), seq.to_string().as_bytes()]);
+                let (phase, r) =
+                    step(&s, &mut c, id, &mut reconnect, "PUBLISH", &publish, zero).await;
+                if let Some(n) = integer(&s, &phase, id, "PUBLISH", r) {
+                    s.pubsub(&phase, 0, 1);
+                    if n == 0 {
+                        s.pubsub(&phase, 1, 1);
                     }
                 }
-                reconnect |= failed(&s, id, &phase, &o);
             }
             Kind::Subscriber => {
                 // Read what arrives for up to one second.

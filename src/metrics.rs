@@ -79,6 +79,9 @@ pub struct Metrics {
     pub upstream_hold_dropped: Family<Labels, Counter>,
     /// Read-only commands in flight on a lost connection, sent again.
     pub upstream_resent: Counter,
+    /// Dials of a dedicated connection to a cluster node given up because
+    /// the map named another owner of the command's slot (a frozen node).
+    pub cluster_dials_abandoned: Counter,
     /// Azure maintenance notices by notice and the action taken.
     pub maintenance_notices: Family<Labels, Counter>,
     /// OpenTelemetry recording, when export is on (`otel.enabled`).
@@ -237,6 +240,12 @@ impl Metrics {
             "Read-only commands in flight on a lost upstream connection, sent again on the next one",
             upstream_resent.clone(),
         );
+        let cluster_dials_abandoned = Counter::default();
+        registry.register(
+            "cluster_dials_abandoned",
+            "Dials of a dedicated connection to a cluster node given up because the slot map named another owner of the command's slot",
+            cluster_dials_abandoned.clone(),
+        );
         let maintenance_notices = Family::<Labels, Counter>::default();
         registry.register(
             "maintenance_notices",
@@ -268,6 +277,7 @@ impl Metrics {
             upstream_hold_seconds,
             upstream_hold_dropped,
             upstream_resent,
+            cluster_dials_abandoned,
             maintenance_notices,
             otel: std::sync::OnceLock::new(),
         }

@@ -8,7 +8,9 @@ mod common;
 
 use common::cluster::{self, proxy_with, Announce, Cluster};
 use common::cluster_load::proxy_conns;
-use common::cluster_ops::{owner_of, replica_of, reshard, wait_primary, RestartOnPanic};
+use common::cluster_ops::{
+    kill_synced, owner_of, replica_of, reshard, revive, tag_off_seed, wait_primary, RestartOnPanic,
+};
 use common::proxy::Raw;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -164,10 +166,7 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
     let proxy = proxy_with(c, &[]);
     let mut w = Raw::connect(proxy.port);
     // A key on a primary that is not the configured host.
-    let tag = (0..)
-        .map(|i| format!("hold{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "hold");
     let victim = owner_of(c, &format!("{{{tag}}}"));
     for i in 0..30 {
         assert_eq!(w.call(&["SET", &format!("warm:{i}"), "1"]), "+OK\r\n");
@@ -458,10 +457,7 @@ fn a_command_stuck_on_a_replaced_primary_says_it_may_have_run() {
     let proxy = proxy_with(c, &[("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "90s")]);
     let mut w = Raw::connect(proxy.port);
     w.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let tag = (0..)
-        .map(|i| format!("stuck{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "stuck");
     let victim = owner_of(c, &format!("{{{tag}}}"));
     let key = format!("{{{tag}}}k");
     assert_eq!(w.call(&["SET", &key, "1"]), "+OK\r\n");
@@ -493,10 +489,7 @@ fn an_idle_client_reaches_a_node_that_left_and_came_back() {
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     let proxy = proxy_with(c, &[]);
-    let tag = (0..)
-        .map(|i| format!("back{i}"))
-        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
-        .unwrap();
+    let tag = tag_off_seed(c, "back");
     let key = format!("{{{tag}}}k");
     let node = owner_of(c, &key);
     c.wait_converged();
@@ -523,4 +516,182 @@ fn an_idle_client_reaches_a_node_that_left_and_came_back() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(idle.call(&["GET", &key]), "$1\r\n3\r\n");
     assert_eq!(idle.call(&["INCR", &key]), ":4\r\n");
+}
+
+/// A client blocked now and then on a dedicated connection (BLPOP ... 0.1,
+/// then BLPOP again: the connection stays the client's in between) whose
+/// primary is killed (-9): its next wait was answered 'ERR proxy is
+/// shutting down (node ...)' (found by scripts/cluster-phases.sh), though
+/// the proxy runs and the command was never written. It waits for the
+/// replica's promotion and blocks there, and gets the element pushed.
+#[test]
+fn a_blocking_wait_after_its_primary_died_goes_to_the_replacement() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let tag = tag_off_seed(c, "bdead");
+    let key = format!("{{{tag}}}q");
+    let victim = owner_of(c, &key);
+    let mut w = Raw::connect(proxy.port);
+    w.call(&["DEL", &key]);
+    let mut b = Raw::connect(proxy.port);
+    b.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(b.call(&["BLPOP", &key, "0.1"]), "*-1\r\n");
+    let _back = kill_synced(c, victim);
+    b.send(&["BLPOP", &key, "30"]);
+    std::thread::sleep(Duration::from_millis(200));
+    // Held by the shared path until the promotion, then pushed there.
+    let pushed = w.call(&["RPUSH", &key, "x"]);
+    let got = String::from_utf8(b.read()).unwrap();
+    revive(c, victim);
+    eprintln!("RPUSH: {pushed:?}; BLPOP after kill -9 of {victim}: {got:?}");
+    assert_eq!(pushed, ":1\r\n");
+    assert_eq!(
+        got,
+        format!("*2\r\n${}\r\n{key}\r\n$1\r\nx\r\n", key.len()),
+        "BLPOP after its node died"
+    );
+}
+
+/// The primaries (other than the configured host) that hold none of the
+/// proxy's subscriptions (`CLIENT LIST`: a connection of its user with a
+/// channel subscribed).
+fn primaries_without_the_hub(c: &Cluster) -> Vec<u16> {
+    c.primaries()
+        .into_iter()
+        .filter(|&p| p != c.ports[0])
+        .filter(|&p| {
+            !c.cli(p, &["CLIENT", "LIST"])
+                .lines()
+                .any(|l| l.contains(&format!("user={}", cluster::USER)) && !l.contains(" sub=0 "))
+        })
+        .collect()
+}
+
+/// kill -9 of a primary: PUBLISH (keyless) and PUBSUB NUMSUB (every
+/// primary) do not fail because one node is down. Found by
+/// scripts/cluster-phases.sh: 195 PUBLISH answered 'connect failed' to the
+/// dead node (each client's keyless commands go to one primary). PUBLISH
+/// goes to a primary that can be reached and counts as one Redis (the
+/// proxy's subscriber, whose hub is on another node, is counted once);
+/// NUMSUB waits for the promotion and asks the primaries of then.
+#[test]
+fn publish_and_numsub_survive_a_dead_primary() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let mut sub = Raw::connect(proxy.port);
+    assert!(sub.call(&["SUBSCRIBE", "pk:news"]).ends_with(":1\r\n"));
+    let victim = *primaries_without_the_hub(c)
+        .first()
+        .expect("a primary without the hub's connection");
+    let mut p = Raw::connect(proxy.port);
+    assert_eq!(p.call(&["PUBLISH", "pk:news", "before"]), ":1\r\n");
+    let _back = kill_synced(c, victim);
+    // New clients: their keyless commands spread over the primaries, the
+    // dead one included.
+    let published: Vec<String> = (0..12)
+        .map(|i| Raw::connect(proxy.port).call(&["PUBLISH", "pk:news", &format!("m{i}")]))
+        .collect();
+    let numsub = Raw::connect(proxy.port).call(&["PUBSUB", "NUMSUB", "pk:news"]);
+    revive(c, victim);
+    eprintln!("after kill -9 of {victim}: PUBLISH {published:?}; NUMSUB {numsub:?}");
+    let wrong: Vec<&String> = published.iter().filter(|r| *r != ":1\r\n").collect();
+    assert!(wrong.is_empty(), "{} of 12 PUBLISH: {wrong:?}", wrong.len());
+    assert_eq!(numsub, "*2\r\n$7\r\npk:news\r\n:1\r\n");
+}
+
+/// SIGSTOP of a primary: a transaction that needs a new dedicated
+/// connection to it dials a node that accepts TCP but never answers the
+/// TLS handshake. The dial is given up when the map names the promoted
+/// replica, and the transaction runs there. Found by
+/// scripts/cluster-phases.sh: 6 transactions waited the whole
+/// upstream.connect_timeout (10 s, though the replica was promoted after
+/// about 6 s) and were aborted. Here connect_timeout is 60 s: the dial
+/// cannot end by itself before the promotion.
+#[test]
+fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
+    use common::proxy::{enable_admin, http, metric_sum};
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    let mut env = cluster::proxy_env(c);
+    env.retain(|(k, _)| k != "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT");
+    env.push((
+        "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT".into(),
+        "60s".into(),
+    ));
+    // No warm dedicated connection to take: each one is dialled (what a
+    // busy proxy does once its warm ones are in use).
+    env.push(("REDIS_ENTRA_PROXY_UPSTREAM__WARM_PINNED".into(), "0".into()));
+    let admin = enable_admin(&mut env);
+    let proxy = common::proxy::Proxy::start(&env);
+    let key = format!("{{{}}}k", tag_off_seed(c, "dial"));
+    let victim = owner_of(c, &key);
+    let replica = replica_of(c, victim);
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    c.wait_replicas_synced();
+    let pid = c.pid(victim);
+    c.signal(pid, libc::SIGSTOP);
+    let _thaw = Thaw { c, pid };
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let replies: Vec<String> = [&["MULTI"][..], &["SET", &key, "v"], &["EXEC"]]
+        .iter()
+        .map(|cmd| t.call(cmd))
+        .collect();
+    let on_replica = c.cli(replica, &["GET", &key]);
+    let metrics = http(admin, "GET", "/metrics").1;
+    let abandoned = metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+    eprintln!(
+        "transaction while {victim} is frozen: {replies:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
+    );
+    assert_eq!(replies[2], "*1\r\n+OK\r\n", "EXEC: {replies:?}");
+    assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
+    assert!(
+        abandoned >= 1.0,
+        "the dial to the frozen node was not given up"
+    );
+}
+
+/// A WATCH held on a dedicated connection whose primary is killed (-9):
+/// the transaction after it must not run, and the client is told its
+/// connection was lost, never that the proxy is shutting down (the
+/// command found the connection closed before it was written).
+#[test]
+fn a_watch_whose_primary_died_aborts_its_transaction() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    let proxy = proxy_with(c, &[]);
+    let key = format!("{{{}}}w", tag_off_seed(c, "wdead"));
+    let victim = owner_of(c, &key);
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(t.call(&["WATCH", &key]), "+OK\r\n");
+    let _back = kill_synced(c, victim);
+    for cmd in [&["MULTI"][..], &["SET", &key, "v"], &["EXEC"]] {
+        t.send(cmd);
+    }
+    let replies: Vec<String> = (0..3)
+        .map(|_| String::from_utf8(t.read()).unwrap())
+        .collect();
+    let mut w = Raw::connect(proxy.port);
+    let written = w.call(&["GET", &key]);
+    revive(c, victim);
+    eprintln!("WATCH, kill -9 of {victim}, MULTI; SET; EXEC: {replies:?}; GET: {written:?}");
+    assert!(
+        replies.iter().all(|r| !r.contains("shutting down")),
+        "{replies:?}"
+    );
+    assert!(
+        replies[2].starts_with("-EXECABORT") || replies[2] == "*-1\r\n",
+        "EXEC: {replies:?}"
+    );
+    assert_eq!(written, "$-1\r\n", "a transaction told aborted wrote");
 }

@@ -41,6 +41,10 @@ pub enum UpstreamError {
     /// have run, so it is not sent again.
     #[error("upstream connection lost with the command in flight ({reason}); it may or may not have been executed")]
     Lost { reason: String },
+    /// The connection closed before the command was written to it: the
+    /// command did not run, and may go to whichever node serves it next.
+    #[error("upstream {addr}: the connection closed before the command was sent ({reason}); it did not run")]
+    Closed { addr: String, reason: String },
     #[error("upstream sent invalid data: {0}")]
     Protocol(String),
     #[error("proxy is shutting down")]

@@ -276,8 +276,9 @@ impl Connector {
                     PHASE_TCP => "connecting (TCP)",
                     // A plaintext Redis reads the ClientHello as the start of an
                     // inline command and waits for its end: nothing comes back.
+                    // Nor from a frozen server, whose kernel still accepts TCP.
                     PHASE_TLS => {
-                        "in the TLS handshake, with no TLS answer: the server did not speak TLS (plaintext port?)"
+                        "in the TLS handshake, with no TLS answer: the server did not speak TLS (plaintext port?) or did not answer at all (stopped, overloaded?)"
                     }
                     _ => "authenticating (HELLO AUTH)",
                 },

@@ -38,6 +38,15 @@ pub fn owner_of(c: &Cluster, key: &str) -> u16 {
         .expect("an owner")
 }
 
+/// A hash tag `{prefixN}` whose slot is on a primary other than the
+/// configured host (whose death tests treat apart).
+pub fn tag_off_seed(c: &Cluster, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|t| owner_of(c, &format!("{{{t}}}")) != c.ports[0])
+        .expect("a tag")
+}
+
 pub fn node_id(c: &Cluster, port: u16) -> String {
     c.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
 }
@@ -141,6 +150,24 @@ pub fn reshard(c: &Cluster, from: u16, to: u16, n: usize) {
         "20",
     ]);
     assert!(out.contains("Moving slot"), "reshard: {out}");
+}
+
+/// kill -9 of primary `port` once every replica is in sync (its replica
+/// takes over), then half a second for the proxy's connections to it to
+/// see the close. The guard restarts it should the test panic.
+pub fn kill_synced(c: &Cluster, port: u16) -> RestartOnPanic<'_> {
+    c.wait_replicas_synced();
+    c.signal(c.pid(port), libc::SIGKILL);
+    let guard = RestartOnPanic(c, port);
+    std::thread::sleep(Duration::from_millis(500));
+    guard
+}
+
+/// Start a killed node again and wait for the cluster to be whole.
+pub fn revive(c: &Cluster, port: u16) {
+    c.restart(port);
+    c.wait_converged();
+    c.wait_replicas_synced();
 }
 
 /// Restarts a killed node when dropped while the test panics, so the other

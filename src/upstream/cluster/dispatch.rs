@@ -163,17 +163,10 @@ impl Links {
             let h = self.get(&n);
             if let Err(mpsc::error::SendError(req)) = h.tx.send(req).await {
                 if let Some(t) = req.reply {
-                    let e = self.cluster.dropped_reply();
-                    let _ = t.send(Err(if matches!(e, UpstreamError::Shutdown) {
-                        e
-                    } else {
-                        // Not written: it may go to the slot's owner of now.
-                        UpstreamError::Connect {
-                            addr: n.to_string(),
-                            reason: "its connections are closed (the node left the topology)"
-                                .into(),
-                        }
-                    }));
+                    // Not written: it may go to the slot's owner of now.
+                    let _ = t.send(Err(self
+                        .cluster
+                        .unsent(Some(&n), "the node left the topology")));
                 }
             }
         }
@@ -285,7 +278,7 @@ async fn route(
         let seed = seed.get_or_insert_with(|| cluster.seed.shared_direct(proto));
         if let Err(mpsc::error::SendError(req)) = seed.tx.send(req).await {
             if let Some(t) = req.reply {
-                let _ = t.send(Err(UpstreamError::Shutdown));
+                let _ = t.send(Err(cluster.unsent(None, "the configured host's connection")));
             }
         }
         return None;

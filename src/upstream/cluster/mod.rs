@@ -219,6 +219,24 @@ impl Cluster {
         dropped_reply(&self.shutdown)
     }
 
+    /// Whether the proxy is shutting down: only then does a client read so.
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// A command found `node`'s connection closed before it was written:
+    /// it did not run (and may go to the slot's owner of now), unless the
+    /// proxy is shutting down.
+    pub(crate) fn unsent(&self, node: Option<&Node>, reason: &str) -> UpstreamError {
+        if self.shutting_down() {
+            return UpstreamError::Shutdown;
+        }
+        UpstreamError::Closed {
+            addr: node.map(|n| n.to_string()).unwrap_or_else(|| "node".into()),
+            reason: reason.into(),
+        }
+    }
+
     /// The pool of one node, made on first use.
     pub(crate) fn node_pool(&self, node: &Node) -> Arc<Pool> {
         let mut nodes = self.nodes.lock().expect("not poisoned");
@@ -513,7 +531,7 @@ fn dropped_reply(shutdown: &CancellationToken) -> UpstreamError {
 pub(crate) fn node_unreachable(e: &UpstreamError) -> bool {
     match e {
         UpstreamError::Connect { reason, .. } => !reason.contains("max_pinned"),
-        UpstreamError::Tls { .. } => true,
+        UpstreamError::Tls { .. } | UpstreamError::Closed { .. } => true,
         UpstreamError::Timeout { during, .. } => during.contains("re-established"),
         _ => false,
     }

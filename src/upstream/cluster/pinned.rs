@@ -354,12 +354,55 @@ impl Virtual {
     /// Send one command on the connection of `slot`'s node (binding first).
     /// `Err`: no connection could be had, the command was not sent.
     /// `to`: that node instead of the slot's owner.
+    ///
+    /// A bound connection found closed before the command was written (its
+    /// node died since the client's last command) holds nothing of the
+    /// client's outside a transaction, WATCH or mode: the command goes to the
+    /// slot's owner, waiting for a new one as the shared path does. Inside
+    /// them, the client's state went with it: the session is told (`lost`)
+    /// and the command is refused, unsent.
     async fn forward(
         &mut self,
         frame: Bytes,
         slot: Option<u16>,
         to: Option<Node>,
     ) -> Result<Bytes, Bytes> {
+        let closed = self
+            .bound
+            .as_ref()
+            .filter(|b| b.pin.tx.is_closed() || b.pin.lost.is_cancelled());
+        if let Some(node) = closed.map(|b| b.node.clone()) {
+            self.drop_lost();
+            if self.held() {
+                let e = self.cluster.unsent(Some(&node), STATE_LOST);
+                return Err(super::node_error(&e, Some(&node), slot));
+            }
+        }
+        match self.forward_once(frame.clone(), slot, to.clone()).await? {
+            // Closed between the look above and the write: once more.
+            Err((UpstreamError::Closed { .. }, _)) if !self.held() => {
+                self.bound = None;
+                let r = self.forward_once(frame, slot, to).await?;
+                Ok(self.answer(r))
+            }
+            r => Ok(self.answer(r)),
+        }
+    }
+
+    /// [`forward`](Self::forward) without the second try: the inner `Err`
+    /// is the request's failure on the node.
+    async fn forward_once(
+        &mut self,
+        frame: Bytes,
+        slot: Option<u16>,
+        to: Option<Node>,
+    ) -> Result<Result<Bytes, (UpstreamError, Option<Node>)>, Bytes> {
+        if self.lost.is_cancelled() {
+            // The client's state is gone with its connection: nothing more
+            // runs here (the session lets this one go).
+            let e = self.cluster.unsent(self.was_on.as_ref(), STATE_LOST);
+            return Err(super::node_error(&e, self.was_on.as_ref(), slot));
+        }
         let want = match (to, slot) {
             (Some(n), _) => Some(n),
             (None, Some(_)) => self.cluster.node_for(slot, self.spread),
@@ -391,7 +434,7 @@ impl Virtual {
             if self.in_multi && slot.is_none() && !frame_is(&frame, b"EXEC") {
                 // Still no node: keep it for when one is known.
                 self.queued.push(frame);
-                return Ok(resp::simple("QUEUED"));
+                return Ok(Ok(resp::simple("QUEUED")));
             }
             let node = match want.or_else(|| self.cluster.node_for(None, self.spread)) {
                 Some(n) => n,
@@ -404,11 +447,26 @@ impl Virtual {
             for m in self.modes.clone() {
                 let r = self.send(m).await;
                 if r.starts_with(b"-") {
-                    return Ok(r);
+                    return Ok(Ok(r));
                 }
             }
         }
-        Ok(self.send(frame).await)
+        Ok(self.send_raw(frame).await)
+    }
+
+    /// The bound connection failed: let it go (and tell the session when the
+    /// client's state was on it).
+    fn drop_lost(&mut self) {
+        if self.held() {
+            self.lost.cancel();
+        }
+        self.bound = None;
+        self.cluster.stale();
+    }
+
+    /// A request's outcome as the client reads it.
+    fn answer(&self, r: Result<Bytes, (UpstreamError, Option<Node>)>) -> Bytes {
+        r.unwrap_or_else(|(e, node)| super::node_error(&e, node.as_ref(), self.slot))
     }
 
     /// [`bind`](Self::bind); when the node of `slot` cannot be reached,
@@ -422,8 +480,24 @@ impl Virtual {
         use super::dispatch::NODE_DOWN_HOLD;
         let start = tokio::time::Instant::now();
         let mut attempt = 0u32;
+        let mut moves = 0;
         loop {
-            match self.bind(node.clone()).await {
+            let dialled = match slot {
+                Some(s) if moves < super::dispatch::MAX_REDIRECTS => {
+                    self.dial_unless_moved(&node, s).await
+                }
+                _ => Ok(self.dial(&node).await),
+            };
+            let bound = match dialled {
+                Err(to) => {
+                    moves += 1;
+                    node = to;
+                    continue;
+                }
+                Ok(Ok(pin)) => self.attach(node.clone(), pin).await,
+                Ok(Err(e)) => Err(e),
+            };
+            match bound {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if slot.is_some()
@@ -453,10 +527,58 @@ impl Virtual {
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
+        let pin = self.dial(&node).await?;
+        self.attach(node, pin).await
+    }
+
+    /// A dedicated connection on `node` (a warm one, or dialled).
+    async fn dial(&self, node: &Node) -> Result<Pinned, UpstreamError> {
         let push = PushSink {
             tx: self.push.clone(),
         };
-        let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
+        self.cluster.node_pool(node).pin(self.proto, push).await
+    }
+
+    /// [`dial`](Self::dial) for a command of `slot`, given up (`Err`: the
+    /// new owner) when the map names another owner of the slot: a frozen
+    /// node accepts TCP and never answers the TLS handshake, so its dial
+    /// would otherwise run to `upstream.connect_timeout` while its replica
+    /// is promoted. Counted in `cluster_dials_abandoned`.
+    ///
+    /// # Cancel safety
+    /// The dial dropped drops its half-made connection; nothing else is held.
+    async fn dial_unless_moved(
+        &self,
+        node: &Node,
+        slot: u16,
+    ) -> Result<Result<Pinned, UpstreamError>, Node> {
+        let cluster = &self.cluster;
+        let moved = async {
+            // A dial that is not done in half a second asks for the map
+            // (a healthy one is long done), then every second.
+            for polls in 1u32.. {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if polls % 20 == 10 {
+                    cluster.stale();
+                }
+                if let Some(to) = cluster.node_for(Some(slot), 0).filter(|n| n != node) {
+                    return to;
+                }
+            }
+            unreachable!("an unbounded count")
+        };
+        tokio::select! {
+            r = self.dial(node) => Ok(r),
+            to = moved => {
+                cluster.metrics.cluster_dials_abandoned.inc();
+                tracing::info!(from = %node, to = %to, slot, "dedicated connection's dial given up: the cluster names another owner of its slot");
+                Err(to)
+            }
+        }
+    }
+
+    /// Bind to `pin` on `node`, sending a transaction's queued start first.
+    async fn attach(&mut self, node: Node, pin: Pinned) -> Result<(), UpstreamError> {
         // While bound, an abort of this one closes that connection. The task
         // holds no sender of it: dropping the binding lets it go back.
         let released = CancellationToken::new();
@@ -523,6 +645,12 @@ impl Virtual {
     }
 
     async fn send(&mut self, frame: Bytes) -> Bytes {
+        let r = self.send_raw(frame).await;
+        self.answer(r)
+    }
+
+    /// [`send`](Self::send), its failure kept apart (with the node).
+    async fn send_raw(&mut self, frame: Bytes) -> Result<Bytes, (UpstreamError, Option<Node>)> {
         let is_multi = frame_is(&frame, b"MULTI");
         let in_multi_after =
             self.in_multi && !frame_is(&frame, b"EXEC") && !frame_is(&frame, b"DISCARD")
@@ -539,12 +667,12 @@ impl Virtual {
         };
         let node = self.bound.as_ref().map(|b| b.node.clone());
         match self.request(bytes, count, in_multi_after).await {
-            Ok(b) if count == 2 => super::merge::split_replies(&b, 2)
+            Ok(b) if count == 2 => Ok(super::merge::split_replies(&b, 2)
                 .pop()
                 .flatten()
-                .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply")),
-            Ok(b) => b,
-            Err(e) => super::node_error(&e, node.as_ref(), self.slot),
+                .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: incomplete reply"))),
+            Ok(b) => Ok(b),
+            Err(e) => Err((e, node)),
         }
     }
 
@@ -555,7 +683,10 @@ impl Virtual {
         in_multi_after: bool,
     ) -> Result<Bytes, UpstreamError> {
         let Some(b) = &self.bound else {
-            return Err(UpstreamError::Shutdown);
+            // Let go of just before (its connection failed): not written.
+            return Err(self
+                .cluster
+                .unsent(self.was_on.as_ref(), "the dedicated connection was lost"));
         };
         let (tx, rx) = oneshot::channel();
         let req = Request {
@@ -566,23 +697,26 @@ impl Virtual {
             pushes: 0,
         };
         let res = if b.pin.tx.send(req).await.is_err() {
-            Err(UpstreamError::Shutdown)
+            // The connection's task ended (its node died): not written.
+            Err(self
+                .cluster
+                .unsent(Some(&b.node), "the dedicated connection had ended"))
         } else {
             rx.await
                 .unwrap_or_else(|_| Err(self.cluster.dropped_reply()))
         };
         self.expiry
             .store(b.pin.expiry.load(Ordering::Acquire), Ordering::Release);
-        if b.pin.lost.is_cancelled() {
-            if self.held() {
-                self.lost.cancel();
-            }
-            self.bound = None;
-            self.cluster.stale();
+        if b.pin.lost.is_cancelled() || b.pin.tx.is_closed() {
+            self.drop_lost();
         }
         res
     }
 }
+
+/// Why a command is refused after the connection holding a transaction,
+/// WATCH or client mode failed.
+const STATE_LOST: &str = "the dedicated connection holding the client's state was lost";
 
 const TRACKING_REDIRECT_REFUSED: &str = "ERR redis-entra-proxy: CLIENT TRACKING ... REDIRECT is not available on a clustered cache (invalidations of each shard would need a redirect target on that shard); use RESP3 tracking (HELLO 3, CLIENT TRACKING on) instead";
 

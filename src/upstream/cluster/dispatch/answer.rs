@@ -2,10 +2,11 @@
 //! order, redirections followed ([`super::resolve`]), split commands and
 //! fan-outs merged, PUBLISH counted as one Redis would.
 
-use super::resolve::resolve;
+use super::resolve::{elsewhere, resolve};
 use super::{Cluster, Item, Links, Sent};
 use crate::resp;
 use crate::upstream::cluster::merge::{self, split_replies};
+use crate::upstream::topology::Node;
 use crate::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
 
@@ -21,7 +22,8 @@ pub(super) async fn answer(
         match item {
             Item::Now(b) => out.extend_from_slice(&b),
             Item::Plain(sent) => {
-                for r in replies(cluster, links, index, sent).await {
+                let (_, rs) = replies_on(cluster, links, index, sent, Keyless::Anywhere).await;
+                for r in rs {
                     out.extend_from_slice(&r);
                 }
             }
@@ -64,6 +66,15 @@ pub(super) async fn answer(
     out.freeze()
 }
 
+/// Where a part's keyless commands may go when their node cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Keyless {
+    /// Any primary (they were placed on one only to spread the load).
+    Anywhere,
+    /// Only the node asked (a fan-out's part, a SCAN step's node).
+    There,
+}
+
 /// The final reply of each command of `sent`, redirections followed.
 pub(super) async fn replies(
     cluster: &Cluster,
@@ -71,6 +82,21 @@ pub(super) async fn replies(
     index: usize,
     sent: Sent,
 ) -> Vec<Bytes> {
+    replies_on(cluster, links, index, sent, Keyless::There)
+        .await
+        .1
+}
+
+/// [`replies`], and the node that answered: a keyless command its node
+/// could not take (not written) goes to another primary when `keyless`
+/// says it may ([`elsewhere`]).
+pub(super) async fn replies_on(
+    cluster: &Cluster,
+    links: &mut Links,
+    index: usize,
+    sent: Sent,
+    keyless: Keyless,
+) -> (Option<Node>, Vec<Bytes>) {
     let n = sent.cmds.len();
     let first: Result<Bytes, UpstreamError> = match sent.rx {
         Some(rx) => rx.await.unwrap_or_else(|_| Err(cluster.dropped_reply())),
@@ -89,28 +115,34 @@ pub(super) async fn replies(
             if matches!(
                 e,
                 UpstreamError::Lost { .. }
+                    | UpstreamError::Closed { .. }
                     | UpstreamError::Connect { .. }
                     | UpstreamError::Timeout { .. }
             ) {
                 cluster.stale();
             }
+            let unwritten = crate::upstream::cluster::node_unreachable(&e);
+            let mut at = sent.node.clone();
             let mut out = Vec::with_capacity(n);
             for cmd in sent.cmds {
-                out.push(
-                    if cmd.slot.is_some() && crate::upstream::cluster::node_unreachable(&e) {
-                        // Not written: wait for the slot's owner, as for a map without one.
-                        resolve(cluster, links, index, cmd, None, None).await
-                    } else {
-                        crate::upstream::cluster::node_error(&e, sent.node.as_ref(), cmd.slot)
-                    },
-                );
+                out.push(if cmd.slot.is_some() && unwritten {
+                    // Not written: wait for the slot's owner, as for a map without one.
+                    resolve(cluster, links, index, cmd, None, None).await
+                } else if keyless == Keyless::Anywhere && unwritten {
+                    let (node, r) =
+                        elsewhere(cluster, links, cmd, sent.node.clone(), e.clone()).await;
+                    at = node;
+                    r
+                } else {
+                    crate::upstream::cluster::node_error(&e, sent.node.as_ref(), cmd.slot)
+                });
             }
-            return out;
+            return (at, out);
         }
     };
     let mut out = Vec::with_capacity(n);
     for (cmd, piece) in sent.cmds.into_iter().zip(pieces) {
         out.push(resolve(cluster, links, index, cmd, sent.node.clone(), piece).await);
     }
-    out
+    (sent.node, out)
 }

@@ -136,6 +136,55 @@ pub(super) async fn resolve(
         .unwrap_or_else(|| resp::error("ERR redis-entra-proxy: too many cluster redirections"))
 }
 
+/// A keyless command that `down` could not take (not written): to another
+/// primary of the map, each tried once; when none takes it, every primary
+/// again after a backoff (the map may name a promoted replica by then),
+/// for as long as a keyed command waits for its node's replacement. The
+/// node that answered, and its reply.
+pub(super) async fn elsewhere(
+    cluster: &Cluster,
+    links: &mut Links,
+    cmd: Cmd,
+    down: Option<Node>,
+    e: UpstreamError,
+) -> (Option<Node>, Bytes) {
+    let start = Instant::now();
+    let mut tried: Vec<Node> = down.iter().cloned().collect();
+    let mut last = (down, e);
+    let mut attempt = 0u32;
+    cluster.stale();
+    loop {
+        let next = cluster
+            .map()
+            .and_then(|m| m.nodes.iter().find(|n| !tried.contains(n)).cloned());
+        let Some(node) = next else {
+            let left = NODE_DOWN_HOLD.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                let (node, e) = last;
+                let r = crate::upstream::cluster::node_error(&e, node.as_ref(), None);
+                return (node, r);
+            }
+            attempt += 1;
+            tokio::time::sleep(crate::upstream::conn::backoff(attempt + 2).min(left)).await;
+            cluster.stale();
+            tried.clear();
+            continue;
+        };
+        tried.push(node.clone());
+        match send_and_wait(links, Some(node.clone()), cmd.bytes.clone(), 1).await {
+            Ok(r) => {
+                debug!(to = %node, "keyless command sent to another primary: its node cannot be reached");
+                return (Some(node), r);
+            }
+            Err(e) if crate::upstream::cluster::node_unreachable(&e) => last = (Some(node), e),
+            Err(e) => {
+                let r = crate::upstream::cluster::node_error(&e, Some(&node), None);
+                return (Some(node), r);
+            }
+        }
+    }
+}
+
 /// Send `bytes` (owing `count` replies) and return the last reply.
 async fn send_and_wait(
     links: &mut Links,

@@ -146,6 +146,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         abort,
         // Set to the real connection's as it binds (CLIENT UNBLOCK goes there).
         server,
+        marks: false,
     }
 }
 
@@ -453,9 +454,9 @@ impl Virtual {
     }
 
     async fn bind(&mut self, node: Node) -> Result<(), UpstreamError> {
-        let push = PushSink {
-            tx: self.push.clone(),
-        };
+        // Unmarked: this task answers some commands itself and sends
+        // others in several parts, so replies and marks would not pair.
+        let push = PushSink::new(self.push.clone());
         let pin = self.cluster.node_pool(&node).pin(self.proto, push).await?;
         // While bound, an abort of this one closes that connection. The task
         // holds no sender of it: dropping the binding lets it go back.

@@ -583,6 +583,73 @@ fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
     assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
+/// Redis's own first tracking tests (tests/unit/tracking.tcl): a RESP2 client
+/// redirects its invalidations to a subscriber, turns tracking off, then on in
+/// BCAST mode; the subscriber's messages are compared with a twin's.
+#[test]
+fn tracking_redirect_then_bcast_as_redis() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut redir = Raw::connect(port);
+        let id = redir.call(&["CLIENT", "ID"]);
+        let id = id.trim_start_matches(':').trim_end().to_string();
+        redir.call(&["SUBSCRIBE", "__redis__:invalidate"]);
+        let mut r = Raw::connect(port);
+        let mut seen = Vec::new();
+        seen.push(r.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+        for c in [
+            &["SET", "a{t}", "1"][..],
+            &["SET", "b{t}", "1"],
+            &["GET", "a{t}"],
+            &["INCR", "b{t}"],
+            &["INCR", "a{t}"],
+        ] {
+            seen.push(r.call(c));
+        }
+        seen.push(String::from_utf8_lossy(&redir.read()).into_owned());
+        seen.push(r.call(&[
+            "MGET", "a{t}", "b{t}", "c{t}", "d{t}", "e{t}", "f{t}", "g{t}",
+        ]));
+        seen.push(r.call(&["CLIENT", "TRACKING", "off"]));
+        seen.push(r.call(&["CLIENT", "TRACKING", "on", "BCAST", "REDIRECT", &id]));
+        seen.push(r.call(&["MSET", "a{t}", "1", "b{t}", "2", "c{t}", "3"]));
+        seen.push(String::from_utf8_lossy(&redir.read()).into_owned());
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// A client that unsubscribed from its only channel is out of subscribed
+/// mode: HELLO 3 then works, as on Redis (Redis's test 'Able to redirect to a
+/// RESP3 client' unsubscribes the redirect target from the tracking channel
+/// and switches it to RESP3).
+#[test]
+fn hello_3_after_the_last_unsubscribe() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        for channel in ["plainchannel", "__redis__:invalidate"] {
+            let mut c = Raw::connect(port);
+            let id = c.call(&["CLIENT", "ID"]);
+            let id = id.trim_start_matches(':').trim_end().to_string();
+            seen.push(c.call(&["SUBSCRIBE", channel]));
+            // Another client's invalidations go to it.
+            let mut tracker = Raw::connect(port);
+            seen.push(tracker.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+            seen.push(c.call(&["UNSUBSCRIBE", channel]));
+            let hello = c.call(&["HELLO", "3"]);
+            seen.push(hello.chars().take(1).collect::<String>());
+            seen.push(c.call(&["PING"]));
+        }
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
 /// on Redis's, and never on the upstream connections other clients share (a
 /// forwarded `CLIENT KILL TYPE normal` closed every shared connection).

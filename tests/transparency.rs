@@ -507,6 +507,149 @@ fn client_tracking_redirect_to_a_resp3_subscriber_gets_invalidate_pushes() {
     assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
+/// A tracking client's invalidation that Redis writes before a reply reaches
+/// the client before that reply, as Redis sends them: a client that caches
+/// what it reads must not see a key's invalidation after a reply that came
+/// later (here another client's `MULTI; SET k; LPUSH l; EXEC` invalidates `k`
+/// and serves the tracking client's BLPOP in one write; the proxy wrote the
+/// BLPOP reply first, then the push).
+#[test]
+fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut cached = Raw::connect(port);
+        assert!(cached.call(&["HELLO", "3"]).starts_with('%'));
+        assert_eq!(cached.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
+        assert_eq!(cached.call(&["SET", "tk5", "1"]), "+OK\r\n");
+        assert_eq!(cached.call(&["GET", "tk5"]), "$1\r\n1\r\n");
+        cached.send(&["BLPOP", "tl5", "0"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let mut writer = Raw::connect(port);
+        writer.send(&["MULTI"]);
+        writer.send(&["SET", "tk5", "2"]);
+        writer.send(&["LPUSH", "tl5", "v"]);
+        writer.send(&["EXEC"]);
+        for _ in 0..4 {
+            writer.read();
+        }
+        let first = String::from_utf8_lossy(&cached.read()).into_owned();
+        let second = String::from_utf8_lossy(&cached.read()).into_owned();
+        got.push(format!("{first}{second}"));
+    }
+    assert_eq!(
+        got[0],
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk5\r\n*2\r\n$3\r\ntl5\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// The same for a plain command's reply: writes held by `CLIENT PAUSE WRITE`
+/// run in the order they came when the pause ends, another client's `SET`
+/// (invalidating the tracked key) then the tracking client's own `SET`, and
+/// Redis writes the invalidation and the `+OK` together.
+#[test]
+fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut cached = Raw::connect(port);
+        assert!(cached.call(&["HELLO", "3"]).starts_with('%'));
+        assert_eq!(cached.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
+        assert_eq!(cached.call(&["SET", "tk6", "1"]), "+OK\r\n");
+        assert_eq!(cached.call(&["GET", "tk6"]), "$1\r\n1\r\n");
+        let mut pauser = Raw::connect(port);
+        assert_eq!(pauser.call(&["CLIENT", "PAUSE", "700", "WRITE"]), "+OK\r\n");
+        let mut writer = Raw::connect(port);
+        writer.send(&["SET", "tk6", "2"]);
+        std::thread::sleep(Duration::from_millis(200));
+        cached.send(&["SET", "other6", "1"]);
+        assert_eq!(writer.read(), b"+OK\r\n");
+        let first = String::from_utf8_lossy(&cached.read()).into_owned();
+        let second = String::from_utf8_lossy(&cached.read()).into_owned();
+        // The client's own write: Redis sends the invalidation after the reply.
+        assert_eq!(cached.call(&["GET", "tk6"]), "$1\r\n2\r\n");
+        cached.send(&["SET", "tk6", "3"]);
+        let third = String::from_utf8_lossy(&cached.read()).into_owned();
+        let fourth = String::from_utf8_lossy(&cached.read()).into_owned();
+        got.push(format!("{first}{second}{third}{fourth}"));
+    }
+    assert_eq!(
+        got[0],
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk6\r\n+OK\r\n+OK\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk6\r\n"
+    );
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// Redis's own first tracking tests (tests/unit/tracking.tcl): a RESP2 client
+/// redirects its invalidations to a subscriber, turns tracking off, then on in
+/// BCAST mode; the subscriber's messages are compared with a twin's.
+#[test]
+fn tracking_redirect_then_bcast_as_redis() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut redir = Raw::connect(port);
+        let id = redir.call(&["CLIENT", "ID"]);
+        let id = id.trim_start_matches(':').trim_end().to_string();
+        redir.call(&["SUBSCRIBE", "__redis__:invalidate"]);
+        let mut r = Raw::connect(port);
+        let mut seen = Vec::new();
+        seen.push(r.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+        for c in [
+            &["SET", "a{t}", "1"][..],
+            &["SET", "b{t}", "1"],
+            &["GET", "a{t}"],
+            &["INCR", "b{t}"],
+            &["INCR", "a{t}"],
+        ] {
+            seen.push(r.call(c));
+        }
+        seen.push(String::from_utf8_lossy(&redir.read()).into_owned());
+        seen.push(r.call(&[
+            "MGET", "a{t}", "b{t}", "c{t}", "d{t}", "e{t}", "f{t}", "g{t}",
+        ]));
+        seen.push(r.call(&["CLIENT", "TRACKING", "off"]));
+        seen.push(r.call(&["CLIENT", "TRACKING", "on", "BCAST", "REDIRECT", &id]));
+        seen.push(r.call(&["MSET", "a{t}", "1", "b{t}", "2", "c{t}", "3"]));
+        seen.push(String::from_utf8_lossy(&redir.read()).into_owned());
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// A client that unsubscribed from its only channel is out of subscribed
+/// mode: HELLO 3 then works, as on Redis (Redis's test 'Able to redirect to a
+/// RESP3 client' unsubscribes the redirect target from the tracking channel
+/// and switches it to RESP3).
+#[test]
+fn hello_3_after_the_last_unsubscribe() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        for channel in ["plainchannel", "__redis__:invalidate"] {
+            let mut c = Raw::connect(port);
+            let id = c.call(&["CLIENT", "ID"]);
+            let id = id.trim_start_matches(':').trim_end().to_string();
+            seen.push(c.call(&["SUBSCRIBE", channel]));
+            // Another client's invalidations go to it.
+            let mut tracker = Raw::connect(port);
+            seen.push(tracker.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+            seen.push(c.call(&["UNSUBSCRIBE", channel]));
+            let hello = c.call(&["HELLO", "3"]);
+            seen.push(hello.chars().take(1).collect::<String>());
+            seen.push(c.call(&["PING"]));
+        }
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
 /// on Redis's, and never on the upstream connections other clients share (a
 /// forwarded `CLIENT KILL TYPE normal` closed every shared connection).

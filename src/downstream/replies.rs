@@ -5,6 +5,7 @@
 //! from its one poll loop.
 
 use crate::metrics::{ErrorKind, Metrics};
+use crate::upstream::conn::PushSink;
 use crate::upstream::pubsub::{Link, ToClient};
 use crate::upstream::UpstreamError;
 use crate::write_queue::WriteQueue;
@@ -35,6 +36,9 @@ pub(super) enum Out {
         own: Option<Box<OwnMessages>>,
         /// The command name it is recorded under (OpenTelemetry).
         op: crate::otel::ops::Op,
+        /// From a pinned connection whose push frames come with a mark
+        /// before each reply: the pushes before the mark go first.
+        marked: bool,
     },
     /// The confirmations of pub/sub command `seq`, queued by the hub: write
     /// the hub's frames up to them.
@@ -154,8 +158,14 @@ pub(super) struct Client {
     pub(super) max_push: usize,
     /// Replies owed to commands sent upstream (a batch counts each command).
     pub(super) owed_replies: usize,
-    /// Push frames (invalidations, MONITOR lines) from the pinned connection.
+    /// Push frames (invalidations, MONITOR lines) from the pinned connection,
+    /// and the marks it sends before each reply (`PushSink::marked`).
     pub(super) push: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// Marked `Out::Wait` entries in `owed`.
+    pub(super) marked: usize,
+    /// A mark was taken from `push` between replies: the frames after it
+    /// wait until a marked reply has been written.
+    pub(super) push_held: bool,
     /// What the hub queues for this client; made with its [`Link`].
     pub(super) hub: Option<HubFeed>,
     /// Bytes read from the client while a blocking command waited (to notice
@@ -315,6 +325,32 @@ impl Client {
         .await;
     }
 
+    /// A reply awaited outside `owed` (nothing else is owed) came from a
+    /// marked pinned connection (`marked`): queue the push frames sent before
+    /// it, so they are written before it.
+    pub(super) fn pushes_before(&mut self, marked: bool, cx: &mut std::task::Context<'_>) {
+        if marked
+            && !pushes_to_mark(
+                &mut self.push,
+                &mut self.push_held,
+                &mut self.out,
+                &self.metrics,
+                self.max_push,
+                cx,
+            )
+        {
+            self.killed = true;
+            self.gone = true;
+        }
+    }
+
+    /// A marked reply is no longer owed. With none left, no mark waits for
+    /// one.
+    pub(super) fn unmark(&mut self) {
+        self.marked -= 1;
+        self.push_held &= self.marked > 0;
+    }
+
     pub(super) fn may_read(&self) -> bool {
         self.may_send(0)
     }
@@ -387,6 +423,7 @@ impl Client {
                     silent,
                     own,
                     op,
+                    marked,
                 } => {
                     let res = match own {
                         None => match std::pin::Pin::new(rx).poll(cx) {
@@ -435,6 +472,27 @@ impl Client {
                         }
                     };
                     self.owed_replies -= *count;
+                    if *marked {
+                        // What the server sent before this reply goes first
+                        // (a failed request had no mark sent).
+                        if res.is_ok()
+                            && !pushes_to_mark(
+                                &mut self.push,
+                                &mut self.push_held,
+                                &mut self.out,
+                                &self.metrics,
+                                self.max_push,
+                                cx,
+                            )
+                        {
+                            self.killed = true;
+                            self.gone = true;
+                            return false;
+                        }
+                        // (With no marked reply left, no mark waits for one.)
+                        self.marked -= 1;
+                        self.push_held &= self.marked > 0;
+                    }
                     if let Ok(b) = &res {
                         // Recent reply size: up at once, down slowly.
                         let each = b.len() / (*count).max(1);
@@ -493,19 +551,14 @@ impl Client {
             self.metrics.bytes_out.inc_by(bytes.len() as u64);
             self.out.push(bytes);
         }
-        while let Some(push) = &mut self.push {
+        while let Some(push) = self.push.as_mut().filter(|_| !self.push_held) {
             match push.poll_recv(cx) {
+                Poll::Ready(Some(p)) if PushSink::is_mark(&p) => {
+                    // The frames after it follow a reply still owed.
+                    self.push_held = self.marked > 0;
+                }
                 Poll::Ready(Some(p)) => {
-                    self.metrics.bytes_out.inc_by(p.len() as u64);
-                    self.out.push(p);
-                    if self.out.queued_bytes() > self.max_push {
-                        // MONITOR (or tracking) output the client does not
-                        // read: cut it off, as Redis's output buffer limit does.
-                        warn!(
-                            limit = self.max_push,
-                            "closing a client that does not read its MONITOR or tracking output (limits.max_pubsub_queued_bytes)"
-                        );
-                        self.metrics.error(ErrorKind::Limit);
+                    if !take_push(&mut self.out, &self.metrics, self.max_push, p) {
                         self.killed = true;
                         self.gone = true;
                         return false;
@@ -550,6 +603,52 @@ pub(super) fn connection_ended() -> UpstreamError {
     UpstreamError::Lost {
         reason: "the upstream connection ended".into(),
     }
+}
+
+/// Write the push frames the pinned connection sent before the mark of the
+/// reply about to be written (a mark already taken between replies counts).
+/// False: the client does not read them (over `max_push`).
+pub(super) fn pushes_to_mark(
+    push: &mut Option<mpsc::UnboundedReceiver<Bytes>>,
+    held: &mut bool,
+    out: &mut WriteQueue,
+    metrics: &Metrics,
+    max_push: usize,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    if std::mem::take(held) {
+        return true;
+    }
+    while let Some(rx) = push.as_mut() {
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(p)) if PushSink::is_mark(&p) => return true,
+            Poll::Ready(Some(p)) => {
+                if !take_push(out, metrics, max_push, p) {
+                    return false;
+                }
+            }
+            Poll::Ready(None) => *push = None,
+            Poll::Pending => return true,
+        }
+    }
+    true
+}
+
+/// Queue one push frame for the client. False: MONITOR (or tracking) output
+/// the client does not read passed `max_push`: it is cut off, as Redis's
+/// output buffer limit does.
+fn take_push(out: &mut WriteQueue, metrics: &Metrics, max_push: usize, p: Bytes) -> bool {
+    metrics.bytes_out.inc_by(p.len() as u64);
+    out.push(p);
+    if out.queued_bytes() > max_push {
+        warn!(
+            limit = max_push,
+            "closing a client that does not read its MONITOR or tracking output (limits.max_pubsub_queued_bytes)"
+        );
+        metrics.error(ErrorKind::Limit);
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]

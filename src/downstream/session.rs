@@ -211,6 +211,8 @@ pub async fn run<S>(
             max_push: ctx.max_push_bytes,
             owed_replies: 0,
             push: None,
+            marked: 0,
+            push_held: false,
             hub: None,
             inbox: BytesMut::new(),
             gone: false,

@@ -68,6 +68,28 @@ pub struct ConnOpts {
 /// invalidations, MONITOR lines) or the pub/sub hub.
 pub struct PushSink {
     pub tx: mpsc::UnboundedSender<Bytes>,
+    /// Also send an empty frame (a mark) just before each reply handed to a
+    /// request's sender: the owner then knows which push frames the server
+    /// wrote before that reply (a tracking invalidation Redis sends before a
+    /// command's reply must reach the client before it).
+    pub marks: bool,
+}
+
+impl PushSink {
+    /// Push frames only.
+    pub fn new(tx: mpsc::UnboundedSender<Bytes>) -> PushSink {
+        PushSink { tx, marks: false }
+    }
+
+    /// Push frames, and a mark before each reply (see [`PushSink::marks`]).
+    pub fn marked(tx: mpsc::UnboundedSender<Bytes>) -> PushSink {
+        PushSink { tx, marks: true }
+    }
+
+    /// The mark [`PushSink::marked`] sends: no push frame is empty.
+    pub fn is_mark(frame: &[u8]) -> bool {
+        frame.is_empty()
+    }
 }
 
 /// Larger requests are written from their own buffer instead of being copied.

@@ -304,6 +304,7 @@ impl Pool {
             }
         };
         let upstream_id = conn.server_id();
+        let marks = push.marks;
         let (tx, mut rx) = mpsc::channel::<Request>(1024);
         let mut opts = self.opts.clone();
         opts.kind = "pinned";
@@ -373,6 +374,7 @@ impl Pool {
             lost,
             abort,
             server: ServerRef::new(upstream_id.map(|id| ServerConn { id, node: None })),
+            marks,
         })
     }
 
@@ -659,6 +661,9 @@ pub struct Pinned {
     /// The server connection it stands on now (what `CLIENT UNBLOCK` names);
     /// a cluster's virtual pinned connection changes it as it binds.
     pub server: ServerRef,
+    /// Its push frames come with a mark before each reply (see
+    /// [`PushSink::marks`]).
+    pub marks: bool,
 }
 
 /// A server-side connection: its `CLIENT ID`, and the cluster node it is on

@@ -150,12 +150,17 @@ impl Session {
         mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
     ) -> Result<Bytes, UpstreamError> {
         const INBOX_MAX: usize = 64 * 1024;
+        let marked = self.st.pinned.as_ref().is_some_and(|p| p.marks);
+        // Counted as owed while awaited: a mark taken between replies waits.
+        self.client.marked += usize::from(marked);
         let client = &mut self.client;
         // CLIENT KILL of this client ends the wait as its leaving does.
         let mut killed = std::pin::pin!(self.kill.clone().cancelled_owned());
         let res = poll_fn(|cx| loop {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
+                let r = r.unwrap_or_else(|_| Err(connection_ended()));
+                client.pushes_before(marked && r.is_ok(), cx);
+                return Poll::Ready(r);
             }
             client.poll_out(cx);
             if killed.as_mut().poll(cx).is_ready() {
@@ -185,6 +190,9 @@ impl Session {
             }
         })
         .await;
+        if marked {
+            self.client.unmark();
+        }
         if self.client.gone {
             if let Some(p) = self.st.pinned.take() {
                 debug!(peer = %self.peer, id = self.st.id, "client left while blocked; closing its upstream connection so the wait takes nothing");

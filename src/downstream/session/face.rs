@@ -117,6 +117,7 @@ impl Session {
             silent: self.silent,
             own: None,
             op: self.op,
+            marked: false,
         });
         self.client.owed_replies += 1;
         self.client.waits += 1;

@@ -34,10 +34,15 @@ impl Session {
         &mut self,
         mut rx: oneshot::Receiver<Result<Bytes, UpstreamError>>,
     ) -> Result<Bytes, UpstreamError> {
+        let marked = self.st.pinned.as_ref().is_some_and(|p| p.marks);
+        // Counted as owed while awaited: a mark taken between replies waits.
+        self.client.marked += usize::from(marked);
         let client = &mut self.client;
-        poll_fn(|cx| {
+        let res = poll_fn(|cx| {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(r.unwrap_or_else(|_| Err(connection_ended())));
+                let r = r.unwrap_or_else(|_| Err(connection_ended()));
+                client.pushes_before(marked && r.is_ok(), cx);
+                return Poll::Ready(r);
             }
             client.poll_out(cx);
             if client.gone {
@@ -47,7 +52,11 @@ impl Session {
             }
             Poll::Pending
         })
-        .await
+        .await;
+        if marked {
+            self.client.unmark();
+        }
+        res
     }
 
     pub(super) async fn flush_batch(
@@ -155,6 +164,14 @@ impl Session {
                 let _ = t.send(Err(UpstreamError::Shutdown));
             }
         }
+        // The pinned connection's tracking invalidations and MONITOR lines
+        // come marked: those sent before this reply are written before it.
+        let marked = self
+            .st
+            .pinned
+            .as_ref()
+            .is_some_and(|p| p.marks && p.tx.same_channel(tx));
+        self.client.marked += usize::from(marked);
         self.client.owed.push_back(Out::Wait {
             rx: reply_rx,
             count: replies,
@@ -162,6 +179,7 @@ impl Session {
             silent: self.silent,
             own: None,
             op: self.op,
+            marked,
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;
@@ -202,9 +220,7 @@ impl Session {
             return Ok(());
         }
         self.switch_to(Target::Pinned).await;
-        let push = PushSink {
-            tx: self.push_sender(),
-        };
+        let push = PushSink::marked(self.push_sender());
         let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
         self.st.pinned = Some(pinned);
         Ok(())

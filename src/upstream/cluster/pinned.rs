@@ -146,6 +146,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         abort,
         // Set to the real connection's as it binds (CLIENT UNBLOCK goes there).
         server,
+        marks: false,
     }
 }
 
@@ -533,9 +534,9 @@ impl Virtual {
 
     /// A dedicated connection on `node` (a warm one, or dialled).
     async fn dial(&self, node: &Node) -> Result<Pinned, UpstreamError> {
-        let push = PushSink {
-            tx: self.push.clone(),
-        };
+        // Unmarked: this task answers some commands itself and sends
+        // others in several parts, so replies and marks would not pair.
+        let push = PushSink::new(self.push.clone());
         self.cluster.node_pool(node).pin(self.proto, push).await
     }
 

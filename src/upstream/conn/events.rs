@@ -62,7 +62,7 @@ pub async fn listen(
             conn,
             &mut rx,
             &opts,
-            Some(PushSink { tx: push_tx }),
+            Some(PushSink::new(push_tx)),
             &mut pending,
             None,
         );

@@ -532,6 +532,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         if req.count == 0 && req.pushes == 0 {
             // Owes nothing: complete as soon as it is written.
             if let Some(tx) = req.reply {
+                self.mark();
                 let _ = tx.send(Ok(Bytes::new()));
             }
             return;
@@ -701,10 +702,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         }
     }
 
+    /// Before a reply goes to its request's sender: the mark that tells the
+    /// owner of a marked push sink which push frames came before it.
+    fn mark(&self) {
+        if let Some(p) = self.push.as_ref().filter(|p| p.marks) {
+            let _ = p.tx.send(Bytes::new());
+        }
+    }
+
     /// A request's replies are all in: hand them to where they go.
     fn complete(&mut self, sink: Sink, bytes: Bytes) -> Result<(), UpstreamError> {
         match sink {
             Sink::Client(Some(tx)) => {
+                self.mark();
                 let _ = tx.send(Ok(bytes));
             }
             Sink::Client(None) | Sink::Ping => {}

@@ -121,7 +121,7 @@ pub async fn supervise_shared(
                 let (push, pushes_rx) = match proto {
                     Proto::Resp3 => {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        (Some(super::PushSink { tx }), Some(rx))
+                        (Some(super::PushSink::new(tx)), Some(rx))
                     }
                     Proto::Resp2 => (None, None),
                 };

@@ -101,7 +101,7 @@ fn start(reply_timeout: Duration, keepalive: Duration) -> Harness {
             link,
             &mut rx,
             &opts,
-            Some(PushSink { tx: push_tx }),
+            Some(PushSink::new(push_tx)),
             &mut pending,
             None,
         )

@@ -95,7 +95,7 @@ pub async fn supervise(
                 }
                 let mut pending = std::collections::VecDeque::new();
                 let res = tokio::select! {
-                    r = conn::run(conn, &mut req_rx, &opts, Some(PushSink { tx: push_tx }), &mut pending, None) => r,
+                    r = conn::run(conn, &mut req_rx, &opts, Some(PushSink::new(push_tx)), &mut pending, None) => r,
                     _ = stop.cancelled() => Ok(()),
                 };
                 up.dec();

@@ -55,11 +55,11 @@ pub struct Connector {
     /// The HELLO fields of the most recent connection, for clients' own HELLO.
     last_hello: std::sync::Mutex<Arc<Vec<(String, resp::Value)>>>,
     /// The command model, learned from the server's `COMMAND` on the first
-    /// connection (shared with the connectors of a cluster's nodes).
-    learned: std::sync::OnceLock<Arc<crate::command::Commands>>,
-    /// Set while one connection is asking: connections dialled at the same
-    /// time (the shared slots at start) do not all fetch the table.
-    learning: std::sync::atomic::AtomicBool,
+    /// connection (shared with the connectors of a cluster's nodes). While
+    /// one connection asks, connections dialled at the same time (the shared
+    /// slots at start) wait for its answer rather than fetch the table too,
+    /// and none is handed out before the model is known.
+    learned: tokio::sync::OnceCell<Arc<crate::command::Commands>>,
     /// Where each HELLO AUTH outcome is recorded (readiness, metrics, log).
     acceptance: Arc<crate::acceptance::Acceptance>,
     /// Dials one cluster node found in the topology, not the configured endpoint.
@@ -137,7 +137,6 @@ impl Connector {
             tokens,
             last_hello: Default::default(),
             learned: Default::default(),
-            learning: Default::default(),
             acceptance: Default::default(),
             node: false,
             resub: Default::default(),
@@ -171,10 +170,7 @@ impl Connector {
     /// certificate must show: the cache's, whatever the topology calls the
     /// node), dialling one cluster node at `host:port`.
     pub fn for_node(&self, host: &str, port: u16) -> Connector {
-        let learned = std::sync::OnceLock::new();
-        if let Some(l) = self.learned.get() {
-            let _ = learned.set(l.clone());
-        }
+        let learned = tokio::sync::OnceCell::new_with(self.learned.get().cloned());
         Connector {
             tls: self.tls.clone(),
             server_name: self.server_name.clone(),
@@ -189,7 +185,6 @@ impl Connector {
             tokens: self.tokens.clone(),
             last_hello: Default::default(),
             learned,
-            learning: Default::default(),
             acceptance: self.acceptance.clone(),
             node: true,
             resub: Default::default(),
@@ -373,23 +368,16 @@ impl Connector {
             });
         }
         self.acceptance.accepted(generation, &cred.username);
-        use std::sync::atomic::Ordering;
-        if self.learned.get().is_none()
-            && self
-                .learning
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // Cleared however this ends (error, or the connect timeout dropping
-            // this future): a failed attempt lets the next connection try.
-            struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
-            impl Drop for Clear<'_> {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::Release);
-                }
-            }
-            let _clear = Clear(&self.learning);
-            self.learn_commands(&mut stream, &mut buf).await?;
+        // The first connection asks; the others wait for its answer. One
+        // that fails (or the connect timeout dropping it) lets the next
+        // waiting connection ask on its own stream. Before, a connection
+        // dialled meanwhile was used at once, and a command judged by the
+        // built-in table only (a RESP2 subscribed client's unknown command
+        // got "Can't execute" instead of Redis's "unknown command").
+        if !self.learned.initialized() {
+            self.learned
+                .get_or_try_init(|| self.learn_commands(&mut stream, &mut buf))
+                .await?;
         }
         let hello = Arc::new(parse_hello(&reply));
         *self.last_hello.lock().expect("not poisoned") = hello.clone();
@@ -457,7 +445,7 @@ impl Connector {
         &self,
         stream: &mut Stream,
         buf: &mut BytesMut,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<Arc<crate::command::Commands>, UpstreamError> {
         stream
             .write_all(&resp::command(&[b"COMMAND"]))
             .await
@@ -466,8 +454,7 @@ impl Connector {
                 reason: format!("writing COMMAND: {e}"),
             })?;
         let reply = self.read_reply(stream, buf, "COMMAND").await?;
-        self.learn(&reply);
-        Ok(())
+        Ok(Arc::new(model_of(&reply)))
     }
 
     /// Build the command model from `COMMAND`'s reply (arities, flags, key
@@ -475,36 +462,40 @@ impl Connector {
     /// pinned too, a cluster finds module commands' keys), once. A server
     /// that refuses `COMMAND` leaves the built-in tables in charge.
     pub fn learn(&self, reply: &[u8]) {
-        let learned = match crate::command::Commands::from_command_reply(reply) {
-            Some(l) => {
-                tracing::info!(
-                    commands = l.known,
-                    blocking_not_in_table = ?l.blocking.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
-                    refused_unplaced = ?l.unplaced.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
-                    "learned the server's command table"
-                );
-                l
-            }
-            None if super::policy::is_noperm(reply) => {
-                tracing::warn!(
-                    "{}",
-                    super::policy::refusal_line(
-                        "COMMAND",
-                        reply,
-                        "routing (and finding keys) by the built-in table only"
-                    )
-                );
-                crate::command::Commands::builtin()
-            }
-            None => {
-                tracing::info!(
-                    reply = %resp::error_text(reply).unwrap_or_else(|| "not a command table".into()),
-                    "the server did not list its commands; routing by the built-in table only"
-                );
-                crate::command::Commands::builtin()
-            }
-        };
-        let _ = self.learned.set(Arc::new(learned));
+        let _ = self.learned.set(Arc::new(model_of(reply)));
+    }
+}
+
+/// The command model `COMMAND`'s reply gives (logged), or the built-in one.
+fn model_of(reply: &[u8]) -> crate::command::Commands {
+    match crate::command::Commands::from_command_reply(reply) {
+        Some(l) => {
+            tracing::info!(
+                commands = l.known,
+                blocking_not_in_table = ?l.blocking.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
+                refused_unplaced = ?l.unplaced.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>(),
+                "learned the server's command table"
+            );
+            l
+        }
+        None if super::policy::is_noperm(reply) => {
+            tracing::warn!(
+                "{}",
+                super::policy::refusal_line(
+                    "COMMAND",
+                    reply,
+                    "routing (and finding keys) by the built-in table only"
+                )
+            );
+            crate::command::Commands::builtin()
+        }
+        None => {
+            tracing::info!(
+                reply = %resp::error_text(reply).unwrap_or_else(|| "not a command table".into()),
+                "the server did not list its commands; routing by the built-in table only"
+            );
+            crate::command::Commands::builtin()
+        }
     }
 }
 

@@ -7,6 +7,8 @@ mod common;
 
 use common::proxy::{static_env, Proxy, Raw};
 use common::redis::RedisServer;
+use redis_entra_proxy::resp::command;
+use std::io::Write;
 use std::time::Duration;
 
 const USER: &str = "proxyuser";
@@ -103,4 +105,54 @@ fn a_reused_connection_carries_no_state_of_its_last_client() {
     assert_eq!(d.call(&["MULTI"]), "+OK\r\n");
     assert_eq!(d.call(&["HGETALL", "reuse:h"]), "+QUEUED\r\n");
     assert_eq!(d.call(&["EXEC"]), "*1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n");
+}
+
+/// Calls of `cmd` the server has counted (INFO commandstats).
+fn calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info = redis.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn watch_transactions_between_plain_commands_need_no_reset() {
+    // What an optimistic-locking client on a pooled connection does: WATCH,
+    // read, a transaction sent whole, then plain commands. Its state is
+    // known clean after EXEC, so the connection goes back warm as it is: no
+    // RESET + HELLO per transaction, and no new connection either, even
+    // when the client comes back at once.
+    let (redis, proxy) = setup();
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    let (resets, before) = (calls(&redis, "reset"), accepted(&redis));
+    for i in 0..100 {
+        assert_eq!(a.call(&["WATCH", "reuse:w"]), "+OK\r\n");
+        let _ = a.call(&["GET", "reuse:w"]);
+        let v = i.to_string();
+        // The transaction in one write, as client libraries pipeline it.
+        let mut tx = command(&[b"MULTI"]).to_vec();
+        tx.extend_from_slice(&command(&[b"SET", b"reuse:w", v.as_bytes()]));
+        tx.extend_from_slice(&command(&[b"EXEC"]));
+        a.s.write_all(&tx).unwrap();
+        let replies: Vec<Vec<u8>> = (0..3).map(|_| a.read()).collect();
+        assert_eq!(replies.concat(), b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+        assert_eq!(a.call(&["GET", "reuse:other"]), "$-1\r\n");
+    }
+    let resets = calls(&redis, "reset") - resets;
+    let dialled = accepted(&redis) - before - 2;
+    // The warm set's top-up may dial while the client holds one (at most
+    // twice `warm_pinned` are kept), not once per transaction.
+    assert!(
+        resets == 0 && dialled <= 2,
+        "for 100 transactions: RESET sent {resets} times, {dialled} connections dialled"
+    );
+    // Its state really was clean: the next client's transaction is its own.
+    drop(a);
+    let mut b = Raw::connect(proxy.port);
+    assert_eq!(b.call(&["MULTI"]), "+OK\r\n", "no MULTI left open");
+    assert_eq!(b.call(&["GET", "reuse:w"]), "+QUEUED\r\n");
+    assert_eq!(b.call(&["EXEC"]), "*1\r\n$2\r\n99\r\n");
 }

@@ -229,7 +229,11 @@ impl Session {
                 id = self.st.id,
                 "client state cleared; releasing its pinned connection"
             );
-            self.st.pinned = None;
+            if let Some(p) = self.st.pinned.take() {
+                // Nothing of the client's is on it: the pool may keep it as
+                // it is, without RESET.
+                p.clean.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 

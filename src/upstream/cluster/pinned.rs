@@ -146,6 +146,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         abort,
         // Set to the real connection's as it binds (CLIENT UNBLOCK goes there).
         server,
+        clean: Default::default(),
     }
 }
 

@@ -117,6 +117,20 @@ fn calls(redis: &RedisServer, cmd: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// One optimistic-locking transaction between plain commands: WATCH, read,
+/// `MULTI; SET; EXEC` in one write (as client libraries pipeline it), GET.
+fn watch_transaction(a: &mut Raw, key: &str, value: &str) {
+    assert_eq!(a.call(&["WATCH", key]), "+OK\r\n");
+    let _ = a.call(&["GET", key]);
+    let mut tx = command(&[b"MULTI"]).to_vec();
+    tx.extend_from_slice(&command(&[b"SET", key.as_bytes(), value.as_bytes()]));
+    tx.extend_from_slice(&command(&[b"EXEC"]));
+    a.s.write_all(&tx).unwrap();
+    let replies: Vec<Vec<u8>> = (0..3).map(|_| a.read()).collect();
+    assert_eq!(replies.concat(), b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    assert_eq!(a.call(&["GET", "reuse:other"]), "$-1\r\n");
+}
+
 #[test]
 fn watch_transactions_between_plain_commands_need_no_reset() {
     // What an optimistic-locking client on a pooled connection does: WATCH,
@@ -129,17 +143,7 @@ fn watch_transactions_between_plain_commands_need_no_reset() {
     assert_eq!(a.call(&["PING"]), "+PONG\r\n");
     let (resets, before) = (calls(&redis, "reset"), accepted(&redis));
     for i in 0..100 {
-        assert_eq!(a.call(&["WATCH", "reuse:w"]), "+OK\r\n");
-        let _ = a.call(&["GET", "reuse:w"]);
-        let v = i.to_string();
-        // The transaction in one write, as client libraries pipeline it.
-        let mut tx = command(&[b"MULTI"]).to_vec();
-        tx.extend_from_slice(&command(&[b"SET", b"reuse:w", v.as_bytes()]));
-        tx.extend_from_slice(&command(&[b"EXEC"]));
-        a.s.write_all(&tx).unwrap();
-        let replies: Vec<Vec<u8>> = (0..3).map(|_| a.read()).collect();
-        assert_eq!(replies.concat(), b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
-        assert_eq!(a.call(&["GET", "reuse:other"]), "$-1\r\n");
+        watch_transaction(&mut a, "reuse:w", &i.to_string());
     }
     let resets = calls(&redis, "reset") - resets;
     let dialled = accepted(&redis) - before - 2;
@@ -155,4 +159,33 @@ fn watch_transactions_between_plain_commands_need_no_reset() {
     assert_eq!(b.call(&["MULTI"]), "+OK\r\n", "no MULTI left open");
     assert_eq!(b.call(&["GET", "reuse:w"]), "+QUEUED\r\n");
     assert_eq!(b.call(&["EXEC"]), "*1\r\n$2\r\n99\r\n");
+}
+
+#[test]
+fn clients_pinning_in_turn_keep_their_connections() {
+    // Eight such clients at once: how many are pinned goes up and down all
+    // the time. The connections they let go of stay warm for the next pin
+    // (sized by the most pinned at once lately), so the proxy dials about
+    // one per client, not one per transaction.
+    let (redis, proxy) = setup();
+    let before = accepted(&redis);
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                let mut a = Raw::connect(port);
+                for i in 0..100 {
+                    watch_transaction(&mut a, &format!("reuse:turn:{c}"), &i.to_string());
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let dialled = accepted(&redis) - before;
+    assert!(
+        dialled <= 8 + 2,
+        "{dialled} connections dialled for 8 clients' 800 transactions"
+    );
 }

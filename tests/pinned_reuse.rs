@@ -163,10 +163,12 @@ fn watch_transactions_between_plain_commands_need_no_reset() {
 
 #[test]
 fn clients_pinning_in_turn_keep_their_connections() {
-    // Eight such clients at once: how many are pinned goes up and down all
-    // the time. The connections they let go of stay warm for the next pin
-    // (sized by the most pinned at once lately), so the proxy dials about
-    // one per client, not one per transaction.
+    // Eight such clients at once. Had each let go of its dedicated
+    // connection at the plain command, how many are pinned would go up and
+    // down all the time, and the pool close connections on the dips and dial
+    // on the rises; each keeps its own a moment for its next transaction
+    // instead, so the proxy dials about one per client, not one per
+    // transaction.
     let (redis, proxy) = setup();
     let before = accepted(&redis);
     let clients: Vec<_> = (0..8)
@@ -188,4 +190,20 @@ fn clients_pinning_in_turn_keep_their_connections() {
         dialled <= 8 + 2,
         "{dialled} connections dialled for 8 clients' 800 transactions"
     );
+}
+
+#[test]
+fn the_connection_kept_for_the_next_transaction_speaks_the_clients_protocol() {
+    // After a WATCH transaction and a plain command the client's dedicated
+    // connection is kept a moment for its next one; a HELLO 3 in between
+    // makes it a RESP2 connection the client no longer speaks.
+    let (_redis, proxy) = setup();
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["HSET", "reuse:proto", "f", "v"]), ":1\r\n");
+    watch_transaction(&mut a, "reuse:p", "1");
+    assert!(a.call(&["HELLO", "3"]).starts_with('%'));
+    assert_eq!(a.call(&["WATCH", "reuse:p"]), "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["HGETALL", "reuse:proto"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
 }

@@ -33,9 +33,6 @@ const WARM_MAX_AGE: Duration = Duration::from_secs(240);
 /// How long a client that needs a pinned connection waits for one being
 /// reset (see [`Pool::park`]) before dialling a new one.
 const PARK_WAIT: Duration = Duration::from_millis(20);
-/// How long the most clients pinned at once sizes the warm set (see
-/// [`Pool::recent_peak`]).
-const PEAK_HOLD: Duration = Duration::from_secs(30);
 
 struct Warm {
     conns: Mutex<Vec<(Instant, Authed)>>,
@@ -63,9 +60,6 @@ pub struct Pool {
     next: AtomicUsize,
     warm: [Warm; 2],
     pinned: Arc<AtomicUsize>,
-    /// The most clients pinned at once lately, and since when (see
-    /// [`Pool::recent_peak`]).
-    peak: Mutex<(usize, Instant)>,
     health: Arc<Health>,
     shutdown: CancellationToken,
     /// Set on the seed pool when the upstream may be a cluster: shared and
@@ -156,7 +150,6 @@ impl Pool {
             next: AtomicUsize::new(0),
             warm: [warm(), warm()],
             pinned: Arc::new(AtomicUsize::new(0)),
-            peak: Mutex::new((0, Instant::now())),
             health,
             shutdown,
             cluster: OnceLock::new(),
@@ -258,7 +251,6 @@ impl Pool {
             }
         }
         let prev = self.pinned.fetch_add(1, Ordering::AcqRel);
-        self.note_pinned(prev + 1);
         let guard = PinGuard {
             count: self.pinned.clone(),
             metrics: self.opts.metrics.clone(),
@@ -395,8 +387,7 @@ impl Pool {
     /// out and back to RESP2, so `HELLO <proto> AUTH` with the current
     /// credential follows in the same write: one round trip instead of a TCP
     /// connect, a TLS handshake and the AUTH. Kept while fewer connections
-    /// are warm than twice `upstream.warm_pinned` plus the most clients
-    /// pinned at once lately ([`Pool::recent_peak`]):
+    /// are warm than twice `upstream.warm_pinned` plus the clients pinned now:
     /// the top-up has already replaced the warm connection this client took,
     /// so without the surplus a client that pins again and again would make
     /// the pool dial for each time; with it, a burst of transactions reuses
@@ -416,7 +407,7 @@ impl Pool {
     ) {
         let w = &self.warm[idx(proto)];
         let room = |p: &Pool| {
-            w.conns.lock().expect("not poisoned").len() < 2 * p.warm_pinned + p.recent_peak()
+            w.conns.lock().expect("not poisoned").len() < 2 * p.warm_pinned + p.pinned_count()
         };
         if self.warm_pinned == 0 || self.shutdown.is_cancelled() || !room(self) {
             return;
@@ -470,32 +461,6 @@ impl Pool {
                 tracing::debug!(%reason, "pinned connection not reusable; closed")
             }
             Err(_) => tracing::debug!("pinned connection reset timed out; closed"),
-        }
-    }
-
-    /// Remember `now_pinned` if it is the most clients pinned at once
-    /// within [`PEAK_HOLD`].
-    fn note_pinned(&self, now_pinned: usize) {
-        let mut peak = self.peak.lock().expect("not poisoned");
-        if now_pinned >= peak.0 || peak.1.elapsed() > PEAK_HOLD {
-            *peak = (now_pinned, Instant::now());
-        }
-    }
-
-    /// The most clients pinned at once within [`PEAK_HOLD`] (at least as
-    /// many as now). Released connections are kept warm up to that many
-    /// (plus the surplus): clients that pin and let go in turn (WATCH
-    /// transactions between plain commands) find one again, where sizing
-    /// by the clients pinned at the moment closed connections as the count
-    /// dipped and dialled new ones as it rose (issue 19: about 100 new TLS
-    /// connections a second with 8 such clients).
-    fn recent_peak(&self) -> usize {
-        let now = self.pinned_count();
-        let peak = self.peak.lock().expect("not poisoned");
-        if peak.1.elapsed() > PEAK_HOLD {
-            now
-        } else {
-            now.max(peak.0)
         }
     }
 

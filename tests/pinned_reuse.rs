@@ -153,8 +153,19 @@ fn watch_transactions_between_plain_commands_need_no_reset() {
         resets == 0 && dialled <= 2,
         "for 100 transactions: RESET sent {resets} times, {dialled} connections dialled"
     );
-    // Its state really was clean: the next client's transaction is its own.
+    // A client that leaves after EXEC (its connection still dedicated, with
+    // nothing of its own on it) costs no RESET either.
+    let resets = calls(&redis, "reset");
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["WATCH", "reuse:w"]), "+OK\r\n");
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["EXEC"]), "*0\r\n");
+    drop(c);
     drop(a);
+    std::thread::sleep(Duration::from_millis(300));
+    let resets = calls(&redis, "reset") - resets;
+    assert_eq!(resets, 0, "RESET after clients left clean");
+    // Its state really was clean: the next client's transaction is its own.
     let mut b = Raw::connect(proxy.port);
     assert_eq!(b.call(&["MULTI"]), "+OK\r\n", "no MULTI left open");
     assert_eq!(b.call(&["GET", "reuse:w"]), "+QUEUED\r\n");

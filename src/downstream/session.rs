@@ -369,6 +369,16 @@ pub async fn run<S>(
     }
     // Write the replies still owed (each arrives or fails), then close.
     session.settle(true).await;
+    // A dedicated connection with nothing of the client's on it (it left
+    // after EXEC) goes back warm without RESET, as a spare does.
+    if !session.st.needs_pin() {
+        session.st.spare = session.st.pinned.take().map(|pinned| Spare {
+            pinned,
+            proto: session.st.proto,
+            until: Instant::now(),
+        });
+        session.release_spare();
+    }
     // Gone from CLIENT LIST (and KILL) before the client closes its side.
     let Session {
         mut client, reg, ..

@@ -18,8 +18,9 @@
 # (loops for the per-command counts, default 2000), MODES (default
 # "mixed get watch watch-mixed"), PROXY_BIN (the build measured), BEFORE_BIN
 # (a build to compare with), OUT (default bench/TX.md). Ports TX_TLS_PORT
-# (16480), TX_PROXY_PORT (16479), TX_BEFORE_PORT (16478). Loopback only;
-# every run bounded by SECS.
+# (16480), TX_PROXY_PORT (16479), TX_BEFORE_PORT (16478), admin ports
+# TX_ADMIN_PORT (16477), TX_BEFORE_ADMIN_PORT (16476). Loopback only; every
+# run bounded by SECS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS="${REPS:-5}"
@@ -31,7 +32,9 @@ work=.bench-tx
 TLS_PORT="${TX_TLS_PORT:-16480}"
 PROXY_PORT="${TX_PROXY_PORT:-16479}"
 BEFORE_PORT="${TX_BEFORE_PORT:-16478}"
-# pids, cleanup (on exit), wait_port, redis_conf
+ADMIN_PORT="${TX_ADMIN_PORT:-16477}"
+BEFORE_ADMIN_PORT="${TX_BEFORE_ADMIN_PORT:-16476}"
+# pids, cleanup (on exit), wait_port, redis_conf, start_proxy
 . scripts/local-stack.sh
 rm -rf "$work"; mkdir -p "$work"
 cargo build --release --quiet --bin redis-entra-proxy --example bench_load --example testpki
@@ -43,24 +46,18 @@ redis_conf "$TLS_PORT" bench-identity "$token"
 redis-server "$work/redis.conf" &
 pids+=($!)
 wait_port "$TLS_PORT"
-declare -A proxy_pid
-start() { # name port binary
-  REDIS_ENTRA_PROXY_UPSTREAM__HOST=localhost \
-  REDIS_ENTRA_PROXY_UPSTREAM__PORT=$TLS_PORT \
-  REDIS_ENTRA_PROXY_UPSTREAM__CA_FILE="$work/tls/ca.pem" \
-  REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
-  REDIS_ENTRA_PROXY_AUTH__USERNAME=bench-identity \
-  REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token" \
-  REDIS_ENTRA_PROXY_LISTEN__ADDRESS="127.0.0.1:$2" \
-    "$3" --config config/redis-entra-proxy.example.toml 2>"$work/$1.log" &
-  proxy_pid[$1]=$!
-  pids+=($!)
-  wait_port "$2"
+declare -A pid_of
+start() { # name port admin-port binary
+  PROXY_BIN="$4" start_proxy "$2" "$3" "$work/$1.log" \
+    REDIS_ENTRA_PROXY_AUTH__SOURCE=static \
+    REDIS_ENTRA_PROXY_AUTH__USERNAME=bench-identity \
+    REDIS_ENTRA_PROXY_AUTH__STATIC__PASSWORD="$token"
+  pid_of[$1]=$proxy_pid
 }
 targets=(direct proxy)
-start proxy "$PROXY_PORT" "$bin"
+start proxy "$PROXY_PORT" "$ADMIN_PORT" "$bin"
 if [ -n "${BEFORE_BIN:-}" ]; then
-  start before "$BEFORE_PORT" "$BEFORE_BIN"
+  start before "$BEFORE_PORT" "$BEFORE_ADMIN_PORT" "$BEFORE_BIN"
   targets=(direct before proxy)
 fi
 export BENCH_PASS="$token"
@@ -129,7 +126,7 @@ for mode in mixed watch-mixed; do
   case $mode in mixed) k=5 ;; watch-mixed) k=6 ;; esac
   cmds=$((OPS * k))
   for t in "${targets[@]:1}"; do
-    pid=${proxy_pid[$t]}
+    pid=${pid_of[$t]}
     before=$(ctxt "$pid")
     # shellcheck disable=SC2046
     "$load" "$mode" $(args "$t") --clients 1 --max-ops "$OPS" --seconds 60 >/dev/null

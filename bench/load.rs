@@ -4,6 +4,12 @@
 //! - `tx` / `mixed`: several clients each loop over a transaction
 //!   (`MULTI; INCR; SET; EXEC` in one write, as client libraries pipeline it)
 //!   and, in `mixed`, one plain `GET` after each; prints transactions/s.
+//!   `get` loops over the `GET` alone (loops/s), the plain path to compare with.
+//!   `watch` is optimistic locking: `WATCH k`, `GET k`, then
+//!   `MULTI; SET k; EXEC` in one write (transactions/s; one whose EXEC
+//!   answers anything but a one-element array counts as an error);
+//!   `watch-mixed` adds a plain `GET` after each, as a pooled connection
+//!   serves both.
 //! - `idle`: opens many connections (each answers one `PING`), keeps them open
 //!   with a light load (one `GET` every 10 ms on one of them in turn), prints
 //!   `ready` once all are open and `done` after they are closed.
@@ -39,7 +45,7 @@ fn parse() -> Result<Opts, String> {
     let mut it = std::env::args().skip(1);
     let mode = it
         .next()
-        .ok_or("usage: bench_load tx|mixed|idle|fanout --addr H:P ...")?;
+        .ok_or("usage: bench_load tx|mixed|get|watch|watch-mixed|idle|fanout --addr H:P ...")?;
     let mut o = Opts {
         mode,
         addr: "127.0.0.1:6379".parse().expect("literal"),
@@ -69,7 +75,23 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
-async fn transactions(o: Arc<Opts>, mixed: bool) -> Res<()> {
+/// What one loop of [`transactions`] sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loop {
+    /// `MULTI; INCR; SET; EXEC` in one write.
+    Tx,
+    /// The same, then a `GET`.
+    Mixed,
+    /// A `GET` alone (the plain path, for comparison).
+    Get,
+    /// Optimistic locking: `WATCH k`, `GET k`, then `MULTI; SET k; EXEC`
+    /// in one write, each step waiting for its replies.
+    Watch,
+    /// The same, then a plain `GET` (no WATCH before it).
+    WatchMixed,
+}
+
+async fn transactions(o: Arc<Opts>, kind: Loop) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -87,12 +109,31 @@ async fn transactions(o: Arc<Opts>, mixed: bool) -> Res<()> {
             tx.extend_from_slice(&command(&[b"SET", key.as_bytes(), &value]));
             tx.extend_from_slice(&command(&[b"EXEC"]));
             let get = command(&[b"GET", key.as_bytes()]);
+            let watch = command(&[b"WATCH", key.as_bytes()]);
+            let mut set_tx = Vec::new();
+            set_tx.extend_from_slice(&command(&[b"MULTI"]));
+            set_tx.extend_from_slice(&command(&[b"SET", key.as_bytes(), &value]));
+            set_tx.extend_from_slice(&command(&[b"EXEC"]));
             while Instant::now() < deadline && done.load(Ordering::Relaxed) < o.max_ops {
-                let exec = c.call(&tx, 4).await?;
-                if !exec.starts_with(b"*2") {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(kind, Loop::Watch | Loop::WatchMixed) {
+                    let ok = c.call(&watch, 1).await?.starts_with(b"+OK")
+                        && !c.call(&get, 1).await?.starts_with(b"-")
+                        && c.call(&set_tx, 3).await?.starts_with(b"*1");
+                    let ok =
+                        ok && (kind == Loop::Watch || !c.call(&get, 1).await?.starts_with(b"-"));
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                if mixed {
+                if kind != Loop::Get {
+                    let exec = c.call(&tx, 4).await?;
+                    if !exec.starts_with(b"*2") {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if kind != Loop::Tx {
                     let r = c.call(&get, 1).await?;
                     if r.starts_with(b"-") {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -247,8 +288,11 @@ async fn main() {
         }
     };
     let r = match o.mode.as_str() {
-        "tx" => transactions(o, false).await,
-        "mixed" => transactions(o, true).await,
+        "tx" => transactions(o, Loop::Tx).await,
+        "mixed" => transactions(o, Loop::Mixed).await,
+        "get" => transactions(o, Loop::Get).await,
+        "watch" => transactions(o, Loop::Watch).await,
+        "watch-mixed" => transactions(o, Loop::WatchMixed).await,
         "idle" => idle(o).await,
         "fanout" => fanout(o).await,
         m => Err(format!("unknown mode {m}")),

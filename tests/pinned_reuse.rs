@@ -7,6 +7,8 @@ mod common;
 
 use common::proxy::{static_env, Proxy, Raw};
 use common::redis::RedisServer;
+use redis_entra_proxy::resp::command;
+use std::io::Write;
 use std::time::Duration;
 
 const USER: &str = "proxyuser";
@@ -103,4 +105,116 @@ fn a_reused_connection_carries_no_state_of_its_last_client() {
     assert_eq!(d.call(&["MULTI"]), "+OK\r\n");
     assert_eq!(d.call(&["HGETALL", "reuse:h"]), "+QUEUED\r\n");
     assert_eq!(d.call(&["EXEC"]), "*1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n");
+}
+
+/// Calls of `cmd` the server has counted (INFO commandstats).
+fn calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info = redis.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One optimistic-locking transaction between plain commands: WATCH, read,
+/// `MULTI; SET; EXEC` in one write (as client libraries pipeline it), GET.
+fn watch_transaction(a: &mut Raw, key: &str, value: &str) {
+    assert_eq!(a.call(&["WATCH", key]), "+OK\r\n");
+    let _ = a.call(&["GET", key]);
+    let mut tx = command(&[b"MULTI"]).to_vec();
+    tx.extend_from_slice(&command(&[b"SET", key.as_bytes(), value.as_bytes()]));
+    tx.extend_from_slice(&command(&[b"EXEC"]));
+    a.s.write_all(&tx).unwrap();
+    let replies: Vec<Vec<u8>> = (0..3).map(|_| a.read()).collect();
+    assert_eq!(replies.concat(), b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    assert_eq!(a.call(&["GET", "reuse:other"]), "$-1\r\n");
+}
+
+#[test]
+fn watch_transactions_between_plain_commands_need_no_reset() {
+    // What an optimistic-locking client on a pooled connection does: WATCH,
+    // read, a transaction sent whole, then plain commands. Its state is
+    // known clean after EXEC, so the connection goes back warm as it is: no
+    // RESET + HELLO per transaction, and no new connection either, even
+    // when the client comes back at once.
+    let (redis, proxy) = setup();
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["PING"]), "+PONG\r\n");
+    let (resets, before) = (calls(&redis, "reset"), accepted(&redis));
+    for i in 0..100 {
+        watch_transaction(&mut a, "reuse:w", &i.to_string());
+    }
+    let resets = calls(&redis, "reset") - resets;
+    let dialled = accepted(&redis) - before - 2;
+    // The warm set's top-up may dial while the client holds one (at most
+    // twice `warm_pinned` are kept), not once per transaction.
+    assert!(
+        resets == 0 && dialled <= 2,
+        "for 100 transactions: RESET sent {resets} times, {dialled} connections dialled"
+    );
+    // A client that leaves after EXEC (its connection still dedicated, with
+    // nothing of its own on it) costs no RESET either.
+    let resets = calls(&redis, "reset");
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["WATCH", "reuse:w"]), "+OK\r\n");
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["EXEC"]), "*0\r\n");
+    drop(c);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(300));
+    let resets = calls(&redis, "reset") - resets;
+    assert_eq!(resets, 0, "RESET after clients left clean");
+    // Its state really was clean: the next client's transaction is its own.
+    let mut b = Raw::connect(proxy.port);
+    assert_eq!(b.call(&["MULTI"]), "+OK\r\n", "no MULTI left open");
+    assert_eq!(b.call(&["GET", "reuse:w"]), "+QUEUED\r\n");
+    assert_eq!(b.call(&["EXEC"]), "*1\r\n$2\r\n99\r\n");
+}
+
+#[test]
+fn clients_pinning_in_turn_keep_their_connections() {
+    // Eight such clients at once. Had each let go of its dedicated
+    // connection at the plain command, how many are pinned would go up and
+    // down all the time, and the pool close connections on the dips and dial
+    // on the rises; each keeps its own a moment for its next transaction
+    // instead, so the proxy dials about one per client, not one per
+    // transaction.
+    let (redis, proxy) = setup();
+    let before = accepted(&redis);
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                let mut a = Raw::connect(port);
+                for i in 0..100 {
+                    watch_transaction(&mut a, &format!("reuse:turn:{c}"), &i.to_string());
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let dialled = accepted(&redis) - before;
+    assert!(
+        dialled <= 8 + 2,
+        "{dialled} connections dialled for 8 clients' 800 transactions"
+    );
+}
+
+#[test]
+fn the_connection_kept_for_the_next_transaction_speaks_the_clients_protocol() {
+    // After a WATCH transaction and a plain command the client's dedicated
+    // connection is kept a moment for its next one; a HELLO 3 in between
+    // makes it a RESP2 connection the client no longer speaks.
+    let (_redis, proxy) = setup();
+    let mut a = Raw::connect(proxy.port);
+    assert_eq!(a.call(&["HSET", "reuse:proto", "f", "v"]), ":1\r\n");
+    watch_transaction(&mut a, "reuse:p", "1");
+    assert!(a.call(&["HELLO", "3"]).starts_with('%'));
+    assert_eq!(a.call(&["WATCH", "reuse:p"]), "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.call(&["HGETALL", "reuse:proto"]), "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]), "*1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
 }

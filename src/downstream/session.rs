@@ -119,6 +119,10 @@ struct State {
     /// Number of the client's last pub/sub command.
     hub_seq: u64,
     pinned: Option<Pinned>,
+    /// The pinned connection last let go of, holding nothing of the
+    /// client's, kept a moment for its next WATCH or MULTI (see
+    /// [`upstream`]'s `maybe_unpin`).
+    spare: Option<Spare>,
     shared: Option<Handle>,
     /// `shared` is a plain connection: a whole transaction may run on it
     /// (see [`whole_tx`]).
@@ -236,6 +240,7 @@ pub async fn run<S>(
             link: None,
             hub_seq: 0,
             pinned: None,
+            spare: None,
             shared: None,
             shared_plain: false,
             last_target: Target::Shared,
@@ -280,12 +285,23 @@ pub async fn run<S>(
                 _ = gone(b) => {}
             }
         });
+        // A spare pinned connection goes back to the pool when its time is up.
+        let mut spare_due = pin!(session
+            .st
+            .spare
+            .as_ref()
+            .map(|s| tokio::time::sleep_until(s.until)));
         // Write what has arrived; read when the client may send more.
         let event = poll_fn(|cx| {
             let client = &mut session.client;
             client.poll_out(cx);
             if client.gone {
                 return Poll::Ready(Event::Closed);
+            }
+            if let Some(due) = spare_due.as_mut().as_pin_mut() {
+                if due.poll(cx).is_ready() {
+                    return Poll::Ready(Event::SpareDue);
+                }
             }
             if !drain_registered || draining.is_cancelled() {
                 drain_registered = true;
@@ -312,6 +328,10 @@ pub async fn run<S>(
                 ctx.metrics.bytes_in.inc_by(n as u64);
             }
             Event::Closed => break,
+            Event::SpareDue => {
+                session.release_spare();
+                continue;
+            }
             // Issue 18: kept when what it had there can be answered
             // clearly (an aborted MULTI, a failed WATCH); see session/lost.rs.
             Event::Lost if session.pinned_lost() => {}
@@ -340,6 +360,7 @@ pub async fn run<S>(
         }
     }
     debug!(peer = %session.peer, id = session.st.id, "client session ended");
+    session.release_spare();
     if session.st.link.is_some() {
         ctx.hub.gone(session.st.id);
     }
@@ -350,6 +371,16 @@ pub async fn run<S>(
     }
     // Write the replies still owed (each arrives or fails), then close.
     session.settle(true).await;
+    // A dedicated connection with nothing of the client's on it (it left
+    // after EXEC) goes back warm without RESET, as a spare does.
+    if !session.st.needs_pin() {
+        session.st.spare = session.st.pinned.take().map(|pinned| Spare {
+            pinned,
+            proto: session.st.proto,
+            until: Instant::now(),
+        });
+        session.release_spare();
+    }
     // Gone from CLIENT LIST (and KILL) before the client closes its side.
     let Session {
         mut client, reg, ..
@@ -365,7 +396,22 @@ enum Event {
     Closed,
     /// The pinned connection holding this client's state was lost.
     Lost,
+    /// The spare pinned connection's time is up.
+    SpareDue,
 }
+
+/// A clean pinned connection kept for the client's next WATCH or MULTI.
+struct Spare {
+    pinned: Pinned,
+    /// The protocol it speaks (a client that switched takes another).
+    proto: Proto,
+    /// When it goes back to the pool if not taken again.
+    until: Instant,
+}
+
+/// How long a spare pinned connection waits for its client's next WATCH
+/// or MULTI. While it waits it still counts against `upstream.max_pinned`.
+const SPARE_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 
 struct Session {
     ctx: Arc<Context>,

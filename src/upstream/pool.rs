@@ -19,7 +19,7 @@ use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::resp::{self, Proto};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -317,6 +317,8 @@ impl Pool {
         let aborted = abort.clone();
         let pool = Arc::downgrade(self);
         let hello = conn.hello.clone();
+        let clean = Arc::new(AtomicBool::new(false));
+        let clean_out = clean.clone();
         tokio::spawn(async move {
             let up = health.healthy_upstream();
             let gauge = opts.metrics.upstream("pinned", "up");
@@ -340,10 +342,12 @@ impl Pool {
             match res {
                 Ok(Some(released)) => {
                     gauge.dec();
-                    // Released clean: reset it for the next client instead
+                    // Released with nothing owed: reset it (or, holding no
+                    // state, keep it as it is) for the next client instead
                     // of paying a TLS handshake and AUTH for a new one.
                     if let Some(pool) = pool.upgrade() {
-                        pool.park(proto, released, hello).await;
+                        let clean = clean_out.load(Ordering::Acquire);
+                        pool.park(proto, released, hello, clean).await;
                     }
                     return;
                 }
@@ -373,6 +377,7 @@ impl Pool {
             expiry,
             lost,
             abort,
+            clean,
             server: ServerRef::new(upstream_id.map(|id| ServerConn { id, node: None })),
             marks,
         })
@@ -390,11 +395,17 @@ impl Pool {
     /// the pool dial for each time; with it, a burst of transactions reuses
     /// its connections, and what is left over ages out with
     /// [`WARM_MAX_AGE`]. Closed when anything looks wrong.
+    ///
+    /// `clean`: its client let go of it holding no state of its own (see
+    /// [`Pinned::clean`]); authenticated with the current credential, it is
+    /// kept as it is, with no round trip (issue 19: a client that alternates
+    /// WATCH transactions with plain commands releases it after each).
     async fn park(
         &self,
         proto: Proto,
         released: conn::Released,
         hello: Arc<Vec<(String, resp::Value)>>,
+        clean: bool,
     ) {
         let w = &self.warm[idx(proto)];
         let room = |p: &Pool| {
@@ -410,6 +421,22 @@ impl Pool {
                 None => return,
             }
         };
+        if clean && released.generation == generation && released.leftover.is_empty() {
+            w.conns.lock().expect("not poisoned").push((
+                Instant::now(),
+                Authed {
+                    stream: released.stream,
+                    proto,
+                    generation,
+                    expires_at: released.expires_at,
+                    leftover: released.leftover,
+                    hello,
+                },
+            ));
+            w.parked.notify_one();
+            tracing::debug!(?proto, "pinned connection kept warm as it was (no state)");
+            return;
+        }
         let limit = self.opts.reply_timeout.min(Duration::from_secs(5));
         let reset = reset_conn(released, proto, &cred);
         w.parking.fetch_add(1, Ordering::AcqRel);
@@ -658,6 +685,12 @@ pub struct Pinned {
     /// Cancel to close the connection at once, with whatever is in flight
     /// (a blocked wait whose client left).
     pub abort: CancellationToken,
+    /// Set by the client before it lets go of the connection when nothing
+    /// of its state is on it (no MULTI, WATCH, other database or client
+    /// mode: see the session's `needs_pin`); the pool then keeps it warm
+    /// without `RESET`. Unset: reset first (a client gone in the middle of
+    /// anything).
+    pub clean: Arc<AtomicBool>,
     /// The server connection it stands on now (what `CLIENT UNBLOCK` names);
     /// a cluster's virtual pinned connection changes it as it binds.
     pub server: ServerRef,

@@ -220,6 +220,17 @@ impl Session {
             return Ok(());
         }
         self.switch_to(Target::Pinned).await;
+        if let Some(spare) = self.st.spare.take() {
+            if spare.proto == self.st.proto
+                && !spare.pinned.lost.is_cancelled()
+                && !spare.pinned.tx.is_closed()
+            {
+                self.st.pinned = Some(spare.pinned);
+                return Ok(());
+            }
+            self.st.spare = Some(spare);
+            self.release_spare();
+        }
         let push = PushSink::marked(self.push_sender());
         let pinned = self.ctx.pool.pin(self.st.proto, push).await?;
         self.st.pinned = Some(pinned);
@@ -245,7 +256,32 @@ impl Session {
                 id = self.st.id,
                 "client state cleared; releasing its pinned connection"
             );
-            self.st.pinned = None;
+            // Nothing of the client's is on it. Kept a moment for the
+            // client's next WATCH or MULTI (a pooled client alternating
+            // optimistic-locking transactions with plain commands lets go
+            // of it after each: issue 19), then the pool may keep it warm
+            // as it is, without RESET. Not on a cluster, whose pinned
+            // connection binds to a node as it goes.
+            let pinned = self.st.pinned.take();
+            self.shared_handle();
+            if let Some(p) = pinned.filter(|_| self.st.shared_plain) {
+                self.release_spare();
+                self.st.spare = Some(Spare {
+                    pinned: p,
+                    proto: self.st.proto,
+                    until: Instant::now() + SPARE_FOR,
+                });
+            }
+        }
+    }
+
+    /// Give the spare pinned connection back to the pool, which keeps it
+    /// warm without RESET (it holds nothing of the client's).
+    pub(super) fn release_spare(&mut self) {
+        if let Some(s) = self.st.spare.take() {
+            s.pinned
+                .clean
+                .store(true, std::sync::atomic::Ordering::Release);
         }
     }
 

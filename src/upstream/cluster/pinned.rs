@@ -147,6 +147,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         // Set to the real connection's as it binds (CLIENT UNBLOCK goes there).
         server,
         marks: false,
+        clean: Default::default(),
     }
 }
 

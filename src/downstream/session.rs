@@ -19,12 +19,13 @@
 //! A command's way through: `resp::scan` frames it, [`crate::command`]
 //! classifies it, [`crate::route::route`] decides what happens to it, and
 //! this file carries the decision out. [`run`] is a short loop over named
-//! steps: wait for an event (input, a drain, a lost connection) while writing
-//! replies; take the commands of the read ([`commands`]: batches, whole
-//! transactions, inline commands, back-pressure); close. [`upstream`] holds
-//! the shared and pinned connections and what is sent on them, [`local`] what
-//! the proxy answers itself, [`blocking`] blocking commands, [`subscribe`] the
-//! hub; the replies owed, in order and within their budgets, are in
+//! steps ([`lifecycle`]): wait for an event (input, a drain, a lost
+//! connection) while writing replies; take the commands of the read
+//! ([`commands`]: batches, whole transactions, inline commands,
+//! back-pressure); close. [`upstream`] holds the shared and pinned
+//! connections and what is sent on them, [`local`] what the proxy answers
+//! itself, [`blocking`] blocking commands, [`subscribe`] the hub; the replies
+//! owed, in order and within their budgets, are in
 //! [`super::replies`].
 
 use super::replies::{connection_ended, Client, HubFeed, Out, OwnMessages, COPY_BELOW};
@@ -51,6 +52,7 @@ mod blocking;
 mod census;
 mod commands;
 mod face;
+mod lifecycle;
 mod local;
 mod lost;
 mod publish;
@@ -58,6 +60,7 @@ mod subscribe;
 mod upstream;
 mod whole_tx;
 use bytes::{Bytes, BytesMut};
+use lifecycle::{Drain, Turn};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -193,211 +196,36 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-    // CLIENT KILL ends the session as a drain does (`stop`, also cancelled
-    // by the drain) and ends a blocked wait at once (`kill`, its own).
-    let kill = CancellationToken::new();
+    // Ended by the drain or by CLIENT KILL (see `Session::new`).
     let stop = drain.child_token();
-    let reg = ctx
-        .clients
-        .register(id, peer, ctx.laddr.clone(), kill.clone(), stop.clone());
-    let drain = stop;
-    let mut session = Session {
-        ctx: ctx.clone(),
-        client: Client {
-            io: Box::new(stream),
-            owed: VecDeque::new(),
-            waits: 0,
-            owns: 0,
-            reply_size: 0,
-            out: WriteQueue::new(COPY_BELOW),
-            max_out: ctx.max_buffered_bytes,
-            max_push: ctx.max_push_bytes,
-            owed_replies: 0,
-            push: None,
-            marked: 0,
-            push_held: false,
-            hub: None,
-            inbox: BytesMut::new(),
-            gone: false,
-            killed: false,
-            metrics: ctx.metrics.clone(),
-            drivers: Vec::new(),
-        },
-        push_tx: None,
-        st: State {
-            id,
-            proto: Proto::Resp2,
-            authed: ctx.password.read().expect("not poisoned").is_none(),
-            name: None,
-            db: 0,
-            in_multi: false,
-            watching: false,
-            sticky: false,
-            subs: 0,
-            shard_subs: 0,
-            names: publish::Names::default(),
-            link: None,
-            hub_seq: 0,
-            pinned: None,
-            spare: None,
-            shared: None,
-            shared_plain: false,
-            last_target: Target::Shared,
-            last_conn: None,
-            reply_mode: ReplyMode::On,
-            tx: Tx::default(),
-            redirect_lost: None,
-        },
-        silent: false,
-        op: ops::OTHER,
-        batch_op: None,
-        census: Vec::new(),
-        peer,
-        local_addr,
-        reg,
-        kill,
-    };
+    let mut session = Session::new(Box::new(stream), peer, local_addr, ctx, stop.clone());
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut scanner = CommandScanner::new(ctx.limits);
-    // Polled once to register for the drain, then only once it fired (a
-    // cheaper check than polling its notifier at every wake-up).
-    let draining = drain.clone();
-    let mut drained = pin!(drain.cancelled_owned());
-    let mut drain_registered = false;
+    let mut scanner = CommandScanner::new(session.ctx.limits);
+    let fired = pin!(stop.clone().cancelled_owned());
+    let mut drain = Drain::new(stop, fired);
     loop {
-        // The connections holding the client's state: its pinned one, and
-        // the hub's when its tracking is redirected there.
-        let held = [
-            session.st.pinned.as_ref().map(|p| p.lost.clone()),
-            session.st.redirect_lost.clone(),
-        ];
-        let mut lost = pin!(async move {
-            let [a, b] = held;
-            let gone = |t: Option<CancellationToken>| async move {
-                match t {
-                    Some(l) => l.cancelled_owned().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = gone(a) => {}
-                _ = gone(b) => {}
-            }
-        });
-        // A spare pinned connection goes back to the pool when its time is up.
-        let mut spare_due = pin!(session
-            .st
-            .spare
-            .as_ref()
-            .map(|s| tokio::time::sleep_until(s.until)));
-        // Write what has arrived; read when the client may send more.
-        let event = poll_fn(|cx| {
-            let client = &mut session.client;
-            client.poll_out(cx);
-            if client.gone {
-                return Poll::Ready(Event::Closed);
-            }
-            if let Some(due) = spare_due.as_mut().as_pin_mut() {
-                if due.poll(cx).is_ready() {
-                    return Poll::Ready(Event::SpareDue);
-                }
-            }
-            if !drain_registered || draining.is_cancelled() {
-                drain_registered = true;
-                if drained.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Closed);
-                }
-            }
-            if lost.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Lost);
-            }
-            if !client.may_read() {
-                return Poll::Pending;
-            }
-            resp::reserve_for_read(&mut buf);
-            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut client.io), cx, &mut buf) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Event::Closed),
-                Poll::Ready(Ok(n)) => Poll::Ready(Event::Read(n)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match event {
-            Event::Read(n) => {
-                ctx.metrics.bytes_in.inc_by(n as u64);
-            }
-            Event::Closed => break,
-            Event::SpareDue => {
-                session.release_spare();
-                continue;
-            }
-            // Issue 18: kept when what it had there can be answered
-            // clearly (an aborted MULTI, a failed WATCH); see session/lost.rs.
-            Event::Lost if session.pinned_lost() => {}
-            Event::Lost => {
-                // Its transaction, database or client mode went with the
-                // connection: close, as a direct Redis connection would be, so
-                // the client notices and reconnects. Commands in flight on it
-                // already got their error replies.
-                warn!(peer = %session.peer, id = session.st.id, "closing client: the upstream connection holding its state was lost");
-                break;
-            }
+        let event = session.next_event(&mut buf, &mut drain).await;
+        match session.on_event(event) {
+            Turn::Commands => {}
+            Turn::Wait => continue,
+            Turn::End => break,
         }
         let arrived = Instant::now();
         if !session.take_commands(&mut buf, &mut scanner, arrived).await {
             break;
         }
-        if buf.len() > ctx.max_buffered_bytes {
-            session
-                .protocol_error(ScanError::Limit {
-                    what: "bytes buffered for one client",
-                    limit: ctx.max_buffered_bytes,
-                    key: "limits.max_buffered_bytes",
-                })
-                .await;
+        if session.over_limit(&buf).await {
             break;
         }
     }
-    debug!(peer = %session.peer, id = session.st.id, "client session ended");
-    session.release_spare();
-    if session.st.link.is_some() {
-        ctx.hub.gone(session.st.id);
+    if session.finish().await {
+        // Gone from CLIENT LIST (and KILL) before the client closes its side.
+        let Session {
+            mut client, reg, ..
+        } = session;
+        drop(reg);
+        client.close().await;
     }
-    if session.client.killed {
-        // The hub dropped this subscriber for not reading its messages (it
-        // logged why): close without writing what is queued.
-        return;
-    }
-    // Write the replies still owed (each arrives or fails), then close.
-    session.settle(true).await;
-    // A dedicated connection with nothing of the client's on it (it left
-    // after EXEC) goes back warm without RESET, as a spare does.
-    if !session.st.needs_pin() {
-        session.st.spare = session.st.pinned.take().map(|pinned| Spare {
-            pinned,
-            proto: session.st.proto,
-            until: Instant::now(),
-        });
-        session.release_spare();
-    }
-    // Gone from CLIENT LIST (and KILL) before the client closes its side.
-    let Session {
-        mut client, reg, ..
-    } = session;
-    drop(reg);
-    client.close().await;
-}
-
-/// What woke the session.
-enum Event {
-    Read(usize),
-    /// End of input, a dead client connection, or a drain: stop reading.
-    Closed,
-    /// The pinned connection holding this client's state was lost.
-    Lost,
-    /// The spare pinned connection's time is up.
-    SpareDue,
 }
 
 /// A clean pinned connection kept for the client's next WATCH or MULTI.

@@ -107,3 +107,54 @@ fn a_redis_restart_gives_clear_errors_then_recovers() {
     assert_eq!(tx.call(&["INCR", "k"]), "+QUEUED\r\n");
     assert_eq!(tx.call(&["EXEC"]), "*1\r\n:3\r\n");
 }
+
+/// A client holding WATCH whose dedicated connection is killed while it
+/// waits in BLPOP, with its next commands already sent: the wait gets the
+/// lost-in-flight error, and the next blocking command and plain command,
+/// which found the connection closed before they were written, are told
+/// they did not run (not that the proxy is shutting down: it is not). The
+/// lost WATCH then aborts the next transaction, and the client goes on.
+#[test]
+fn a_command_behind_a_killed_dedicated_connection_did_not_run() {
+    let redis = RedisServer::start(USER, TOKEN);
+    let proxy = Proxy::start(&static_env(&redis, USER, TOKEN));
+    let mut c = Raw::connect(proxy.port);
+    assert_eq!(c.call(&["SET", "fk:w", "1"]), "+OK\r\n");
+    assert_eq!(c.call(&["WATCH", "fk:w"]), "+OK\r\n");
+    let mut both = redis_entra_proxy::resp::command(&[b"BLPOP", b"fk:q", b"10"]).to_vec();
+    both.extend_from_slice(&redis_entra_proxy::resp::command(&[
+        b"BLPOP", b"fk:q2", b"10",
+    ]));
+    both.extend_from_slice(&redis_entra_proxy::resp::command(&[b"GET", b"fk:w"]));
+    std::io::Write::write_all(&mut c.s, &both).unwrap();
+    // The dedicated connection, blocked server-side.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let list = redis.cli(&["CLIENT", "LIST"]);
+        let line = list.lines().find(|l| l.contains("cmd=blpop"));
+        if let Some(id) = line.and_then(|l| l.strip_prefix("id=")?.split(' ').next()) {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "never blocked: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = redis.cli(&["CLIENT", "KILL", "ID", &id]);
+    assert_eq!(killed.trim(), "1", "{killed}");
+    let blpop = String::from_utf8_lossy(&c.read()).into_owned();
+    assert!(blpop.starts_with("-ERR"), "{blpop}");
+    for next in ["BLPOP", "GET"] {
+        let r = String::from_utf8_lossy(&c.read()).into_owned();
+        assert!(!r.contains("shutting down"), "{next}: {r}");
+        assert!(r.contains("did not run"), "{next}: {r}");
+    }
+    // The WATCH went with the connection: the transaction aborts; then the
+    // client is served as before.
+    assert_eq!(c.call(&["MULTI"]), "+OK\r\n");
+    assert_eq!(c.call(&["SET", "fk:w", "2"]), "+QUEUED\r\n");
+    let exec = c.call(&["EXEC"]);
+    assert!(
+        exec.starts_with("-EXECABORT") || exec == "*-1\r\n",
+        "{exec}"
+    );
+    assert_eq!(c.call(&["GET", "fk:w"]), "$1\r\n1\r\n");
+}

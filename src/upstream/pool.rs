@@ -545,6 +545,24 @@ impl Pool {
         self.connector.learned()
     }
 
+    /// Whether the proxy is shutting down: only then does a client read so.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// A command found its connection's channel closed before it was
+    /// written (that connection ended: killed, dropped): it did not run.
+    /// "Shutting down" only when the proxy is.
+    pub fn unsent(&self, reason: &str) -> UpstreamError {
+        if self.shutting_down() {
+            return UpstreamError::Shutdown;
+        }
+        UpstreamError::Closed {
+            addr: self.connector.addr().to_string(),
+            reason: reason.into(),
+        }
+    }
+
     /// The longest a blocking command may wait server-side in one go: two
     /// thirds of `upstream.reply_timeout` (at least 1 s), so that the reply
     /// timeout never ends a wait the client asked for.

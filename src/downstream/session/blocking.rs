@@ -90,16 +90,19 @@ impl Session {
                 in_multi_after: false,
                 pushes: 0,
             };
-            if tx.send(req).await.is_err() {
-                break UpstreamError::Shutdown.to_reply();
-            }
-            let reply = match self.wait_blocking(reply_rx).await {
+            let sent = match tx.send(req).await {
+                Ok(()) => self.wait_blocking(reply_rx).await,
+                // Its connection ended before it was written: not run.
+                Err(_) => Err(self.unsent(&tx)),
+            };
+            let reply = match sent {
                 Ok(b) => b,
                 Err(e) => {
                     // Issue 18: the connection dropped (failover, blip)
-                    // before any reply: wait again on a new one, for what is
-                    // left of the client's timeout (at least 1 ms, so the
-                    // server answers a timeout in the command's own form).
+                    // before any reply, or ended before it was written: wait
+                    // again on a new one, for what is left of the client's
+                    // timeout (at least 1 ms, so the server answers a
+                    // timeout in the command's own form).
                     let unblocked = self.reg.entry.unblock.load(Ordering::Acquire)
                         != crate::downstream::clients::UNBLOCK_NONE;
                     if !reissue_blocking(&e, self.client.gone, unblocked, self.st.needs_pin()) {

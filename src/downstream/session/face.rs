@@ -102,7 +102,7 @@ impl Session {
         };
         if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
             if let Some(t) = req.reply {
-                let _ = t.send(Err(UpstreamError::Shutdown));
+                let _ = t.send(Err(self.unsent(tx)));
             }
         }
         let (back_tx, back_rx) = oneshot::channel();

@@ -161,7 +161,7 @@ impl Session {
         };
         if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
             if let Some(t) = req.reply {
-                let _ = t.send(Err(UpstreamError::Shutdown));
+                let _ = t.send(Err(self.unsent(tx)));
             }
         }
         // The pinned connection's tracking invalidations and MONITOR lines
@@ -183,6 +183,21 @@ impl Session {
         });
         self.client.owed_replies += replies;
         self.client.waits += 1;
+    }
+
+    /// The error of a command that found `tx`'s connection ended before it
+    /// was written: it did not run ("shutting down" only when the proxy is).
+    pub(super) fn unsent(&self, tx: &mpsc::Sender<Request>) -> UpstreamError {
+        let pinned = self
+            .st
+            .pinned
+            .as_ref()
+            .is_some_and(|p| p.tx.same_channel(tx));
+        self.ctx.pool.unsent(if pinned {
+            "the client's dedicated connection had ended"
+        } else {
+            "the shared connection had ended"
+        })
     }
 
     /// Before a command goes on another connection than the previous one
@@ -358,7 +373,7 @@ impl Session {
             pushes: 0,
         };
         if p.tx.send(req).await.is_err() {
-            return Err(connection_ended().to_reply());
+            return Err(self.unsent(&p.tx).to_reply());
         }
         match self.wait_reply(reply_rx).await {
             Ok(b) if b.first() == Some(&b'-') || b.first() == Some(&b'!') => Err(b),

@@ -199,7 +199,7 @@ impl Cluster {
         Ok(pinned::start(self.clone(), proto, push))
     }
 
-    /// The command model (key positions) the seed connector learned.
+    /// The command model (key positions, classes) the seed connector learned.
     fn table(&self) -> &Commands {
         Commands::or_builtin(self.connector.learned())
     }

@@ -25,7 +25,7 @@ mod follow;
 
 use super::route::{self, Plan};
 use super::Cluster;
-use crate::command::{self, Class, Pin};
+use crate::command::{Class, Commands, Pin};
 use crate::resp::scan::{args_of, CommandScanner, Limits};
 use crate::resp::{self, Proto};
 use crate::upstream::conn::{PushSink, Request};
@@ -203,7 +203,7 @@ impl Virtual {
     async fn one(&mut self, frame: Bytes, args: &[Vec<u8>]) -> Bytes {
         let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
         let name = upper(refs[0]);
-        let class = command::classify(&refs);
+        let class = class_of(self.cluster.table(), &refs);
         let mode = matches!(class, Class::Pin(Pin::ClientMode | Pin::Cluster));
         if mode && is_tracking_redirect(&refs) {
             return resp::error(TRACKING_REDIRECT_REFUSED);
@@ -722,6 +722,14 @@ const STATE_LOST: &str = "the dedicated connection holding the client's state wa
 
 const TRACKING_REDIRECT_REFUSED: &str = "ERR redis-entra-proxy: CLIENT TRACKING ... REDIRECT is not available on a clustered cache (invalidations of each shard would need a redirect target on that shard); use RESP3 tracking (HELLO 3, CLIENT TRACKING on) instead";
 
+/// How the dedicated connection reads `args`: by the command model (the
+/// server's `COMMAND` merged with the proxy's table), as the session does,
+/// so that a command only the server flags (a module's blocking command)
+/// is what the session took it for.
+fn class_of(model: &Commands, args: &[&[u8]]) -> Class {
+    model.class(args)
+}
+
 /// `CLIENT TRACKING ... REDIRECT <id>`.
 fn is_tracking_redirect(args: &[&[u8]]) -> bool {
     args.get(1)
@@ -739,4 +747,34 @@ fn frame_is(frame: &[u8], name: &[u8]) -> bool {
             && r[..name.len()].eq_ignore_ascii_case(name)
             && r.get(name.len()) == Some(&b'\r')
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's `COMMAND` listing a module's blocking command with a key
+    /// and `CLIENT TRACKING`.
+    fn learned() -> Commands {
+        let bget = "*10\r\n$10\r\nmymod.bget\r\n:3\r\n*2\r\n+write\r\n+blocking\r\n\
+                    :1\r\n:1\r\n:1\r\n*0\r\n*0\r\n*0\r\n*0\r\n";
+        let reply = format!("*1\r\n{bget}");
+        Commands::from_command_reply(reply.as_bytes()).expect("a command table")
+    }
+
+    #[test]
+    fn the_dedicated_connection_reads_the_servers_command_model() {
+        let m = learned();
+        let bget: &[&[u8]] = &[b"MYMOD.BGET", b"k", b"0"];
+        // What the session routes it as (the server flags it blocking).
+        assert_eq!(class_of(&m, bget), Class::Pin(Pin::Blocking));
+        assert_eq!(class_of(&m, bget), m.judge(bget, 3, false));
+        // The proxy's own table still places the rest.
+        let tracking: &[&[u8]] = &[b"CLIENT", b"TRACKING", b"on"];
+        assert_eq!(class_of(&m, tracking), Class::Pin(Pin::ClientMode));
+        assert_eq!(class_of(&m, &[b"MONITOR"]), Class::Pin(Pin::Monitor));
+        assert_eq!(class_of(&m, &[b"GET", b"k"]), Class::Shared);
+        // Before the server has listed its commands: the built-in table.
+        assert_eq!(class_of(Commands::or_builtin(None), bget), Class::Shared);
+    }
 }

@@ -45,16 +45,22 @@ pub fn after_lost(s: PinnedState) -> AfterLost {
 /// Whether a blocking command whose pinned connection failed is made again
 /// on a new one: only when its reply never came (the connection dropped:
 /// the server dropped the wait with it, and an element it had already taken
-/// is in a reply lost either way, so waiting again takes nothing twice), the
-/// client is still there, was not unblocked, and nothing else of it was on
-/// that connection.
+/// is in a reply lost either way, so waiting again takes nothing twice) or
+/// it was never written (the connection had ended before), the client is
+/// still there, was not unblocked, and nothing else of it was on that
+/// connection.
 pub fn reissue_blocking(
     err: &UpstreamError,
     client_gone: bool,
     unblocked: bool,
     holds_state: bool,
 ) -> bool {
-    matches!(err, UpstreamError::Lost { .. }) && !client_gone && !unblocked && !holds_state
+    matches!(
+        err,
+        UpstreamError::Lost { .. } | UpstreamError::Closed { .. }
+    ) && !client_gone
+        && !unblocked
+        && !holds_state
 }
 
 /// Whether dialling a pinned connection again may help: the endpoint was
@@ -162,6 +168,13 @@ mod tests {
             during: "waiting for a reply",
         };
         assert!(!reissue_blocking(&timeout, false, false, false));
+        // Never written (its connection had ended): it did not run either.
+        let closed = UpstreamError::Closed {
+            addr: "a".into(),
+            reason: "the client's dedicated connection had ended".into(),
+        };
+        assert!(reissue_blocking(&closed, false, false, false));
+        assert!(!reissue_blocking(&closed, false, false, true), "state");
         assert!(!reissue_blocking(
             &UpstreamError::Shutdown,
             false,

@@ -507,6 +507,23 @@ fn client_tracking_redirect_to_a_resp3_subscriber_gets_invalidate_pushes() {
     assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
+/// A RESP3 client with `CLIENT TRACKING on` that has read `key` (set to 1).
+fn tracking_client(port: u16, key: &str) -> Raw {
+    let mut c = Raw::connect(port);
+    assert!(c.call(&["HELLO", "3"]).starts_with('%'));
+    assert_eq!(c.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
+    assert_eq!(c.call(&["SET", key, "1"]), "+OK\r\n");
+    assert_eq!(c.call(&["GET", key]), "$1\r\n1\r\n");
+    c
+}
+
+/// The next `n` frames `c` receives (replies or pushes), as text.
+fn read_text(c: &mut Raw, n: usize) -> String {
+    (0..n)
+        .map(|_| String::from_utf8_lossy(&c.read()).into_owned())
+        .collect()
+}
+
 /// A tracking client's invalidation that Redis writes before a reply reaches
 /// the client before that reply, as Redis sends them: a client that caches
 /// what it reads must not see a key's invalidation after a reply that came
@@ -519,11 +536,7 @@ fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
     let twin = common::redis::PlainRedis::start();
     let mut got = Vec::new();
     for port in [twin.port, proxy.port] {
-        let mut cached = Raw::connect(port);
-        assert!(cached.call(&["HELLO", "3"]).starts_with('%'));
-        assert_eq!(cached.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
-        assert_eq!(cached.call(&["SET", "tk5", "1"]), "+OK\r\n");
-        assert_eq!(cached.call(&["GET", "tk5"]), "$1\r\n1\r\n");
+        let mut cached = tracking_client(port, "tk5");
         cached.send(&["BLPOP", "tl5", "0"]);
         std::thread::sleep(Duration::from_millis(300));
         let mut writer = Raw::connect(port);
@@ -534,9 +547,7 @@ fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
         for _ in 0..4 {
             writer.read();
         }
-        let first = String::from_utf8_lossy(&cached.read()).into_owned();
-        let second = String::from_utf8_lossy(&cached.read()).into_owned();
-        got.push(format!("{first}{second}"));
+        got.push(read_text(&mut cached, 2));
     }
     assert_eq!(
         got[0],
@@ -555,11 +566,7 @@ fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
     let twin = common::redis::PlainRedis::start();
     let mut got = Vec::new();
     for port in [twin.port, proxy.port] {
-        let mut cached = Raw::connect(port);
-        assert!(cached.call(&["HELLO", "3"]).starts_with('%'));
-        assert_eq!(cached.call(&["CLIENT", "TRACKING", "on"]), "+OK\r\n");
-        assert_eq!(cached.call(&["SET", "tk6", "1"]), "+OK\r\n");
-        assert_eq!(cached.call(&["GET", "tk6"]), "$1\r\n1\r\n");
+        let mut cached = tracking_client(port, "tk6");
         let mut pauser = Raw::connect(port);
         assert_eq!(pauser.call(&["CLIENT", "PAUSE", "700", "WRITE"]), "+OK\r\n");
         let mut writer = Raw::connect(port);
@@ -567,14 +574,12 @@ fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
         std::thread::sleep(Duration::from_millis(200));
         cached.send(&["SET", "other6", "1"]);
         assert_eq!(writer.read(), b"+OK\r\n");
-        let first = String::from_utf8_lossy(&cached.read()).into_owned();
-        let second = String::from_utf8_lossy(&cached.read()).into_owned();
+        let mut seen = read_text(&mut cached, 2);
         // The client's own write: Redis sends the invalidation after the reply.
         assert_eq!(cached.call(&["GET", "tk6"]), "$1\r\n2\r\n");
         cached.send(&["SET", "tk6", "3"]);
-        let third = String::from_utf8_lossy(&cached.read()).into_owned();
-        let fourth = String::from_utf8_lossy(&cached.read()).into_owned();
-        got.push(format!("{first}{second}{third}{fourth}"));
+        seen += &read_text(&mut cached, 2);
+        got.push(seen);
     }
     assert_eq!(
         got[0],

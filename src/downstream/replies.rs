@@ -325,9 +325,9 @@ impl Client {
         .await;
     }
 
-    /// A reply awaited outside `owed` (nothing else is owed) came from a
-    /// marked pinned connection (`marked`): queue the push frames sent before
-    /// it, so they are written before it.
+    /// A reply from a marked pinned connection (`marked`; in `owed`, or
+    /// awaited outside it with nothing else owed) is about to be written:
+    /// queue the push frames sent before it, so they are written before it.
     pub(super) fn pushes_before(&mut self, marked: bool, cx: &mut std::task::Context<'_>) {
         if marked
             && !pushes_to_mark(
@@ -471,34 +471,23 @@ impl Client {
                             own.reply.take().unwrap_or_else(|| Err(connection_ended()))
                         }
                     };
-                    self.owed_replies -= *count;
+                    let (count, silent, since, op) = (*count, *silent, *since, *op);
+                    self.owed_replies -= count;
                     if *marked {
                         // What the server sent before this reply goes first
                         // (a failed request had no mark sent).
-                        if res.is_ok()
-                            && !pushes_to_mark(
-                                &mut self.push,
-                                &mut self.push_held,
-                                &mut self.out,
-                                &self.metrics,
-                                self.max_push,
-                                cx,
-                            )
-                        {
-                            self.killed = true;
-                            self.gone = true;
+                        self.pushes_before(res.is_ok(), cx);
+                        if self.killed {
                             return false;
                         }
-                        // (With no marked reply left, no mark waits for one.)
-                        self.marked -= 1;
-                        self.push_held &= self.marked > 0;
+                        self.unmark();
                     }
                     if let Ok(b) = &res {
                         // Recent reply size: up at once, down slowly.
-                        let each = b.len() / (*count).max(1);
+                        let each = b.len() / count.max(1);
                         self.reply_size = each.max(self.reply_size - self.reply_size / 8).max(1);
                     }
-                    if *silent {
+                    if silent {
                         self.waits -= 1;
                         self.owed.pop_front();
                         continue;
@@ -508,10 +497,10 @@ impl Client {
                     self.metrics.command_latency.observe(elapsed.as_secs_f64());
                     if let Some(otel) = self.metrics.otel() {
                         let failed = match &res {
-                            Ok(b) => *count == 1 && b.first() == Some(&b'-'),
+                            Ok(b) => count == 1 && b.first() == Some(&b'-'),
                             Err(_) => true,
                         };
-                        otel.command_done(*op, *count, elapsed, failed);
+                        otel.command_done(op, count, elapsed, failed);
                     }
                     match res {
                         Ok(b) => b,
@@ -520,8 +509,8 @@ impl Client {
                                 self.metrics.error(ErrorKind::NoCredential);
                             }
                             let one = e.to_reply();
-                            let mut b = BytesMut::with_capacity(one.len() * *count);
-                            for _ in 0..*count {
+                            let mut b = BytesMut::with_capacity(one.len() * count);
+                            for _ in 0..count {
                                 b.extend_from_slice(&one);
                             }
                             b.freeze()

@@ -417,3 +417,101 @@ impl Holding<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Says "superseded" once the test says so.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Superseded for Flag {
+        fn superseded(&self, _polls: u32) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// A frozen node: TCP accepted (by the kernel), no TLS answer ever.
+    /// A request queued behind the dial fails as not written (`Closed`)
+    /// once the cluster names another primary, long before the dial's own
+    /// 60 s timeout, and the dial given up is counted.
+    #[tokio::test]
+    async fn a_dial_to_a_silent_node_is_given_up_when_superseded() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = crate::config::Config::default();
+        cfg.upstream.host = "127.0.0.1".into();
+        cfg.upstream.port = port;
+        cfg.upstream.server_name = Some("cache.example".into());
+        cfg.upstream.connect_timeout = Duration::from_secs(60);
+        let state = crate::auth::TokenState {
+            current: Some(Arc::new(crate::auth::Credential {
+                username: "u".into(),
+                password: crate::secret::Secret::new("p"),
+                expires_at: None,
+            })),
+            generation: 1,
+            ..Default::default()
+        };
+        let (_keep, tokens) = watch::channel(state);
+        let connector = Arc::new(
+            crate::upstream::tls::Connector::new(&cfg, tokens.clone())
+                .unwrap()
+                .for_node("127.0.0.1", port),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let opts = ConnOpts {
+            addr: format!("127.0.0.1:{port}"),
+            reply_timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+            tokens: tokens.clone(),
+            metrics: metrics.clone(),
+            kind: "shared",
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let slot = Slot {
+            hold: Duration::ZERO,
+            maint: None,
+            superseded: Some(Arc::new(Flag(flag.clone()))),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = mpsc::channel(8);
+        let health = Arc::new(crate::admin::Health::new(tokens));
+        tokio::spawn(supervise_shared(
+            connector,
+            Proto::Resp2,
+            rx,
+            opts,
+            slot,
+            health,
+            shutdown.clone(),
+        ));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(Request {
+            bytes: crate::resp::command(&[b"GET", b"k"]),
+            count: 1,
+            reply: Some(reply),
+            in_multi_after: false,
+            pushes: 0,
+        })
+        .await
+        .unwrap();
+        // The dial goes on while the node is still the cluster's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.cluster_dials_abandoned.get(), 0);
+        flag.store(true, Ordering::Relaxed);
+        let got = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("answered before the dial's own timeout")
+            .expect("a reply");
+        shutdown.cancel();
+        drop(listener);
+        assert!(matches!(got, Err(UpstreamError::Closed { .. })), "{got:?}");
+        assert!(crate::upstream::cluster::node_unreachable(
+            got.as_ref().unwrap_err()
+        ));
+        assert!(metrics.cluster_dials_abandoned.get() >= 1);
+    }
+}

@@ -79,8 +79,9 @@ pub struct Metrics {
     pub upstream_hold_dropped: Family<Labels, Counter>,
     /// Read-only commands in flight on a lost connection, sent again.
     pub upstream_resent: Counter,
-    /// Dials of a dedicated connection to a cluster node given up because
-    /// the map named another owner of the command's slot (a frozen node).
+    /// Dials to a cluster node (of a dedicated connection, or of a shared
+    /// one with commands waiting for it) given up because the map named
+    /// another owner of the commands' slots (a frozen node).
     pub cluster_dials_abandoned: Counter,
     /// Azure maintenance notices by notice and the action taken.
     pub maintenance_notices: Family<Labels, Counter>,
@@ -243,7 +244,7 @@ impl Metrics {
         let cluster_dials_abandoned = Counter::default();
         registry.register(
             "cluster_dials_abandoned",
-            "Dials of a dedicated connection to a cluster node given up because the slot map named another owner of the command's slot",
+            "Dials to a cluster node (dedicated or shared connection) given up because the slot map named another owner of the commands' slots",
             cluster_dials_abandoned.clone(),
         );
         let maintenance_notices = Family::<Labels, Counter>::default();

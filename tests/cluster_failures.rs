@@ -695,3 +695,136 @@ fn a_watch_whose_primary_died_aborts_its_transaction() {
     );
     assert_eq!(written, "$-1\r\n", "a transaction told aborted wrote");
 }
+
+/// SIGSTOP of a primary: a command on the shared path whose node's shared
+/// connection is dialled while the node is frozen (here the first RESP3
+/// client: that connection is opened on first use) waits in the
+/// connection's queue, never written. When the map names the promoted
+/// replica, the dial is given up and the command goes there. Found by
+/// scripts/cluster-phases.sh; connect_timeout and reply_timeout are 60 s
+/// here, so neither ends the wait before the promotion (about 6 s).
+#[test]
+fn a_shared_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
+    use common::proxy::{enable_admin, http, metric_sum};
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    let mut env = cluster::proxy_env(c);
+    env.retain(|(k, _)| k != "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT");
+    for (k, v) in [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "60s"),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "60s"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let admin = enable_admin(&mut env);
+    let proxy = common::proxy::Proxy::start(&env);
+    let key = format!("{{{}}}k", tag_off_seed(c, "sdial"));
+    let victim = owner_of(c, &key);
+    let replica = replica_of(c, victim);
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    c.wait_replicas_synced();
+    let pid = c.pid(victim);
+    c.signal(pid, libc::SIGSTOP);
+    let _thaw = Thaw { c, pid };
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    assert!(t.call(&["HELLO", "3"]).starts_with('%'));
+    let set = t.call(&["SET", &key, "v"]);
+    let on_replica = c.cli(replica, &["GET", &key]);
+    let metrics = http(admin, "GET", "/metrics").1;
+    let abandoned = metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+    eprintln!(
+        "RESP3 SET while {victim} is frozen: {set:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
+    );
+    assert_eq!(set, "+OK\r\n");
+    assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
+    assert!(
+        abandoned >= 1.0,
+        "the shared dial to the frozen node was not given up"
+    );
+}
+
+/// SIGSTOP of the primary that holds the pub/sub hub's channels (the
+/// configured host): once the map names its promoted replica, the
+/// channels move to a node that hears the PUBLISHes, while the old primary
+/// is still frozen. Found by scripts/cluster-phases.sh: subscribers heard
+/// nothing for the whole freeze. connect_timeout and reply_timeout are
+/// 60 s here, so no failed dial or read moves the hub first.
+#[test]
+fn channels_held_on_a_frozen_primary_move_once_it_is_replaced() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster::shared(Announce::Ip);
+    c.wait_converged();
+    c.wait_replicas_synced();
+    // Everything that asks the nodes is done before the freeze.
+    let primaries = c.primaries();
+    let seed = primaries[0];
+    let replica = replica_of(c, seed);
+    let other = primaries[1];
+    let key = (0..1000)
+        .map(|i| format!("{{frz{i}}}k"))
+        .find(|k| owner_of(c, k) == seed)
+        .expect("a key on the seed");
+    let mut env = cluster::proxy_env(c);
+    env.retain(|(k, _)| {
+        k != "REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT"
+            && k != "REDIS_ENTRA_PROXY_UPSTREAM__PORT"
+    });
+    for (k, v) in [
+        ("REDIS_ENTRA_PROXY_UPSTREAM__PORT", seed.to_string()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__CONNECT_TIMEOUT", "60s".into()),
+        ("REDIS_ENTRA_PROXY_UPSTREAM__REPLY_TIMEOUT", "60s".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    let proxy = common::proxy::Proxy::start(&env);
+    let mut sub = Raw::connect(proxy.port);
+    let confirm = sub.call(&["SUBSCRIBE", "frz:news"]);
+    assert!(confirm.contains("subscribe"), "{confirm}");
+    c.cli(other, &["PUBLISH", "frz:news", "before"]);
+    let before = sub.try_read(Duration::from_secs(10)).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&before).contains("before"),
+        "{before:?}"
+    );
+    let pid = c.pid(seed);
+    c.signal(pid, libc::SIGSTOP);
+    let _thaw = Thaw { c, pid };
+    // A command for the frozen node's slot: answered once the proxy's map
+    // names the promoted replica (a RESP3 client, so the shared connection
+    // is dialled now and the dial asks for the map).
+    let mut t = Raw::connect(proxy.port);
+    t.s.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    assert!(t.call(&["HELLO", "3"]).starts_with('%'));
+    let set = t.call(&["SET", &key, "v"]);
+    wait_primary(c, replica);
+    // Published on another primary (the cluster broadcasts it) while the
+    // old primary is still frozen.
+    let mut heard = 0;
+    let mut published = 0;
+    for i in 0..40 {
+        c.cli(other, &["PUBLISH", "frz:news", &format!("after{i}")]);
+        published += 1;
+        while let Some(m) = sub.try_read(Duration::from_millis(250)) {
+            if String::from_utf8_lossy(&m).contains("after") {
+                heard += 1;
+            }
+        }
+        if heard >= 3 {
+            break;
+        }
+    }
+    eprintln!(
+        "SET while {seed} (the hub's node) is frozen: {set:?}; {heard} of {published} messages published after {replica}'s promotion heard"
+    );
+    assert_eq!(set, "+OK\r\n");
+    assert!(
+        heard >= 1,
+        "the subscriber heard nothing after the promotion"
+    );
+}

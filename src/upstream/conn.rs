@@ -337,7 +337,7 @@ pub struct Handle {
     pub tx: mpsc::Sender<Request>,
 }
 
-pub use supervisor::{supervise_shared, Slot};
+pub use supervisor::{supervise_shared, Slot, Superseded};
 
 pub mod events;
 mod machine;

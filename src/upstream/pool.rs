@@ -65,6 +65,8 @@ pub struct Pool {
     /// Set on the seed pool when the upstream may be a cluster: shared and
     /// pinned connections then come from the cluster layer.
     cluster: OnceLock<Arc<dyn ClusterLayer>>,
+    /// A cluster node's pool: whether the cluster still wants its dials.
+    superseded: Option<Arc<dyn conn::Superseded>>,
 }
 
 /// A client's dispatcher, run by polling it (from the client's session):
@@ -116,6 +118,30 @@ impl Pool {
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> Arc<Pool> {
+        Pool::build(cfg, connector, metrics, health, shutdown, None)
+    }
+
+    /// The pool of a cluster node: a dial of its shared connections is
+    /// given up when `superseded` says so (see [`conn::Superseded`]).
+    pub fn for_node(
+        cfg: &Config,
+        connector: Arc<Connector>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+        superseded: Arc<dyn conn::Superseded>,
+    ) -> Arc<Pool> {
+        Pool::build(cfg, connector, metrics, health, shutdown, Some(superseded))
+    }
+
+    fn build(
+        cfg: &Config,
+        connector: Arc<Connector>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+        superseded: Option<Arc<dyn conn::Superseded>>,
+    ) -> Arc<Pool> {
         let opts = ConnOpts {
             addr: connector.addr().to_string(),
             reply_timeout: cfg.upstream.reply_timeout,
@@ -153,6 +179,7 @@ impl Pool {
             health,
             shutdown,
             cluster: OnceLock::new(),
+            superseded,
         });
         if cfg.azure_events() && !pool.connector.is_node() {
             tokio::spawn(conn::events::listen(
@@ -182,6 +209,7 @@ impl Pool {
                         conn::Slot {
                             hold: self.hold,
                             maint: Some(self.maint.clone()),
+                            superseded: self.superseded.clone(),
                         },
                         self.health.clone(),
                         self.shutdown.clone(),

@@ -73,7 +73,7 @@ pub struct Cluster {
     health: Arc<Health>,
     shutdown: CancellationToken,
     decision: watch::Sender<Decision>,
-    map: RwLock<Option<Arc<SlotMap>>>,
+    map: Arc<RwLock<Option<Arc<SlotMap>>>>,
     /// Each node's pool, and the token that ends its connections.
     nodes: Arc<Mutex<nodes::Nodes<Arc<Pool>>>>,
     refresh: Arc<Notify>,
@@ -114,7 +114,7 @@ impl Cluster {
             health,
             shutdown,
             decision,
-            map: RwLock::new(None),
+            map: Arc::new(RwLock::new(None)),
             nodes: Arc::new(Mutex::new(nodes::Nodes::new())),
             refresh: Arc::new(Notify::new()),
             hub,
@@ -245,12 +245,18 @@ impl Cluster {
         }
         let connector = Arc::new(self.connector.for_node(&node.host, node.port));
         let stop = self.shutdown.child_token();
-        let pool = Pool::new(
+        let watch = Arc::new(NodeWatch {
+            node: node.clone(),
+            map: self.map.clone(),
+            refresh: self.refresh.clone(),
+        });
+        let pool = Pool::for_node(
             &self.cfg,
             connector,
             self.metrics.clone(),
             self.health.clone(),
             stop.clone(),
+            watch,
         );
         nodes.insert(node.clone(), pool.clone(), stop);
         pool
@@ -476,6 +482,31 @@ impl Cluster {
             Some(s) => map.owner(s).cloned(),
             None => map.nodes.get(spread % map.nodes.len().max(1)).cloned(),
         }
+    }
+}
+
+/// What a node's shared connections ask while one is being dialled: is the
+/// node still a primary of the slot map? A frozen primary's dial would
+/// otherwise run to `upstream.connect_timeout`, the commands waiting for it
+/// too, while its replica is promoted. A node the map no longer names owns
+/// none of the slots the commands waiting for it need (never written, they
+/// go to the new owner: see `dispatch`); one still named that lost some
+/// slots keeps its dial (those commands come back with `MOVED`).
+struct NodeWatch {
+    node: Node,
+    map: Arc<RwLock<Option<Arc<SlotMap>>>>,
+    refresh: Arc<Notify>,
+}
+
+impl super::conn::Superseded for NodeWatch {
+    fn superseded(&self, polls: u32) -> bool {
+        // A dial not done in half a second asks for the map (a healthy one
+        // is long done), then every second, as the dedicated path does.
+        if polls % 20 == 10 {
+            self.refresh.notify_one();
+        }
+        let map = self.map.read().expect("not poisoned").clone();
+        map.is_some_and(|m| !m.nodes.is_empty() && !m.nodes.contains(&self.node))
     }
 }
 

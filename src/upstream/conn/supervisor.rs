@@ -35,7 +35,11 @@ pub async fn supervise_shared(
     health: Arc<crate::admin::Health>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let Slot { hold, maint } = slot;
+    let Slot {
+        hold,
+        maint,
+        superseded,
+    } = slot;
     // Maintenance pushes already acted on, across this slot's connections.
     let mut dedup = crate::upstream::maintenance::pushes::Dedup::default();
     let mut attempt: u32 = 0;
@@ -68,7 +72,7 @@ pub async fn supervise_shared(
         let dial = async {
             match ahead {
                 Some(c) => Ok(c),
-                None => connector.connect(proto).await,
+                None => dial_unless_superseded(&connector, proto, superseded.as_deref()).await,
             }
         };
         let conn = tokio::select! {
@@ -198,7 +202,13 @@ pub async fn supervise_shared(
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 let no_credential = matches!(e, UpstreamError::NoCredential { .. });
-                if no_credential && !ever_connected {
+                if matches!(e, UpstreamError::Closed { .. }) {
+                    // A dial given up (a dial itself never says `Closed`):
+                    // what waits goes back to its sender (hold 0 on a
+                    // cluster node), who places it anew.
+                    opts.metrics.cluster_dials_abandoned.inc();
+                    info!(kind = opts.kind, addr = %opts.addr, held = held.q.len(), "dial given up: the cluster's slot map no longer names this node a primary");
+                } else if no_credential && !ever_connected {
                     info!(
                         kind = opts.kind,
                         "upstream connection waits for the first credential"
@@ -268,6 +278,53 @@ pub struct Slot {
     /// The maintenance signal its connections follow (and that a `MOVING`
     /// push sets).
     pub maint: Option<Arc<watch::Sender<Maint>>>,
+    /// A cluster node's slot: whether the cluster still wants its dials.
+    pub superseded: Option<Arc<dyn Superseded>>,
+}
+
+/// Asked while a cluster node's shared connection is being dialled: a
+/// frozen node (SIGSTOP, a hung host) accepts TCP and never answers the
+/// TLS handshake, so its dial would run to `upstream.connect_timeout` while
+/// its replica is promoted; the commands waiting for it, never written,
+/// may go to the new owner instead.
+pub trait Superseded: Send + Sync {
+    /// Polled every 50 ms of a dial (`polls` counts them, from 1); true
+    /// gives the dial up. May ask for a new slot map.
+    fn superseded(&self, polls: u32) -> bool;
+}
+
+/// How often a dial asks [`Superseded::superseded`].
+const SUPERSEDED_POLL: Duration = Duration::from_millis(50);
+
+/// Dial, given up (a `Closed` error: nothing was written) once
+/// `superseded` says the node no longer serves the commands waiting for it.
+/// Counted in `cluster_dials_abandoned`.
+///
+/// # Cancel safety
+/// The dial dropped drops its half-made connection; nothing else is held.
+async fn dial_unless_superseded(
+    connector: &crate::upstream::tls::Connector,
+    proto: Proto,
+    superseded: Option<&dyn Superseded>,
+) -> Result<super::Authed, UpstreamError> {
+    let Some(check) = superseded else {
+        return connector.connect(proto).await;
+    };
+    let given_up = async {
+        for polls in 1u32.. {
+            tokio::time::sleep(SUPERSEDED_POLL).await;
+            if check.superseded(polls) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = connector.connect(proto) => r,
+        () = given_up => Err(UpstreamError::Closed {
+            addr: connector.addr().to_string(),
+            reason: "its dial was given up: the cluster's slot map names another primary for its slots".into(),
+        }),
+    }
 }
 
 /// The requests of a slot with no connection, and what their errors say.
@@ -358,5 +415,103 @@ impl Holding<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Says "superseded" once the test says so.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Superseded for Flag {
+        fn superseded(&self, _polls: u32) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// A frozen node: TCP accepted (by the kernel), no TLS answer ever.
+    /// A request queued behind the dial fails as not written (`Closed`)
+    /// once the cluster names another primary, long before the dial's own
+    /// 60 s timeout, and the dial given up is counted.
+    #[tokio::test]
+    async fn a_dial_to_a_silent_node_is_given_up_when_superseded() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = crate::config::Config::default();
+        cfg.upstream.host = "127.0.0.1".into();
+        cfg.upstream.port = port;
+        cfg.upstream.server_name = Some("cache.example".into());
+        cfg.upstream.connect_timeout = Duration::from_secs(60);
+        let state = crate::auth::TokenState {
+            current: Some(Arc::new(crate::auth::Credential {
+                username: "u".into(),
+                password: crate::secret::Secret::new("p"),
+                expires_at: None,
+            })),
+            generation: 1,
+            ..Default::default()
+        };
+        let (_keep, tokens) = watch::channel(state);
+        let connector = Arc::new(
+            crate::upstream::tls::Connector::new(&cfg, tokens.clone())
+                .unwrap()
+                .for_node("127.0.0.1", port),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let opts = ConnOpts {
+            addr: format!("127.0.0.1:{port}"),
+            reply_timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+            tokens: tokens.clone(),
+            metrics: metrics.clone(),
+            kind: "shared",
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let slot = Slot {
+            hold: Duration::ZERO,
+            maint: None,
+            superseded: Some(Arc::new(Flag(flag.clone()))),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = mpsc::channel(8);
+        let health = Arc::new(crate::admin::Health::new(tokens));
+        tokio::spawn(supervise_shared(
+            connector,
+            Proto::Resp2,
+            rx,
+            opts,
+            slot,
+            health,
+            shutdown.clone(),
+        ));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(Request {
+            bytes: crate::resp::command(&[b"GET", b"k"]),
+            count: 1,
+            reply: Some(reply),
+            in_multi_after: false,
+            pushes: 0,
+        })
+        .await
+        .unwrap();
+        // The dial goes on while the node is still the cluster's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.cluster_dials_abandoned.get(), 0);
+        flag.store(true, Ordering::Relaxed);
+        let got = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("answered before the dial's own timeout")
+            .expect("a reply");
+        shutdown.cancel();
+        drop(listener);
+        assert!(matches!(got, Err(UpstreamError::Closed { .. })), "{got:?}");
+        assert!(crate::upstream::cluster::node_unreachable(
+            got.as_ref().unwrap_err()
+        ));
+        assert!(metrics.cluster_dials_abandoned.get() >= 1);
     }
 }

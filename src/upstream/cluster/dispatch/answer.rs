@@ -112,6 +112,15 @@ pub(super) async fn replies_on(
             })
             .collect(),
         (Some(_), Err(e)) => {
+            // A node's connection says `Shutdown` of what it never wrote
+            // when its pool stops: the proxy's shutdown, or the end of the
+            // grace of a node that left the map (then it may go elsewhere).
+            let e = match e {
+                UpstreamError::Shutdown if !cluster.shutting_down() => {
+                    cluster.unsent(sent.node.as_ref(), "the node left the topology")
+                }
+                e => e,
+            };
             if matches!(
                 e,
                 UpstreamError::Lost { .. }

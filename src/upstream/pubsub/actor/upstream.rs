@@ -223,6 +223,11 @@ impl Actor {
     /// patterns move to another node of the map rather than wait, deaf, for
     /// that one to come back. At most once a second (then the usual backoff).
     fn move_home(&mut self) -> bool {
+        self.move_home_because("cannot be reached")
+    }
+
+    /// [`move_home`](Self::move_home), saying why.
+    fn move_home_because(&mut self, why: &str) -> bool {
         let Some(map) = self.map.clone() else {
             return false;
         };
@@ -238,7 +243,7 @@ impl Actor {
             return false;
         }
         let to = others[fastrand::usize(..others.len())].clone();
-        warn!(from = %here, to = %to, "pub/sub hub: the node holding channels and patterns cannot be reached; moving them to another node");
+        warn!(from = %here, to = %to, "pub/sub hub: the node holding channels and patterns {why}; moving them to another node");
         self.home_moved_at = Some(tokio::time::Instant::now());
         self.conns[HOME].stop.cancel();
         self.conns[HOME] = Conn::new(Some(to), self.shutdown.child_token());
@@ -287,8 +292,18 @@ impl Actor {
     /// A new slot map: connections to nodes that are no longer primaries are
     /// closed, and every subscription is placed again.
     pub(super) fn topology(&mut self, map: Arc<SlotMap>, refresh: Arc<Notify>) {
+        // The home's node was a primary and is no longer (a frozen primary
+        // whose replica was promoted): it may hear nothing for as long as
+        // it is frozen, and its connection may never fail to say so. An
+        // address never named a primary (a cache's front name) stays.
+        let here = self.addr(HOME);
+        let named = |m: &SlotMap| m.nodes.iter().any(|n| n.to_string() == here);
+        let home_left = self.map.as_deref().is_some_and(named) && !named(&map);
         self.refresh = Some(refresh);
         self.map = Some(map.clone());
+        if home_left {
+            self.move_home_because("is no longer a primary");
+        }
         let gone: Vec<Node> = self
             .by_node
             .keys()

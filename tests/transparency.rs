@@ -719,6 +719,40 @@ fn a_resp3_redirect_target_that_did_not_subscribe_gets_invalidate_pushes() {
     assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
+/// A client named as REDIRECT target while it is RESP2 and not subscribed
+/// gets the invalidations once it subscribes to another channel (as a
+/// message of `__redis__:invalidate`) or switches to RESP3 (as a push), as
+/// from Redis.
+#[test]
+fn a_redirect_target_named_before_it_subscribes_or_speaks_resp3() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        let mut other = Raw::connect(port);
+        seen.push(other.call(&["SUBSCRIBE", "__redis__:invalidate"]));
+        for (key, then) in [
+            ("rl1", &["SUBSCRIBE", "elsewhere"][..]),
+            ("rl2", &["HELLO", "3"]),
+        ] {
+            let mut target = Raw::connect(port);
+            let id = target.call(&["CLIENT", "ID"]);
+            let id = id.trim_start_matches(':').trim_end().to_string();
+            let mut cached = Raw::connect(port);
+            seen.push(cached.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+            seen.push(cached.call(&["GET", key]));
+            let r = target.call(then);
+            seen.push(r.chars().take(1).collect::<String>());
+            let mut writer = Raw::connect(port);
+            seen.push(writer.call(&["SET", key, "2"]));
+            seen.push(String::from_utf8_lossy(&target.read()).into_owned());
+        }
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
 /// on Redis's, and never on the upstream connections other clients share (a
 /// forwarded `CLIENT KILL TYPE normal` closed every shared connection).

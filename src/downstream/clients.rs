@@ -51,10 +51,10 @@ pub struct Entry {
     pub stop: CancellationToken,
     pub unblock: AtomicU8,
     pub shown: Mutex<Shown>,
-    /// The pub/sub hub's way to it, once it has one (its first pub/sub
-    /// command, or RESP3): what makes it a `CLIENT TRACKING ... REDIRECT`
-    /// target ([`crate::upstream::pubsub::Hub::redirect`]).
-    pub hub_link: std::sync::OnceLock<Arc<crate::upstream::pubsub::Link>>,
+    /// Named as the target of another client's `CLIENT TRACKING ...
+    /// REDIRECT` ([`crate::upstream::pubsub::Hub::redirect`]): the hub is
+    /// told when it leaves.
+    pub redirect_target: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -240,7 +240,7 @@ impl Clients {
             kill,
             stop,
             unblock: AtomicU8::new(UNBLOCK_NONE),
-            hub_link: std::sync::OnceLock::new(),
+            redirect_target: std::sync::atomic::AtomicBool::new(false),
             shown: Mutex::new(Shown {
                 resp: 2,
                 ..Shown::default()

@@ -74,7 +74,6 @@ impl Session {
         let (link, rx) = Link::new(self.st.id, self.peer.to_string());
         self.client.hub = Some(HubFeed::new(&link, rx));
         self.st.link = Some(link.clone());
-        let _ = self.reg.entry.hub_link.set(link.clone());
         link
     }
 }

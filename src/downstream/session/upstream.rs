@@ -345,8 +345,10 @@ impl Session {
             .ok()
             .and_then(|t| t.parse::<u64>().ok())
             .and_then(|t| self.ctx.clients.get(t));
-        if let Some(link) = target.as_ref().and_then(|e| e.hub_link.get()) {
-            self.ctx.hub.redirect(link);
+        if let Some(e) = target {
+            e.redirect_target
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.ctx.hub.redirect(e.id);
         }
         let id = hub_id.to_string();
         let refs: Vec<&[u8]> = args

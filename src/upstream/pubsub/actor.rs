@@ -192,7 +192,10 @@ pub struct Actor {
     resubscribing: crate::upstream::maintenance::resubscribe::Resubscribing,
     /// Clients named as `CLIENT TRACKING ... REDIRECT` targets, until they
     /// leave: they get the home connection's invalidations.
-    redirects: HashMap<u64, Arc<Link>>,
+    redirects: HashSet<u64>,
+    /// Every client's way, once it has one (its first pub/sub command or
+    /// protocol switch), until it leaves: a redirect target's.
+    links: HashMap<u64, Arc<Link>>,
 }
 
 impl Actor {
@@ -225,7 +228,8 @@ impl Actor {
             done_tx,
             done_rx: Some(done_rx),
             resubscribing: Default::default(),
-            redirects: HashMap::new(),
+            redirects: HashSet::new(),
+            links: HashMap::new(),
         }
     }
 
@@ -331,6 +335,9 @@ impl Actor {
     }
 
     fn op(&mut self, op: Op) {
+        if let Op::Change { link, .. } | Op::Reset { link, .. } | Op::Proto { link, .. } = &op {
+            self.links.entry(link.id).or_insert_with(|| link.clone());
+        }
         match op {
             Op::Change {
                 subscribe,
@@ -371,11 +378,12 @@ impl Actor {
                 let counts = self.clients.get(&link.id).map(Client::counts);
                 let _ = reply.send(Ok(counts.unwrap_or_default()));
             }
-            Op::Redirect { link } => {
-                self.redirects.insert(link.id, link);
+            Op::Redirect { id } => {
+                self.redirects.insert(id);
             }
             Op::Gone { id } => {
                 self.redirects.remove(&id);
+                self.links.remove(&id);
                 self.remove_client(id)
             }
             Op::Census { asks, reply } => {
@@ -742,10 +750,10 @@ impl Actor {
         }
         let max = self.opts.max_queued_bytes;
         let mut over = Vec::new();
-        for (id, link) in &self.redirects {
-            if got.contains(id) {
+        for id in &self.redirects {
+            let Some(link) = self.links.get(id).filter(|_| !got.contains(id)) else {
                 continue;
-            }
+            };
             let client = self.clients.get(id);
             let resp3 = client.map_or_else(
                 || link.resp3.load(Ordering::Acquire),
@@ -777,7 +785,7 @@ impl Actor {
                 .clients
                 .get(&id)
                 .map(|cl| cl.link.clone())
-                .or_else(|| self.redirects.get(&id).cloned());
+                .or_else(|| self.links.get(&id).cloned());
             if let Some(link) = link {
                 warn!(
                     peer = %link.peer,

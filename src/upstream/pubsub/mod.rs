@@ -212,7 +212,7 @@ enum Op {
     },
     /// The client is named as the target of another client's
     /// `CLIENT TRACKING ... REDIRECT`.
-    Redirect { link: Arc<Link> },
+    Redirect { id: u64 },
     /// The client is gone.
     Gone { id: u64 },
     /// The reply one Redis would give to a counting command, from the
@@ -455,13 +455,13 @@ impl Hub {
         .await
     }
 
-    /// The client `link` is the target of a `CLIENT TRACKING ... REDIRECT`
-    /// pointed at the hub's connection: until it leaves, it gets that
-    /// connection's invalidations whether or not it subscribes to
+    /// The client `id` is the target of a `CLIENT TRACKING ... REDIRECT`
+    /// pointed at the hub's connection: until it leaves ([`Self::gone`]), it
+    /// gets that connection's invalidations whether or not it subscribes to
     /// [`TRACKING_CHANNEL`] (as a push in RESP3; in RESP2 as a message, while
     /// it is in subscribed mode), as Redis sends them to a redirect target.
-    pub fn redirect(&self, link: &Arc<Link>) {
-        let _ = self.ops.send(Op::Redirect { link: link.clone() });
+    pub fn redirect(&self, id: u64) {
+        let _ = self.ops.send(Op::Redirect { id });
     }
 
     /// The client disconnected: drop its subscriptions.

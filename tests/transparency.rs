@@ -655,6 +655,109 @@ fn hello_3_after_the_last_unsubscribe() {
     assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
+/// A subscribed RESP3 client may switch to RESP2 with HELLO 2, as on Redis
+/// (Redis's test 'Able to redirect to a RESP3 client' ends with HELLO 2 on
+/// its subscribed redirect target; the proxy refused it): its messages then
+/// come as RESP2 arrays, and in RESP2's subscribed mode HELLO is refused.
+#[test]
+fn hello_2_of_a_subscribed_resp3_client() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        let mut c = Raw::connect(port);
+        seen.push(c.call(&["HELLO", "3"]).chars().take(1).collect::<String>());
+        seen.push(c.call(&["SUBSCRIBE", "h2chan"]));
+        let mut p = Raw::connect(port);
+        seen.push(p.call(&["PUBLISH", "h2chan", "before"]));
+        seen.push(String::from_utf8_lossy(&c.read()).into_owned());
+        seen.push(c.call(&["HELLO", "2"]).chars().take(1).collect::<String>());
+        seen.push(p.call(&["PUBLISH", "h2chan", "after"]));
+        seen.push(String::from_utf8_lossy(&c.read()).into_owned());
+        seen.push(c.call(&["PING"]));
+        seen.push(c.call(&["HELLO", "3"]));
+        seen.push(c.call(&["UNSUBSCRIBE", "h2chan"]));
+        seen.push(c.call(&["PING"]));
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// A RESP3 client named as the REDIRECT target of another client's tracking
+/// gets its invalidations as pushes though it did not subscribe to
+/// `__redis__:invalidate`, and CLIENT REPLY OFF does not silence them (Redis's
+/// test 'RESP3 based basic redirect invalidation with client reply off'; the
+/// proxy sent it nothing). Another client holds a subscription, as the Tcl
+/// unit's redirect client does.
+#[test]
+fn a_resp3_redirect_target_that_did_not_subscribe_gets_invalidate_pushes() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        let mut other = Raw::connect(port);
+        seen.push(other.call(&["SUBSCRIBE", "__redis__:invalidate"]));
+        let mut target = Raw::connect(port);
+        seen.push(
+            target
+                .call(&["HELLO", "3"])
+                .chars()
+                .take(1)
+                .collect::<String>(),
+        );
+        let id = target.call(&["CLIENT", "ID"]);
+        let id = id.trim_start_matches(':').trim_end().to_string();
+        let mut cached = Raw::connect(port);
+        seen.push(cached.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+        seen.push(cached.call(&["SET", "rt3", "1"]));
+        seen.push(cached.call(&["GET", "rt3"]));
+        target.send(&["CLIENT", "REPLY", "OFF"]);
+        let mut writer = Raw::connect(port);
+        seen.push(writer.call(&["SET", "rt3", "2"]));
+        seen.push(String::from_utf8_lossy(&target.read()).into_owned());
+        seen.push(target.call(&["CLIENT", "REPLY", "ON"]));
+        seen.push(target.call(&["PING"]));
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
+/// A client named as REDIRECT target while it is RESP2 and not subscribed
+/// gets the invalidations once it subscribes to another channel (as a
+/// message of `__redis__:invalidate`) or switches to RESP3 (as a push), as
+/// from Redis.
+#[test]
+fn a_redirect_target_named_before_it_subscribes_or_speaks_resp3() {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let mut got = Vec::new();
+    for port in [twin.port, proxy.port] {
+        let mut seen = Vec::new();
+        let mut other = Raw::connect(port);
+        seen.push(other.call(&["SUBSCRIBE", "__redis__:invalidate"]));
+        for (key, then) in [
+            ("rl1", &["SUBSCRIBE", "elsewhere"][..]),
+            ("rl2", &["HELLO", "3"]),
+        ] {
+            let mut target = Raw::connect(port);
+            let id = target.call(&["CLIENT", "ID"]);
+            let id = id.trim_start_matches(':').trim_end().to_string();
+            let mut cached = Raw::connect(port);
+            seen.push(cached.call(&["CLIENT", "TRACKING", "on", "REDIRECT", &id]));
+            seen.push(cached.call(&["GET", key]));
+            let r = target.call(then);
+            seen.push(r.chars().take(1).collect::<String>());
+            let mut writer = Raw::connect(port);
+            seen.push(writer.call(&["SET", key, "2"]));
+            seen.push(String::from_utf8_lossy(&target.read()).into_owned());
+        }
+        got.push(seen);
+    }
+    assert_eq!(got[1], got[0], "through the proxy, then directly");
+}
+
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would
 /// on Redis's, and never on the upstream connections other clients share (a
 /// forwarded `CLIENT KILL TYPE normal` closed every shared connection).

@@ -51,6 +51,10 @@ pub struct Entry {
     pub stop: CancellationToken,
     pub unblock: AtomicU8,
     pub shown: Mutex<Shown>,
+    /// Named as the target of another client's `CLIENT TRACKING ...
+    /// REDIRECT` ([`crate::upstream::pubsub::Hub::redirect`]): the hub is
+    /// told when it leaves.
+    pub redirect_target: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -236,6 +240,7 @@ impl Clients {
             kill,
             stop,
             unblock: AtomicU8::new(UNBLOCK_NONE),
+            redirect_target: std::sync::atomic::AtomicBool::new(false),
             shown: Mutex::new(Shown {
                 resp: 2,
                 ..Shown::default()

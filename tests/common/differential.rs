@@ -360,7 +360,8 @@ pub const DOCUMENTED: &[&str] = &[
     // SUBSCRIBE, PSUBSCRIBE, HELLO, CLIENT REPLY inside MULTI: refused, and
     // EXEC discards the transaction.
     "inside MULTI is not supported by redis-entra-proxy",
-    // HELLO that changes the protocol while subscribed.
+    // HELLO that changes the protocol inside a transaction (the proxy's own
+    // check, behind the one above).
     "the proxy cannot change the protocol of a client",
 ];
 

@@ -250,7 +250,12 @@ impl Session {
     pub(super) async fn finish(&mut self) -> bool {
         debug!(peer = %self.peer, id = self.st.id, "client session ended");
         self.release_spare();
-        if self.st.link.is_some() {
+        let named = self
+            .reg
+            .entry
+            .redirect_target
+            .load(std::sync::atomic::Ordering::Acquire);
+        if self.st.link.is_some() || named {
             self.ctx.hub.gone(self.st.id);
         }
         if self.client.killed {

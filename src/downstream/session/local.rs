@@ -119,8 +119,9 @@ impl Session {
                 if self.st.pinned.is_some() || self.st.subscribed() {
                     self.settle(false).await;
                 }
-                if self.st.subscribed() {
-                    // No message of the old subscriptions after `+RESET`.
+                if self.st.link.is_some() {
+                    // No message of the old subscriptions after `+RESET`,
+                    // and the hub's frames for it in RESP2 again.
                     self.st.hub_seq += 1;
                     let seq = self.st.hub_seq;
                     let link = self.link();
@@ -389,12 +390,27 @@ impl Session {
             return;
         }
         if proto != self.st.proto {
-            if self.st.subscribed() || self.st.in_multi {
-                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction or subscribed; RESET first")).await;
+            if self.st.in_multi {
+                self.reply(resp::error("ERR the proxy cannot change the protocol of a client that is in a transaction; EXEC or DISCARD first")).await;
                 return;
             }
             // Replies already due come in the old protocol; wait for them.
             self.settle(false).await;
+            // The hub's frames for it (messages of its subscriptions, and
+            // invalidations as a tracking redirect target, which a RESP3
+            // client gets as pushes subscribed or not) switch here too.
+            if self.st.link.is_some() || proto == Proto::Resp3 {
+                self.st.hub_seq += 1;
+                let seq = self.st.hub_seq;
+                let link = self.link();
+                match self.ctx.hub.protocol(&link, proto, seq).await {
+                    Ok(_) => self.client.owed.push_back(Out::Hub(seq)),
+                    Err(e) => {
+                        self.reply(e).await;
+                        return;
+                    }
+                }
+            }
             if self.st.pinned.is_some() && self.st.needs_pin() {
                 // Its state (database, tracking, ...) lives on its pinned
                 // connection: that connection changes protocol with it.

@@ -315,11 +315,11 @@ impl Session {
             .await;
     }
 
-    /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy (the
-    /// one subscribed to `__redis__:invalidate`); upstream it must name the
-    /// hub's connection, which carries that subscription and fans the
-    /// invalidations out to its local subscribers. Other frames pass as they
-    /// are.
+    /// `CLIENT TRACKING on REDIRECT <id>` names a client of the proxy;
+    /// upstream it must name the hub's connection, which fans the
+    /// invalidations out to the local subscribers of `__redis__:invalidate`
+    /// and to the clients named so (a RESP3 one gets them as pushes, whether
+    /// or not it subscribed). Other frames pass as they are.
     pub(super) fn tracking_redirect(&mut self, frame: Bytes, args: &[Bytes]) -> Bytes {
         let is_tracking = args
             .get(1)
@@ -339,6 +339,17 @@ impl Session {
             return frame;
         };
         self.st.redirect_lost = Some(gone);
+        // The client named gets the invalidations whether or not it
+        // subscribes to the tracking channel, as Redis's redirect target does.
+        let target = std::str::from_utf8(&args[at])
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+            .and_then(|t| self.ctx.clients.get(t));
+        if let Some(e) = target {
+            e.redirect_target
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.ctx.hub.redirect(e.id);
+        }
         let id = hub_id.to_string();
         let refs: Vec<&[u8]> = args
             .iter()

@@ -190,6 +190,12 @@ pub struct Actor {
     done_rx: Option<mpsc::UnboundedReceiver<Done>>,
     /// The home connection's subscriptions being made again (issue 18).
     resubscribing: crate::upstream::maintenance::resubscribe::Resubscribing,
+    /// Clients named as `CLIENT TRACKING ... REDIRECT` targets, until they
+    /// leave: they get the home connection's invalidations.
+    redirects: HashSet<u64>,
+    /// Every client's way, once it has one (its first pub/sub command or
+    /// protocol switch), until it leaves: a redirect target's.
+    links: HashMap<u64, Arc<Link>>,
 }
 
 impl Actor {
@@ -222,6 +228,8 @@ impl Actor {
             done_tx,
             done_rx: Some(done_rx),
             resubscribing: Default::default(),
+            redirects: HashSet::new(),
+            links: HashMap::new(),
         }
     }
 
@@ -327,6 +335,9 @@ impl Actor {
     }
 
     fn op(&mut self, op: Op) {
+        if let Op::Change { link, .. } | Op::Reset { link, .. } | Op::Proto { link, .. } = &op {
+            self.links.entry(link.id).or_insert_with(|| link.clone());
+        }
         match op {
             Op::Change {
                 subscribe,
@@ -345,17 +356,57 @@ impl Actor {
             }
             Op::Reset { link, seq, reply } => {
                 self.remove_client(link.id);
+                // RESET: RESP2 again (still a redirect target, if it was).
+                link.resp3.store(false, Ordering::Release);
                 let _ = link.tx.send(ToClient::Reply {
                     bytes: Bytes::new(),
                     seq,
                 });
                 let _ = reply.send(Ok(Counts::default()));
             }
-            Op::Gone { id } => self.remove_client(id),
+            Op::Proto {
+                link,
+                proto,
+                seq,
+                reply,
+            } => {
+                self.protocol(&link, proto);
+                let _ = link.tx.send(ToClient::Reply {
+                    bytes: Bytes::new(),
+                    seq,
+                });
+                let counts = self.clients.get(&link.id).map(Client::counts);
+                let _ = reply.send(Ok(counts.unwrap_or_default()));
+            }
+            Op::Redirect { id } => {
+                self.redirects.insert(id);
+            }
+            Op::Gone { id } => {
+                self.redirects.remove(&id);
+                self.links.remove(&id);
+                self.remove_client(id)
+            }
             Op::Census { asks, reply } => {
                 let _ = reply.send(super::count::answer_all(self, &asks));
             }
             Op::Topology { map, refresh } => self.topology(map, refresh),
+        }
+    }
+
+    /// The client's frames from now on in `proto`.
+    fn protocol(&mut self, link: &Link, proto: Proto) {
+        link.resp3.store(proto == Proto::Resp3, Ordering::Release);
+        let id = link.id;
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        client.proto = proto;
+        for (k, set) in client.sets.iter().enumerate() {
+            for n in set.keys() {
+                if let Some(sub) = self.entries[k].get_mut(n).and_then(|e| e.subs.get_mut(&id)) {
+                    sub.proto = proto;
+                }
+            }
         }
     }
 
@@ -675,18 +726,78 @@ impl Actor {
                 op.buffered.push(bytes);
             }
         }
+        self.drop_slow(over);
+    }
+
+    /// The home connection's tracking invalidation (`message`: as a message
+    /// of [`super::TRACKING_CHANNEL`], `push`: as the server sent it) for the
+    /// redirect targets that did not get it as subscribers of that channel:
+    /// the push to RESP3 ones; to RESP2 ones the message, while they are in
+    /// subscribed mode (nothing otherwise, as Redis).
+    pub(super) fn redirect_out(&mut self, c: usize, message: &Bytes, push: &Bytes) {
+        if c != HOME || self.redirects.is_empty() {
+            return;
+        }
+        let channel = Bytes::from_static(super::TRACKING_CHANNEL);
+        let mut got: HashSet<u64> = HashSet::new();
+        if let Some(e) = self.entries[Kind::Channel.idx()].get(&channel) {
+            if e.targets.contains(&c) {
+                got.extend(e.subs.keys());
+                if e.state(c) == Some(Up::Active) {
+                    got.extend(&e.pending);
+                }
+            }
+        }
+        let max = self.opts.max_queued_bytes;
+        let mut over = Vec::new();
+        for id in &self.redirects {
+            let Some(link) = self.links.get(id).filter(|_| !got.contains(id)) else {
+                continue;
+            };
+            let client = self.clients.get(id);
+            let resp3 = client.map_or_else(
+                || link.resp3.load(Ordering::Acquire),
+                |cl| cl.proto == Proto::Resp3,
+            );
+            let bytes = if resp3 {
+                push.clone()
+            } else if client.is_some_and(|cl| cl.counts().total() > 0) {
+                let mut b = BytesMut::from(&message[..]);
+                b[0] = b'*';
+                b.freeze()
+            } else {
+                continue;
+            };
+            let queued = link.queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
+            if queued > max {
+                over.push((*id, queued));
+                continue;
+            }
+            let _ = link.tx.send(ToClient::Message(bytes));
+        }
+        self.drop_slow(over);
+    }
+
+    /// Close the clients whose queues went over the limit.
+    fn drop_slow(&mut self, over: Vec<(u64, usize)>) {
         for (id, queued) in over {
-            if let Some(cl) = self.clients.get(&id) {
+            let link = self
+                .clients
+                .get(&id)
+                .map(|cl| cl.link.clone())
+                .or_else(|| self.links.get(&id).cloned());
+            if let Some(link) = link {
                 warn!(
-                    peer = %cl.link.peer,
+                    peer = %link.peer,
                     id,
                     queued_bytes = queued,
-                    limit = max,
+                    limit = self.opts.max_queued_bytes,
                     "closing a pub/sub subscriber that does not read its messages (limits.max_pubsub_queued_bytes)"
                 );
                 self.metrics.error(ErrorKind::Limit);
-                cl.link.kill.cancel();
+                link.kill.cancel();
             }
+            self.redirects.remove(&id);
             self.remove_client(id);
         }
     }

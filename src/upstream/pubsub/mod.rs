@@ -52,7 +52,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::resp::Proto;
 use bytes::Bytes;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -133,6 +133,7 @@ pub enum ToClient {
 }
 
 /// One client as the hub sees it: where its frames go.
+#[derive(Debug)]
 pub struct Link {
     pub id: u64,
     pub peer: String,
@@ -143,6 +144,10 @@ pub struct Link {
     /// Cancelled when the hub drops the client for being too slow: the
     /// session then closes the connection.
     pub kill: CancellationToken,
+    /// Its protocol as the hub last learned it (`true`: RESP3), for a
+    /// tracking redirect target with no subscription: set by the hub only,
+    /// in the order of the client's commands.
+    resp3: AtomicBool,
 }
 
 impl Link {
@@ -154,6 +159,7 @@ impl Link {
             tx,
             queued: Arc::new(AtomicUsize::new(0)),
             kill: CancellationToken::new(),
+            resp3: AtomicBool::new(false),
         };
         (Arc::new(link), rx)
     }
@@ -196,6 +202,17 @@ enum Op {
         seq: u64,
         reply: oneshot::Sender<OpResult>,
     },
+    /// The client switched protocol (HELLO): its frames from now on in
+    /// `proto`; the `Reply` marks the point after which they are.
+    Proto {
+        link: Arc<Link>,
+        proto: Proto,
+        seq: u64,
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// The client is named as the target of another client's
+    /// `CLIENT TRACKING ... REDIRECT`.
+    Redirect { id: u64 },
     /// The client is gone.
     Gone { id: u64 },
     /// The reply one Redis would give to a counting command, from the
@@ -423,6 +440,28 @@ impl Hub {
     pub async fn reset(&self, link: &Arc<Link>, seq: u64) -> OpResult {
         let link = link.clone();
         self.call(|reply| Op::Reset { link, seq, reply }).await
+    }
+
+    /// The client switches to `proto` (HELLO, subscribed or not): the frames
+    /// the hub queues for it after the empty `Reply { seq }` are in `proto`.
+    pub async fn protocol(&self, link: &Arc<Link>, proto: Proto, seq: u64) -> OpResult {
+        let link = link.clone();
+        self.call(|reply| Op::Proto {
+            link,
+            proto,
+            seq,
+            reply,
+        })
+        .await
+    }
+
+    /// The client `id` is the target of a `CLIENT TRACKING ... REDIRECT`
+    /// pointed at the hub's connection: until it leaves ([`Self::gone`]), it
+    /// gets that connection's invalidations whether or not it subscribes to
+    /// [`TRACKING_CHANNEL`] (as a push in RESP3; in RESP2 as a message, while
+    /// it is in subscribed mode), as Redis sends them to a redirect target.
+    pub fn redirect(&self, id: u64) {
+        let _ = self.ops.send(Op::Redirect { id });
     }
 
     /// The client disconnected: drop its subscriptions.

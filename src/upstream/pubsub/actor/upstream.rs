@@ -385,7 +385,9 @@ impl Actor {
                 m.extend_from_slice(b"\r\n");
                 m.extend_from_slice(keys);
                 let channel = Bytes::from_static(TRACKING_CHANNEL);
-                self.fan_out_as(c, Kind::Channel, &channel, &m.freeze(), &frame);
+                let m = m.freeze();
+                self.fan_out_as(c, Kind::Channel, &channel, &m, &frame);
+                self.redirect_out(c, &m, &frame);
             }
             return;
         }

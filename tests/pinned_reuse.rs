@@ -218,3 +218,30 @@ fn the_connection_kept_for_the_next_transaction_speaks_the_clients_protocol() {
     assert_eq!(a.call(&["HGETALL", "reuse:proto"]), "+QUEUED\r\n");
     assert_eq!(a.call(&["EXEC"]), "*1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
 }
+
+/// A client whose dedicated connection switched protocol with it (`HELLO 3`
+/// while WATCH held it there) and was then let go of clean must not hand the
+/// next client of the old protocol a connection speaking the new one: the
+/// pool keeps it warm under the protocol it was handed out for. Found by the
+/// long differential run (a RESP2 client's BLPOP timeout answered `_`, a
+/// RESP3 client's `$-1`).
+#[test]
+fn a_connection_that_switched_protocol_goes_back_reset() {
+    let (_redis, proxy) = setup();
+    for round in 0..3 {
+        let mut a = Raw::connect(proxy.port);
+        assert_eq!(a.call(&["WATCH", "sp:k"]), "+OK\r\n");
+        assert!(a.call(&["HELLO", "3"]).starts_with('%'));
+        assert_eq!(a.call(&["UNWATCH"]), "+OK\r\n");
+        // Let go of: the spare's moment passes and it goes back to the pool.
+        assert_eq!(a.call(&["GET", "sp:k"]), "_\r\n");
+        std::thread::sleep(Duration::from_millis(400));
+        drop(a);
+        let mut b = Raw::connect(proxy.port);
+        assert_eq!(
+            b.call(&["BLPOP", "sp:none", "0.05"]),
+            "*-1\r\n",
+            "round {round}: a RESP2 client's dedicated connection speaks RESP2"
+        );
+    }
+}

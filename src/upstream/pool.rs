@@ -406,6 +406,7 @@ impl Pool {
             lost,
             abort,
             clean,
+            proto,
             server: ServerRef::new(upstream_id.map(|id| ServerConn { id, node: None })),
             marks,
         })
@@ -737,6 +738,10 @@ pub struct Pinned {
     /// without `RESET`. Unset: reset first (a client gone in the middle of
     /// anything).
     pub clean: Arc<AtomicBool>,
+    /// The protocol it was handed out speaking, which the pool keeps it warm
+    /// under: a connection that switched with its client (`HELLO` while it
+    /// held the client's state) is not clean for that set.
+    pub proto: Proto,
     /// The server connection it stands on now (what `CLIENT UNBLOCK` names);
     /// a cluster's virtual pinned connection changes it as it binds.
     pub server: ServerRef,

@@ -291,12 +291,15 @@ impl Session {
     }
 
     /// Give the spare pinned connection back to the pool, which keeps it
-    /// warm without RESET (it holds nothing of the client's).
+    /// warm without RESET (it holds nothing of the client's) if it still
+    /// speaks the protocol it was handed out with; one that switched with
+    /// its client is reset (RESET + HELLO) for the set it came from.
     pub(super) fn release_spare(&mut self) {
         if let Some(s) = self.st.spare.take() {
-            s.pinned
-                .clean
-                .store(true, std::sync::atomic::Ordering::Release);
+            s.pinned.clean.store(
+                s.proto == s.pinned.proto,
+                std::sync::atomic::Ordering::Release,
+            );
         }
     }
 

@@ -148,6 +148,7 @@ pub fn start(cluster: Arc<Cluster>, proto: Proto, push: PushSink) -> Pinned {
         server,
         marks: false,
         clean: Default::default(),
+        proto,
     }
 }
 

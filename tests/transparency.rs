@@ -27,6 +27,17 @@ fn setup(extra: &[(&str, &str)]) -> (RedisServer, Proxy) {
     (redis, proxy)
 }
 
+/// What `session` sees straight from a twin plain redis-server, having checked
+/// that the same session through the proxy sees the same.
+fn as_redis<T: PartialEq + std::fmt::Debug>(mut session: impl FnMut(u16) -> T) -> T {
+    let (_redis, proxy) = setup(&[]);
+    let twin = common::redis::PlainRedis::start();
+    let direct = session(twin.port);
+    let through = session(proxy.port);
+    assert_eq!(through, direct, "through the proxy, then directly");
+    direct
+}
+
 /// A worker blocked in BLPOP that goes away must not take the next job: its
 /// upstream wait is cancelled, so the element stays in the list (as it does
 /// when a direct client disconnects). Also for a wait the proxy re-issues in
@@ -480,10 +491,7 @@ fn client_tracking_redirect_for_resp2_caching() {
 /// redis-server, byte for byte.
 #[test]
 fn client_tracking_redirect_to_a_resp3_subscriber_gets_invalidate_pushes() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    let got = as_redis(|port| {
         let mut inval = Raw::connect(port);
         inval.call(&["HELLO", "3"]);
         let id = inval.call(&["CLIENT", "ID"]);
@@ -501,10 +509,9 @@ fn client_tracking_redirect_to_a_resp3_subscriber_gets_invalidate_pushes() {
         assert_eq!(cached.call(&["GET", "tk3"]), "$1\r\n1\r\n");
         let mut writer = Raw::connect(port);
         assert_eq!(writer.call(&["SET", "tk3", "2"]), "+OK\r\n");
-        got.push(String::from_utf8_lossy(&inval.read()).into_owned());
-    }
-    assert_eq!(got[0], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk3\r\n");
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        String::from_utf8_lossy(&inval.read()).into_owned()
+    });
+    assert_eq!(got, ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk3\r\n");
 }
 
 /// A RESP3 client with `CLIENT TRACKING on` that has read `key` (set to 1).
@@ -532,10 +539,7 @@ fn read_text(c: &mut Raw, n: usize) -> String {
 /// BLPOP reply first, then the push).
 #[test]
 fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    let got = as_redis(|port| {
         let mut cached = tracking_client(port, "tk5");
         cached.send(&["BLPOP", "tl5", "0"]);
         std::thread::sleep(Duration::from_millis(300));
@@ -547,13 +551,12 @@ fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
         for _ in 0..4 {
             writer.read();
         }
-        got.push(read_text(&mut cached, 2));
-    }
+        read_text(&mut cached, 2)
+    });
     assert_eq!(
-        got[0],
+        got,
         ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk5\r\n*2\r\n$3\r\ntl5\r\n$1\r\nv\r\n"
     );
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
 /// The same for a plain command's reply: writes held by `CLIENT PAUSE WRITE`
@@ -562,10 +565,7 @@ fn a_tracking_invalidation_written_before_a_reply_arrives_before_it() {
 /// Redis writes the invalidation and the `+OK` together.
 #[test]
 fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    let got = as_redis(|port| {
         let mut cached = tracking_client(port, "tk6");
         let mut pauser = Raw::connect(port);
         assert_eq!(pauser.call(&["CLIENT", "PAUSE", "700", "WRITE"]), "+OK\r\n");
@@ -579,13 +579,12 @@ fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
         assert_eq!(cached.call(&["GET", "tk6"]), "$1\r\n2\r\n");
         cached.send(&["SET", "tk6", "3"]);
         seen += &read_text(&mut cached, 2);
-        got.push(seen);
-    }
+        seen
+    });
     assert_eq!(
-        got[0],
+        got,
         ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk6\r\n+OK\r\n+OK\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk6\r\n"
     );
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
 }
 
 /// Redis's own first tracking tests (tests/unit/tracking.tcl): a RESP2 client
@@ -593,10 +592,7 @@ fn a_tracking_invalidation_before_a_queued_reply_arrives_before_it() {
 /// BCAST mode; the subscriber's messages are compared with a twin's.
 #[test]
 fn tracking_redirect_then_bcast_as_redis() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    as_redis(|port| {
         let mut redir = Raw::connect(port);
         let id = redir.call(&["CLIENT", "ID"]);
         let id = id.trim_start_matches(':').trim_end().to_string();
@@ -621,9 +617,8 @@ fn tracking_redirect_then_bcast_as_redis() {
         seen.push(r.call(&["CLIENT", "TRACKING", "on", "BCAST", "REDIRECT", &id]));
         seen.push(r.call(&["MSET", "a{t}", "1", "b{t}", "2", "c{t}", "3"]));
         seen.push(String::from_utf8_lossy(&redir.read()).into_owned());
-        got.push(seen);
-    }
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        seen
+    });
 }
 
 /// A client that unsubscribed from its only channel is out of subscribed
@@ -632,10 +627,7 @@ fn tracking_redirect_then_bcast_as_redis() {
 /// and switches it to RESP3).
 #[test]
 fn hello_3_after_the_last_unsubscribe() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    as_redis(|port| {
         let mut seen = Vec::new();
         for channel in ["plainchannel", "__redis__:invalidate"] {
             let mut c = Raw::connect(port);
@@ -650,9 +642,8 @@ fn hello_3_after_the_last_unsubscribe() {
             seen.push(hello.chars().take(1).collect::<String>());
             seen.push(c.call(&["PING"]));
         }
-        got.push(seen);
-    }
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        seen
+    });
 }
 
 /// A subscribed RESP3 client may switch to RESP2 with HELLO 2, as on Redis
@@ -661,10 +652,7 @@ fn hello_3_after_the_last_unsubscribe() {
 /// come as RESP2 arrays, and in RESP2's subscribed mode HELLO is refused.
 #[test]
 fn hello_2_of_a_subscribed_resp3_client() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    as_redis(|port| {
         let mut seen = Vec::new();
         let mut c = Raw::connect(port);
         seen.push(c.call(&["HELLO", "3"]).chars().take(1).collect::<String>());
@@ -679,9 +667,8 @@ fn hello_2_of_a_subscribed_resp3_client() {
         seen.push(c.call(&["HELLO", "3"]));
         seen.push(c.call(&["UNSUBSCRIBE", "h2chan"]));
         seen.push(c.call(&["PING"]));
-        got.push(seen);
-    }
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        seen
+    });
 }
 
 /// A RESP3 client named as the REDIRECT target of another client's tracking
@@ -692,10 +679,7 @@ fn hello_2_of_a_subscribed_resp3_client() {
 /// unit's redirect client does.
 #[test]
 fn a_resp3_redirect_target_that_did_not_subscribe_gets_invalidate_pushes() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    as_redis(|port| {
         let mut seen = Vec::new();
         let mut other = Raw::connect(port);
         seen.push(other.call(&["SUBSCRIBE", "__redis__:invalidate"]));
@@ -719,9 +703,8 @@ fn a_resp3_redirect_target_that_did_not_subscribe_gets_invalidate_pushes() {
         seen.push(String::from_utf8_lossy(&target.read()).into_owned());
         seen.push(target.call(&["CLIENT", "REPLY", "ON"]));
         seen.push(target.call(&["PING"]));
-        got.push(seen);
-    }
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        seen
+    });
 }
 
 /// A client named as REDIRECT target while it is RESP2 and not subscribed
@@ -730,10 +713,7 @@ fn a_resp3_redirect_target_that_did_not_subscribe_gets_invalidate_pushes() {
 /// from Redis.
 #[test]
 fn a_redirect_target_named_before_it_subscribes_or_speaks_resp3() {
-    let (_redis, proxy) = setup(&[]);
-    let twin = common::redis::PlainRedis::start();
-    let mut got = Vec::new();
-    for port in [twin.port, proxy.port] {
+    as_redis(|port| {
         let mut seen = Vec::new();
         let mut other = Raw::connect(port);
         seen.push(other.call(&["SUBSCRIBE", "__redis__:invalidate"]));
@@ -753,9 +733,8 @@ fn a_redirect_target_named_before_it_subscribes_or_speaks_resp3() {
             seen.push(writer.call(&["SET", key, "2"]));
             seen.push(String::from_utf8_lossy(&target.read()).into_owned());
         }
-        got.push(seen);
-    }
-    assert_eq!(got[1], got[0], "through the proxy, then directly");
+        seen
+    });
 }
 
 /// CLIENT LIST, KILL and UNBLOCK act on the proxy's clients, as they would

@@ -257,6 +257,54 @@ fn commands_for_a_dead_primary_wait_for_its_replacement() {
 
 /// Thaws the frozen node and gives the cluster its node timeout back when
 /// dropped, whatever happened in between (panics included).
+/// A proxy (with `env`'s settings and its admin port) and a key of tag `tag`
+/// whose primary is frozen (SIGSTOP) now; thawed when this goes.
+struct FrozenKey<'a> {
+    proxy: common::proxy::Proxy,
+    admin: u16,
+    key: String,
+    victim: u16,
+    replica: u16,
+    _thaw: Thaw<'a>,
+}
+
+fn freeze_the_owner<'a>(
+    c: &'a Cluster,
+    mut env: Vec<(String, String)>,
+    tag: &str,
+) -> FrozenKey<'a> {
+    let admin = common::proxy::enable_admin(&mut env);
+    let proxy = common::proxy::Proxy::start(&env);
+    let key = format!("{{{}}}k", tag_off_seed(c, tag));
+    let victim = owner_of(c, &key);
+    let replica = replica_of(c, victim);
+    let mut w = Raw::connect(proxy.port);
+    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
+    c.wait_replicas_synced();
+    let pid = c.pid(victim);
+    c.signal(pid, libc::SIGSTOP);
+    FrozenKey {
+        proxy,
+        admin,
+        key,
+        victim,
+        replica,
+        _thaw: Thaw { c, pid },
+    }
+}
+
+impl FrozenKey<'_> {
+    /// What the promoted replica holds at the key, and how many dials the
+    /// proxy has given up so far.
+    fn outcome(&self, c: &Cluster) -> (String, f64) {
+        let on_replica = c.cli(self.replica, &["GET", &self.key]);
+        let metrics = common::proxy::http(self.admin, "GET", "/metrics").1;
+        let abandoned =
+            common::proxy::metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+        (on_replica, abandoned)
+    }
+}
+
 struct Thaw<'a> {
     c: &'a Cluster,
     pid: i32,
@@ -613,7 +661,6 @@ fn publish_and_numsub_survive_a_dead_primary() {
 /// cannot end by itself before the promotion.
 #[test]
 fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
-    use common::proxy::{enable_admin, http, metric_sum};
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     c.wait_converged();
@@ -627,27 +674,16 @@ fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
     // No warm dedicated connection to take: each one is dialled (what a
     // busy proxy does once its warm ones are in use).
     env.push(("REDIS_ENTRA_PROXY_UPSTREAM__WARM_PINNED".into(), "0".into()));
-    let admin = enable_admin(&mut env);
-    let proxy = common::proxy::Proxy::start(&env);
-    let key = format!("{{{}}}k", tag_off_seed(c, "dial"));
-    let victim = owner_of(c, &key);
-    let replica = replica_of(c, victim);
-    let mut w = Raw::connect(proxy.port);
-    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
-    c.wait_replicas_synced();
-    let pid = c.pid(victim);
-    c.signal(pid, libc::SIGSTOP);
-    let _thaw = Thaw { c, pid };
+    let f = freeze_the_owner(c, env, "dial");
+    let (proxy, key, victim, replica) = (&f.proxy, &f.key, f.victim, f.replica);
     let mut t = Raw::connect(proxy.port);
     t.s.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
-    let replies: Vec<String> = [&["MULTI"][..], &["SET", &key, "v"], &["EXEC"]]
+    let replies: Vec<String> = [&["MULTI"][..], &["SET", key, "v"], &["EXEC"]]
         .iter()
         .map(|cmd| t.call(cmd))
         .collect();
-    let on_replica = c.cli(replica, &["GET", &key]);
-    let metrics = http(admin, "GET", "/metrics").1;
-    let abandoned = metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+    let (on_replica, abandoned) = f.outcome(c);
     eprintln!(
         "transaction while {victim} is frozen: {replies:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
     );
@@ -705,7 +741,6 @@ fn a_watch_whose_primary_died_aborts_its_transaction() {
 /// here, so neither ends the wait before the promotion (about 6 s).
 #[test]
 fn a_shared_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
-    use common::proxy::{enable_admin, http, metric_sum};
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let c = cluster::shared(Announce::Ip);
     c.wait_converged();
@@ -718,25 +753,14 @@ fn a_shared_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
     ] {
         env.push((k.into(), v.into()));
     }
-    let admin = enable_admin(&mut env);
-    let proxy = common::proxy::Proxy::start(&env);
-    let key = format!("{{{}}}k", tag_off_seed(c, "sdial"));
-    let victim = owner_of(c, &key);
-    let replica = replica_of(c, victim);
-    let mut w = Raw::connect(proxy.port);
-    assert_eq!(w.call(&["DEL", &key]), ":0\r\n");
-    c.wait_replicas_synced();
-    let pid = c.pid(victim);
-    c.signal(pid, libc::SIGSTOP);
-    let _thaw = Thaw { c, pid };
+    let f = freeze_the_owner(c, env, "sdial");
+    let (proxy, key, victim, replica) = (&f.proxy, &f.key, f.victim, f.replica);
     let mut t = Raw::connect(proxy.port);
     t.s.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     assert!(t.call(&["HELLO", "3"]).starts_with('%'));
-    let set = t.call(&["SET", &key, "v"]);
-    let on_replica = c.cli(replica, &["GET", &key]);
-    let metrics = http(admin, "GET", "/metrics").1;
-    let abandoned = metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
+    let set = t.call(&["SET", key, "v"]);
+    let (on_replica, abandoned) = f.outcome(c);
     eprintln!(
         "RESP3 SET while {victim} is frozen: {set:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
     );

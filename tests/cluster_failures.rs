@@ -294,14 +294,22 @@ fn freeze_the_owner<'a>(
 }
 
 impl FrozenKey<'_> {
-    /// What the promoted replica holds at the key, and how many dials the
-    /// proxy has given up so far.
-    fn outcome(&self, c: &Cluster) -> (String, f64) {
+    /// The command (`what`) was written on the promoted replica, and the
+    /// proxy gave up at least one dial to the frozen primary for it.
+    fn assert_gave_way(&self, c: &Cluster, what: &str) {
         let on_replica = c.cli(self.replica, &["GET", &self.key]);
         let metrics = common::proxy::http(self.admin, "GET", "/metrics").1;
         let abandoned =
             common::proxy::metric_sum(&metrics, "redis_entra_proxy_cluster_dials_abandoned_total");
-        (on_replica, abandoned)
+        eprintln!(
+            "{what}; GET on {}: {on_replica:?}; dials abandoned: {abandoned}",
+            self.replica
+        );
+        assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
+        assert!(
+            abandoned >= 1.0,
+            "the dial to the frozen node was not given up"
+        );
     }
 }
 
@@ -675,7 +683,7 @@ fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
     // busy proxy does once its warm ones are in use).
     env.push(("REDIS_ENTRA_PROXY_UPSTREAM__WARM_PINNED".into(), "0".into()));
     let f = freeze_the_owner(c, env, "dial");
-    let (proxy, key, victim, replica) = (&f.proxy, &f.key, f.victim, f.replica);
+    let (proxy, key, victim) = (&f.proxy, &f.key, f.victim);
     let mut t = Raw::connect(proxy.port);
     t.s.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
@@ -683,15 +691,10 @@ fn a_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
         .iter()
         .map(|cmd| t.call(cmd))
         .collect();
-    let (on_replica, abandoned) = f.outcome(c);
-    eprintln!(
-        "transaction while {victim} is frozen: {replies:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
-    );
     assert_eq!(replies[2], "*1\r\n+OK\r\n", "EXEC: {replies:?}");
-    assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
-    assert!(
-        abandoned >= 1.0,
-        "the dial to the frozen node was not given up"
+    f.assert_gave_way(
+        c,
+        &format!("transaction while {victim} is frozen: {replies:?}"),
     );
 }
 
@@ -754,22 +757,14 @@ fn a_shared_dial_to_a_frozen_primary_gives_way_to_its_replacement() {
         env.push((k.into(), v.into()));
     }
     let f = freeze_the_owner(c, env, "sdial");
-    let (proxy, key, victim, replica) = (&f.proxy, &f.key, f.victim, f.replica);
+    let (proxy, key, victim) = (&f.proxy, &f.key, f.victim);
     let mut t = Raw::connect(proxy.port);
     t.s.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     assert!(t.call(&["HELLO", "3"]).starts_with('%'));
     let set = t.call(&["SET", key, "v"]);
-    let (on_replica, abandoned) = f.outcome(c);
-    eprintln!(
-        "RESP3 SET while {victim} is frozen: {set:?}; GET on {replica}: {on_replica:?}; dials abandoned: {abandoned}"
-    );
-    assert_eq!(set, "+OK\r\n");
-    assert_eq!(on_replica.trim(), "v", "written on the promoted replica");
-    assert!(
-        abandoned >= 1.0,
-        "the shared dial to the frozen node was not given up"
-    );
+    assert_eq!(set, "+OK\r\n", "RESP3 SET while {victim} is frozen");
+    f.assert_gave_way(c, &format!("RESP3 SET while {victim} is frozen: {set:?}"));
 }
 
 /// SIGSTOP of the primary that holds the pub/sub hub's channels (the

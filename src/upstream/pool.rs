@@ -27,6 +27,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+mod handles;
+mod layer;
+pub use handles::{Pinned, ServerConn, ServerRef};
+pub use layer::{BoxFuture, ClusterLayer, Driver};
+
 /// Warm connections older than this are closed rather than handed out: Azure
 /// closes connections idle for 10 minutes.
 const WARM_MAX_AGE: Duration = Duration::from_secs(240);
@@ -67,40 +72,6 @@ pub struct Pool {
     cluster: OnceLock<Arc<dyn ClusterLayer>>,
     /// A cluster node's pool: whether the cluster still wants its dials.
     superseded: Option<Arc<dyn conn::Superseded>>,
-}
-
-/// A client's dispatcher, run by polling it (from the client's session):
-/// ends once the client let go of its [`Handle`] and every batch it sent was
-/// answered.
-pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// A boxed future, for the async methods of [`ClusterLayer`].
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// What the seed pool hands its shared and pinned connections over to when
-/// the upstream may be a cluster ([`Pool::install_cluster`]). Implemented by
-/// the cluster layer, which uses this module: the pool names only this trait,
-/// so the two do not depend on each other.
-pub trait ClusterLayer: Send + Sync {
-    /// A client's shared connection while the upstream is (or may be) a
-    /// cluster: a dispatcher of its own and the future that runs it; `None`:
-    /// the seed pool's own connection.
-    fn shared(self: Arc<Self>, proto: Proto) -> Option<(Handle, Driver)>;
-    /// A shared connection of one node's own pool.
-    fn node_shared(&self, node: &super::topology::Node, proto: Proto) -> Handle;
-    /// Whether requests go through the cluster layer now.
-    fn active(&self) -> bool;
-    /// The current slot map (`None` before the first one is read).
-    fn map(&self) -> Option<Arc<super::topology::SlotMap>>;
-    /// Whether the upstream is a cluster, waiting for the answer while that
-    /// is not known yet.
-    fn is_cluster(&self) -> BoxFuture<'_, Result<bool, UpstreamError>>;
-    /// A client's dedicated connection through the cluster layer.
-    fn pin(
-        self: Arc<Self>,
-        proto: Proto,
-        push: PushSink,
-    ) -> BoxFuture<'static, Result<Pinned, UpstreamError>>;
 }
 
 fn idx(proto: Proto) -> usize {
@@ -720,67 +691,3 @@ impl Drop for PinGuard {
         self.metrics.pinned_sessions.dec();
     }
 }
-
-/// A client's own upstream connection; dropping it closes the connection.
-pub struct Pinned {
-    pub tx: mpsc::Sender<Request>,
-    /// Expiry (Unix seconds, 0 = never) of the credential this connection is
-    /// authenticated with right now: blocking commands are capped at it.
-    pub expiry: Arc<AtomicU64>,
-    /// Cancelled when the connection failed: the client's state on it is gone.
-    pub lost: CancellationToken,
-    /// Cancel to close the connection at once, with whatever is in flight
-    /// (a blocked wait whose client left).
-    pub abort: CancellationToken,
-    /// Set by the client before it lets go of the connection when nothing
-    /// of its state is on it (no MULTI, WATCH, other database or client
-    /// mode: see the session's `needs_pin`); the pool then keeps it warm
-    /// without `RESET`. Unset: reset first (a client gone in the middle of
-    /// anything).
-    pub clean: Arc<AtomicBool>,
-    /// The protocol it was handed out speaking, which the pool keeps it warm
-    /// under: a connection that switched with its client (`HELLO` while it
-    /// held the client's state) is not clean for that set.
-    pub proto: Proto,
-    /// The server connection it stands on now (what `CLIENT UNBLOCK` names);
-    /// a cluster's virtual pinned connection changes it as it binds.
-    pub server: ServerRef,
-    /// Its push frames come with a mark before each reply (see
-    /// [`PushSink::marks`]).
-    pub marks: bool,
-}
-
-/// A server-side connection: its `CLIENT ID`, and the cluster node it is on
-/// (`None`: the configured host).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerConn {
-    pub id: u64,
-    pub node: Option<super::topology::Node>,
-}
-
-/// Where a pinned connection stands now (`None`: unknown, or not bound yet).
-#[derive(Debug, Clone, Default)]
-pub struct ServerRef(pub Arc<std::sync::Mutex<Option<ServerConn>>>);
-
-impl ServerRef {
-    pub fn new(conn: Option<ServerConn>) -> ServerRef {
-        ServerRef(Arc::new(std::sync::Mutex::new(conn)))
-    }
-
-    pub fn get(&self) -> Option<ServerConn> {
-        self.0.lock().expect("not poisoned").clone()
-    }
-
-    pub fn set(&self, conn: Option<ServerConn>) {
-        *self.0.lock().expect("not poisoned") = conn;
-    }
-}
-
-/// The same place (shown states compare by it).
-impl PartialEq for ServerRef {
-    fn eq(&self, other: &ServerRef) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for ServerRef {}

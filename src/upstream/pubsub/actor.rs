@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+mod census;
 mod upstream;
 
 /// The connection to the configured host.
@@ -692,19 +693,12 @@ impl Actor {
         let mut resp2: Option<Bytes> = None;
         let mut encoded = |proto: Proto| match proto {
             Proto::Resp3 => frame3.clone(),
-            Proto::Resp2 => resp2
-                .get_or_insert_with(|| {
-                    let mut b = BytesMut::from(&frame[..]);
-                    b[0] = b'*';
-                    b.freeze()
-                })
-                .clone(),
+            Proto::Resp2 => resp2.get_or_insert_with(|| as_array(frame)).clone(),
         };
         let mut over = Vec::new();
         for (id, sub) in &e.subs {
             let bytes = encoded(sub.proto);
-            let queued = sub.link.queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
-            if queued > max {
+            if let Err(queued) = charge(&sub.link, bytes.len(), max) {
                 over.push((*id, queued));
                 continue;
             }
@@ -718,8 +712,7 @@ impl Actor {
                     continue;
                 };
                 let bytes = encoded(cl.proto);
-                let queued = cl.link.queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
-                if queued > max {
+                if let Err(queued) = charge(&cl.link, bytes.len(), max) {
                     over.push((*id, queued));
                     continue;
                 }
@@ -762,14 +755,11 @@ impl Actor {
             let bytes = if resp3 {
                 push.clone()
             } else if client.is_some_and(|cl| cl.counts().total() > 0) {
-                let mut b = BytesMut::from(&message[..]);
-                b[0] = b'*';
-                b.freeze()
+                as_array(message)
             } else {
                 continue;
             };
-            let queued = link.queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
-            if queued > max {
+            if let Err(queued) = charge(link, bytes.len(), max) {
                 over.push((*id, queued));
                 continue;
             }
@@ -803,75 +793,20 @@ impl Actor {
     }
 }
 
-/// The registry's figures for the counts one Redis would give.
-impl super::count::Held for Actor {
-    /// A subscription's local clients get a message only through the hub's
-    /// confirmed subscription: counted only while there is one. The server
-    /// counted the hub's subscriptions on `node` (a shard channel's one is
-    /// on its owner, where SPUBLISH went after any redirection).
-    fn receivers(&self, kind: Kind, channel: &[u8], node: Option<&str>) -> super::Receivers {
-        let on_node: Vec<usize> = match node {
-            None => vec![HOME],
-            Some(node) => (0..self.conns.len())
-                .filter(|&c| self.addr(c) == node)
-                .collect(),
-        };
-        let mut r = super::Receivers::default();
-        let mut add = |e: &Entry| {
-            if e.active() == 0 {
-                return;
-            }
-            r.local += e.subs.len();
-            r.upstream += match kind {
-                Kind::Shard => e.active(),
-                _ => on_node
-                    .iter()
-                    .filter(|&&c| e.state(c) == Some(Up::Active))
-                    .count(),
-            };
-        };
-        if let Some(e) = self.entries[kind.idx()].get(channel) {
-            add(e);
-        }
-        if kind == Kind::Channel {
-            for (pattern, e) in &self.entries[Kind::Pattern.idx()] {
-                if super::place::glob(pattern, channel) {
-                    add(e);
-                }
-            }
-        }
-        r
-    }
+/// A RESP3 push frame (`>`) as the array a RESP2 client gets (`*`).
+fn as_array(frame: &Bytes) -> Bytes {
+    let mut b = BytesMut::from(&frame[..]);
+    b[0] = b'*';
+    b.freeze()
+}
 
-    fn subscribers(&self, kind: Kind, name: &[u8]) -> super::Receivers {
-        self.entries[kind.idx()]
-            .get(name)
-            .map(|e| super::Receivers {
-                local: e.subs.len(),
-                upstream: e.active(),
-            })
-            .unwrap_or_default()
-    }
-
-    /// A server counts each pattern once however many of its clients hold
-    /// it (the home connection and a primary's can be on one node).
-    fn patterns(&self) -> super::Receivers {
-        let entries = self.entries[Kind::Pattern.idx()].values();
-        let mut held = 0;
-        for e in entries.clone() {
-            let mut nodes: Vec<String> = e
-                .ups
-                .iter()
-                .filter(|(_, u)| *u == Up::Active)
-                .map(|(c, _)| self.addr(*c))
-                .collect();
-            nodes.sort();
-            nodes.dedup();
-            held += nodes.len();
-        }
-        super::Receivers {
-            local: entries.filter(|e| !e.subs.is_empty()).count(),
-            upstream: held,
-        }
+/// Count `len` more bytes queued for `link`; `Err` with the total when that
+/// passes `max` (the client is then dropped as slow).
+fn charge(link: &Link, len: usize, max: usize) -> Result<(), usize> {
+    let queued = link.queued.fetch_add(len, Ordering::AcqRel) + len;
+    if queued > max {
+        Err(queued)
+    } else {
+        Ok(())
     }
 }
